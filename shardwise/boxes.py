@@ -1,0 +1,100 @@
+"""Sharding as data: a rank's piece of a tensor is a list of boxes.
+
+A box says "the index range ``start:stop`` of checkpoint tensor ``source`` lives at
+``offset`` in my local tensor". Loading reads boxes, export writes them back, and
+resharding intersects two box lists. TP column/row splits, fused QKV and gate/up,
+uneven splits and pipeline stages are all just different box lists, so no code path
+is specific to one parallel style.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Box:
+    source: str
+    start: tuple[int, ...]
+    stop: tuple[int, ...]
+    offset: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.start, self.stop))
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def source_index(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
+
+    def local_index(self) -> tuple[slice, ...]:
+        return tuple(slice(o, o + s) for o, s in zip(self.offset, self.shape))
+
+    def intersect(self, start: tuple[int, ...], stop: tuple[int, ...]) -> Box | None:
+        """The part of this box inside the source range ``start:stop``, placed where it lands locally."""
+        lo = tuple(max(a, b) for a, b in zip(self.start, start))
+        hi = tuple(min(a, b) for a, b in zip(self.stop, stop))
+        if any(a >= b for a, b in zip(lo, hi)):
+            return None
+        offset = tuple(o + a - s for o, a, s in zip(self.offset, lo, self.start))
+        return Box(self.source, lo, hi, offset)
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "start": list(self.start), "stop": list(self.stop), "offset": list(self.offset)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Box:
+        return cls(d["source"], tuple(d["start"]), tuple(d["stop"]), tuple(d["offset"]))
+
+
+@dataclass(frozen=True)
+class ShardedTensor:
+    """A local tensor described by its shape and the checkpoint boxes that fill it."""
+
+    name: str
+    shape: tuple[int, ...]
+    boxes: tuple[Box, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def allocate(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.empty(self.shape, dtype=dtype, device=device)
+
+
+def full_box(source: str, shape: tuple[int, ...]) -> Box:
+    """The whole of a tensor, as for replicated norms."""
+    return Box(source, (0,) * len(shape), tuple(shape), (0,) * len(shape))
+
+
+def rows(source: str, shape: tuple[int, ...], lo: int, hi: int, at: int = 0) -> Box:
+    """Rows ``lo:hi`` of a tensor, placed at row ``at``: column-parallel and vocab-parallel pieces."""
+    return Box(source, (lo, *([0] * (len(shape) - 1))), (hi, *shape[1:]), (at, *([0] * (len(shape) - 1))))
+
+
+def cols(source: str, shape: tuple[int, int], lo: int, hi: int) -> Box:
+    """Columns ``lo:hi`` of a matrix: row-parallel pieces (o_proj, down_proj)."""
+    return Box(source, (0, lo), (shape[0], hi), (0, 0))
+
+
+def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous ranges covering ``range(n)``; the first ``n % parts`` are one longer."""
+    base, extra = divmod(n, parts)
+    out, lo = [], 0
+    for p in range(parts):
+        hi = lo + base + (p < extra)
+        out.append((lo, hi))
+        lo = hi
+    return out

@@ -1,0 +1,78 @@
+"""The process groups of a layout and the few collectives the runtime needs.
+
+Every collective degrades to a no-op on a single rank, so the model code never
+branches on whether it runs distributed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .layout import Layout
+
+
+@dataclass
+class Comm:
+    layout: Layout
+    rank: int
+    tp_group: dist.ProcessGroup | None
+
+    @property
+    def stage(self) -> int:
+        return self.layout.coords(self.rank)[0]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.layout.coords(self.rank)[1]
+
+    def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout.tp > 1:
+            dist.all_reduce(x, group=self.tp_group)
+        return x
+
+    def tp_all_gather(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Concatenate uneven last-dim pieces from every TP rank (pads to the largest, then trims)."""
+        if self.layout.tp == 1:
+            return x
+        width = max(sizes)
+        padded = torch.nn.functional.pad(x, (0, width - x.shape[-1])).contiguous()
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded, group=self.tp_group)
+        return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
+
+    def send_next(self, x: torch.Tensor) -> None:
+        """Hand activations to the same TP rank of the next pipeline stage."""
+        dist.send(x.contiguous(), self.layout.rank_of(self.stage + 1, self.tp_rank))
+
+    def recv_prev(self, like: torch.Tensor) -> torch.Tensor:
+        dist.recv(like, self.layout.rank_of(self.stage - 1, self.tp_rank))
+        return like
+
+    def from_last_stage(self, x: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+                        device: torch.device) -> torch.Tensor:
+        """Broadcast a tensor the last stage computed so that every rank returns it."""
+        if self.layout.pp == 1:
+            assert x is not None
+            return x
+        if x is None:
+            x = torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(x, self.layout.rank_of(self.layout.pp - 1, 0))
+        return x
+
+
+def make_comm(layout: Layout) -> Comm:
+    """Create the TP groups; every rank must call this, in the same order, since new_group is collective."""
+    layout.check_world()
+    if not dist.is_initialized():
+        return Comm(layout, 0, None)
+    rank = dist.get_rank()
+    mine = None
+    for stage in range(layout.pp):
+        ranks = [layout.rank_of(stage, t) for t in range(layout.tp)]
+        group = dist.new_group(ranks) if layout.tp > 1 else None
+        if rank in ranks:
+            mine = group
+    return Comm(layout, rank, mine)

@@ -1,0 +1,209 @@
+"""Rank grids and what each rank owns of a model.
+
+A ``Layout`` is a TP x PP grid (TP inner, PP outer, as Megatron orders it, so a TP
+group is a run of consecutive ranks). ``plan_rank`` turns a spec plus a rank into
+the box lists of every local tensor. Everything downstream (reader, runtime,
+export) works from that plan and never re-derives a split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .boxes import ShardedTensor, cols, full_box, rows, split_evenly
+from .spec import ModelSpec
+
+
+class LayoutError(ValueError):
+    """No correct layout exists for this model on this grid."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise LayoutError(f"tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        """(pipeline stage, tensor-parallel rank) of a global rank."""
+        return divmod(rank, self.tp)
+
+    def rank_of(self, stage: int, tp_rank: int) -> int:
+        return stage * self.tp + tp_rank
+
+    @classmethod
+    def from_world(cls, pp: int = 1) -> Layout:
+        """The layout that uses every rank of the initialized world, TP filling what PP leaves."""
+        world = dist.get_world_size()
+        if world % pp:
+            raise LayoutError(f"world size {world} is not divisible by pp={pp}")
+        return cls(tp=world // pp, pp=pp)
+
+    def check_world(self) -> None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world != self.world_size:
+            raise LayoutError(f"layout tp={self.tp} x pp={self.pp} needs {self.world_size} ranks, the world has {world}")
+
+
+@dataclass(frozen=True)
+class Heads:
+    """One TP rank's attention heads: query heads ``q`` and the KV heads ``kv`` they read."""
+
+    q: tuple[int, int]
+    kv: tuple[int, int]
+
+    @property
+    def n_q(self) -> int:
+        return self.q[1] - self.q[0]
+
+    @property
+    def n_kv(self) -> int:
+        return self.kv[1] - self.kv[0]
+
+
+def head_split(heads: int, kv_heads: int, tp: int) -> list[Heads]:
+    """GQA-aware head placement.
+
+    A query head must sit with its KV head, so with tp <= kv_heads whole groups are
+    split as evenly as possible (ranks may differ by a group). With more ranks than
+    KV heads, each KV head is replicated over a run of ranks that split its group, as
+    vLLM does; this works whenever tp <= heads, with no divisibility needed.
+    """
+    if tp > heads:
+        raise LayoutError(f"tp={tp} exceeds the {heads} query heads: some rank would hold no attention head")
+    group = heads // kv_heads
+    if tp <= kv_heads:
+        return [Heads((lo * group, hi * group), (lo, hi)) for lo, hi in split_evenly(kv_heads, tp)]
+    out = []
+    for kv, (r_lo, r_hi) in enumerate(split_evenly(tp, kv_heads)):
+        for lo, hi in split_evenly(group, r_hi - r_lo):
+            out.append(Heads((kv * group + lo, kv * group + hi), (kv, kv + 1)))
+    return out
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Everything one rank owns, as box lists keyed by local tensor name."""
+
+    spec: ModelSpec
+    layout: Layout
+    rank: int
+    layers: range
+    heads: Heads
+    ffn: tuple[int, int]
+    vocab: tuple[int, int]
+    tensors: dict[str, ShardedTensor]
+
+    @property
+    def stage(self) -> int:
+        return self.layout.coords(self.rank)[0]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.layout.coords(self.rank)[1]
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.layout.pp - 1
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        """Bytes this rank holds, counting tensors that share boxes (tied embeddings) once."""
+        unique = {(t.shape, t.boxes) for t in self.tensors.values()}
+        return sum(math.prod(shape) for shape, _ in unique) * dtype.itemsize
+
+
+def _layer_tensors(spec: ModelSpec, n: int, heads: Heads, ffn: tuple[int, int]) -> dict[str, ShardedTensor]:
+    p, d, h = f"model.layers.{n}", spec.head_dim, spec.hidden
+    info = spec.tensors()
+    q_lo, q_hi = heads.q[0] * d, heads.q[1] * d
+    kv_lo, kv_hi = heads.kv[0] * d, heads.kv[1] * d
+    nq, nkv = q_hi - q_lo, kv_hi - kv_lo
+    f_lo, f_hi = ffn
+    nf = f_hi - f_lo
+
+    def t(name: str, shape: tuple[int, ...], *boxes) -> tuple[str, ShardedTensor]:
+        key = f"layers.{n}.{name}"
+        return key, ShardedTensor(key, shape, tuple(boxes))
+
+    def fused_qkv(kind: str) -> list:
+        return [
+            rows(f"{p}.self_attn.q_proj.{kind}", info[f"{p}.self_attn.q_proj.{kind}"].shape, q_lo, q_hi, 0),
+            rows(f"{p}.self_attn.k_proj.{kind}", info[f"{p}.self_attn.k_proj.{kind}"].shape, kv_lo, kv_hi, nq),
+            rows(f"{p}.self_attn.v_proj.{kind}", info[f"{p}.self_attn.v_proj.{kind}"].shape, kv_lo, kv_hi, nq + nkv),
+        ]
+
+    def fused_gate_up(kind: str) -> list:
+        return [
+            rows(f"{p}.mlp.gate_proj.{kind}", info[f"{p}.mlp.gate_proj.{kind}"].shape, f_lo, f_hi, 0),
+            rows(f"{p}.mlp.up_proj.{kind}", info[f"{p}.mlp.up_proj.{kind}"].shape, f_lo, f_hi, nf),
+        ]
+
+    def replicated(name: str, src: str) -> tuple[str, ShardedTensor]:
+        return t(name, info[src].shape, full_box(src, info[src].shape))
+
+    out = dict(
+        [
+            replicated("attn_norm", f"{p}.input_layernorm.weight"),
+            t("qkv", (nq + 2 * nkv, h), *fused_qkv("weight")),
+            t("o", (h, nq), cols(f"{p}.self_attn.o_proj.weight", (h, spec.heads * d), q_lo, q_hi)),
+            replicated("mlp_norm", f"{p}.post_attention_layernorm.weight"),
+            t("gate_up", (2 * nf, h), *fused_gate_up("weight")),
+            t("down", (h, nf), cols(f"{p}.mlp.down_proj.weight", (h, spec.intermediate), f_lo, f_hi)),
+        ]
+    )
+    if spec.qkv_bias:
+        out.update([t("qkv_bias", (nq + 2 * nkv,), *fused_qkv("bias"))])
+    if spec.o_bias:
+        out.update([replicated("o_bias", f"{p}.self_attn.o_proj.bias")])
+    if spec.mlp_bias:
+        out.update([t("gate_up_bias", (2 * nf,), *fused_gate_up("bias")), replicated("down_bias", f"{p}.mlp.down_proj.bias")])
+    if spec.qk_norm:
+        out.update([replicated("q_norm", f"{p}.self_attn.q_norm.weight"), replicated("k_norm", f"{p}.self_attn.k_norm.weight")])
+    return out
+
+
+def plan_rank(spec: ModelSpec, layout: Layout, rank: int) -> RankPlan:
+    """The box lists of every tensor ``rank`` holds under ``layout``."""
+    if not 0 <= rank < layout.world_size:
+        raise LayoutError(f"rank {rank} is outside the {layout.world_size}-rank layout tp={layout.tp} pp={layout.pp}")
+    if layout.pp > spec.layers:
+        raise LayoutError(f"pp={layout.pp} exceeds the {spec.layers} layers: some stage would own no layer")
+    for what, size in (("vocab", spec.vocab), ("intermediate size", spec.intermediate)):
+        if layout.tp > size:
+            raise LayoutError(f"tp={layout.tp} exceeds the {what} {size}")
+    stage, tp_rank = layout.coords(rank)
+    heads = head_split(spec.heads, spec.kv_heads, layout.tp)[tp_rank]
+    ffn = split_evenly(spec.intermediate, layout.tp)[tp_rank]
+    vocab = split_evenly(spec.vocab, layout.tp)[tp_rank]
+    lo, hi = split_evenly(spec.layers, layout.pp)[stage]
+    layers = range(lo, hi)
+
+    info = spec.tensors()
+    tensors: dict[str, ShardedTensor] = {}
+    nv, h = vocab[1] - vocab[0], spec.hidden
+    embed_src = "model.embed_tokens.weight"
+    if stage == 0:
+        tensors["embed"] = ShardedTensor("embed", (nv, h), (rows(embed_src, info[embed_src].shape, *vocab),))
+    for n in layers:
+        tensors.update(_layer_tensors(spec, n, heads, ffn))
+    if stage == layout.pp - 1:
+        norm = "model.norm.weight"
+        tensors["norm"] = ShardedTensor("norm", (h,), (full_box(norm, (h,)),))
+        head_src = embed_src if spec.tied else "lm_head.weight"
+        tensors["lm_head"] = ShardedTensor("lm_head", (nv, h), (rows(head_src, info[head_src].shape, *vocab),))
+    return RankPlan(spec, layout, rank, layers, heads, ffn, vocab, tensors)

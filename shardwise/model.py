@@ -1,0 +1,233 @@
+"""The Llama-family forward pass, written once for every layout.
+
+A rank runs one pipeline stage over its TP slice of each layer. The stage code reads
+like a single-device model: the TP layers hide their collectives, and the only
+pipeline logic is "receive the hidden state, run my layers, send it on". The math
+follows HF transformers step for step (fp32 RMSNorm, the same rope frequencies),
+which is what lets every layout match HF's logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .boxes import split_evenly
+from .comm import Comm
+from .layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from .layout import RankPlan
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class KVCache:
+    """Preallocated keys and values of one layer, for the rank's KV heads only."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions, {end} were asked for")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def attention_mask(start: int, length: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Causal (optionally sliding-window) mask for queries at ``start:start+length``; None when all keys are visible."""
+    if length == 1 and (window is None or start < window):
+        return None
+    q = torch.arange(start, start + length, device=device)[:, None]
+    k = torch.arange(start + length, device=device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= (q - k) < window
+    return allowed
+
+
+class Attention(nn.Module):
+    def __init__(self, plan: RankPlan, comm: Comm, w: dict[str, torch.Tensor], n: int):
+        super().__init__()
+        spec, heads = plan.spec, plan.heads
+        self.n_q, self.n_kv, self.head_dim = heads.n_q, heads.n_kv, spec.head_dim
+        self.window = spec.window(n)
+        self.qkv = ColumnParallelLinear(w[f"layers.{n}.qkv"], w.get(f"layers.{n}.qkv_bias"))
+        self.o = RowParallelLinear(comm, w[f"layers.{n}.o"], w.get(f"layers.{n}.o_bias"))
+        self.q_norm = RMSNorm(w[f"layers.{n}.q_norm"], spec.rms_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(w[f"layers.{n}.k_norm"], spec.rms_eps) if spec.qk_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                cache: KVCache | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        d = self.head_dim
+        q, k, v = self.qkv(x).split([self.n_q * d, self.n_kv * d, self.n_kv * d], dim=-1)
+        q, k, v = q.view(b, t, self.n_q, d), k.view(b, t, self.n_kv, d), v.view(b, t, self.n_kv, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(k, v, start)
+        group = self.n_q // self.n_kv
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        mask = attention_mask(start, t, self.window, x.device)
+        causal = mask is not None and start == 0 and self.window is None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal)
+        return self.o(out.transpose(1, 2).reshape(b, t, self.n_q * d))
+
+
+class MLP(nn.Module):
+    def __init__(self, comm: Comm, w: dict[str, torch.Tensor], n: int):
+        super().__init__()
+        self.gate_up = ColumnParallelLinear(w[f"layers.{n}.gate_up"], w.get(f"layers.{n}.gate_up_bias"))
+        self.down = RowParallelLinear(comm, w[f"layers.{n}.down"], w.get(f"layers.{n}.down_bias"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, plan: RankPlan, comm: Comm, w: dict[str, torch.Tensor], n: int):
+        super().__init__()
+        eps = plan.spec.rms_eps
+        self.attn_norm = RMSNorm(w[f"layers.{n}.attn_norm"], eps)
+        self.attn = Attention(plan, comm, w, n)
+        self.mlp_norm = RMSNorm(w[f"layers.{n}.mlp_norm"], eps)
+        self.mlp = MLP(comm, w, n)
+
+    def forward(self, x, cos, sin, start, cache):
+        x = x + self.attn(self.attn_norm(x), cos, sin, start, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Model(nn.Module):
+    """One rank's stage of a Llama-family model.
+
+    ``forward`` and ``generate`` are collective: every rank of the layout calls them
+    with the same input ids, and every rank gets the same full-vocabulary result.
+    """
+
+    def __init__(self, plan: RankPlan, comm: Comm, weights: dict[str, torch.Tensor]):
+        super().__init__()
+        spec = plan.spec
+        if spec.config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {spec.config['hidden_act']!r} is not supported (only silu)")
+        self.plan, self.comm, self.spec = plan, comm, spec
+        self.weights = weights
+        any_weight = next(iter(weights.values()))
+        self.dtype, self.device = any_weight.dtype, any_weight.device
+        self.embed = VocabParallelEmbedding(comm, weights["embed"], plan.vocab) if plan.is_first else None
+        self.layers = nn.ModuleDict({str(n): DecoderLayer(plan, comm, weights, n) for n in plan.layers})
+        if plan.is_last:
+            self.norm = RMSNorm(weights["norm"], spec.rms_eps)
+            sizes = [hi - lo for lo, hi in split_evenly(spec.vocab, plan.layout.tp)]
+            self.lm_head = ParallelLMHead(comm, weights["lm_head"], sizes)
+        self.register_buffer("inv_freq", spec.rope.inv_freq(spec.head_dim).to(self.device), persistent=False)
+        self.caches: dict[int, KVCache] | None = None
+
+    def rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(start, start + length, device=self.device).float()
+        freqs = pos[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, start: int = 0, last_only: bool = False) -> torch.Tensor:
+        """Logits for ``input_ids`` (batch, seq) at positions ``start:``; with ``last_only`` just the final one."""
+        input_ids = input_ids.to(self.device)
+        b, t = input_ids.shape
+        shape = (b, t, self.spec.hidden)
+        if self.plan.is_first:
+            h = self.embed(input_ids)
+        else:
+            h = self.comm.recv_prev(torch.empty(shape, dtype=self.dtype, device=self.device))
+        cos, sin = self.rope(start, t)
+        for n, layer in self.layers.items():
+            h = layer(h, cos, sin, start, None if self.caches is None else self.caches[int(n)])
+        logits = None
+        if self.plan.is_last:
+            if last_only:
+                h = h[:, -1:]
+            logits = self.lm_head(self.norm(h))
+        else:
+            self.comm.send_next(h)
+        out_shape = (b, 1 if last_only else t, self.spec.vocab)
+        return self.comm.from_last_stage(logits, out_shape, self.dtype, self.device)
+
+    def _allocate_caches(self, batch: int, max_len: int) -> None:
+        heads = self.plan.heads
+        self.caches = {
+            n: KVCache(batch, heads.n_kv, max_len, self.spec.head_dim, self.dtype, self.device) for n in self.plan.layers
+        }
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 eos_token_id: int | list[int] | None = None, on_token=None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation, with a KV cache; returns prompt plus new ids.
+
+        Every rank samples from the same broadcast logits with the same seeded
+        generator, so all ranks agree on every token without another collective.
+        ``on_token(ids)`` is called with each new (batch,) tensor of ids, for streaming.
+        """
+        ids = input_ids.to(self.device)
+        b, t = ids.shape
+        self._allocate_caches(b, t + max_new_tokens)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        out, step_ids, start = [ids], ids, 0
+        try:
+            for _ in range(max_new_tokens):
+                logits = self.forward(step_ids, start=start, last_only=True)[:, -1].float()
+                start += step_ids.shape[1]
+                nxt = sample(logits, temperature, top_k, top_p, gen)
+                out.append(nxt[:, None])
+                if on_token is not None:
+                    on_token(nxt)
+                done |= torch.isin(nxt, torch.tensor(sorted(eos), device=self.device, dtype=nxt.dtype))
+                if eos and bool(done.all()):
+                    break
+                step_ids = nxt[:, None]
+        finally:
+            self.caches = None
+        return torch.cat(out, dim=1)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           gen: torch.Generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)

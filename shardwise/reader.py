@@ -1,0 +1,238 @@
+"""Reading boxes of safetensors checkpoints, and nothing else.
+
+The header is checked in full before any data is touched (length, dtype names,
+offsets inside the file, byte counts matching shapes, no overlaps), so a truncated
+or lying file fails at once, naming the file and the tensor, instead of yielding
+garbage weights. Data is then read box by box:
+
+- a box that is a run of whole rows is one contiguous byte range, read with
+  ``preadv`` straight into the destination (or a staging buffer when it must be cast);
+- any other box (the column slice of a row-parallel matrix) is copied out of a
+  temporary ``mmap`` of just its span, which is unmapped at once so file pages never
+  pile up in the process's RSS.
+
+Either way a rank touches only the bytes it owns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .boxes import Box
+from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEADER = 100 * 1024 * 1024
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is malformed or disagrees with the model config."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one tensor's bytes live: ``begin:end`` are absolute file offsets."""
+
+    path: Path
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _entry(path: Path, name: str, meta: object, data_start: int, size: int) -> Entry:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: header entry is not an object")
+    dtype_name = meta.get("dtype")
+    if dtype_name not in DTYPES:
+        raise CheckpointError(f"{where}: unknown dtype {dtype_name!r} (known: {', '.join(DTYPES)})")
+    shape, offsets = meta.get("shape"), meta.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
+    lo, hi = offsets
+    dtype = DTYPES[dtype_name]
+    need = math.prod(shape) * dtype.itemsize
+    if not 0 <= lo <= hi:
+        raise CheckpointError(f"{where}: data_offsets {offsets} are not an increasing range")
+    if hi - lo != need:
+        raise CheckpointError(
+            f"{where}: data_offsets {offsets} span {hi - lo} bytes but shape {shape} of {dtype_name} needs {need}"
+        )
+    if data_start + hi > size:
+        raise CheckpointError(
+            f"{where}: data ends at byte {data_start + hi} but the file has only {size} bytes (truncated?)"
+        )
+    return Entry(path, name, dtype, tuple(shape), data_start + lo, data_start + hi)
+
+
+def read_header(path: str | Path) -> dict[str, Entry]:
+    """Parse and fully validate one safetensors header."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: {size} bytes is too short to hold a safetensors header")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, MAX_HEADER):
+                raise CheckpointError(f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    entries = {
+        name: _entry(path, name, meta, 8 + n, size) for name, meta in header.items() if name != "__metadata__"
+    }
+    by_offset = sorted(entries.values(), key=lambda e: e.begin)
+    for a, b in zip(by_offset, by_offset[1:]):
+        if b.begin < a.end:
+            raise CheckpointError(f"{path}: tensors {a.name!r} and {b.name!r} overlap in the data section")
+    return entries
+
+
+def _writable_bytes(t: torch.Tensor):
+    """A writable buffer over a contiguous CPU tensor, whatever its dtype (numpy has no bfloat16)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def _pread_into(fd: int, buf, offset: int, entry: Entry) -> None:
+    view, done = memoryview(buf).cast("B"), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise CheckpointError(f"{entry.path}: tensor {entry.name!r}: unexpected end of file at byte {offset + done}")
+        done += got
+
+
+class Checkpoint:
+    """An HF safetensors checkpoint directory: one file, or several behind an index."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.entries: dict[str, Entry] = {}
+        for path in self._files():
+            for name, entry in read_header(path).items():
+                if name in self.entries:
+                    raise CheckpointError(f"{path}: tensor {name!r} is also in {self.entries[name].path}")
+                self.entries[name] = entry
+        self._fds: dict[Path, int] = {}
+
+    def _files(self) -> list[Path]:
+        index = self.directory / INDEX_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            return [self.directory / f for f in sorted(set(weight_map.values()))]
+        single = self.directory / "model.safetensors"
+        if single.exists():
+            return [single]
+        files = sorted(self.directory.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.directory}: no safetensors files found")
+        return files
+
+    def check(self, spec: ModelSpec) -> None:
+        """Every tensor the config implies is present, with the shape it implies and a castable dtype."""
+        for name, info in spec.tensors().items():
+            entry = self.entries.get(name)
+            if entry is None:
+                files = sorted({str(e.path.name) for e in self.entries.values()})
+                raise CheckpointError(f"{self.directory}: tensor {name!r} is missing (searched {', '.join(files)})")
+            if entry.shape != info.shape:
+                raise CheckpointError(
+                    f"{entry.path}: tensor {name!r} has shape {list(entry.shape)}, "
+                    f"but config.json implies {list(info.shape)}"
+                )
+            if entry.dtype not in CASTABLE:
+                raise CheckpointError(f"{entry.path}: tensor {name!r} has dtype {DTYPE_NAMES[entry.dtype]}, "
+                                      "expected one of F32, F16, BF16")
+        unused = set(self.entries) - set(spec.tensors())
+        if unused:
+            log.warning("%s: %d tensors are not part of the model and are ignored, e.g. %s",
+                        self.directory, len(unused), sorted(unused)[0])
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read(self, box: Box, dst: torch.Tensor) -> None:
+        """Fill ``dst[box.local_index()]`` with the box's bytes, cast to ``dst.dtype``."""
+        entry = self.entries[box.source]
+        target = dst[box.local_index()]
+        if box.stop[1:] == entry.shape[1:] and all(a == 0 for a in box.start[1:]):
+            self._read_rows(entry, box, target)
+        else:
+            self._read_strided(entry, box, target)
+
+    def _read_rows(self, entry: Entry, box: Box, target: torch.Tensor) -> None:
+        row_bytes = math.prod(entry.shape[1:]) * entry.dtype.itemsize
+        offset = entry.begin + box.start[0] * row_bytes
+        direct = target.dtype == entry.dtype and target.device.type == "cpu" and target.is_contiguous()
+        buf = target if direct else torch.empty(box.shape, dtype=entry.dtype)
+        _pread_into(self._fd(entry.path), _writable_bytes(buf), offset, entry)
+        if not direct:
+            target.copy_(buf)
+
+    def _read_strided(self, entry: Entry, box: Box, target: torch.Tensor) -> None:
+        item = entry.dtype.itemsize
+        strides = [math.prod(entry.shape[d + 1 :]) for d in range(len(entry.shape))]
+        first = sum(a * s for a, s in zip(box.start, strides))
+        last = sum((b - 1) * s for b, s in zip(box.stop, strides)) + 1
+        lo = entry.begin + first * item
+        base = lo - lo % mmap.ALLOCATIONGRANULARITY
+        length = entry.begin + last * item - base
+        with open(entry.path, "rb") as f, mmap.mmap(f.fileno(), length, access=mmap.ACCESS_COPY, offset=base) as m:
+            flat = torch.frombuffer(m, dtype=entry.dtype, count=(length - (lo - base)) // item, offset=lo - base)
+            src = flat.as_strided(box.shape, strides)
+            target.copy_(src)
+            del flat, src
