@@ -1,0 +1,77 @@
+"""Tiny real checkpoints, written by HF transformers itself, and HF's reference outputs for them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+VOCAB = 131  # prime: no TP degree divides it
+
+# One config per architecture, each with heads that TP=2..4 cannot split evenly.
+ARCHS = {
+    "llama": dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
+                  rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                       high_freq_factor=4.0, original_max_position_embeddings=16)),
+    "mistral": dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, sliding_window=7),
+    "qwen2": dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3),
+    "qwen3": dict(hidden_size=48, num_attention_heads=8, num_key_value_heads=4, head_dim=16),
+}
+CHECKPOINTS = [f"{arch}-{tie}" for arch in ARCHS for tie in ("tied", "untied")]
+PROMPT = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+STEPS = 16
+
+
+def hf_config(arch: str, tied: bool):
+    import transformers
+
+    classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
+    return getattr(transformers, classes[arch])(
+        vocab_size=VOCAB, intermediate_size=100, num_hidden_layers=3, max_position_embeddings=64,
+        tie_word_embeddings=tied, initializer_range=0.1, **ARCHS[arch],
+    )
+
+
+def write_checkpoint(name: str, directory: Path) -> Path:
+    """Save a random model with HF itself: tied ones in bf16 as one file, untied in fp32 split over several."""
+    import transformers
+
+    arch, tie = name.split("-")
+    tied = tie == "tied"
+    torch.manual_seed(hash(name) % 1000)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch, tied))
+    path = directory / name
+    if tied:
+        model.to(torch.bfloat16).save_pretrained(path)
+    else:
+        model.save_pretrained(path, max_shard_size="40KB")
+    return path
+
+
+def hf_reference(path: Path, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's fp32 logits, and its greedy tokens recomputed from scratch at each step (no cache to trust)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(ids).logits
+        seq = ids
+        for _ in range(steps):
+            nxt = model(seq).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    return logits, seq
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpts")
+    return {name: write_checkpoint(name, root) for name in CHECKPOINTS}
+
+
+@pytest.fixture(scope="session")
+def references(checkpoints) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {name: hf_reference(path, PROMPT, STEPS) for name, path in checkpoints.items()}

@@ -1,0 +1,137 @@
+"""Bad input fails fast with an error that names the culprit; nothing hangs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from workers import fail_on_rank, load_only
+
+from shardwise import (
+    CheckpointError,
+    LaunchTimeout,
+    Layout,
+    LayoutError,
+    RankError,
+    launch,
+    load_model,
+    load_spec,
+    plan_rank,
+)
+
+
+@pytest.fixture
+def ckpt(checkpoints, tmp_path) -> Path:
+    """A private single-file copy (bf16, tied) to damage."""
+    return Path(shutil.copytree(checkpoints["llama-tied"], tmp_path / "ckpt"))
+
+
+def rewrite_header(path: Path, edit) -> None:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    path.write_bytes(len(body).to_bytes(8, "little") + body + raw[8 + n :])
+
+
+def test_truncated_file(ckpt):
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor '.+'.*truncated"):
+        load_model(ckpt)
+
+
+def test_truncated_inside_header(ckpt):
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: header length \d+ runs past the end"):
+        load_model(ckpt)
+
+
+def test_header_lies_about_offsets(ckpt):
+    def shift(header):
+        header["model.norm.weight"]["data_offsets"][1] += 2
+
+    rewrite_header(ckpt / "model.safetensors", shift)
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.norm\.weight': data_offsets .* span .* needs"):
+        load_model(ckpt)
+
+
+def test_overlapping_offsets(ckpt):
+    def alias(header):
+        header["model.norm.weight"]["data_offsets"] = header["model.layers.0.input_layernorm.weight"]["data_offsets"]
+
+    rewrite_header(ckpt / "model.safetensors", alias)
+    with pytest.raises(CheckpointError, match="overlap"):
+        load_model(ckpt)
+
+
+def test_missing_tensor(ckpt):
+    rewrite_header(ckpt / "model.safetensors", lambda h: h.pop("model.layers.1.mlp.down_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.1\.mlp\.down_proj\.weight' is missing"):
+        load_model(ckpt)
+
+
+def test_shape_disagrees_with_config(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor '.*mlp.*' has shape \[.*\], but config"):
+        load_model(ckpt)
+
+
+def test_unknown_dtype(ckpt):
+    rewrite_header(ckpt / "model.safetensors", lambda h: h["model.norm.weight"].update(dtype="F7"))
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.norm\.weight': unknown dtype 'F7'"):
+        load_model(ckpt)
+
+
+def test_error_inside_a_rank_names_the_rank_and_file(ckpt):
+    rewrite_header(ckpt / "model.safetensors", lambda h: h["model.norm.weight"].update(dtype="F7"))
+    with pytest.raises(RankError, match=r"rank \d failed:(.|\n)*unknown dtype 'F7'") as info:
+        launch(load_only, 2, str(ckpt), 2, 1, timeout=120)
+    assert isinstance(info.value.__cause__, CheckpointError)
+
+
+@pytest.mark.parametrize(
+    "tp,pp,match",
+    [(10, 1, "tp=10 exceeds the 9 query heads"), (1, 4, "pp=4 exceeds the 3 layers"), (0, 1, "must be >= 1")],
+)
+def test_impossible_layout(checkpoints, tp, pp, match):
+    spec = load_spec(checkpoints["llama-tied"])
+    with pytest.raises(LayoutError, match=match):
+        plan_rank(spec, Layout(tp, pp), 0)
+
+
+def test_layout_must_match_world(checkpoints):
+    with pytest.raises(LayoutError, match="needs 2 ranks, the world has 1"):
+        load_model(checkpoints["llama-tied"], Layout(tp=2))
+
+
+def test_rank_that_raises():
+    with pytest.raises(RankError, match=r"rank 1 failed:(.|\n)*ValueError: boom on rank 1") as info:
+        launch(fail_on_rank, 3, 1, "raise", timeout=120)
+    assert info.value.rank == 1 and isinstance(info.value.__cause__, ValueError)
+
+
+def test_rank_that_dies():
+    with pytest.raises(RankError, match="rank 2 died with exit code 3"):
+        launch(fail_on_rank, 3, 2, "die", timeout=120)
+
+
+def test_rank_that_stalls_times_out():
+    with pytest.raises(LaunchTimeout, match=r"ranks \[.*1.*\] did not finish within 8s"):
+        launch(fail_on_rank, 2, 1, "stall", timeout=8)
+
+
+def test_launch_returns_rank0_tensors():
+    import torch
+
+    from workers import forward_and_generate  # noqa: F401 - proves the worker module imports in a fresh rank
+
+    out = launch(torch.arange, 2, 5, timeout=120)
+    assert torch.equal(out, torch.arange(5))

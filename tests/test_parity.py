@@ -1,0 +1,33 @@
+"""Every layout computes what HF transformers computes, for every architecture, tied or not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CHECKPOINTS, PROMPT, STEPS
+from workers import forward_and_generate
+
+from shardwise import launch
+
+LAYOUTS = [(tp, pp) for pp in (1, 2) for tp in (1, 2, 3, 4)]
+_runs: dict[tuple[int, int], dict] = {}
+
+
+def run_layout(tp: int, pp: int, checkpoints) -> dict:
+    """One launch per layout serves all checkpoints: spawning ranks is the slow part."""
+    if (tp, pp) not in _runs:
+        paths = {name: str(p) for name, p in checkpoints.items()}
+        _runs[tp, pp] = launch(forward_and_generate, tp * pp, tp, pp, paths, PROMPT, STEPS, timeout=600)
+    return _runs[tp, pp]
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+def test_matches_hf(tp, pp, name, checkpoints, references):
+    ref_logits, ref_tokens = references[name]
+    logits, tokens = run_layout(tp, pp, checkpoints)[name]
+    assert logits.shape == ref_logits.shape
+    err = (logits - ref_logits).abs().max().item()
+    scale = ref_logits.abs().max().item()
+    assert err <= 1e-4 * scale, f"{name} tp={tp} pp={pp}: max abs diff {err:.3g} vs max |logit| {scale:.3g}"
+    assert torch.equal(tokens, ref_tokens), f"{name} tp={tp} pp={pp}: greedy tokens differ from HF"
