@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -51,11 +53,22 @@ def make_checkpoint(directory: Path, files: int = 3) -> None:
     (directory / "config.json").write_text(json.dumps(CONFIG, indent=2))
 
 
-def bench(directory: Path, tp: int, hf: bool) -> list[dict]:
+def bench(directory: Path, tp: int, hf: bool, repeat: int) -> list[dict]:
+    """Per-rank medians over ``repeat`` fresh runs: a 2-core VM is noisy, one run can mislead either way."""
     cmd = [sys.executable, "-m", "shardwise.cli", "bench", "load", str(directory), "--tp", str(tp),
            "--dtype", "bfloat16", "--json"] + (["--hf"] if hf else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    runs = []
+    for _ in range(repeat):
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        runs.append([json.loads(line) for line in out.splitlines() if line.startswith("{")])
+    rows = []
+    for per_rank in zip(*runs):
+        row = dict(per_rank[0])
+        for key in ("load_s", "floor_s", "hf_load_s", "rss_ratio"):
+            if key in row:
+                row[key] = statistics.median(r[key] for r in per_rank)
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -63,14 +76,16 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("bench-data/llama-349m"))
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     make_checkpoint(args.dir)
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads visible, torch {torch.__version__}\n")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+          f"medians of {args.repeat} runs\n")
     print("| TP | rank | MB loaded | shardwise s | HF tp_plan s | floor s | shardwise/HF | shardwise/floor "
           "| peak RSS growth / shard |")
     print("|---|---|---|---|---|---|---|---|---|")
     for tp in args.tp:
-        for r in bench(args.dir, tp, hf=not args.no_hf):
+        for r in bench(args.dir, tp, not args.no_hf, args.repeat):
             hf = r.get("hf_load_s")
             hf_s, ratio = (f"{hf:.3f}", f"{r['load_s'] / hf:.3f}") if hf else ("-", "-")
             print(f"| {tp} | {r['rank']} | {r['shard_bytes'] / 1e6:.0f} | {r['load_s']:.3f} | {hf_s} | "

@@ -7,6 +7,7 @@ dies or stalls ends the whole launch with an error that names it, and the other 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import multiprocessing as mp
@@ -16,8 +17,9 @@ import queue
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -95,10 +97,15 @@ def _run_joined(fn: Callable, world_size: int, args: tuple, backend: str | None,
     world = int(os.environ["WORLD_SIZE"])
     if world != world_size:
         raise ValueError(f"launch asked for {world_size} ranks but torchrun started {world}")
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         _init(backend, int(os.environ["RANK"]), world, timeout)
-    value = [fn(*args)]
-    dist.broadcast_object_list(value, src=0)
+    try:
+        value = [fn(*args)]
+        dist.broadcast_object_list(value, src=0)
+    finally:
+        if owned:  # a group left to interpreter shutdown can abort the process
+            dist.destroy_process_group()
     return value[0]
 
 
@@ -134,10 +141,8 @@ def _failure(procs: list[mp.Process], results: mp.Queue, done: set[int], first: 
     rank, (tb, exc) = errors[0]
     err = RankError(rank, f"rank {rank} failed:\n{tb}")
     if exc is not None:
-        try:
+        with contextlib.suppress(Exception):  # the traceback text already says what happened
             err.__cause__ = pickle.loads(exc)
-        except Exception:  # noqa: BLE001 - the traceback text already says what happened
-            pass
     return err
 
 

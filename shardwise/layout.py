@@ -53,7 +53,9 @@ class Layout:
     def check_world(self) -> None:
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world != self.world_size:
-            raise LayoutError(f"layout tp={self.tp} x pp={self.pp} needs {self.world_size} ranks, the world has {world}")
+            raise LayoutError(
+                f"layout tp={self.tp} x pp={self.pp} needs {self.world_size} ranks, the world has {world}"
+            )
 
 
 @dataclass(frozen=True)
@@ -171,9 +173,11 @@ def _layer_tensors(spec: ModelSpec, n: int, heads: Heads, ffn: tuple[int, int]) 
     if spec.o_bias:
         out.update([replicated("o_bias", f"{p}.self_attn.o_proj.bias")])
     if spec.mlp_bias:
-        out.update([t("gate_up_bias", (2 * nf,), *fused_gate_up("bias")), replicated("down_bias", f"{p}.mlp.down_proj.bias")])
+        out.update([t("gate_up_bias", (2 * nf,), *fused_gate_up("bias")),
+                    replicated("down_bias", f"{p}.mlp.down_proj.bias")])
     if spec.qk_norm:
-        out.update([replicated("q_norm", f"{p}.self_attn.q_norm.weight"), replicated("k_norm", f"{p}.self_attn.k_norm.weight")])
+        out.update([replicated("q_norm", f"{p}.self_attn.q_norm.weight"),
+                    replicated("k_norm", f"{p}.self_attn.k_norm.weight")])
     return out
 
 

@@ -179,9 +179,8 @@ class Model(nn.Module):
 
     def _allocate_caches(self, batch: int, max_len: int) -> None:
         heads = self.plan.heads
-        self.caches = {
-            n: KVCache(batch, heads.n_kv, max_len, self.spec.head_dim, self.dtype, self.device) for n in self.plan.layers
-        }
+        d = self.spec.head_dim
+        self.caches = {n: KVCache(batch, heads.n_kv, max_len, d, self.dtype, self.device) for n in self.plan.layers}
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,

@@ -106,7 +106,9 @@ def read_header(path: str | Path) -> dict[str, Entry]:
                 raise CheckpointError(f"{path}: {size} bytes is too short to hold a safetensors header")
             n = int.from_bytes(head, "little")
             if n > min(size - 8, MAX_HEADER):
-                raise CheckpointError(f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)")
+                raise CheckpointError(
+                    f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)"
+                )
             raw = f.read(n)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
@@ -136,7 +138,9 @@ def _pread_into(fd: int, buf, offset: int, entry: Entry) -> None:
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
         if got <= 0:
-            raise CheckpointError(f"{entry.path}: tensor {entry.name!r}: unexpected end of file at byte {offset + done}")
+            raise CheckpointError(
+                f"{entry.path}: tensor {entry.name!r}: unexpected end of file at byte {offset + done}"
+            )
         done += got
 
 

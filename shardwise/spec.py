@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -93,7 +94,11 @@ class ModelSpec:
         return self.sliding_windows[layer] if self.sliding_windows else None
 
     def tensors(self) -> dict[str, TensorInfo]:
-        """Every tensor an HF checkpoint of this model holds, in HF names."""
+        """Every tensor an HF checkpoint of this model holds, in HF names (computed once; do not mutate)."""
+        return self._tensors
+
+    @cached_property
+    def _tensors(self) -> dict[str, TensorInfo]:
         h, d, i = self.hidden, self.head_dim, self.intermediate
         q, kv = self.heads * d, self.kv_heads * d
         out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, h)}

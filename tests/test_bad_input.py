@@ -130,7 +130,6 @@ def test_rank_that_stalls_times_out():
 
 def test_launch_returns_rank0_tensors():
     import torch
-
     from workers import forward_and_generate  # noqa: F401 - proves the worker module imports in a fresh rank
 
     out = launch(torch.arange, 2, 5, timeout=120)

@@ -1,0 +1,90 @@
+"""The command line: plan, bench load, generate (spawned and under torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PROMPT, VOCAB
+
+from shardwise import Layout, load_spec, plan_rank
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shardwise(*args: str, torchrun: int = 0) -> subprocess.CompletedProcess:
+    if torchrun:
+        port = f"--master-port={_free_port()}"
+        cmd = [str(BIN / "torchrun"), f"--nproc-per-node={torchrun}", port, "-m", "shardwise.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "shardwise.cli", *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, check=False)
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(checkpoints, tmp_path_factory) -> Path:
+    """A tiny checkpoint plus a word-level tokenizer whose tokens are the words t0..t130."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = Path(shutil.copytree(checkpoints["qwen2-untied"], tmp_path_factory.mktemp("tok") / "ckpt"))
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_plan_table(checkpoints):
+    path = checkpoints["llama-untied"]
+    out = shardwise("plan", str(path / "config.json"), "--tp", "3", "--pp", "2")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[2:]]
+    assert len(rows) == 6
+    spec = load_spec(path)
+    for rank, row in enumerate(rows):
+        assert float(row[-2]) == pytest.approx(plan_rank(spec, Layout(3, 2), rank).nbytes(spec.dtype) / 1e6, abs=0.01)
+
+
+def test_bench_load_json(checkpoints):
+    out = shardwise("bench", "load", str(checkpoints["mistral-untied"]), "--tp", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["rank"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["load_s"] > 0 and r["bytes"] > 0 and r["peak_rss_growth"] >= 0 and r["floor_s"] > 0
+
+
+def _expected_text(path: Path, prompt_ids: list[int], steps: int) -> str:
+    from shardwise import load_model
+
+    out = load_model(path, progress=False).generate(torch.tensor([prompt_ids]), steps)
+    return " ".join(f"t{i}" for i in out[0, len(prompt_ids) :].tolist())
+
+
+@pytest.mark.parametrize("torchrun", [0, 2])
+def test_generate(with_tokenizer, torchrun):
+    ids = PROMPT[0].tolist()
+    prompt = " ".join(f"t{i}" for i in ids)
+    out = shardwise("generate", str(with_tokenizer), "--tp", "2", "--prompt", prompt, "--max-new-tokens", "6",
+                    torchrun=torchrun)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == _expected_text(with_tokenizer, ids, 6)
+    assert "tok/s" in out.stderr and "load" in out.stderr
+
+
+def test_generate_rejects_world_mismatch_under_torchrun(with_tokenizer):
+    out = shardwise("generate", str(with_tokenizer), "--tp", "3", "--prompt", "t1", torchrun=2)
+    assert out.returncode != 0 and "torchrun started 2" in out.stderr

@@ -1,0 +1,86 @@
+"""Layouts as data: every checkpoint element is owned, heads stay with their KV groups, splits are balanced."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHS, hf_config
+from safetensors.torch import save_file
+
+from shardwise import Box, Checkpoint, Layout, plan_rank
+from shardwise.boxes import split_evenly
+from shardwise.layout import head_split
+from shardwise.spec import spec_from_config
+
+
+@pytest.mark.parametrize("n,parts", [(10, 3), (131, 4), (3, 3), (7, 1)])
+def test_split_evenly_is_balanced_and_contiguous(n, parts):
+    ranges = split_evenly(n, parts)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    sizes = [hi - lo for lo, hi in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("heads,kv", [(9, 3), (8, 2), (16, 8), (32, 32), (12, 1)])
+@pytest.mark.parametrize("tp", [1, 2, 3, 4, 5, 8])
+def test_heads_stay_with_their_kv_group(heads, kv, tp):
+    if tp > heads:
+        pytest.skip("refused elsewhere")
+    split = head_split(heads, kv, tp)
+    group = heads // kv
+    owned = [h for part in split for h in range(*part.q)]
+    assert owned == list(range(heads)), "each query head exactly once, in order"
+    for part in split:
+        assert part.n_q >= 1
+        assert all(part.kv[0] <= h // group < part.kv[1] for h in range(*part.q)), "q head away from its KV head"
+        assert part.n_q % part.n_kv == 0, "uniform local GQA groups"
+        if tp > kv:
+            assert part.n_kv == 1, "KV heads replicated, one per rank"
+
+
+def _coverage(spec, layout):
+    counts = {name: torch.zeros(info.shape, dtype=torch.int32) for name, info in spec.tensors().items()}
+    for rank in range(layout.world_size):
+        seen = set()
+        for t in plan_rank(spec, layout, rank).tensors.values():
+            for box in t.boxes:
+                if box not in seen:
+                    seen.add(box)
+                    counts[box.source][box.source_index()] += 1
+    return counts
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (3, 2), (4, 2)])
+def test_every_element_is_owned(arch, tied, tp, pp):
+    spec = spec_from_config(hf_config(arch, tied).to_dict())
+    counts = _coverage(spec, Layout(tp, pp))
+    kv_replicated = tp > spec.kv_heads
+    for name, c in counts.items():
+        assert int(c.min()) >= 1, f"{name}: some element has no owner"
+        replicated = c.dim() == 1 and "bias" not in name or kv_replicated and ("k_proj" in name or "v_proj" in name)
+        tied_twice = tied and name == "model.embed_tokens.weight" and pp > 1
+        if not replicated and not tied_twice:
+            assert int(c.max()) == 1, f"{name}: some element is held by {int(c.max())} ranks"
+
+
+def test_box_intersect():
+    box = Box("w", (4, 0), (10, 8), (2, 0))
+    assert box.intersect((0, 0), (6, 8)) == Box("w", (4, 0), (6, 8), (2, 0))
+    assert box.intersect((6, 2), (20, 5)) == Box("w", (6, 2), (10, 5), (4, 2))
+    assert box.intersect((10, 0), (12, 8)) is None
+
+
+def test_reader_reads_strided_and_cast_boxes(tmp_path):
+    w = torch.randn(6, 10).to(torch.float16)
+    save_file({"w": w}, str(tmp_path / "model.safetensors"))
+    ck = Checkpoint(tmp_path)
+    dst = torch.zeros(5, 4, dtype=torch.float32)
+    ck.read(Box("w", (1, 3), (5, 7), (1, 0)), dst)  # columns: a strided box
+    assert torch.equal(dst[1:5], w[1:5, 3:7].float())
+    rows = torch.zeros(2, 10, dtype=torch.bfloat16)
+    ck.read(Box("w", (3, 0), (5, 10), (0, 0)), rows)  # whole rows, cast on the way
+    assert torch.equal(rows, w[3:5].to(torch.bfloat16))
+    ck.close()
