@@ -147,3 +147,40 @@ def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
+
+
+def bench_generate_rank(directory: str, tp: int, pp: int, prompt: str, new_tokens: int, with_hf: bool) -> dict:
+    """Greedy fp32 throughput of shardwise and (optionally) HF tp_plan="auto", same prompt, exactly N new tokens."""
+    from .text import Text
+
+    text = Text(directory)
+    ids = torch.tensor([text.encode(text.chat_prompt(prompt) if text.config.get("chat_template") else prompt)])
+    model = load_model(directory, Layout(tp, pp), progress=False)
+    model.generate(ids, 2)  # warm-up: first-call allocations and thread pools
+    _barrier()
+    t0 = time.perf_counter()
+    out = model.generate(ids, new_tokens)
+    row = {"tp": tp, "pp": pp, "prompt_tokens": ids.shape[1], "new_tokens": new_tokens,
+           "shardwise_tok_s": new_tokens / (time.perf_counter() - t0),
+           "shardwise_text": text.decode(out[0, ids.shape[1] :].tolist())}
+    del model
+    if with_hf:
+        row |= _hf_generate(directory, ids, new_tokens, tp * pp, text)
+    return row
+
+
+def _hf_generate(directory: str, ids: torch.Tensor, new_tokens: int, world: int, text) -> dict:
+    import transformers
+
+    kwargs = {"tp_plan": "auto"} if world > 1 else {}
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
+        model.generate(ids, **settings | {"max_new_tokens": 2, "min_new_tokens": 2})
+        _barrier()
+        t0 = time.perf_counter()
+        out = model.generate(ids, **settings)
+        seconds = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - HF failing on a layout is itself a result worth reporting
+        return {"hf_error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    return {"hf_tok_s": new_tokens / seconds, "hf_text": text.decode(out[0, ids.shape[1] :].tolist())}

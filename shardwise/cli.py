@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 
-from .bench import bench_load_rank, warm_page_cache
+from .bench import bench_generate_rank, bench_load_rank, warm_page_cache
 from .generate import GenerateArgs, generate_rank
 from .launch import in_torchrun, launch
 from .layout import Layout, plan_rank
@@ -97,6 +97,16 @@ def cmd_bench_load(args) -> None:
                   f"{row['shard_bytes'] / 1e6:.1f} MB, peak RSS growth x{row['rss_ratio']:.2f}")
 
 
+def cmd_bench_generate(args) -> None:
+    row = launch(bench_generate_rank, _world(args), args.checkpoint, args.tp, args.pp, args.prompt,
+                 args.max_new_tokens, not args.no_hf)
+    if args.json:
+        print(json.dumps(row))
+        return
+    hf = f"{row['hf_tok_s']:.2f} tok/s" if "hf_tok_s" in row else row.get("hf_error", "not run")
+    print(f"tp={args.tp} pp={args.pp}: shardwise {row['shardwise_tok_s']:.2f} tok/s, HF tp_plan {hf}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardwise", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
@@ -130,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--hf", action="store_true", help="also time HF from_pretrained(tp_plan='auto') in the same run")
     bl.add_argument("--json", action="store_true", help="one JSON object per rank per line")
     bl.set_defaults(func=cmd_bench_load)
+    bg = b.add_parser("generate", help="greedy fp32 tokens/s of shardwise and HF tp_plan='auto', side by side")
+    bg.add_argument("checkpoint")
+    _layout_args(bg)
+    bg.add_argument("--prompt", default="What is the capital of France?")
+    bg.add_argument("--max-new-tokens", type=int, default=64)
+    bg.add_argument("--no-hf", action="store_true", help="skip the HF measurement")
+    bg.add_argument("--json", action="store_true")
+    bg.set_defaults(func=cmd_bench_generate)
     return parser
 
 

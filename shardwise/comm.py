@@ -6,12 +6,16 @@ branches on whether it runs distributed.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from .layout import Layout
+from .shm import ShmAllReduce
+from .shm import supported as shm_supported
 
 
 @dataclass
@@ -19,6 +23,7 @@ class Comm:
     layout: Layout
     rank: int
     tp_group: dist.ProcessGroup | None
+    shm: ShmAllReduce | None = None
 
     @property
     def stage(self) -> int:
@@ -29,7 +34,7 @@ class Comm:
         return self.layout.coords(self.rank)[1]
 
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout.tp > 1:
+        if self.layout.tp > 1 and not (self.shm is not None and self.shm(x)):
             dist.all_reduce(x, group=self.tp_group)
         return x
 
@@ -69,10 +74,21 @@ def make_comm(layout: Layout) -> Comm:
     if not dist.is_initialized():
         return Comm(layout, 0, None)
     rank = dist.get_rank()
-    mine = None
+    mine, my_ranks = None, []
     for stage in range(layout.pp):
         ranks = [layout.rank_of(stage, t) for t in range(layout.tp)]
         group = dist.new_group(ranks) if layout.tp > 1 else None
         if rank in ranks:
-            mine = group
-    return Comm(layout, rank, mine)
+            mine, my_ranks = group, ranks
+    return Comm(layout, rank, mine, _shared_memory(mine, my_ranks))
+
+
+def _shared_memory(group: dist.ProcessGroup | None, ranks: list[int]) -> ShmAllReduce | None:
+    """The shared-memory all-reduce, where the whole TP group shares one host and runs on gloo."""
+    if group is None or dist.get_backend(group) != "gloo":
+        return None
+    hosts = [None] * len(ranks)
+    dist.all_gather_object(hosts, (socket.gethostname(), shm_supported()), group=group)
+    if len(set(hosts)) != 1 or not hosts[0][1]:
+        return None
+    return ShmAllReduce(group, ranks, timeout=float(os.environ.get("SHARDWISE_TIMEOUT", 1800)))

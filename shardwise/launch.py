@@ -70,7 +70,8 @@ def _init(backend: str | None, rank: int, world_size: int, timeout: float) -> No
 def _worker(rank: int, world_size: int, port: int, backend: str | None, timeout: float,
             fn: Callable, args: tuple, results: mp.Queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      SHARDWISE_TIMEOUT=str(timeout))
     # Ranks share the machine's cores; oversubscribing threads makes every rank slower.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
@@ -109,7 +110,11 @@ def _run_joined(fn: Callable, world_size: int, args: tuple, backend: str | None,
     return value[0]
 
 
-def _stop(procs: list[mp.Process]) -> None:
+def _stop(procs: list[mp.Process], grace: float = 0.0) -> None:
+    """Join ranks, terminating those still alive after ``grace`` seconds (then killing after 5 more)."""
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
     for p in procs:
         if p.is_alive():
             p.terminate()
@@ -166,6 +171,7 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_T
     done: set[int] = set()
     value = None
     deadline = time.monotonic() + timeout
+    grace = 0.0
     try:
         while len(done) < world_size:
             try:
@@ -184,6 +190,9 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_T
             done.add(rank)
             if rank == 0:
                 value = _loads(payload)
+        grace = 30.0  # every rank succeeded: let them exit cleanly
     finally:
-        _stop(procs)
+        _stop(procs, grace)
+        results.close()
+        results.join_thread()
     return value

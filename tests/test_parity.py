@@ -31,3 +31,15 @@ def test_matches_hf(tp, pp, name, checkpoints, references):
     scale = ref_logits.abs().max().item()
     assert err <= 1e-4 * scale, f"{name} tp={tp} pp={pp}: max abs diff {err:.3g} vs max |logit| {scale:.3g}"
     assert torch.equal(tokens, ref_tokens), f"{name} tp={tp} pp={pp}: greedy tokens differ from HF"
+
+
+def test_gloo_path_matches_shared_memory_path(checkpoints, references, monkeypatch):
+    """The shared-memory all-reduce is an optimization: plain gloo must give the same answers."""
+    monkeypatch.setenv("SHARDWISE_SHM", "0")
+    paths = {name: str(checkpoints[name]) for name in ("qwen2-untied", "mistral-tied")}
+    out = launch(forward_and_generate, 6, 3, 2, paths, PROMPT, STEPS, timeout=600)
+    for name in paths:
+        ref_logits, ref_tokens = references[name]
+        logits, tokens = out[name]
+        assert (logits - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()
+        assert torch.equal(tokens, ref_tokens)
