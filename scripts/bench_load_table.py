@@ -64,7 +64,7 @@ def bench(directory: Path, tp: int, hf: bool, repeat: int) -> list[dict]:
     rows = []
     for per_rank in zip(*runs):
         row = dict(per_rank[0])
-        for key in ("load_s", "floor_s", "hf_load_s", "rss_ratio"):
+        for key in ("load_s", "cpu_s", "floor_s", "hf_load_s", "rss_ratio"):
             if key in row:
                 row[key] = statistics.median(r[key] for r in per_rank)
         rows.append(row)
@@ -81,14 +81,15 @@ def main() -> None:
     make_checkpoint(args.dir)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
           f"medians of {args.repeat} runs\n")
-    print("| TP | rank | MB loaded | shardwise s | HF tp_plan s | floor s | shardwise/HF | shardwise/floor "
-          "| peak RSS growth / shard |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| TP | rank | MB loaded | shardwise s | shardwise CPU s | HF tp_plan s | floor s | shardwise/HF "
+          "| shardwise/floor | peak RSS growth / shard |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for tp in args.tp:
         for r in bench(args.dir, tp, not args.no_hf, args.repeat):
             hf = r.get("hf_load_s")
             hf_s, ratio = (f"{hf:.3f}", f"{r['load_s'] / hf:.3f}") if hf else ("-", "-")
-            print(f"| {tp} | {r['rank']} | {r['shard_bytes'] / 1e6:.0f} | {r['load_s']:.3f} | {hf_s} | "
+            print(f"| {tp} | {r['rank']} | {r['shard_bytes'] / 1e6:.0f} | {r['load_s']:.3f} | {r['cpu_s']:.3f} | "
+                  f"{hf_s} | "
                   f"{r['floor_s']:.3f} | {ratio} | {r['load_s'] / r['floor_s']:.2f} | {r['rss_ratio']:.3f} |")
 
 if __name__ == "__main__":

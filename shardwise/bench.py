@@ -110,9 +110,10 @@ def bench_load_rank(directory: str, tp: int, pp: int, dtype: torch.dtype, with_h
     row: dict = {"rank": rank, "tp": tp, "pp": pp, "dtype": str(dtype).removeprefix("torch."), "bytes": share}
     _barrier()
     with PeakRSS() as mem:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model = load_model(directory, layout, dtype=dtype, progress=False)
         row["load_s"] = time.perf_counter() - t0
+        row["cpu_s"] = time.process_time() - c0  # apart from core contention when ranks outnumber cores
     row["shard_bytes"] = model.plan.nbytes(dtype)
     row["peak_rss_growth"] = mem.growth
     row["rss_ratio"] = mem.growth / row["shard_bytes"]
