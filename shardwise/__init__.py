@@ -1,11 +1,13 @@
 """shardwise: load, shard, run and save Llama-family weights across torch.distributed ranks."""
 
 from .boxes import Box, ShardedTensor
+from .hf_export import export
 from .launch import LaunchTimeout, RankError, launch
 from .layout import Layout, LayoutError, RankPlan, plan_rank
-from .loader import load_model
+from .loader import Weights, load_model, load_weights
 from .model import Model
 from .reader import Checkpoint, CheckpointError
+from .sharded import ShardedCheckpoint, save_sharded
 from .spec import ModelSpec, SpecError, load_spec
 
 __all__ = [
@@ -20,9 +22,14 @@ __all__ = [
     "RankError",
     "RankPlan",
     "ShardedTensor",
+    "ShardedCheckpoint",
     "SpecError",
+    "Weights",
+    "export",
     "launch",
     "load_model",
+    "load_weights",
     "load_spec",
     "plan_rank",
+    "save_sharded",
 ]

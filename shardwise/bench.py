@@ -8,6 +8,7 @@ bytes from the page cache into a fresh buffer, which no loader can beat.
 from __future__ import annotations
 
 import gc
+import os
 import time
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def read_floor(directory: str | Path, nbytes: int, rank: int) -> float:
     total = sum(p.stat().st_size for p in files)
     start = (rank * nbytes) % max(1, total - nbytes)
     t0 = time.perf_counter()
-    buf = memoryview(arena([(nbytes,)], torch.uint8, torch.device("cpu"))[0].numpy())
+    buf = memoryview(arena([(nbytes,)], [torch.uint8], torch.device("cpu"))[0].numpy())
     done = 0
     for path in files:
         size = path.stat().st_size
@@ -185,3 +186,51 @@ def _hf_generate(directory: str, ids: torch.Tensor, new_tokens: int, world: int,
     except Exception as e:  # noqa: BLE001 - HF failing on a layout is itself a result worth reporting
         return {"hf_error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     return {"hf_tok_s": new_tokens / seconds, "hf_text": text.decode(out[0, ids.shape[1] :].tolist())}
+
+
+def bench_export_rank(directory: str, tp: int, work: str) -> dict:
+    """Export from TP=tp against one sequential write of the same bytes, and a reshard to another layout."""
+    import json as _json
+
+    from .hf_export import export
+    from .loader import load_weights
+    from .sharded import save_sharded
+
+    work_dir = Path(work)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    weights = load_weights(directory, Layout(tp), progress=False)
+    _barrier()
+    t0 = time.perf_counter()
+    export(weights, work_dir / "hf", progress=False)
+    row = {"tp": tp, "export_s": time.perf_counter() - t0}
+    files = sorted((work_dir / "hf").glob("*.safetensors"))
+    row["bytes"] = sum(p.stat().st_size for p in files)
+    _barrier()
+    if rank == 0:
+        row["sequential_write_s"] = sequential_write(work_dir / "sequential.bin", row["bytes"])
+    _barrier()
+    t0 = time.perf_counter()
+    save_sharded(weights, work_dir / "sharded")
+    row["save_sharded_s"] = time.perf_counter() - t0
+    del weights
+    _barrier()
+    target = Layout(1, tp)  # same ranks, a wholly different split: TP=N becomes PP=N
+    t0 = time.perf_counter()
+    save_sharded(load_weights(work_dir / "sharded", target, progress=False), work_dir / "resharded")
+    row["reshard_s"] = time.perf_counter() - t0
+    row["reshard_to"] = _json.dumps({"tp": target.tp, "pp": target.pp})
+    return row
+
+
+def sequential_write(path: Path, nbytes: int, chunk: int = 64 << 20) -> float:
+    """Seconds for one process to write ``nbytes`` to a new file and fsync it, as an export also does."""
+    buf = memoryview(torch.randint(0, 255, (min(chunk, nbytes),), dtype=torch.uint8).numpy())
+    t0 = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        left = nbytes
+        while left:
+            left -= f.write(buf[: min(left, len(buf))])
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return seconds

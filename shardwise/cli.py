@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 
-from .bench import bench_generate_rank, bench_load_rank, warm_page_cache
+from .bench import bench_export_rank, bench_generate_rank, bench_load_rank, warm_page_cache
 from .generate import GenerateArgs, generate_rank
 from .launch import in_torchrun, launch
 from .layout import Layout, plan_rank
@@ -114,6 +114,43 @@ def cmd_import_gguf(args) -> None:
     print(f"wrote {out}")
 
 
+def reshard_rank(src: str, dst: str, tp: int, pp: int) -> None:
+    from .loader import load_weights
+    from .sharded import save_sharded
+
+    save_sharded(load_weights(src, Layout(tp, pp)), dst)
+
+
+def export_rank(src: str, out: str, tp: int, pp: int) -> None:
+    from .hf_export import export
+    from .loader import load_weights
+
+    export(load_weights(src, Layout(tp, pp)), out)
+
+
+def cmd_reshard(args) -> None:
+    launch(reshard_rank, _world(args), args.src, args.dst, args.tp, args.pp)
+    print(f"wrote {args.dst} (sharded, tp={args.tp} pp={args.pp})")
+
+
+def cmd_export(args) -> None:
+    from .sharded import ShardedCheckpoint
+
+    layout = ShardedCheckpoint(args.src).layout
+    launch(export_rank, layout.world_size, args.src, args.out, layout.tp, layout.pp)
+    print(f"wrote {args.out} (HF safetensors, exported by {layout.world_size} ranks)")
+
+
+def cmd_bench_export(args) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+        row = launch(bench_export_rank, _world(args), args.checkpoint, args.tp, work)
+    print(json.dumps(row) if args.json else
+          f"export {row['export_s']:.2f}s vs sequential write {row['sequential_write_s']:.2f}s "
+          f"({row['bytes'] / 1e6:.0f} MB), save sharded {row['save_sharded_s']:.2f}s, reshard {row['reshard_s']:.2f}s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardwise", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
@@ -139,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the written tensors")
     i.set_defaults(func=cmd_import_gguf)
 
+    r = sub.add_parser("reshard", help="HF or sharded checkpoint -> sharded checkpoint under a new layout")
+    r.add_argument("src")
+    r.add_argument("dst")
+    _layout_args(r)
+    r.set_defaults(func=cmd_reshard)
+
+    e = sub.add_parser("export", help="sharded checkpoint -> HF safetensors checkpoint, written by all its ranks")
+    e.add_argument("src")
+    e.add_argument("out")
+    e.set_defaults(func=cmd_export, tp=1, pp=1)
+
     p = sub.add_parser("plan", help="bytes each rank will hold, per tensor kind")
     p.add_argument("path", help="checkpoint directory or config.json")
     _layout_args(p)
@@ -161,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--no-hf", action="store_true", help="skip the HF measurement")
     bg.add_argument("--json", action="store_true")
     bg.set_defaults(func=cmd_bench_generate)
+    be = b.add_parser("export", help="parallel HF export vs one sequential write of the same bytes; reshard time")
+    be.add_argument("checkpoint")
+    _layout_args(be)
+    be.add_argument("--work-dir", default=None, help="where to write (default: the system temp dir)")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=cmd_bench_export)
     return parser
 
 

@@ -9,6 +9,8 @@ which is what lets every layout match HF's logits.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,9 @@ from .boxes import split_evenly
 from .comm import Comm
 from .layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from .layout import RankPlan
+
+if TYPE_CHECKING:
+    from .loader import Weights
 
 
 class RMSNorm(nn.Module):
@@ -130,21 +135,21 @@ class Model(nn.Module):
     with the same input ids, and every rank gets the same full-vocabulary result.
     """
 
-    def __init__(self, plan: RankPlan, comm: Comm, weights: dict[str, torch.Tensor]):
+    def __init__(self, weights: Weights, comm: Comm):
         super().__init__()
-        spec = plan.spec
+        plan, spec, w = weights.plan, weights.plan.spec, weights.tensors
         if spec.config.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {spec.config['hidden_act']!r} is not supported (only silu)")
         self.plan, self.comm, self.spec = plan, comm, spec
         self.weights = weights
-        any_weight = next(iter(weights.values()))
+        any_weight = next(iter(w.values()))
         self.dtype, self.device = any_weight.dtype, any_weight.device
-        self.embed = VocabParallelEmbedding(comm, weights["embed"], plan.vocab) if plan.is_first else None
-        self.layers = nn.ModuleDict({str(n): DecoderLayer(plan, comm, weights, n) for n in plan.layers})
+        self.embed = VocabParallelEmbedding(comm, w["embed"], plan.vocab) if plan.is_first else None
+        self.layers = nn.ModuleDict({str(n): DecoderLayer(plan, comm, w, n) for n in plan.layers})
         if plan.is_last:
-            self.norm = RMSNorm(weights["norm"], spec.rms_eps)
+            self.norm = RMSNorm(w["norm"], spec.rms_eps)
             sizes = [hi - lo for lo, hi in split_evenly(spec.vocab, plan.layout.tp)]
-            self.lm_head = ParallelLMHead(comm, weights["lm_head"], sizes)
+            self.lm_head = ParallelLMHead(comm, w["lm_head"], sizes)
         self.register_buffer("inv_freq", spec.rope.inv_freq(spec.head_dim).to(self.device), persistent=False)
         self.caches: dict[int, KVCache] | None = None
 

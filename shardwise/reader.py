@@ -16,6 +16,7 @@ Either way a rank touches only the bytes it owns.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -147,10 +148,10 @@ def _pread_into(fd: int, buf, offset: int, entry: Entry) -> None:
 class Checkpoint:
     """An HF safetensors checkpoint directory: one file, or several behind an index."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, files: list[Path] | None = None):
         self.directory = Path(directory)
         self.entries: dict[str, Entry] = {}
-        for path in self._files():
+        for path in files if files is not None else self._files():
             for name, entry in read_header(path).items():
                 if name in self.entries:
                     raise CheckpointError(f"{path}: tensor {name!r} is also in {self.entries[name].path}")
@@ -193,6 +194,9 @@ class Checkpoint:
             log.warning("%s: %d tensors are not part of the model and are ignored, e.g. %s",
                         self.directory, len(unused), sorted(unused)[0])
 
+    def source_dtype(self, name: str) -> torch.dtype:
+        return self.entries[name].dtype
+
     def _fd(self, path: Path) -> int:
         if path not in self._fds:
             self._fds[path] = os.open(path, os.O_RDONLY)
@@ -213,7 +217,7 @@ class Checkpoint:
         """Fill ``dst[box.local_index()]`` with the box's bytes, cast to ``dst.dtype``."""
         entry = self.entries[box.source]
         target = dst[box.local_index()]
-        if box.stop[1:] == entry.shape[1:] and all(a == 0 for a in box.start[1:]):
+        if is_row_run(box, entry.shape):
             self._read_rows(entry, box, target)
         else:
             self._read_strided(entry, box, target)
@@ -228,15 +232,35 @@ class Checkpoint:
             target.copy_(buf)
 
     def _read_strided(self, entry: Entry, box: Box, target: torch.Tensor) -> None:
-        item = entry.dtype.itemsize
-        strides = [math.prod(entry.shape[d + 1 :]) for d in range(len(entry.shape))]
-        first = sum(a * s for a, s in zip(box.start, strides))
-        last = sum((b - 1) * s for b, s in zip(box.stop, strides)) + 1
-        lo = entry.begin + first * item
-        base = lo - lo % mmap.ALLOCATIONGRANULARITY
-        length = entry.begin + last * item - base
-        with open(entry.path, "rb") as f, mmap.mmap(f.fileno(), length, access=mmap.ACCESS_COPY, offset=base) as m:
-            flat = torch.frombuffer(m, dtype=entry.dtype, count=(length - (lo - base)) // item, offset=lo - base)
-            src = flat.as_strided(box.shape, strides)
+        with mapped_box(entry, box, write=False) as src:
             target.copy_(src)
-            del flat, src
+
+
+def is_row_run(box: Box, shape: tuple[int, ...]) -> bool:
+    """Whether a box is a run of whole rows, i.e. one contiguous byte range of its tensor."""
+    return box.stop[1:] == tuple(shape[1:]) and all(a == 0 for a in box.start[1:])
+
+
+@contextlib.contextmanager
+def mapped_box(entry: Entry, box: Box, write: bool):
+    """A strided tensor view of a box's bytes in the file, through an mmap of just its span.
+
+    The mapping is dropped on exit, so file pages do not accumulate in the process's
+    RSS. With ``write`` the mapping is shared, and copies into the view land in the file.
+    """
+    item = entry.dtype.itemsize
+    strides = [math.prod(entry.shape[d + 1 :]) for d in range(len(entry.shape))]
+    first = sum(a * s for a, s in zip(box.start, strides))
+    last = sum((b - 1) * s for b, s in zip(box.stop, strides)) + 1
+    lo = entry.begin + first * item
+    base = lo - lo % mmap.ALLOCATIONGRANULARITY
+    length = entry.begin + last * item - base
+    access = mmap.ACCESS_WRITE if write else mmap.ACCESS_COPY
+    with (open(entry.path, "r+b" if write else "rb") as f,
+          mmap.mmap(f.fileno(), length, access=access, offset=base) as m):
+        flat = torch.frombuffer(m, dtype=entry.dtype, count=last - first, offset=lo - base)
+        view = flat.as_strided(box.shape, strides)
+        try:
+            yield view
+        finally:
+            del flat, view

@@ -15,11 +15,12 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .reader import DTYPE_NAMES
 
@@ -130,3 +131,51 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _all_ok(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (a collective; trivially local without a world)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([int(ok)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+@contextlib.contextmanager
+def collective_directory(out: str | Path, rank: int, finish: Callable[[Path], None] | None = None
+                         ) -> Iterator[Path]:
+    """``atomic_directory`` across ranks: all ranks fill one temporary directory, published only if all succeed.
+
+    Rank 0 creates the directory and tells the others its name. Only once every rank
+    has succeeded does rank 0 run ``finish`` (writing the index or manifest, the files
+    that make a directory look like a checkpoint) and publish it. Whatever a rank
+    raises, it still takes part in the agreement, so its peers learn of the failure
+    instead of waiting for it; the temporary directory is then removed.
+    """
+    out = Path(out)
+    name = [str(make_temp_dir(out)) if rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(name, src=0)
+    tmp = Path(name[0])
+    failure: BaseException | None = None
+    try:
+        yield tmp
+    except BaseException as e:  # noqa: BLE001 - re-raised below, after the peers have been told
+        failure = e
+    published = False
+    if _all_ok(failure is None) and rank == 0:
+        try:
+            if finish is not None:
+                finish(tmp)
+            publish(tmp, out)
+            published = True
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            failure = e
+    if rank == 0 and not published:
+        shutil.rmtree(tmp, ignore_errors=True)
+    published = _all_ok(published if rank == 0 else True)
+    if failure is not None:
+        raise failure
+    if not published:
+        raise RuntimeError(f"{out}: not written, because another rank failed (see its error)")

@@ -1,4 +1,4 @@
-"""GGUF import: names, dequantization, the Q/K rope permutation and metadata, checked against HF reading the same file."""
+"""GGUF import (names, dequantization, Q/K rope permutation, metadata), checked against HF reading the same file."""
 
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
 def write_tiny_gguf(path: Path, kinds: dict[str, int], unsupported: bool = False) -> None:
     """A tiny tied Llama as llama.cpp would write it, tensors quantized to the given types."""
     import transformers
-
     from gguf import quants
 
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

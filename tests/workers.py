@@ -19,7 +19,7 @@ def forward_and_generate(tp: int, pp: int, checkpoints: dict[str, str], ids: tor
 
 
 def load_only(path: str, tp: int, pp: int) -> int:
-    return len(load_model(path, Layout(tp, pp), progress=False).weights)
+    return len(load_model(path, Layout(tp, pp), progress=False).weights.tensors)
 
 
 def fail_on_rank(rank: int, how: str) -> None:
@@ -36,3 +36,44 @@ def fail_on_rank(rank: int, how: str) -> None:
 
             time.sleep(3600)
     dist.barrier()
+
+
+
+def reshard_all(srcs: dict[str, str], dsts: dict[str, str], tp: int, pp: int) -> None:
+    """Load each source (HF or sharded) under tp x pp in its own dtypes, and save it sharded."""
+    from shardwise import load_weights, save_sharded
+
+    for name, src in srcs.items():
+        save_sharded(load_weights(src, Layout(tp, pp), progress=False), dsts[name])
+
+
+def export_all(srcs: dict[str, str], outs: dict[str, str], tp: int, pp: int) -> None:
+    from shardwise import export, load_weights
+
+    for name, src in srcs.items():
+        export(load_weights(src, Layout(tp, pp), progress=False), outs[name], max_file_bytes=20_000)
+
+
+def export_model(src: str, out: str, tp: int, pp: int) -> None:
+    """Export straight from a running fp32 model, whatever the checkpoint's dtype was."""
+    from shardwise import export
+
+    export(load_model(src, Layout(tp, pp), progress=False), out)
+
+
+def export_and_die(src: str, out: str, tp: int, dying_rank: int) -> None:
+    """An export during which one rank is killed after writing its first box."""
+    import torch.distributed as dist
+
+    import shardwise.hf_export as ex
+    from shardwise import export, load_weights
+
+    write = ex._write_box
+
+    def write_then_die(*args):
+        write(*args)
+        if dist.get_rank() == dying_rank:
+            os._exit(9)
+
+    ex._write_box = write_then_die
+    export(load_weights(src, Layout(tp, 1), progress=False), out, max_file_bytes=20_000)

@@ -1,0 +1,151 @@
+"""Export any layout back to an HF checkpoint, every rank writing its own bytes in parallel.
+
+Nothing here knows about TP, PP or fused tensors. The files, their headers and every
+tensor's offset follow from the spec alone, so each rank computes the same ones and no
+rank ever holds a full tensor. Each rank then writes back its boxes, the inverse of
+loading: row runs with ``pwrite``, column slices through a shared mmap. A box held
+by several ranks (replicated norms, KV heads, a tied embedding on two stages) is
+written once, by the lowest of them. Every rank reads its bytes back to verify them
+before the directory is published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .boxes import Box
+from .layout import plan_rank
+from .loader import Weights
+from .model import Model
+from .reader import INDEX_FILE, Checkpoint, Entry, is_row_run, mapped_box
+from .sharded import copy_side_files
+from .spec import ModelSpec
+from .writer import Placement, collective_directory, plan_file, tensor_bytes
+
+DEFAULT_FILE_BYTES = 5 * 2**30
+
+
+@dataclass(frozen=True)
+class OutFile:
+    name: str
+    head: bytes
+    places: dict[str, Placement]
+
+    @property
+    def size(self) -> int:
+        return len(self.head) + sum(p.nbytes for p in self.places.values())
+
+
+def file_plan(spec: ModelSpec, dtypes: dict[str, torch.dtype], max_file_bytes: int) -> list[OutFile]:
+    """HF tensors in spec order, cut into files of at most ``max_file_bytes`` (a bigger tensor gets its own)."""
+    groups: list[list] = [[]]
+    size = 0
+    for name, info in spec.tensors().items():
+        n = math.prod(info.shape) * dtypes[name].itemsize
+        if groups[-1] and size + n > max_file_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, dtypes[name], info.shape))
+        size += n
+    out = []
+    for i, group in enumerate(groups):
+        head, places = plan_file(group)
+        out.append(OutFile(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", head, {p.name: p for p in places}))
+    return out
+
+
+def owned_boxes(weights: Weights) -> list[tuple[torch.Tensor, Box]]:
+    """This rank's (tensor, box) pairs that no lower rank also holds."""
+    spec, layout, me = weights.plan.spec, weights.plan.layout, weights.plan.rank
+    owner: dict[Box, int] = {}
+    for rank in range(layout.world_size):
+        for t in plan_rank(spec, layout, rank).tensors.values():
+            for box in t.boxes:
+                owner.setdefault(box, rank)
+    out, seen = [], set()
+    for name, tensor in weights.tensors.items():
+        for box in weights.plan.tensors[name].boxes:
+            if owner[box] == me and box not in seen:
+                seen.add(box)
+                out.append((tensor, box))
+    return out
+
+
+def _agree(files: list[OutFile]) -> None:
+    """All ranks must have derived byte-identical headers, or they would overwrite each other's data."""
+    if not dist.is_initialized():
+        return
+    digest = hashlib.sha256(b"".join(f.head for f in files)).hexdigest()
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks derived different export headers ({sorted(set(digests))}): different configs?")
+
+
+def _write_box(path: Path, fd: int, place: Placement, box: Box, data: torch.Tensor) -> None:
+    if is_row_run(box, place.shape):
+        row = math.prod(place.shape[1:]) * place.dtype.itemsize
+        buf, offset = memoryview(tensor_bytes(data)), place.offset + box.start[0] * row
+        while buf:
+            n = os.pwrite(fd, buf, offset)
+            buf, offset = buf[n:], offset + n
+    else:
+        entry = Entry(path, place.name, place.dtype, place.shape, place.offset, place.offset + place.nbytes)
+        with mapped_box(entry, box, write=True) as view:
+            view.copy_(data)
+
+
+def _verify(tmp: Path, files: list[OutFile], mine: list[tuple[torch.Tensor, Box]],
+            dtypes: dict[str, torch.dtype]) -> None:
+    with Checkpoint(tmp, files=[tmp / f.name for f in files]) as ckpt:
+        for tensor, box in mine:
+            back = torch.empty(box.shape, dtype=dtypes[box.source])
+            ckpt.read(Box(box.source, box.start, box.stop, (0,) * len(box.shape)), back)
+            if not torch.equal(back, tensor[box.local_index()].to(back.dtype).cpu()):
+                raise OSError(f"{tmp}: tensor {box.source!r} rows {box.start}..{box.stop} read back differently")
+
+
+def export(source: Model | Weights, out_dir: str | Path, max_file_bytes: int = DEFAULT_FILE_BYTES,
+           progress: bool = True) -> Path:
+    """Write an HF checkpoint (original names and dtypes, config, index) from any layout; collective."""
+    weights = source.weights if isinstance(source, Model) else source
+    spec, rank, dtypes = weights.plan.spec, weights.plan.rank, weights.source_dtypes
+    files = file_plan(spec, dtypes, max_file_bytes)
+    _agree(files)
+    mine = owned_boxes(weights)
+    def finish(tmp: Path) -> None:
+        weight_map = {name: f.name for f in files for name in f.places}
+        total = sum(p.nbytes for f in files for p in f.places.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        copy_side_files(weights, tmp)
+
+    with collective_directory(out_dir, rank, finish) as tmp:
+        if rank == 0:
+            for f in files:
+                with open(tmp / f.name, "wb") as fh:
+                    fh.write(f.head)
+                    fh.truncate(f.size)
+        if dist.is_initialized():
+            dist.barrier()
+        where = {name: (tmp / f.name, place) for f in files for name, place in f.places.items()}
+        fds = {path: os.open(path, os.O_WRONLY) for path, _ in where.values()}
+        try:
+            bar = tqdm(mine, desc="exporting", unit="box", disable=not progress or rank != 0, leave=False)
+            for tensor, box in bar:
+                path, place = where[box.source]
+                _write_box(path, fds[path], place, box, tensor[box.local_index()].to(place.dtype).cpu())
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        _verify(tmp, files, mine, dtypes)
+    return Path(out_dir)
