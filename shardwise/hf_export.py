@@ -110,8 +110,16 @@ def _verify(tmp: Path, files: list[OutFile], mine: list[tuple[torch.Tensor, Box]
         for tensor, box in mine:
             back = torch.empty(box.shape, dtype=dtypes[box.source])
             ckpt.read(Box(box.source, box.start, box.stop, (0,) * len(box.shape)), back)
-            if not torch.equal(back, tensor[box.local_index()].to(back.dtype).cpu()):
+            written = tensor[box.local_index()].to(back.dtype).cpu()
+            if not torch.equal(raw_bytes(back), raw_bytes(written)):  # bytes, so NaNs compare equal too
                 raise OSError(f"{tmp}: tensor {box.source!r} rows {box.start}..{box.stop} read back differently")
+
+
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as the widest integers that fit: comparing int64 words is ~6x faster than bytes."""
+    flat = t.contiguous().reshape(-1).view(torch.uint8)
+    word = next(w for w in (torch.int64, torch.int32, torch.int16, torch.uint8) if flat.numel() % w.itemsize == 0)
+    return flat.view(word)
 
 
 def export(source: Model | Weights, out_dir: str | Path, max_file_bytes: int = DEFAULT_FILE_BYTES,

@@ -255,9 +255,10 @@ def mapped_box(entry: Entry, box: Box, write: bool):
     lo = entry.begin + first * item
     base = lo - lo % mmap.ALLOCATIONGRANULARITY
     length = entry.begin + last * item - base
-    access = mmap.ACCESS_WRITE if write else mmap.ACCESS_COPY
+    # Writes prefault the span in one call: first touches of fresh file pages are otherwise one fault each.
+    kind = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0) if write else mmap.MAP_PRIVATE
     with (open(entry.path, "r+b" if write else "rb") as f,
-          mmap.mmap(f.fileno(), length, access=access, offset=base) as m):
+          mmap.mmap(f.fileno(), length, flags=kind, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base) as m):
         flat = torch.frombuffer(m, dtype=entry.dtype, count=last - first, offset=lo - base)
         view = flat.as_strided(box.shape, strides)
         try:
