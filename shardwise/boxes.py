@@ -9,9 +9,8 @@ is specific to one parallel style.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-
-import torch
 
 
 @dataclass(frozen=True)
@@ -27,10 +26,7 @@ class Box:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     def source_index(self) -> tuple[slice, ...]:
         return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
@@ -65,13 +61,7 @@ class ShardedTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    def allocate(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.empty(self.shape, dtype=dtype, device=device)
+        return math.prod(self.shape)
 
 
 def full_box(source: str, shape: tuple[int, ...]) -> Box:

@@ -25,14 +25,6 @@ class Comm:
     tp_group: dist.ProcessGroup | None
     shm: ShmAllReduce | None = None
 
-    @property
-    def stage(self) -> int:
-        return self.layout.coords(self.rank)[0]
-
-    @property
-    def tp_rank(self) -> int:
-        return self.layout.coords(self.rank)[1]
-
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout.tp > 1 and not (self.shm is not None and self.shm(x)):
             dist.all_reduce(x, group=self.tp_group)
@@ -50,10 +42,12 @@ class Comm:
 
     def send_next(self, x: torch.Tensor) -> None:
         """Hand activations to the same TP rank of the next pipeline stage."""
-        dist.send(x.contiguous(), self.layout.rank_of(self.stage + 1, self.tp_rank))
+        stage, tp_rank = self.layout.coords(self.rank)
+        dist.send(x.contiguous(), self.layout.rank_of(stage + 1, tp_rank))
 
     def recv_prev(self, like: torch.Tensor) -> torch.Tensor:
-        dist.recv(like, self.layout.rank_of(self.stage - 1, self.tp_rank))
+        stage, tp_rank = self.layout.coords(self.rank)
+        dist.recv(like, self.layout.rank_of(stage - 1, tp_rank))
         return like
 
     def from_last_stage(self, x: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,

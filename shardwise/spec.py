@@ -132,9 +132,6 @@ class ModelSpec:
             out["lm_head.weight"] = (self.vocab, h)
         return {name: TensorInfo(shape, self.dtype) for name, shape in out.items()}
 
-    def total_bytes(self) -> int:
-        return sum(math.prod(t.shape) * t.dtype.itemsize for t in self.tensors().values())
-
 
 def _rope(cfg: dict) -> Rope:
     """Reads both the transformers<5 (`rope_theta` + `rope_scaling`) and >=5 (`rope_parameters`) spellings."""

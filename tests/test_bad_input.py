@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from workers import fail_on_rank, load_only
+from workers import fail_on_rank, layout_from_world, load_only
 
 from shardwise import (
     CheckpointError,
@@ -134,3 +134,9 @@ def test_launch_returns_rank0_tensors():
 
     out = launch(torch.arange, 2, 5, timeout=120)
     assert torch.equal(out, torch.arange(5))
+
+
+def test_layout_from_world():
+    assert launch(layout_from_world, 4, 2, timeout=120) == Layout(tp=2, pp=2)
+    with pytest.raises(RankError, match="world size 4 is not divisible by pp=3"):
+        launch(layout_from_world, 4, 3, timeout=120)

@@ -101,8 +101,16 @@ def test_tiny_gguf_matches_hf(tmp_path):
     write_tiny_gguf(src, KINDS)
     out = import_gguf(src, tmp_path / "hf", dtype="float32")
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
-    assert_close(load_model(out, progress=False)(ids), hf_logits_from_gguf(src, ids))
-    assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
+    ref = hf_logits_from_gguf(src, ids)
+    assert_close(load_model(out, progress=False)(ids), ref)
+    assert_close(hf_logits(out, ids), ref)  # the imported checkpoint is a valid HF checkpoint too
+
+
+def hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    import transformers
+
+    with torch.no_grad():
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(ids).logits
 
 
 def test_unsupported_quantization_names_tensor_and_type(tmp_path):
@@ -152,3 +160,18 @@ def test_smollm2_chat_answers(smollm2):
     ids = torch.tensor([text.encode(prompt)])
     new = load_model(out, progress=False).generate(ids, 12, eos_token_id=text.eos_ids())[0, ids.shape[1] :]
     assert "Paris" in text.decode(new.tolist())
+
+
+def test_smollm2_import_loads_in_hf_with_its_tokenizer(smollm2):
+    import transformers
+
+    from shardwise.text import Text
+
+    _, out = smollm2
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "The capital of France is Paris. 1234 caf\u00e9!"
+    assert tok(text, add_special_tokens=False).input_ids == Text(out).encode(text)
+    chat = [{"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == Text(out).chat_prompt("Hi")
+    ids = torch.tensor([Text(out).encode(text)])
+    assert_close(load_model(out, progress=False)(ids), hf_logits(out, ids))

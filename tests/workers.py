@@ -18,6 +18,10 @@ def forward_and_generate(tp: int, pp: int, checkpoints: dict[str, str], ids: tor
     return out
 
 
+def layout_from_world(pp: int) -> Layout:
+    return Layout.from_world(pp=pp)
+
+
 def load_only(path: str, tp: int, pp: int) -> int:
     return len(load_model(path, Layout(tp, pp), progress=False).weights.tensors)
 
