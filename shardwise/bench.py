@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .hf_export import DEFAULT_FILE_BYTES
 from .layout import Layout, plan_rank
 from .loader import arena, load_model
 from .reader import Checkpoint
@@ -189,9 +190,10 @@ def _hf_generate(directory: str, ids: torch.Tensor, new_tokens: int, world: int,
 
 
 def bench_export_rank(directory: str, tp: int, work: str) -> dict:
-    """Export from TP=tp against one sequential write of the same bytes, and a reshard to another layout."""
-    import json as _json
+    """Export from TP=tp against one sequential write of the same bytes, and a reshard to another layout.
 
+    Every timed phase starts after ``os.sync()``, so none pays for the previous one's writeback.
+    """
     from .hf_export import export
     from .loader import load_weights
     from .sharded import save_sharded
@@ -199,26 +201,28 @@ def bench_export_rank(directory: str, tp: int, work: str) -> dict:
     work_dir = Path(work)
     rank = dist.get_rank() if dist.is_initialized() else 0
     weights = load_weights(directory, Layout(tp), progress=False)
-    _barrier()
-    t0 = time.perf_counter()
-    export(weights, work_dir / "hf", progress=False)
-    row = {"tp": tp, "export_s": time.perf_counter() - t0}
-    files = sorted((work_dir / "hf").glob("*.safetensors"))
-    row["bytes"] = sum(p.stat().st_size for p in files)
-    _barrier()
+    row: dict = {"tp": tp}
+
+    def timed(key: str, fn, *args) -> None:
+        os.sync()
+        _barrier()
+        t0 = time.perf_counter()
+        fn(*args)
+        row[key] = time.perf_counter() - t0
+        _barrier()
+
+    timed("export_s", export, weights, work_dir / "hf", DEFAULT_FILE_BYTES, False)
+    row["bytes"] = sum(p.stat().st_size for p in (work_dir / "hf").glob("*.safetensors"))
     if rank == 0:
-        row["sequential_write_s"] = sequential_write(work_dir / "sequential.bin", row["bytes"])
-    _barrier()
-    t0 = time.perf_counter()
-    save_sharded(weights, work_dir / "sharded")
-    row["save_sharded_s"] = time.perf_counter() - t0
+        timed("sequential_write_s", sequential_write, work_dir / "sequential.bin", row["bytes"])
+    else:
+        timed("sequential_write_s", lambda: None)
+    timed("save_sharded_s", save_sharded, weights, work_dir / "sharded")
     del weights
-    _barrier()
     target = Layout(1, tp)  # same ranks, a wholly different split: TP=N becomes PP=N
-    t0 = time.perf_counter()
-    save_sharded(load_weights(work_dir / "sharded", target, progress=False), work_dir / "resharded")
-    row["reshard_s"] = time.perf_counter() - t0
-    row["reshard_to"] = _json.dumps({"tp": target.tp, "pp": target.pp})
+    timed("reshard_s", lambda: save_sharded(load_weights(work_dir / "sharded", target, progress=False),
+                                            work_dir / "resharded"))
+    row["reshard_to"] = f"tp={target.tp} pp={target.pp}"
     return row
 
 
