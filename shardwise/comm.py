@@ -62,7 +62,7 @@ class Comm:
         return x
 
 
-def make_comm(layout: Layout) -> Comm:
+def make_comm(layout: Layout, device: torch.device | None = None) -> Comm:
     """Create the TP groups; every rank must call this, in the same order, since new_group is collective."""
     layout.check_world()
     if not dist.is_initialized():
@@ -74,12 +74,13 @@ def make_comm(layout: Layout) -> Comm:
         group = dist.new_group(ranks) if layout.tp > 1 else None
         if rank in ranks:
             mine, my_ranks = group, ranks
-    return Comm(layout, rank, mine, _shared_memory(mine, my_ranks))
+    on_cpu = device is None or device.type == "cpu"
+    return Comm(layout, rank, mine, _shared_memory(mine, my_ranks) if on_cpu else None)
 
 
 def _shared_memory(group: dist.ProcessGroup | None, ranks: list[int]) -> ShmAllReduce | None:
-    """The shared-memory all-reduce, where the whole TP group shares one host and runs on gloo."""
-    if group is None or dist.get_backend(group) != "gloo":
+    """The shared-memory all-reduce for CPU tensors, where the whole TP group shares one host."""
+    if group is None:
         return None
     hosts = [None] * len(ranks)
     dist.all_gather_object(hosts, (socket.gethostname(), shm_supported()), group=group)

@@ -57,12 +57,15 @@ def _free_port() -> int:
 
 
 def default_backend(world_size: int) -> str:
-    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
+    """gloo, plus NCCL for CUDA tensors when every rank can have a GPU: collectives follow the tensor's device."""
+    if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
 
 
 def _init(backend: str | None, rank: int, world_size: int, timeout: float) -> None:
     backend = backend or default_backend(world_size)
-    if backend == "nccl":
+    if "nccl" in backend:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
 

@@ -114,7 +114,8 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
                dtype: torch.dtype = torch.float32, progress: bool = True) -> Model:
     """Load this rank's part of a checkpoint (HF or sharded) under ``layout``; collective over the layout's world."""
     layout = layout or Layout()
-    comm = make_comm(layout)
+    device = resolve_device(device)
+    comm = make_comm(layout, device)
     weights = load_weights(checkpoint_dir, layout, dtype, device, comm.rank, progress)
     log.info("rank %d loaded %d tensors, %.1f MB", comm.rank, len(weights.tensors),
              weights.plan.nbytes(dtype) / 1e6)

@@ -201,7 +201,8 @@ class Model(nn.Module):
         b, t = ids.shape
         self._allocate_caches(b, t + max_new_tokens)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
+        eos = torch.tensor(eos_ids, dtype=ids.dtype, device=self.device)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         out, step_ids, start = [ids], ids, 0
         try:
@@ -209,11 +210,13 @@ class Model(nn.Module):
                 logits = self.forward(step_ids, start=start, last_only=True)[:, -1].float()
                 start += step_ids.shape[1]
                 nxt = sample(logits, temperature, top_k, top_p, gen)
+                if eos_ids:
+                    nxt = torch.where(done, eos[0], nxt)  # finished rows are padded with EOS
+                    done |= torch.isin(nxt, eos)
                 out.append(nxt[:, None])
                 if on_token is not None:
                     on_token(nxt)
-                done |= torch.isin(nxt, torch.tensor(sorted(eos), device=self.device, dtype=nxt.dtype))
-                if eos and bool(done.all()):
+                if eos_ids and bool(done.all()):
                     break
                 step_ids = nxt[:, None]
         finally:

@@ -43,3 +43,19 @@ def test_gloo_path_matches_shared_memory_path(checkpoints, references, monkeypat
         logits, tokens = out[name]
         assert (logits - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()
         assert torch.equal(tokens, ref_tokens)
+
+
+def test_sampling_is_identical_on_every_rank_and_stops_at_eos(checkpoints):
+    """Sampled tokens agree across TP and PP (same logits, same seed), and finished rows are padded with EOS."""
+    from workers import sample_on_every_rank
+
+    per_rank = launch(sample_on_every_rank, 4, str(checkpoints["qwen3-tied"]), PROMPT, timeout=300)
+    assert all(torch.equal(per_rank[0], other) for other in per_rank[1:])
+    out = per_rank[0]
+    eos = int(out[0, PROMPT.shape[1] + 2])  # pretend the third sampled token of row 0 ends its sequence
+    from shardwise import load_model
+
+    model = load_model(checkpoints["qwen3-tied"], progress=False)
+    stopped = model.generate(PROMPT, 12, temperature=0.8, top_k=20, seed=7, eos_token_id=eos)
+    assert torch.equal(stopped[0, : PROMPT.shape[1] + 3], out[0, : PROMPT.shape[1] + 3])
+    assert (stopped[0, PROMPT.shape[1] + 3 :] == eos).all(), "a finished row must be padded with EOS"

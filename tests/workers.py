@@ -81,3 +81,13 @@ def export_and_die(src: str, out: str, tp: int, dying_rank: int) -> None:
 
     ex._write_box = write_then_die
     export(load_weights(src, Layout(tp, 1), progress=False), out, max_file_bytes=20_000)
+
+
+def sample_on_every_rank(path: str, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each rank's sampled continuation under TP=2 x PP=2, gathered so the test can compare them."""
+    import torch.distributed as dist
+
+    out = load_model(path, Layout(2, 2), progress=False).generate(ids, 12, temperature=0.8, top_k=20, seed=7)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, out)
+    return every
