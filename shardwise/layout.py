@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .boxes import ShardedTensor, cols, full_box, rows, split_evenly
+from .boxes import Box, ShardedTensor, cols, full_box, rows, split_evenly
 from .spec import ModelSpec
 
 
@@ -142,18 +142,16 @@ def _layer_tensors(spec: ModelSpec, n: int, heads: Heads, ffn: tuple[int, int]) 
         key = f"layers.{n}.{name}"
         return key, ShardedTensor(key, shape, tuple(boxes))
 
-    def fused_qkv(kind: str) -> list:
-        return [
-            rows(f"{p}.self_attn.q_proj.{kind}", info[f"{p}.self_attn.q_proj.{kind}"].shape, q_lo, q_hi, 0),
-            rows(f"{p}.self_attn.k_proj.{kind}", info[f"{p}.self_attn.k_proj.{kind}"].shape, kv_lo, kv_hi, nq),
-            rows(f"{p}.self_attn.v_proj.{kind}", info[f"{p}.self_attn.v_proj.{kind}"].shape, kv_lo, kv_hi, nq + nkv),
-        ]
+    def part(src: str, lo: int, hi: int, at: int) -> Box:
+        return rows(src, info[src].shape, lo, hi, at)
 
-    def fused_gate_up(kind: str) -> list:
-        return [
-            rows(f"{p}.mlp.gate_proj.{kind}", info[f"{p}.mlp.gate_proj.{kind}"].shape, f_lo, f_hi, 0),
-            rows(f"{p}.mlp.up_proj.{kind}", info[f"{p}.mlp.up_proj.{kind}"].shape, f_lo, f_hi, nf),
-        ]
+    def fused_qkv(kind: str) -> list[Box]:
+        a = f"{p}.self_attn"
+        return [part(f"{a}.q_proj.{kind}", q_lo, q_hi, 0), part(f"{a}.k_proj.{kind}", kv_lo, kv_hi, nq),
+                part(f"{a}.v_proj.{kind}", kv_lo, kv_hi, nq + nkv)]
+
+    def fused_gate_up(kind: str) -> list[Box]:
+        return [part(f"{p}.mlp.gate_proj.{kind}", f_lo, f_hi, 0), part(f"{p}.mlp.up_proj.{kind}", f_lo, f_hi, nf)]
 
     def replicated(name: str, src: str) -> tuple[str, ShardedTensor]:
         return t(name, info[src].shape, full_box(src, info[src].shape))
