@@ -13,7 +13,7 @@ import torch
 
 from .bench import bench_export_rank, bench_generate_rank, bench_load_rank, warm_page_cache
 from .generate import GenerateArgs, generate_rank
-from .launch import in_torchrun, launch
+from .launch import RankError, in_torchrun, launch
 from .layout import Layout, plan_rank
 from .spec import DTYPES, load_spec
 
@@ -222,7 +222,16 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
-    args.func(args)
+    try:
+        args.func(args)
+    except RankError as e:  # one line naming the rank and the cause; -v keeps the whole traceback
+        if args.verbose or e.__cause__ is None:
+            raise
+        sys.exit(f"shardwise: rank {e.rank}: {type(e.__cause__).__name__}: {e.__cause__}")
+    except (ValueError, OSError) as e:
+        if args.verbose:
+            raise
+        sys.exit(f"shardwise: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

@@ -88,3 +88,14 @@ def test_generate(with_tokenizer, torchrun):
 def test_generate_rejects_world_mismatch_under_torchrun(with_tokenizer):
     out = shardwise("generate", str(with_tokenizer), "--tp", "3", "--prompt", "t1", torchrun=2)
     assert out.returncode != 0 and "torchrun started 2" in out.stderr
+
+
+def test_cli_error_is_one_line_naming_rank_file_and_tensor(with_tokenizer, tmp_path):
+    bad = Path(shutil.copytree(with_tokenizer, tmp_path / "bad"))
+    victim = sorted(bad.glob("model-*.safetensors"))[3]
+    victim.write_bytes(victim.read_bytes()[:-8])
+    out = shardwise("generate", str(bad), "--tp", "2", "--prompt", "t1")
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.startswith("shardwise:")]
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert f"{victim.name}: tensor '" in lines[0] and "truncated" in lines[0] and "rank " in lines[0]
