@@ -129,8 +129,8 @@ def read_header(path: str | Path) -> dict[str, Entry]:
     return entries
 
 
-def _writable_bytes(t: torch.Tensor):
-    """A writable buffer over a contiguous CPU tensor, whatever its dtype (numpy has no bfloat16)."""
+def byte_view(t: torch.Tensor):
+    """A numpy byte view sharing a contiguous CPU tensor's memory, whatever its dtype (numpy has no bfloat16)."""
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
@@ -227,7 +227,7 @@ class Checkpoint:
         offset = entry.begin + box.start[0] * row_bytes
         direct = target.dtype == entry.dtype and target.device.type == "cpu" and target.is_contiguous()
         buf = target if direct else torch.empty(box.shape, dtype=entry.dtype)
-        _pread_into(self._fd(entry.path), _writable_bytes(buf), offset, entry)
+        _pread_into(self._fd(entry.path), byte_view(buf), offset, entry)
         if not direct:
             target.copy_(buf)
 

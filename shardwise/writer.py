@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .reader import DTYPE_NAMES
+from .reader import DTYPE_NAMES, byte_view
 
 TMP_PREFIX = ".shardwise-tmp-"
 
@@ -60,8 +60,8 @@ def plan_file(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata:
 
 
 def tensor_bytes(t: torch.Tensor):
-    """A read-only byte view of a tensor's data (on CPU), whatever its dtype."""
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    """The bytes of a tensor's data, copied to CPU and made contiguous only where needed."""
+    return byte_view(t.detach().cpu().contiguous())
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
