@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .gguf_file import GGUFError
+from .gguf_tokenizer import write_tokenizer
 from .spec import DTYPES
 from .writer import atomic_directory, save_safetensors
 
@@ -43,10 +45,6 @@ LAYER_NAMES = {
 }
 TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
-
-
-class GGUFError(ValueError):
-    """The GGUF file is malformed or uses something shardwise cannot import."""
 
 
 def hf_name(name: str) -> str:
@@ -120,37 +118,6 @@ def hf_config(reader, arch: str, tied: bool, dtype: str, vocab: int) -> dict:
     return cfg
 
 
-def write_tokenizer(reader, out: Path) -> None:
-    """A byte-level BPE tokenizer.json from the GGUF vocab and merges, plus the chat template."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    model = _field(reader, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise GGUFError(f"tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')")
-    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    digits = _field(reader, "tokenizer.ggml.pre") in ("smollm", "qwen2", "llama-bpe")
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if digits else byte_level)
-    tok.decoder = decoders.ByteLevel()
-    control = [t for t, kind in zip(tokens, types) if kind == 3]  # llama.cpp's CONTROL token type
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-    tok.save(str(out / "tokenizer.json"))
-
-    def token(key: str) -> str | None:
-        i = _field(reader, key)
-        return None if i is None else tokens[int(i)]
-
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token("tokenizer.ggml.bos_token_id"),
-              "eos_token": token("tokenizer.ggml.eos_token_id"), "pad_token": token("tokenizer.ggml.padding_token_id"),
-              "unk_token": token("tokenizer.ggml.unknown_token_id"),
-              "chat_template": _field(reader, "tokenizer.chat_template"), "model_max_length": 8192}
-    (out / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}, indent=2))
-
-
 def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "bfloat16") -> Path:
     """Write an HF checkpoint of ``gguf_path`` to ``out_dir`` (atomically: it appears complete or not at all)."""
     from gguf import GGUFReader
@@ -185,6 +152,6 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "bfloat
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        write_tokenizer(reader, tmp)
+        write_tokenizer({k: f.contents() for k, f in reader.fields.items()}, tmp)
     log.info("imported %s -> %s (%d tensors)", path, out, len(tensors))
     return out

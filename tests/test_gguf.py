@@ -12,7 +12,8 @@ import torch
 from workers import forward_and_generate
 
 from shardwise import launch, load_model
-from shardwise.gguf_import import GGUFError, import_gguf
+from shardwise.gguf_file import GGUFError
+from shardwise.gguf_import import import_gguf
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (the `hf` extra) is not installed")
 Q = gguf.GGMLQuantizationType
