@@ -2,10 +2,11 @@
 
 from .boxes import Box, ShardedTensor
 from .hf_export import export
-from .launch import LaunchTimeout, RankError, launch
+from .launch import LaunchInterrupted, LaunchTimeout, RankError, launch
 from .layout import Layout, LayoutError, RankPlan, plan_rank
 from .loader import Weights, load_model, load_weights
 from .model import Model
+from .publish import TargetError, WriteError
 from .reader import Checkpoint, CheckpointError
 from .sharded import ShardedCheckpoint, save_sharded
 from .spec import ModelSpec, SpecError, load_spec
@@ -14,6 +15,7 @@ __all__ = [
     "Box",
     "Checkpoint",
     "CheckpointError",
+    "LaunchInterrupted",
     "LaunchTimeout",
     "Layout",
     "LayoutError",
@@ -24,7 +26,9 @@ __all__ = [
     "ShardedTensor",
     "ShardedCheckpoint",
     "SpecError",
+    "TargetError",
     "Weights",
+    "WriteError",
     "export",
     "launch",
     "load_model",

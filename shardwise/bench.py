@@ -7,6 +7,7 @@ bytes from the page cache into a fresh buffer, which no loader can beat.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
@@ -98,8 +99,8 @@ def source_bytes(directory: str | Path, layout: Layout, rank: int) -> int:
     total = 0
     for sharded in plan_rank(spec, layout, rank).tensors.values():
         for box in sharded.boxes:
-            if box not in seen:
-                seen.add(box)
+            if box.region not in seen:
+                seen.add(box.region)
                 total += box.numel * entries[box.source].dtype.itemsize
     return total
 
@@ -119,7 +120,7 @@ def bench_load_rank(directory: str, tp: int, pp: int, dtype: torch.dtype, with_h
     row["shard_bytes"] = model.plan.nbytes(dtype)
     row["peak_rss_growth"] = mem.growth
     row["rss_ratio"] = mem.growth / row["shard_bytes"]
-    del model
+    model.close()
     _barrier()
     # Measured after the load, best of three: any one-time cost of the process falls on shardwise, not the floor.
     row["floor_s"] = min(read_floor(directory, share, rank) for _ in range(3))
@@ -154,10 +155,12 @@ def _barrier() -> None:
 
 def bench_generate_rank(directory: str, tp: int, pp: int, prompt: str, new_tokens: int, with_hf: bool) -> dict:
     """Greedy fp32 throughput of shardwise and (optionally) HF tp_plan="auto", same prompt, exactly N new tokens."""
-    from .text import Text
+    from .text import TemplateError, Text
 
     text = Text(directory)
-    ids = torch.tensor([text.encode(text.chat_prompt(prompt) if text.config.get("chat_template") else prompt)])
+    with contextlib.suppress(TemplateError):  # a base model without a chat template gets the plain prompt
+        prompt = text.chat_prompt(prompt)
+    ids = torch.tensor([text.encode(prompt)])
     model = load_model(directory, Layout(tp, pp), progress=False)
     model.generate(ids, 2)  # warm-up: first-call allocations and thread pools
     _barrier()
@@ -166,7 +169,7 @@ def bench_generate_rank(directory: str, tp: int, pp: int, prompt: str, new_token
     row = {"tp": tp, "pp": pp, "prompt_tokens": ids.shape[1], "new_tokens": new_tokens,
            "shardwise_tok_s": new_tokens / (time.perf_counter() - t0),
            "shardwise_text": text.decode(out[0, ids.shape[1] :].tolist())}
-    del model
+    model.close()
     if with_hf:
         row |= _hf_generate(directory, ids, new_tokens, tp * pp, text)
     return row

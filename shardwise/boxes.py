@@ -28,6 +28,11 @@ class Box:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def region(self) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+        """What the box holds, wherever it sits locally: two boxes of one region carry the same bytes."""
+        return self.source, self.start, self.stop
+
     def source_index(self) -> tuple[slice, ...]:
         return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
 

@@ -13,8 +13,9 @@ import torch
 
 from .bench import bench_export_rank, bench_generate_rank, bench_load_rank, warm_page_cache
 from .generate import GenerateArgs, generate_rank
-from .launch import RankError, in_torchrun, launch
+from .launch import LaunchInterrupted, RankError, in_torchrun, launch
 from .layout import Layout, plan_rank
+from .publish import check_target
 from .spec import DTYPES, load_spec
 
 
@@ -27,6 +28,11 @@ def _dtype(name: str) -> torch.dtype:
 def _layout_args(p: argparse.ArgumentParser, tp_required: bool = True) -> None:
     p.add_argument("--tp", type=int, required=tp_required, default=1, help="tensor-parallel degree")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (stages)")
+
+
+def _overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint at the destination (never anything else)")
 
 
 def _world(args) -> int:
@@ -110,34 +116,36 @@ def cmd_bench_generate(args) -> None:
 def cmd_import_gguf(args) -> None:
     from .gguf_import import import_gguf
 
-    out = import_gguf(args.gguf, args.out_dir, args.dtype)
+    out = import_gguf(args.gguf, args.out_dir, args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
-def reshard_rank(src: str, dst: str, tp: int, pp: int) -> None:
+def reshard_rank(src: str, dst: str, tp: int, pp: int, overwrite: bool) -> None:
     from .loader import load_weights
     from .sharded import save_sharded
 
-    save_sharded(load_weights(src, Layout(tp, pp)), dst)
+    save_sharded(load_weights(src, Layout(tp, pp)), dst, overwrite=overwrite)
 
 
-def export_rank(src: str, out: str, tp: int, pp: int) -> None:
+def export_rank(src: str, out: str, tp: int, pp: int, overwrite: bool) -> None:
     from .hf_export import export
     from .loader import load_weights
 
-    export(load_weights(src, Layout(tp, pp)), out)
+    export(load_weights(src, Layout(tp, pp)), out, overwrite=overwrite)
 
 
 def cmd_reshard(args) -> None:
-    launch(reshard_rank, _world(args), args.src, args.dst, args.tp, args.pp)
+    check_target(args.dst, args.overwrite, [args.src])  # before spawning: a refusal costs nothing
+    launch(reshard_rank, _world(args), args.src, args.dst, args.tp, args.pp, args.overwrite)
     print(f"wrote {args.dst} (sharded, tp={args.tp} pp={args.pp})")
 
 
 def cmd_export(args) -> None:
     from .sharded import ShardedCheckpoint
 
+    check_target(args.out, args.overwrite, [args.src])
     layout = ShardedCheckpoint(args.src).layout
-    launch(export_rank, layout.world_size, args.src, args.out, layout.tp, layout.pp)
+    launch(export_rank, layout.world_size, args.src, args.out, layout.tp, layout.pp, args.overwrite)
     print(f"wrote {args.out} (HF safetensors, exported by {layout.world_size} ranks)")
 
 
@@ -174,17 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("gguf")
     i.add_argument("out_dir")
     i.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the written tensors")
+    _overwrite_arg(i)
     i.set_defaults(func=cmd_import_gguf)
 
     r = sub.add_parser("reshard", help="HF or sharded checkpoint -> sharded checkpoint under a new layout")
     r.add_argument("src")
     r.add_argument("dst")
     _layout_args(r)
+    _overwrite_arg(r)
     r.set_defaults(func=cmd_reshard)
 
     e = sub.add_parser("export", help="sharded checkpoint -> HF safetensors checkpoint, written by all its ranks")
     e.add_argument("src")
     e.add_argument("out")
+    _overwrite_arg(e)
     e.set_defaults(func=cmd_export, tp=1, pp=1)
 
     p = sub.add_parser("plan", help="bytes each rank will hold, per tensor kind")
@@ -224,6 +235,12 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(name)s: %(message)s")
     try:
         args.func(args)
+    except LaunchInterrupted as e:  # Ctrl-C or SIGTERM: every rank is already stopped; exit as the signal would
+        print(f"shardwise: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        print("shardwise: interrupted", file=sys.stderr)
+        sys.exit(130)
     except RankError as e:  # one line naming the rank and the cause; -v keeps the whole traceback
         if args.verbose or e.__cause__ is None:
             raise

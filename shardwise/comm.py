@@ -7,15 +7,13 @@ branches on whether it runs distributed.
 from __future__ import annotations
 
 import os
-import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from .layout import Layout
-from .shm import ShmAllReduce
-from .shm import supported as shm_supported
+from .shm import ShmAllReduce, attach
 
 
 @dataclass
@@ -24,6 +22,25 @@ class Comm:
     rank: int
     tp_group: dist.ProcessGroup | None
     shm: ShmAllReduce | None = None
+    groups: list[dist.ProcessGroup] = field(default_factory=list)  # all that make_comm created, in creation order
+
+    def close(self, sync: bool = True) -> None:
+        """Unmap the shared memory and destroy the groups; idempotent, and collective like ``make_comm``.
+
+        Every rank destroys the groups in the order they were created. With ``sync`` a
+        world barrier first makes sure no peer is still finishing a collective on them;
+        after an error, when peers may never arrive, ``sync=False`` skips it. Once the
+        default group is gone (which destroyed ours with it) there is nothing left to do.
+        """
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
+        if self.groups and dist.is_initialized():
+            if sync:
+                dist.barrier()
+            for group in self.groups:
+                dist.destroy_process_group(group)
+        self.groups, self.tp_group = [], None
 
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout.tp > 1 and not (self.shm is not None and self.shm(x)):
@@ -68,22 +85,12 @@ def make_comm(layout: Layout, device: torch.device | None = None) -> Comm:
     if not dist.is_initialized():
         return Comm(layout, 0, None)
     rank = dist.get_rank()
-    mine, my_ranks = None, []
-    for stage in range(layout.pp):
-        ranks = [layout.rank_of(stage, t) for t in range(layout.tp)]
-        group = dist.new_group(ranks) if layout.tp > 1 else None
-        if rank in ranks:
-            mine, my_ranks = group, ranks
+    if layout.tp == 1:
+        return Comm(layout, rank, None)
+    stage_ranks = [[layout.rank_of(stage, t) for t in range(layout.tp)] for stage in range(layout.pp)]
+    groups = [dist.new_group(ranks) for ranks in stage_ranks]
+    stage, _ = layout.coords(rank)
     on_cpu = device is None or device.type == "cpu"
-    return Comm(layout, rank, mine, _shared_memory(mine, my_ranks) if on_cpu else None)
-
-
-def _shared_memory(group: dist.ProcessGroup | None, ranks: list[int]) -> ShmAllReduce | None:
-    """The shared-memory all-reduce for CPU tensors, where the whole TP group shares one host."""
-    if group is None:
-        return None
-    hosts = [None] * len(ranks)
-    dist.all_gather_object(hosts, (socket.gethostname(), shm_supported()), group=group)
-    if len(set(hosts)) != 1 or not hosts[0][1]:
-        return None
-    return ShmAllReduce(group, ranks, timeout=float(os.environ.get("SHARDWISE_TIMEOUT", 1800)))
+    timeout = float(os.environ.get("SHARDWISE_TIMEOUT", 1800))
+    shm = attach(groups[stage], stage_ranks[stage], timeout) if on_cpu else None
+    return Comm(layout, rank, groups[stage], shm, groups)

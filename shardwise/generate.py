@@ -35,18 +35,18 @@ class GenerateArgs:
 def generate_rank(args: GenerateArgs) -> dict:
     """Collective: every rank loads its part and generates; rank 0 streams the text to stdout."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    t0 = time.perf_counter()
-    model = load_model(args.checkpoint, Layout(args.tp, args.pp), device=args.device, dtype=args.dtype,
-                       progress=False)
-    load_s = time.perf_counter() - t0
-    text = Text(args.checkpoint)
+    text = Text(args.checkpoint)  # before loading: a broken tokenizer or template should not cost a load
     prompt = text.chat_prompt(args.prompt) if args.chat else args.prompt
     ids = torch.tensor([text.encode(prompt)])
     streamer = Streamer(text, sys.stdout) if args.stream and rank == 0 else None
-    t1 = time.perf_counter()
-    out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed, eos_token_id=text.eos_ids(), on_token=streamer)
-    gen_s = time.perf_counter() - t1
+    t0 = time.perf_counter()
+    with load_model(args.checkpoint, Layout(args.tp, args.pp), device=args.device, dtype=args.dtype,
+                    progress=False) as model:
+        load_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, seed=args.seed, eos_token_id=text.eos_ids(), on_token=streamer)
+        gen_s = time.perf_counter() - t1
     if streamer is not None:
         sys.stdout.write("\n")
         sys.stdout.flush()

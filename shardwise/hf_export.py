@@ -19,17 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from tqdm import tqdm
 
 from .boxes import Box
 from .layout import plan_rank
 from .loader import Weights
 from .model import Model
+from .progress import progress_bar
+from .publish import write_checkpoint
 from .reader import INDEX_FILE, Checkpoint, Entry, is_row_run, mapped_box
 from .sharded import copy_side_files
 from .spec import ModelSpec
-from .writer import Placement, collective_directory, plan_file, tensor_bytes
+from .writer import Placement, plan_file, tensor_bytes
 
 DEFAULT_FILE_BYTES = 5 * 2**30
 
@@ -64,31 +64,29 @@ def file_plan(spec: ModelSpec, dtypes: dict[str, torch.dtype], max_file_bytes: i
 
 
 def owned_boxes(weights: Weights) -> list[tuple[torch.Tensor, Box]]:
-    """This rank's (tensor, box) pairs that no lower rank also holds."""
+    """This rank's (tensor, box) pairs whose region no lower rank also holds: every byte is written once.
+
+    A region is a source range, wherever it sits locally: a KV head replicated over TP
+    ranks lands at different offsets of their fused QKV tensors but is the same bytes.
+    """
     spec, layout, me = weights.plan.spec, weights.plan.layout, weights.plan.rank
-    owner: dict[Box, int] = {}
+    owner: dict[tuple, int] = {}
     for rank in range(layout.world_size):
         for t in plan_rank(spec, layout, rank).tensors.values():
             for box in t.boxes:
-                owner.setdefault(box, rank)
+                owner.setdefault(box.region, rank)
     out, seen = [], set()
     for name, tensor in weights.tensors.items():
         for box in weights.plan.tensors[name].boxes:
-            if owner[box] == me and box not in seen:
-                seen.add(box)
+            if owner[box.region] == me and box.region not in seen:
+                seen.add(box.region)
                 out.append((tensor, box))
     return out
 
 
-def _agree(files: list[OutFile]) -> None:
-    """All ranks must have derived byte-identical headers, or they would overwrite each other's data."""
-    if not dist.is_initialized():
-        return
-    digest = hashlib.sha256(b"".join(f.head for f in files)).hexdigest()
-    digests = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, digest)
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"ranks derived different export headers ({sorted(set(digests))}): different configs?")
+def header_digest(files: list[OutFile]) -> str:
+    """All ranks must derive byte-identical headers, or they would overwrite each other's data."""
+    return hashlib.sha256(b"".join(f.head for f in files)).hexdigest()
 
 
 def _write_box(path: Path, fd: int, place: Placement, box: Box, data: torch.Tensor) -> None:
@@ -123,13 +121,37 @@ def raw_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def export(source: Model | Weights, out_dir: str | Path, max_file_bytes: int = DEFAULT_FILE_BYTES,
-           progress: bool = True) -> Path:
-    """Write an HF checkpoint (original names and dtypes, config, index) from any layout; collective."""
+           progress: bool = True, overwrite: bool = False) -> Path:
+    """Write an HF checkpoint (original names and dtypes, config, index) from any layout; collective.
+
+    ``out_dir`` must be new, empty, or (with ``overwrite``) a checkpoint holding nothing else.
+    """
     weights = source.weights if isinstance(source, Model) else source
+    if weights is None:
+        raise ValueError(f"rank {source.comm.rank}: cannot export a closed model; export before close()")
     spec, rank, dtypes = weights.plan.spec, weights.plan.rank, weights.source_dtypes
     files = file_plan(spec, dtypes, max_file_bytes)
-    _agree(files)
     mine = owned_boxes(weights)
+    digest = header_digest(files)
+
+    def write_headers(tmp: Path) -> None:
+        if rank == 0:
+            for f in files:
+                with open(tmp / f.name, "wb") as fh:
+                    fh.write(f.head)
+                    fh.truncate(f.size)
+
+    def write_data(tmp: Path) -> None:
+        where = {name: (tmp / f.name, place) for f in files for name, place in f.places.items()}
+        fds = {path: os.open(path, os.O_WRONLY) for path, _ in where.values()}
+        try:
+            for tensor, box in progress_bar(mine, progress and rank == 0, desc="exporting", unit="box"):
+                path, place = where[box.source]
+                _write_box(path, fds[path], place, box, tensor[box.local_index()].to(place.dtype).cpu())
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
     def finish(tmp: Path) -> None:
         weight_map = {name: f.name for f in files for name in f.places}
         total = sum(p.nbytes for f in files for p in f.places.values())
@@ -137,23 +159,7 @@ def export(source: Model | Weights, out_dir: str | Path, max_file_bytes: int = D
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
         copy_side_files(weights, tmp)
 
-    with collective_directory(out_dir, rank, finish) as tmp:
-        if rank == 0:
-            for f in files:
-                with open(tmp / f.name, "wb") as fh:
-                    fh.write(f.head)
-                    fh.truncate(f.size)
-        if dist.is_initialized():
-            dist.barrier()
-        where = {name: (tmp / f.name, place) for f in files for name, place in f.places.items()}
-        fds = {path: os.open(path, os.O_WRONLY) for path, _ in where.values()}
-        try:
-            bar = tqdm(mine, desc="exporting", unit="box", disable=not progress or rank != 0, leave=False)
-            for tensor, box in bar:
-                path, place = where[box.source]
-                _write_box(path, fds[path], place, box, tensor[box.local_index()].to(place.dtype).cpu())
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-        _verify(tmp, files, mine, dtypes)
-    return Path(out_dir)
+    steps = [("writing headers", write_headers), ("writing data", write_data),
+             ("verifying", lambda tmp: _verify(tmp, files, mine, dtypes))]
+    return write_checkpoint(out_dir, steps, finish, rank=rank, overwrite=overwrite, sources=[weights.source_dir],
+                            agreed=digest)

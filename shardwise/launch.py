@@ -3,22 +3,31 @@
 The parent watches its children instead of joining them blindly: a rank that raises,
 dies or stalls ends the whole launch with an error that names it, and the other ranks
 (likely blocked in a collective waiting for it) are terminated. Nothing hangs.
+
+Ranks never outlive the launch. SIGINT or SIGTERM to the parent (Ctrl-C, a job
+scheduler, ``docker stop``) terminates every rank and raises ``LaunchInterrupted``; a
+parent that dies outright, even by SIGKILL, takes its ranks with it. Otherwise orphaned
+ranks would finish the job and publish a checkpoint that nobody is waiting for.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import logging
 import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from multiprocessing.connection import wait
 from typing import Any
 
 import torch
@@ -26,6 +35,10 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 1800.0
+EXIT_GRACE = 30.0  # seconds ranks that all succeeded get to exit on their own
+KILL_AFTER = 5.0  # seconds between terminating a rank and killing it
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PR_SET_PDEATHSIG = 1
 
 
 class RankError(RuntimeError):
@@ -38,6 +51,58 @@ class RankError(RuntimeError):
 
 class LaunchTimeout(TimeoutError):
     """Some rank neither finished nor failed in time."""
+
+
+class LaunchInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM (``signum``) reached the launching process; every rank has been stopped.
+
+    A KeyboardInterrupt rather than an Exception: a request to stop must get past the
+    ``except Exception`` of callers' retry loops, and code that already handles Ctrl-C
+    around ``launch`` (as a plain KeyboardInterrupt used to arrive) keeps working.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = signal.Signals(signum)
+        super().__init__(f"interrupted by {self.signum.name}; all ranks were stopped")
+
+
+class _StopSignals:
+    """While ranks run, SIGINT and SIGTERM are noted; leaving the block then raises ``LaunchInterrupted``.
+
+    The handler only notes the signal, and the launch loop acts on it: an exception
+    raised from a handler could land inside the very cleanup that stops the ranks.
+    A signal is never swallowed, even one arriving after every rank succeeded, since it
+    may be meant for the caller's work after the launch too. Python runs handlers in the
+    main thread only, so elsewhere nothing is installed; nor over a signal the caller
+    ignores (a shell starts background jobs with SIGINT ignored).
+    """
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = self.received or signal.Signals(signum)
+
+    def noted(self) -> bool:
+        return self.received is not None
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise LaunchInterrupted(self.received)
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        if not isinstance(exc, LaunchInterrupted):
+            self.check()
 
 
 def _dumps(obj: Any) -> bytes:
@@ -70,8 +135,58 @@ def _init(backend: str | None, rank: int, world_size: int, timeout: float) -> No
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
 
 
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this rank when its parent dies, however it dies.
+
+    The parent may already have died before this ran (unpickling the launch imports
+    torch, which takes seconds): then we were reparented and exit at once. Without
+    prctl (not Linux), a thread polls for the same reparenting.
+    """
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    if prctl is None or prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL)) != 0:
+        threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _quiet_signals() -> None:
+    """Make SIGTERM and SIGINT end this rank at once and silently, as the kernel does by default.
+
+    SIGTERM is how the parent stops a rank; SIGINT comes from Ctrl-C, which a terminal
+    sends to its whole process group. Python would print a KeyboardInterrupt traceback
+    per rank, and runs its handlers only between bytecodes, never while a rank waits in
+    a gloo collective. SIGINT has been blocked since the rank started (see ``_start``);
+    one already pending lands now. A SIGINT the caller ignores stays ignored.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _untracked_progress_lock() -> None:
+    """Give tqdm a thread lock in this rank instead of its default multiprocessing semaphore.
+
+    That semaphore is registered with the parent's resource tracker, which warns of a
+    "leaked semaphore" for every rank that is terminated; a rank's bars are only ever
+    drawn by its own threads.
+    """
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def _worker(rank: int, world_size: int, port: int, backend: str | None, timeout: float,
-            fn: Callable, args: tuple, results: mp.Queue) -> None:
+            fn: Callable, args: tuple, results: mp.Queue, parent: int) -> None:
+    _die_with_parent(parent)
+    _quiet_signals()
+    _untracked_progress_lock()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       SHARDWISE_TIMEOUT=str(timeout))
@@ -113,19 +228,41 @@ def _run_joined(fn: Callable, world_size: int, args: tuple, backend: str | None,
     return value[0]
 
 
-def _stop(procs: list[mp.Process], grace: float = 0.0) -> None:
-    """Join ranks, terminating those still alive after ``grace`` seconds (then killing after 5 more)."""
-    deadline = time.monotonic() + grace
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
+def _start(procs: list[mp.Process]) -> None:
+    """Start ranks with SIGINT blocked, a mask they inherit.
+
+    A Ctrl-C while they still import torch then waits until ``_quiet_signals`` has made
+    it silent, instead of printing a KeyboardInterrupt traceback from every rank. In
+    this process the signal is only delayed until the ranks are started, never lost.
+    """
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _wait(procs: list[mp.Process], seconds: float, cut_short: Callable[[], bool] = lambda: False) -> None:
+    """Wait up to ``seconds`` for ranks to exit, in short steps so that ``cut_short()`` can end the wait."""
+    deadline = time.monotonic() + seconds
+    while (alive := [p.sentinel for p in procs if p.is_alive()]) and not cut_short():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        wait(alive, timeout=min(left, 0.2))
+
+
+def _stop(procs: list[mp.Process]) -> None:
+    """Terminate the ranks still alive, and kill those still alive ``KILL_AFTER`` seconds later."""
     for p in procs:
         if p.is_alive():
             p.terminate()
-    deadline = time.monotonic() + 5
+    _wait(procs, KILL_AFTER)
     for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
         if p.is_alive():
             p.kill()
+        if p.pid is not None:
             p.join()
 
 
@@ -154,48 +291,57 @@ def _failure(procs: list[mp.Process], results: mp.Queue, done: set[int], first: 
     return err
 
 
+def _supervise(procs: list[mp.Process], results: mp.Queue, timeout: float, stop: _StopSignals) -> Any:
+    """Rank 0's value once every rank has reported success; the first failure, stall or stop signal raises."""
+    world_size = len(procs)
+    done: set[int] = set()
+    value = None
+    deadline = time.monotonic() + timeout
+    while len(done) < world_size:
+        try:
+            report = results.get(timeout=0.2)
+        except queue.Empty:
+            report = None
+        stop.check()  # first: ranks killed by the same Ctrl-C would otherwise pass for failed ones
+        if report is None:
+            if any(p.exitcode not in (None, 0) for r, p in enumerate(procs) if r not in done):
+                raise _failure(procs, results, done, None)
+            if time.monotonic() > deadline:
+                stuck = [r for r in range(world_size) if r not in done]
+                raise LaunchTimeout(f"ranks {stuck} did not finish within {timeout:.0f}s")
+            continue
+        rank, ok, payload = report
+        if not ok:
+            raise _failure(procs, results, done, (rank, payload))
+        done.add(rank)
+        if rank == 0:
+            value = _loads(payload)
+    return value
+
+
 def launch(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT,
            backend: str | None = None) -> Any:
     """Run ``fn(*args)`` on ``world_size`` ranks and return rank 0's value.
 
     ``fn`` must be importable (a module-level function), since ranks are spawned.
     Under torchrun, ``fn`` runs in the current process as its rank instead.
-    ``timeout`` bounds both each collective and the whole launch.
+    ``timeout`` bounds both each collective and the whole launch. SIGINT or SIGTERM
+    stops every rank and raises ``LaunchInterrupted``.
     """
     if in_torchrun():
         return _run_joined(fn, world_size, args, backend, timeout)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, timeout, fn, args, results))
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, timeout, fn, args, results, os.getpid()))
              for r in range(world_size)]
-    for p in procs:
-        p.start()
-    done: set[int] = set()
-    value = None
-    deadline = time.monotonic() + timeout
-    grace = 0.0
-    try:
-        while len(done) < world_size:
-            try:
-                rank, ok, payload = results.get(timeout=0.2)
-            except queue.Empty:
-                rank, ok, payload = None, True, None
-            if rank is None:
-                if any(p.exitcode not in (None, 0) for r, p in enumerate(procs) if r not in done):
-                    raise _failure(procs, results, done, None)
-                if time.monotonic() > deadline:
-                    stuck = [r for r in range(world_size) if r not in done]
-                    raise LaunchTimeout(f"ranks {stuck} did not finish within {timeout:.0f}s")
-                continue
-            if not ok:
-                raise _failure(procs, results, done, (rank, payload))
-            done.add(rank)
-            if rank == 0:
-                value = _loads(payload)
-        grace = 30.0  # every rank succeeded: let them exit cleanly
-    finally:
-        _stop(procs, grace)
-        results.close()
-        results.join_thread()
+    with _StopSignals() as stop:
+        try:
+            _start(procs)
+            value = _supervise(procs, results, timeout, stop)
+            _wait(procs, EXIT_GRACE, stop.noted)  # every rank succeeded: let them exit cleanly
+        finally:
+            _stop(procs)
+            results.close()
+            results.join_thread()
     return value

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from .comm import make_comm
 from .layout import Layout, RankPlan, plan_rank
 from .model import Model
-from .reader import Checkpoint
-from .sharded import MANIFEST, ShardedCheckpoint
+from .progress import progress_bar
+from .reader import MANIFEST, Checkpoint
+from .sharded import ShardedCheckpoint
 from .spec import load_spec
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,8 @@ def load_weights(path: str | Path, layout: Layout | None = None, dtype: torch.dt
         dtypes = [dtype or source_dtypes[boxes[0].source] for _, boxes in unique]
         tensors = arena([shape for shape, _ in unique], dtypes, resolve_device(device))
         weights: dict[str, torch.Tensor] = {}
-        bar = tqdm(zip(unique.items(), tensors), total=len(unique), desc=f"rank {rank} loading", unit="tensor",
-                   disable=not progress or rank != 0, leave=False)
+        bar = progress_bar(zip(unique.items(), tensors), progress and rank == 0, total=len(unique),
+                           desc=f"rank {rank} loading", unit="tensor")
         for ((_, boxes), names), tensor in bar:
             for box in boxes:
                 source.read(box, tensor)
@@ -112,11 +112,20 @@ def load_weights(path: str | Path, layout: Layout | None = None, dtype: torch.dt
 
 def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, progress: bool = True) -> Model:
-    """Load this rank's part of a checkpoint (HF or sharded) under ``layout``; collective over the layout's world."""
+    """Load this rank's part of a checkpoint (HF or sharded) under ``layout``; collective over the layout's world.
+
+    The model holds process groups and shared memory: ``close()`` it, or use it as a
+    context manager, when loading more than one per process.
+    """
     layout = layout or Layout()
     device = resolve_device(device)
     comm = make_comm(layout, device)
-    weights = load_weights(checkpoint_dir, layout, dtype, device, comm.rank, progress)
+    try:
+        weights = load_weights(checkpoint_dir, layout, dtype, device, comm.rank, progress)
+        model = Model(weights, comm)
+    except BaseException:
+        comm.close(sync=False)  # the peers may have failed too, or be stuck waiting: no barrier
+        raise
     log.info("rank %d loaded %d tensors, %.1f MB", comm.rank, len(weights.tensors),
              weights.plan.nbytes(dtype) / 1e6)
-    return Model(weights, comm)
+    return model

@@ -133,6 +133,8 @@ class Model(nn.Module):
 
     ``forward`` and ``generate`` are collective: every rank of the layout calls them
     with the same input ids, and every rank gets the same full-vocabulary result.
+    ``close`` (or leaving a ``with`` block) frees the process groups, the shared
+    memory and the weights, which a process loading many models would otherwise pile up.
     """
 
     def __init__(self, weights: Weights, comm: Comm):
@@ -141,7 +143,7 @@ class Model(nn.Module):
         if spec.config.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {spec.config['hidden_act']!r} is not supported (only silu)")
         self.plan, self.comm, self.spec = plan, comm, spec
-        self.weights = weights
+        self.weights: Weights | None = weights
         any_weight = next(iter(w.values()))
         self.dtype, self.device = any_weight.dtype, any_weight.device
         self.embed = VocabParallelEmbedding(comm, w["embed"], plan.vocab) if plan.is_first else None
@@ -153,6 +155,31 @@ class Model(nn.Module):
         self.register_buffer("inv_freq", spec.rope.inv_freq(spec.head_dim).to(self.device), persistent=False)
         self.caches: dict[int, KVCache] | None = None
 
+    @property
+    def closed(self) -> bool:
+        return self.weights is None
+
+    def close(self, sync: bool = True) -> None:
+        """Free the process groups, the shared-memory segment and the weights; idempotent.
+
+        Collective like loading: every rank calls it after its last forward (see
+        ``Comm.close`` for ``sync``). The weights are dropped from the modules too, so
+        their memory returns even while this object is still referenced.
+        """
+        if self.closed:
+            return
+        self.comm.close(sync)
+        for name, _ in list(self.named_children()):
+            setattr(self, name, None)
+        self.weights, self.caches = None, None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # After an error the peers may never reach close(): a barrier would hang until the timeout, hiding the error.
+        self.close(sync=exc_type is None)
+
     def rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.arange(start, start + length, device=self.device).float()
         freqs = pos[:, None] * self.inv_freq[None, :]
@@ -162,6 +189,8 @@ class Model(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, start: int = 0, last_only: bool = False) -> torch.Tensor:
         """Logits for ``input_ids`` (batch, seq) at positions ``start:``; with ``last_only`` just the final one."""
+        if self.closed:
+            raise RuntimeError(f"rank {self.comm.rank}: the model is closed")
         input_ids = input_ids.to(self.device)
         b, t = input_ids.shape
         shape = (b, t, self.spec.hidden)

@@ -50,6 +50,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEADER = 100 * 1024 * 1024
 INDEX_FILE = "model.safetensors.index.json"
+MANIFEST = "shardwise.json"
 
 
 class CheckpointError(ValueError):
@@ -68,17 +69,49 @@ class Entry:
     end: int
 
 
+def _is_int(x: object) -> bool:
+    """JSON integers only: Python counts ``True`` as an int, a header must not."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def inside(directory: Path, name: object, where: str) -> Path:
+    """``directory / name`` for a file name read from an untrusted index or manifest, confined to the directory.
+
+    Refuses absolute paths, ``..``, and names that resolve (through symlinks) outside
+    the directory, so a checkpoint can never make shardwise open someone else's file.
+    """
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        raise CheckpointError(f"{where}: file name {name!r} is not a plain relative path")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise CheckpointError(f"{where}: file name {name!r} points outside the checkpoint directory")
+    path = directory / rel
+    real = path.resolve()
+    if not any(real.is_relative_to(root) for root in _roots(directory)):
+        raise CheckpointError(f"{where}: file name {name!r} leads outside the checkpoint directory (symlink)")
+    return path
+
+
+def _roots(directory: Path) -> list[Path]:
+    """Where a checkpoint's files may really live: its directory, and for an HF hub cache snapshot
+    (``models--org--name/snapshots/REV``, whose files link to ``../../blobs``) that repo's blob store."""
+    roots = [directory.resolve()]
+    if directory.resolve().parent.name == "snapshots":
+        roots.append(directory.resolve().parent.parent / "blobs")
+    return roots
+
+
 def _entry(path: Path, name: str, meta: object, data_start: int, size: int) -> Entry:
     where = f"{path}: tensor {name!r}"
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
     dtype_name = meta.get("dtype")
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise CheckpointError(f"{where}: unknown dtype {dtype_name!r} (known: {', '.join(DTYPES)})")
     shape, offsets = meta.get("shape"), meta.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
         raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
         raise CheckpointError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
     lo, hi = offsets
     dtype = DTYPES[dtype_name]
@@ -119,6 +152,9 @@ def read_header(path: str | Path) -> dict[str, Entry]:
         raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
+    metadata = header.get("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{path}: __metadata__ is not an object of strings")
     entries = {
         name: _entry(path, name, meta, 8 + n, size) for name, meta in header.items() if name != "__metadata__"
     }
@@ -151,28 +187,46 @@ class Checkpoint:
     def __init__(self, directory: str | Path, files: list[Path] | None = None):
         self.directory = Path(directory)
         self.entries: dict[str, Entry] = {}
+        self._claimed: dict[str, Path] = {}
         for path in files if files is not None else self._files():
             for name, entry in read_header(path).items():
                 if name in self.entries:
                     raise CheckpointError(f"{path}: tensor {name!r} is also in {self.entries[name].path}")
                 self.entries[name] = entry
+        self._check_index()
         self._fds: dict[Path, int] = {}
 
     def _files(self) -> list[Path]:
         index = self.directory / INDEX_FILE
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-            return [self.directory / f for f in sorted(set(weight_map.values()))]
+            return sorted(set(self._index(index).values()))
         single = self.directory / "model.safetensors"
         if single.exists():
-            return [single]
-        files = sorted(self.directory.glob("*.safetensors"))
+            return [inside(self.directory, single.name, str(single))]
+        files = [inside(self.directory, p.name, str(p)) for p in sorted(self.directory.glob("*.safetensors"))]
         if not files:
             raise CheckpointError(f"{self.directory}: no safetensors files found")
         return files
+
+    def _index(self, index: Path) -> dict[str, Path]:
+        """The index's weight map (tensor -> file), every file confined to the checkpoint directory."""
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map is a {type(weight_map).__name__}, expected an object")
+        self._claimed = {name: inside(self.directory, f, f"{index}: tensor {name!r}") for name, f in weight_map.items()}
+        return self._claimed
+
+    def _check_index(self) -> None:
+        """Each tensor the index names must be in the file it names: a lying index is a corrupt checkpoint."""
+        for name, path in self._claimed.items():
+            entry = self.entries.get(name)
+            if entry is None or entry.path != path:
+                found = "in no file" if entry is None else f"in {entry.path.name}"
+                raise CheckpointError(f"{self.directory / INDEX_FILE}: tensor {name!r} is listed in {path.name}, "
+                                      f"but it is {found}")
 
     def check(self, spec: ModelSpec) -> None:
         """Every tensor the config implies is present, with the shape it implies and a castable dtype."""

@@ -9,23 +9,29 @@ reads of just the overlapping bytes of the rank files that hold them.
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
+
 from .boxes import Box
-from .layout import Layout, plan_rank
-from .reader import DTYPE_NAMES, DTYPES, Checkpoint, CheckpointError
+from .layout import Layout, LayoutError, plan_rank
+from .publish import SIDE_FILES, write_checkpoint
+from .reader import DTYPE_NAMES, DTYPES, MANIFEST, Checkpoint, CheckpointError, inside
 from .spec import ModelSpec
+from .writer import save_safetensors
 
 if TYPE_CHECKING:
     from .loader import Weights
 
-MANIFEST = "shardwise.json"
 FORMAT = "shardwise.sharded/1"
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 
 
 @dataclass(frozen=True)
@@ -37,31 +43,140 @@ class Piece:
     box: Box
 
 
+def _field(value: object, name: str | None, kind: type, path: Path):
+    """A manifest field of the expected JSON type, or a CheckpointError naming it."""
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        what = f"field {name!r}" if name else "the manifest"
+        raise CheckpointError(f"{path}: {what} is {type(value).__name__} {str(value)[:60]!r}, "
+                              f"expected {kind.__name__}")
+    return value
+
+
+def _ints(value: object, name: str, path: Path) -> tuple[int, ...]:
+    items = _field(value, name, list, path)
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in items):
+        raise CheckpointError(f"{path}: field {name!r} is {str(value)[:60]}, expected non-negative integers")
+    return tuple(items)
+
+
+MAX_COVER_CELLS = 1 << 24
+
+
+def _coverage(path: Path, name: str, shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]
+              ) -> tuple[list[list[int]], np.ndarray]:
+    """How many boxes cover each cell of the grid that the boxes' edges cut a tensor into.
+
+    Every cell lies wholly inside or outside each box, so counting cells is exact at
+    any tensor size, and costs only (number of edges) ** ndim.
+    """
+    cuts = [sorted({0, n, *(lo[d] for lo, _ in boxes), *(hi[d] for _, hi in boxes)}) for d, n in enumerate(shape)]
+    if math.prod(len(c) - 1 for c in cuts) > MAX_COVER_CELLS:
+        raise CheckpointError(f"{path}: tensor {name!r} is cut into too many pieces ({len(boxes)}) to check")
+    counts = np.zeros([len(c) - 1 for c in cuts], dtype=np.int32)
+    for lo, hi in boxes:
+        counts[tuple(slice(bisect.bisect_left(c, a), bisect.bisect_left(c, b)) for c, a, b in zip(cuts, lo, hi))] += 1
+    return cuts, counts
+
+
+def _check_covered(path: Path, name: str, shape: tuple[int, ...], boxes: list[Box]) -> None:
+    """Raise unless the pieces cover every element of an HF tensor: a gap would load as silent zeros."""
+    if 0 in shape:
+        return
+    cuts, counts = _coverage(path, name, shape, [(b.start, b.stop) for b in boxes])
+    if not counts.all():
+        at = [c[i] for c, i in zip(cuts, np.argwhere(counts == 0)[0])]
+        raise CheckpointError(f"{path}: tensor {name!r} is not fully stored: no piece covers index {at} "
+                              f"of its shape {list(shape)}")
+
+
+def _check_disjoint(path: Path, name: str, shape: tuple[int, ...], boxes: list[Box]) -> None:
+    """Raise if two pieces claim the same elements of one stored tensor: one of them must be lying."""
+    places = [(b.offset, tuple(o + n for o, n in zip(b.offset, b.shape))) for b in boxes]
+    cuts, counts = _coverage(path, name, shape, places)
+    if (counts > 1).any():
+        at = [c[i] for c, i in zip(cuts, np.argwhere(counts > 1)[0])]
+        raise CheckpointError(f"{path}: tensor {name!r}: several pieces claim its element {at}")
+
+
 def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.safetensors"
 
 
 class ShardedCheckpoint:
+    """A sharded checkpoint, its manifest validated in full before any byte of data is read.
+
+    The manifest is untrusted input: every field is type-checked, file names stay inside
+    the directory, pieces lie within their HF tensor and together cover all of it (a
+    gap would load as silent zeros), and each piece is checked against the stored
+    tensor's header (shape and dtype) when its rank file is first opened.
+    """
+
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        path = self.directory / MANIFEST
+        self.path = self.directory / MANIFEST
         try:
-            manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: not a readable shardwise manifest ({e})") from None
-        if manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-        self.layout = Layout(**manifest["layout"])
-        self.tensors = {name: (tuple(t["shape"]), DTYPES[t["dtype"]]) for name, t in manifest["tensors"].items()}
+            manifest = json.loads(self.path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.path}: not a readable shardwise manifest ({e})") from None
+        root = _field(manifest, None, dict, self.path)
+        if root.get("format") != FORMAT:
+            raise CheckpointError(f"{self.path}: format {root.get('format')!r}, expected {FORMAT!r}")
+        self.layout = self._layout(root.get("layout"))
+        self.tensors = self._tensors(root.get("tensors"))
         self.pieces: dict[str, list[Piece]] = {}
+        self.stored: dict[str, list[Piece]] = {}  # every piece of each rank file, replicas included
         seen = set()
-        for f in manifest["files"]:
-            for p in f["pieces"]:
-                box = Box.from_json(p)
-                if box not in seen:  # replicated boxes are stored by several ranks; read one
-                    seen.add(box)
-                    self.pieces.setdefault(box.source, []).append(Piece(f["file"], p["tensor"], box))
+        for piece in self._pieces(root.get("files")):
+            self.stored.setdefault(piece.file, []).append(piece)
+            if piece.box.region not in seen:  # replicated regions are stored by several ranks; read one
+                seen.add(piece.box.region)
+                self.pieces.setdefault(piece.box.source, []).append(piece)
+        for name, (shape, _) in self.tensors.items():
+            _check_covered(self.path, name, shape, [p.box for p in self.pieces.get(name, [])])
         self._files: dict[str, Checkpoint] = {}
+
+    def _layout(self, raw: object) -> Layout:
+        layout = _field(raw, "layout", dict, self.path)
+        tp, pp = (_field(layout.get(k), f"layout.{k}", int, self.path) for k in ("tp", "pp"))
+        try:
+            return Layout(tp, pp)
+        except LayoutError as e:
+            raise CheckpointError(f"{self.path}: field 'layout': {e}") from None
+
+    def _tensors(self, raw: object) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        out = {}
+        for name, t in _field(raw, "tensors", dict, self.path).items():
+            where = f"tensors.{name}"
+            t = _field(t, where, dict, self.path)
+            shape = _ints(t.get("shape"), f"{where}.shape", self.path)
+            if not isinstance(t.get("dtype"), str) or t["dtype"] not in DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name!r}: field 'dtype' is {t.get('dtype')!r}, "
+                                      f"expected one of {', '.join(DTYPES)}")
+            out[name] = (shape, DTYPES[t["dtype"]])
+        return out
+
+    def _pieces(self, raw: object) -> Iterator[Piece]:
+        for i, f in enumerate(_field(raw, "files", list, self.path)):
+            f = _field(f, f"files[{i}]", dict, self.path)
+            file = inside(self.directory, f.get("file"), f"{self.path}: files[{i}].file")
+            for j, p in enumerate(_field(f.get("pieces"), f"files[{i}].pieces", list, self.path)):
+                where = f"files[{i}].pieces[{j}]"
+                yield self._piece(_field(p, where, dict, self.path), file, where)
+
+    def _piece(self, p: dict, file: Path, where: str) -> Piece:
+        tensor, source = p.get("tensor"), p.get("source")
+        if not isinstance(tensor, str) or not isinstance(source, str):
+            raise CheckpointError(f"{self.path}: {where}: tensor {tensor!r} and source {source!r}: expected the names "
+                                  "of the stored tensor and of the HF tensor it holds")
+        if source not in self.tensors:
+            raise CheckpointError(f"{self.path}: {where}: tensor {source!r} is missing from 'tensors'")
+        shape = self.tensors[source][0]
+        start, stop, offset = (_ints(p.get(k), f"{where}.{k}", self.path) for k in ("start", "stop", "offset"))
+        if not len(start) == len(stop) == len(offset) == len(shape) or not all(
+                0 <= a < b <= n for a, b, n in zip(start, stop, shape)):
+            raise CheckpointError(f"{self.path}: tensor {source!r}: {where} spans {list(start)}..{list(stop)}, "
+                                  f"which does not fit its shape {list(shape)}")
+        return Piece(str(file.relative_to(self.directory)), tensor, Box(source, start, stop, offset))
 
     def check(self, spec: ModelSpec) -> None:
         for name, info in spec.tensors().items():
@@ -75,9 +190,32 @@ class ShardedCheckpoint:
         return self.tensors[name][1]
 
     def _file(self, name: str) -> Checkpoint:
+        """A rank file, opened (and its pieces checked against its header) on first use."""
         if name not in self._files:
-            self._files[name] = Checkpoint(self.directory, files=[self.directory / name])
+            ckpt = Checkpoint(self.directory, files=[self.directory / name])
+            by_tensor: dict[str, list[Box]] = {}
+            for piece in self.stored[name]:
+                self._check_stored(ckpt, piece)
+                by_tensor.setdefault(piece.tensor, []).append(piece.box)
+            for tensor, boxes in by_tensor.items():
+                _check_disjoint(self.directory / name, tensor, ckpt.entries[tensor].shape, boxes)
+            self._files[name] = ckpt
         return self._files[name]
+
+    def _check_stored(self, ckpt: Checkpoint, piece: Piece) -> None:
+        """A piece must lie inside its stored tensor, whose dtype must be the HF tensor's."""
+        path, box = self.directory / piece.file, piece.box
+        entry = ckpt.entries.get(piece.tensor)
+        if entry is None:
+            raise CheckpointError(f"{path}: tensor {piece.tensor!r} (holding {box.source!r}) is missing")
+        dtype = self.tensors[box.source][1]
+        if entry.dtype != dtype:
+            raise CheckpointError(f"{path}: tensor {piece.tensor!r} has dtype {DTYPE_NAMES[entry.dtype]}, but the "
+                                  f"manifest says {box.source!r} is {DTYPE_NAMES[dtype]}")
+        end = [o + n for o, n in zip(box.offset, box.shape)]
+        if len(entry.shape) != len(end) or any(e > n for e, n in zip(end, entry.shape)):
+            raise CheckpointError(f"{path}: tensor {piece.tensor!r} has shape {list(entry.shape)}, too small for "
+                                  f"the piece of {box.source!r} placed at {list(box.offset)}..{end}")
 
     def read(self, box: Box, dst) -> None:
         """Fill ``dst[box.local_index()]`` from every stored piece that overlaps the box."""
@@ -122,26 +260,30 @@ def manifest(weights: Weights) -> dict:
     }
 
 
-def save_sharded(weights: Weights, out_dir: str | Path) -> Path:
-    """Collective: each rank writes its own file; rank 0 the manifest; published atomically once all succeeded."""
-    from .writer import collective_directory, save_safetensors
+def save_sharded(weights: Weights, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Collective: each rank writes its own file; rank 0 the manifest; published atomically once all succeeded.
+
+    ``out_dir`` must be new, empty, or (with ``overwrite``) a checkpoint holding nothing else.
+    """
+    rank = weights.plan.rank
+
+    def write_rank_file(tmp: Path) -> None:
+        local = {name: t.to(weights.source_dtypes[weights.plan.tensors[name].boxes[0].source])
+                 for name, t in weights.unique().items()}
+        save_safetensors(local, tmp / rank_file(rank))
 
     def finish(tmp: Path) -> None:
         (tmp / MANIFEST).write_text(json.dumps(manifest(weights)))
         copy_side_files(weights, tmp)
 
-    rank = weights.plan.rank
-    with collective_directory(out_dir, rank, finish) as tmp:
-        local = {name: t.to(weights.source_dtypes[weights.plan.tensors[name].boxes[0].source])
-                 for name, t in weights.unique().items()}
-        save_safetensors(local, tmp / rank_file(rank))
-    return Path(out_dir)
+    return write_checkpoint(out_dir, [("writing data", write_rank_file)], finish, rank=rank, overwrite=overwrite,
+                            sources=[weights.source_dir])
 
 
 def copy_side_files(weights: Weights, directory: Path) -> None:
-    """config.json, and the tokenizer files a user needs to run the checkpoint."""
+    """config.json, and the tokenizer files a user needs to run the checkpoint (never from outside the source)."""
     (directory / "config.json").write_text(json.dumps(weights.plan.spec.config, indent=2))
     for name in SIDE_FILES:
-        if (weights.source_dir / name).exists():
-            shutil.copy(weights.source_dir / name, directory / name)
-
+        source = inside(weights.source_dir, name, str(weights.source_dir))
+        if source.is_file():
+            shutil.copyfile(source, directory / name)

@@ -20,6 +20,8 @@ import os
 import platform
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,35 +31,112 @@ log = logging.getLogger(__name__)
 
 FLAG_STRIDE = 8  # int64s per flag: one 64-byte cache line each, so ranks never share a line
 CAPACITY = 4 << 20  # bytes per slot; larger tensors (long prefills) go through gloo
+SEGMENT_DIR = "/dev/shm"  # tests point one rank elsewhere to play a container with a /dev/shm of its own
+TOKEN_BYTES = 16
 
 
 def supported() -> bool:
     return platform.machine() in ("x86_64", "AMD64") and os.environ.get("SHARDWISE_SHM", "1") != "0"
 
 
-class ShmAllReduce:
-    def __init__(self, group: dist.ProcessGroup, ranks: list[int], timeout: float):
-        self.size = len(ranks)
-        self.rank = ranks.index(dist.get_rank())
-        self.timeout = timeout
-        self.seq = 0
-        flags_bytes = self.size * FLAG_STRIDE * 8
-        total = flags_bytes + 2 * self.size * CAPACITY
-        name = [f"/dev/shm/shardwise-{uuid.uuid4().hex}" if self.rank == 0 else None]
-        dist.broadcast_object_list(name, src=ranks[0], group=group)
-        if self.rank == 0:
-            fd = os.open(name[0], os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            os.ftruncate(fd, total)
-        dist.barrier(group=group)
-        if self.rank != 0:
-            fd = os.open(name[0], os.O_RDWR)
-        self.mem = mmap.mmap(fd, total)
+def segment_bytes(size: int) -> int:
+    return size * FLAG_STRIDE * 8 + 2 * size * CAPACITY
+
+
+def attach(group: dist.ProcessGroup, ranks: list[int], timeout: float) -> ShmAllReduce | None:
+    """The group's shared-memory all-reduce, or None (gloo) unless every rank proved it maps the same segment.
+
+    Hostnames cannot tell: containers on host networking share one without sharing
+    /dev/shm. So rank 0 creates the segment and writes a random token at its end,
+    every other rank maps it by name and reads the token back, and the outcomes are
+    gathered before anyone uses it, so the whole group decides alike: shared memory
+    everywhere, or gloo everywhere with one warning that says which rank failed how.
+    """
+    size, me = len(ranks), ranks.index(dist.get_rank())
+    if not all(_gather(group, size, supported())):
+        return None  # SHARDWISE_SHM=0 or not x86-64 somewhere: a setting, not a failure
+    total = segment_bytes(size)
+    mem, error = None, None
+    offer: list[Any] = [None]
+    if me == 0:
+        name, token = f"shardwise-{uuid.uuid4().hex}", os.urandom(TOKEN_BYTES)
+        mem, error = _try(_create, os.path.join(SEGMENT_DIR, name), token, total)
+        offer = [(name, token, error)]
+    dist.broadcast_object_list(offer, src=ranks[0], group=group)
+    name, token, created_error = offer[0]
+    path = os.path.join(SEGMENT_DIR, name)  # each rank's own /dev/shm: the same one only if the probe says so
+    if me != 0 and created_error is None:
+        mem, error = _try(_open, path, token, total)
+    errors = _gather(group, size, error)
+    if me == 0 and created_error is None:
+        os.unlink(path)  # every rank has mapped it (or failed to): nothing is left behind if a rank dies later
+    if any(errors):
+        if mem is not None:
+            mem.close()
+        if me == 0:
+            failed = "; ".join(f"rank {ranks[i]}: {e}" for i, e in enumerate(errors) if e)
+            log.warning("rank %d: no shared-memory all-reduce for TP ranks %s, using gloo (%s)", ranks[0], ranks,
+                        failed)
+        return None
+    return ShmAllReduce(mem, me, size, timeout)
+
+
+def _gather(group: dist.ProcessGroup, size: int, value: Any) -> list[Any]:
+    out: list[Any] = [None] * size
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def _try(step: Callable[..., mmap.mmap], *args: Any) -> tuple[mmap.mmap | None, str | None]:
+    """Run a creating or opening step; its OSError becomes the text that the group's warning shows."""
+    try:
+        return step(*args), None
+    except OSError as e:
+        return None, str(e)
+
+
+def _create(path: str, token: bytes, total: int) -> mmap.mmap:
+    """Rank 0's new segment, its pages reserved now: a full /dev/shm fails here instead of SIGBUS mid-run."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, total)
+        mem = mmap.mmap(fd, total)
+    except OSError as e:
+        os.unlink(path)
+        raise OSError(e.errno, f"cannot create a {total / 2**20:.1f} MiB segment {path}: {e.strerror}") from e
+    finally:
         os.close(fd)
-        dist.barrier(group=group)
-        if self.rank == 0:
-            os.unlink(name[0])  # every rank has it mapped; nothing is left behind if a rank dies
-        self.flags = np.ndarray((self.size * FLAG_STRIDE,), dtype=np.int64, buffer=self.mem)[::FLAG_STRIDE]
-        self.data = torch.frombuffer(self.mem, dtype=torch.uint8, offset=flags_bytes)
+    mem[-TOKEN_BYTES:] = token
+    return mem
+
+
+def _open(path: str, token: bytes, total: int) -> mmap.mmap:
+    """Map rank 0's segment by name; its token read back proves it is the same memory, not a namesake."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        found = os.fstat(fd).st_size
+        if found != total:  # mapping past the end of a shorter file would SIGBUS on the token read
+            raise OSError(f"{path} holds {found} bytes, not the {total} rank 0 reserved")
+        mem = mmap.mmap(fd, total)
+    finally:
+        os.close(fd)
+    if mem[-TOKEN_BYTES:] != token:
+        mem.close()
+        raise OSError(f"{path} is not the segment rank 0 created (its token differs)")
+    return mem
+
+
+class ShmAllReduce:
+    def __init__(self, mem: mmap.mmap, rank: int, size: int, timeout: float):
+        self.mem, self.rank, self.size, self.timeout = mem, rank, size, timeout
+        self.seq = 0
+        self.flags = np.ndarray((size * FLAG_STRIDE,), dtype=np.int64, buffer=mem)[::FLAG_STRIDE]
+        self.data = torch.frombuffer(mem, dtype=torch.uint8, offset=size * FLAG_STRIDE * 8)
+
+    def close(self) -> None:
+        """Unmap the segment; the views go first, since mmap.close() raises BufferError while they export it."""
+        del self.flags, self.data
+        self.mem.close()
 
     def _slot(self, buf: int, rank: int, like: torch.Tensor) -> torch.Tensor:
         start = (buf * self.size + rank) * CAPACITY

@@ -135,6 +135,15 @@ class ModelSpec:
 
 def _rope(cfg: dict) -> Rope:
     """Reads both the transformers<5 (`rope_theta` + `rope_scaling`) and >=5 (`rope_parameters`) spellings."""
+    try:
+        return _rope_fields(cfg)
+    except SpecError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SpecError(f"rope parameters are malformed ({type(e).__name__}: {e})") from None
+
+
+def _rope_fields(cfg: dict) -> Rope:
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     kind = params.get("rope_type", params.get("type", "default"))
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
@@ -170,24 +179,38 @@ def _sliding_windows(cfg: dict, arch: str, layers: int) -> tuple[int | None, ...
     return tuple(window if n >= first_full else None for n in range(layers))
 
 
+def _size(cfg: dict, key: str, default: object = None) -> int:
+    """A positive integer field of config.json (which, like every byte of a checkpoint, is untrusted)."""
+    value = cfg.get(key) or default
+    if value is None:
+        raise SpecError(f"lacks required field {key!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SpecError(f"field {key!r} is {value!r}, expected a positive integer")
+    return value
+
+
+def _number(cfg: dict, key: str, default: float) -> float:
+    value = cfg.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise SpecError(f"field {key!r} is {value!r}, expected a non-negative number")
+    return float(value)
+
+
 def spec_from_config(cfg: dict) -> ModelSpec:
+    if not isinstance(cfg, dict):
+        raise SpecError(f"holds a {type(cfg).__name__}, expected an object")
     arch = cfg.get("model_type")
-    if arch not in SUPPORTED_ARCHS:
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHS:
         raise SpecError(f"model_type {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
-    try:
-        hidden = int(cfg["hidden_size"])
-        heads = int(cfg["num_attention_heads"])
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
-        layers = int(cfg["num_hidden_layers"])
-        intermediate = int(cfg["intermediate_size"])
-        vocab = int(cfg["vocab_size"])
-    except KeyError as e:
-        raise SpecError(f"config.json lacks required field {e.args[0]!r}") from None
+    hidden, heads = _size(cfg, "hidden_size"), _size(cfg, "num_attention_heads")
+    layers = _size(cfg, "num_hidden_layers")
+    kv_heads = _size(cfg, "num_key_value_heads", heads)
+    intermediate, vocab = _size(cfg, "intermediate_size"), _size(cfg, "vocab_size")
     if heads % kv_heads:
         raise SpecError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    head_dim = _size(cfg, "head_dim", hidden // heads)
     dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise SpecError(f"config dtype {dtype_name!r} is not supported (supported: {', '.join(DTYPES)})")
     attention_bias = bool(cfg.get("attention_bias", False))
     return ModelSpec(
@@ -199,7 +222,7 @@ def spec_from_config(cfg: dict) -> ModelSpec:
         head_dim=head_dim,
         intermediate=intermediate,
         vocab=vocab,
-        rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rms_eps=_number(cfg, "rms_norm_eps", 1e-6),
         tied=bool(cfg.get("tie_word_embeddings", False)),
         dtype=DTYPES[dtype_name],
         rope=_rope(cfg),

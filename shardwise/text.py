@@ -6,6 +6,7 @@ transformers, so the CLI starts quickly and every rank can tokenize on its own.
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 from typing import TextIO
@@ -15,7 +16,7 @@ class Text:
     def __init__(self, checkpoint: str | Path):
         from tokenizers import Tokenizer
 
-        directory = Path(checkpoint)
+        self.directory = directory = Path(checkpoint)
         path = directory / "tokenizer.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no tokenizer.json, so text prompts cannot be encoded")
@@ -31,21 +32,46 @@ class Text:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def chat_prompt(self, user: str) -> str:
-        """The prompt the checkpoint's own chat template makes of one user turn."""
-        import jinja2
-
+    def chat_template(self) -> str:
+        """The template transformers would use: ``chat_template.jinja`` (transformers >= 4.43 saves it there),
+        else ``tokenizer_config.json``'s, which may also be a list of named templates."""
+        jinja = self.directory / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text()
         template = self.config.get("chat_template")
-        if not template:
-            raise ValueError("the checkpoint's tokenizer_config.json has no chat_template; drop --chat")
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise
-        return env.from_string(template).render(
-            messages=[{"role": "user", "content": user}],
-            add_generation_prompt=True,
-            bos_token=self.config.get("bos_token", ""),
-            eos_token=self.config.get("eos_token", ""),
-        )
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if not isinstance(template, str) or not template:
+            raise TemplateError(f"{self.directory}: no chat template (neither chat_template.jinja nor a chat_template "
+                             "in tokenizer_config.json); drop --chat")
+        return template
+
+    def chat_prompt(self, user: str) -> str:
+        """The prompt the checkpoint's own chat template makes of one user turn, rendered in a sandbox.
+
+        A template comes with a downloaded checkpoint, so it is untrusted code: like HF,
+        render it in jinja2's immutable sandbox, where it can reach no Python internals.
+        """
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = _tojson
+        env.globals |= {"raise_exception": _raise, "strftime_now": _strftime_now}
+        try:
+            return env.from_string(self.chat_template()).render(
+                messages=[{"role": "user", "content": user}],
+                add_generation_prompt=True,
+                bos_token=_token_text(self.config.get("bos_token")),
+                eos_token=_token_text(self.config.get("eos_token")),
+            )
+        except SecurityError as e:
+            raise TemplateError(f"{self.directory}: the chat template tried an operation the sandbox forbids "
+                                f"({e}); it was not run") from None
+        except jinja2.TemplateError as e:
+            raise TemplateError(f"{self.directory}: the chat template failed: {type(e).__name__}: {e}") from None
 
     def eos_ids(self) -> list[int]:
         """End-of-sequence ids from generation_config.json, else the tokenizer's eos token."""
@@ -57,8 +83,28 @@ class Text:
         return eos if isinstance(eos, list) else [eos]
 
 
+class TemplateError(ValueError):
+    """A checkpoint's chat template is missing, broken or tried to escape its sandbox."""
+
+
 def _raise(message: str):
-    raise ValueError(message)
+    raise TemplateError(f"the chat template raised: {message}")
+
+
+def _tojson(value, indent: int | None = None, ensure_ascii: bool = False, sort_keys: bool = False) -> str:
+    """transformers' ``tojson``: unlike jinja2's own, it keeps non-ASCII text as it is."""
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+def _token_text(token: object) -> str:
+    """A special token from tokenizer_config.json: a string, or an AddedToken object with its ``content``."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) else ""
 
 
 class Streamer:

@@ -111,5 +111,5 @@ def test_manifest_missing_tensor(round_trip, tmp_path):
     (bad / "shardwise.json").write_text(json.dumps(manifest))
     from shardwise import load_weights
 
-    with pytest.raises(CheckpointError, match=r"shardwise\.json: tensor 'model\.norm\.weight' is missing"):
+    with pytest.raises(CheckpointError, match=r"shardwise\.json: .*tensor 'model\.norm\.weight' is missing"):
         load_weights(bad)

@@ -16,7 +16,7 @@ from shardwise.gguf_file import GGUFError
 from shardwise.gguf_import import import_gguf
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (the `hf` extra) is not installed")
-Q = gguf.GGMLQuantizationType
+Q, V = gguf.GGMLQuantizationType, gguf.GGUFValueType
 
 
 def hf_logits_from_gguf(path: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -37,8 +37,10 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, kinds: dict[str, int], unsupported: bool = False) -> None:
-    """A tiny tied Llama as llama.cpp would write it, tensors quantized to the given types."""
+def write_tiny_gguf(path: Path, kinds: dict[str, int], unsupported: bool = False,
+                    meta: dict[str, tuple[object, int] | None] | None = None) -> None:
+    """A tiny tied Llama as llama.cpp would write it, tensors quantized to the given types; ``meta`` replaces
+    keys with (value, GGUF value type), or drops them (None)."""
     import transformers
     from gguf import quants
 
@@ -87,6 +89,10 @@ def write_tiny_gguf(path: Path, kinds: dict[str, int], unsupported: bool = False
             w.add_tensor(ll, data.astype(np.float16))
         else:
             w.add_tensor(ll, quants.quantize(data, kind), raw_dtype=kind)
+    for key, value in (meta or {}).items():
+        w.kv_data[0].pop(key, None)
+        if value is not None:
+            w.add_key_value(key, *value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -127,6 +133,22 @@ def test_not_a_gguf_file(tmp_path):
     src.write_bytes(b"this is not a gguf file" * 10)
     with pytest.raises(GGUFError, match=r"junk\.gguf: not a readable GGUF file"):
         import_gguf(src, tmp_path / "hf")
+
+
+@pytest.mark.parametrize(("meta", "error"), [
+    ({"llama.block_count": None}, r"key 'llama\.block_count': missing; expected an integer"),
+    ({"llama.block_count": ("two", V.STRING)}, r"key 'llama\.block_count': expected an integer .*, got string 'two'"),
+    ({"tokenizer.ggml.eos_token_id": (256, V.UINT32)},
+     r"key 'tokenizer\.ggml\.eos_token_id': expected an integer from 0 to 255, got integer 256"),
+    ({"llama.feed_forward_length": (128, V.UINT32)},
+     r"tensor 'blk\.0\.ffn_gate\.weight' has shape \[96, 64\], but the metadata implies \[128, 64\]"),
+], ids=["missing", "wrong-type", "token-id-out-of-range", "shape-disagrees"])
+def test_bad_metadata_names_the_key_or_tensor(tmp_path, meta, error):
+    src = tmp_path / "bad.gguf"
+    write_tiny_gguf(src, KINDS, meta=meta)
+    with pytest.raises(GGUFError, match=rf"bad\.gguf: {error}"):
+        import_gguf(src, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists(), "a failed import must leave nothing behind"
 
 
 def smollm2_gguf() -> Path:

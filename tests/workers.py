@@ -80,7 +80,7 @@ def export_and_die(src: str, out: str, tp: int, dying_rank: int) -> None:
             os._exit(9)
 
     ex._write_box = write_then_die
-    export(load_weights(src, Layout(tp, 1), progress=False), out, max_file_bytes=20_000)
+    export(load_weights(src, Layout(tp, 1), progress=False), out, max_file_bytes=20_000, overwrite=True)
 
 
 def sample_on_every_rank(path: str, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -90,4 +90,70 @@ def sample_on_every_rank(path: str, ids: torch.Tensor) -> list[torch.Tensor]:
     out = load_model(path, Layout(2, 2), progress=False).generate(ids, 12, temperature=0.8, top_k=20, seed=7)
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, out)
+    return every
+
+
+def process_resources() -> tuple[int, int, int]:
+    """Open fds, RSS bytes, and mappings of shardwise segments (unlinked ones stay listed in maps while mapped)."""
+    import re
+    from pathlib import Path
+
+    status = Path("/proc/self/status").read_text()
+    rss = int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) * 1024
+    return len(os.listdir("/proc/self/fd")), rss, Path("/proc/self/maps").read_text().count("shardwise-")
+
+
+def load_close_cycles(path: str, ids: torch.Tensor, cycles: int) -> list[dict]:
+    """Every rank's resources after each TP=2 load/forward/close, then a with-block's logits and what it freed."""
+    import weakref
+
+    import torch.distributed as dist
+
+    samples = []
+    for _ in range(cycles):
+        model = load_model(path, Layout(2, 1), progress=False)
+        model(ids)
+        model.close()
+        samples.append(process_resources())
+    with load_model(path, Layout(2, 1), progress=False) as model:
+        on_shm = model.comm.shm is not None
+        logits = model(ids)
+        weights = [weakref.ref(t) for t in (*model.weights.tensors.values(), *model.parameters())]
+    model.close()  # a second close is harmless
+    freed = model.closed and all(w() is None for w in weights)  # the model lives on here, its weights must not
+    mine = dict(samples=samples, on_shm=on_shm, logits=logits, freed=freed, after=process_resources())
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def logits_despite_shm_trouble(path: str, ids: torch.Tensor, trouble: str, other_dir: str) -> list[dict]:
+    """Every rank's TP=2 logits with working shared memory, then under ``trouble``, and the warnings logged.
+
+    ``too_small``: the segment outgrows /dev/shm itself, so the kernel refuses to reserve it.
+    ``apart``: rank 1 looks for segments in ``other_dir``, like a container with a /dev/shm of its own.
+    """
+    import logging.handlers
+
+    import torch.distributed as dist
+
+    import shardwise.shm as shm
+
+    def run() -> tuple[torch.Tensor, bool]:
+        with load_model(path, Layout(2, 1), progress=False) as model:
+            return model(ids), model.comm.shm is not None
+
+    normal = run()
+    if trouble == "too_small":
+        fs = os.statvfs(shm.SEGMENT_DIR)
+        shm.CAPACITY = fs.f_blocks * fs.f_frsize  # each slot as big as all of /dev/shm: the real ENOSPC, no mount
+    elif dist.get_rank() == 1:
+        shm.SEGMENT_DIR = other_dir
+    logged = logging.handlers.BufferingHandler(capacity=1000)
+    logged.setLevel(logging.WARNING)
+    logging.getLogger("shardwise").addHandler(logged)
+    troubled = run()
+    mine = dict(normal=normal, troubled=troubled, warnings=[r.getMessage() for r in logged.buffer])
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
     return every

@@ -1,0 +1,273 @@
+"""Trust: nothing a user owns is lost, nothing in a checkpoint runs, every input is checked, failures are agreed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from publish_workers import bytes_written_by_export, faults_at_every_step
+from test_cli import shardwise, with_tokenizer  # noqa: F401 - with_tokenizer is a fixture
+from test_export import assert_same_checkpoint, digest
+from workers import reshard_all
+
+from shardwise import (
+    Checkpoint,
+    CheckpointError,
+    Layout,
+    ShardedCheckpoint,
+    launch,
+    load_spec,
+    load_weights,
+    save_sharded,
+)
+from shardwise.publish import OWNER_FILE, TMP_PREFIX, TargetError, _owner, check_target, write_checkpoint
+from shardwise.text import TemplateError, Text
+
+
+@pytest.fixture
+def foreign(tmp_path) -> Path:
+    """A directory of a user's own models, the kind of place people type as a destination by mistake."""
+    models = tmp_path / "models"
+    (models / "other-model").mkdir(parents=True)
+    (models / "other-model" / "notes.txt").write_text("my notes")
+    return models
+
+
+def _untouched(models: Path) -> None:
+    assert (models / "other-model" / "notes.txt").read_text() == "my notes"
+    assert sorted(p.name for p in models.iterdir()) == ["other-model"]
+    assert not [p for p in models.parent.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+@pytest.fixture(scope="module")
+def sharded(checkpoints, tmp_path_factory) -> Path:
+    """A TP=2 sharded checkpoint of an untied fp32 model."""
+    out = tmp_path_factory.mktemp("sharded") / "s"
+    launch(reshard_all, 2, {"m": str(checkpoints["mistral-untied"])}, {"m": str(out)}, 2, 1, timeout=300)
+    return out
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_cli_writes_refuse_a_directory_with_foreign_files(checkpoints, sharded, foreign, tmp_path, overwrite):
+    from test_gguf import KINDS, write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "tiny.gguf", KINDS)
+    for cmd in (["reshard", str(checkpoints["qwen2-tied"]), str(foreign), "--tp", "1"],
+                ["export", str(sharded), str(foreign)],
+                ["import-gguf", str(tmp_path / "tiny.gguf"), str(foreign)]):
+        out = shardwise(*cmd, *overwrite)
+        assert out.returncode != 0, f"{cmd[0]} succeeded onto a directory of foreign files"
+        assert "models: holds files that are not part of a checkpoint (other-model/)" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+        _untouched(foreign)
+
+
+def test_save_sharded_refuses_a_directory_with_foreign_files(checkpoints, foreign):
+    weights = load_weights(checkpoints["qwen2-tied"], progress=False)
+    for overwrite in (False, True):
+        with pytest.raises(TargetError, match="other-model/"):
+            save_sharded(weights, foreign, overwrite=overwrite)
+        _untouched(foreign)
+
+
+def test_export_onto_a_plain_file_is_refused_and_the_file_untouched(sharded, tmp_path):
+    f = tmp_path / "f"
+    f.write_text("hi\n")
+    out = shardwise("export", str(sharded), str(f), "--overwrite")
+    assert out.returncode != 0 and "f: is a file, not a checkpoint directory" in out.stderr, out.stderr
+    assert f.read_text() == "hi\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_current_directory_and_source_are_refused(checkpoints, tmp_path, monkeypatch):
+    src = checkpoints["llama-tied"]
+    with pytest.raises(TargetError, match="is the source checkpoint itself"):
+        check_target(src, overwrite=True, sources=[src])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TargetError, match="is the current directory"):
+        check_target(".", overwrite=True)
+
+
+def test_existing_checkpoint_needs_overwrite_and_empty_directory_is_written(checkpoints, sharded, tmp_path):
+    target = tmp_path / "hf"
+    target.mkdir()
+    assert shardwise("export", str(sharded), str(target)).returncode == 0  # empty: written
+    before = digest(target)
+    out = shardwise("export", str(sharded), str(target))
+    assert out.returncode != 0 and "pass --overwrite" in out.stderr, out.stderr
+    assert digest(target) == before
+    assert shardwise("export", str(sharded), str(target), "--overwrite").returncode == 0
+    assert_same_checkpoint(checkpoints["mistral-untied"], target)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def test_stale_temporary_directories_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live = tmp_path / f"{TMP_PREFIX}out-stale", tmp_path / f"{TMP_PREFIX}out-live"
+    for d, owner in ((stale, _owner() | {"pid": dead.pid}), (live, _owner())):
+        d.mkdir()
+        (d / OWNER_FILE).write_text(json.dumps(owner))
+        (d / "model.safetensors").write_bytes(b"partial")
+    write_checkpoint(tmp_path / "out", [("writing data", lambda tmp: (tmp / "config.json").write_text("{}"))])
+    assert not stale.exists(), "the temporary directory of a dead writer was left behind"
+    assert live.exists(), "the temporary directory of a live writer was removed"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json"]
+
+
+def _fault_cases() -> list[tuple[str, str, int, str]]:
+    steps = ["checking the target", "creating the directory", "writing headers", "writing data", "verifying",
+             "publishing"]
+    raised = [("export", step, rank, "raise") for step in steps for rank in (0, 1)]
+    full_disk = [("export", "writing headers", 0, "fsize"), ("save_sharded", "writing data", 0, "fsize"),
+                 ("save_sharded", "writing data", 1, "fsize")]
+    return raised + full_disk
+
+
+def test_a_fault_on_any_rank_at_any_step_ends_every_rank_with_the_old_checkpoint_intact(checkpoints, tmp_path):
+    src, out = checkpoints["mistral-untied"], tmp_path / "ckpt"
+    launch(reshard_all, 1, {"m": str(src)}, {"m": str(out)}, 1, 1, timeout=300)
+    before = digest(out)
+    cases = _fault_cases()
+    every = launch(faults_at_every_step, 2, str(src), str(out), cases, timeout=600)
+    for i, (writer, step, victim, how) in enumerate(cases):
+        for rank, outcomes in enumerate(every):
+            seconds, error = outcomes[i]
+            assert error is not None, f"{writer} with a fault on rank {victim} while {step}: rank {rank} succeeded"
+            assert f"rank {victim} failed while {step}" in error, error
+            assert ("File too large" if how == "fsize" else "injected fault") in error, error
+            assert seconds < 10, f"rank {rank} took {seconds:.1f}s to learn of the failure"
+    assert digest(out) == before, "the previous checkpoint changed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "a temporary directory was left behind"
+
+
+def test_export_writes_every_byte_once_when_kv_heads_are_replicated(checkpoints, tmp_path):
+    src = checkpoints["llama-untied"]  # 9 query / 3 KV heads: at TP=4 each KV head sits on several ranks
+    written = launch(bytes_written_by_export, 4, str(src), str(tmp_path / "out"), 4, timeout=300)
+    with Checkpoint(src) as ck:
+        total = sum(math.prod(e.shape) * e.dtype.itemsize for e in ck.entries.values())
+    assert sum(written) == total, f"ranks wrote {written} bytes, the checkpoint has {total}"
+    assert_same_checkpoint(src, tmp_path / "out")
+
+
+def test_sharded_load_reads_each_region_once(sharded):
+    regions = [p.box.region for pieces in ShardedCheckpoint(sharded).pieces.values() for p in pieces]
+    assert len(regions) == len(set(regions))
+
+
+# --- chat templates: untrusted code ------------------------------------------------------------------------------
+
+ESCAPE = "{{ cycler.__init__.__globals__.os.popen('touch MARKER').read() }}"
+
+
+def test_a_sandbox_escaping_template_does_not_run(with_tokenizer, tmp_path):  # noqa: F811
+    ckpt = Path(shutil.copytree(with_tokenizer, tmp_path / "ckpt"))
+    marker = tmp_path / "pwned"
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"chat_template": ESCAPE.replace("MARKER", str(marker))}))
+    with pytest.raises(TemplateError, match="sandbox forbids"):
+        Text(ckpt).chat_prompt("hi")
+    out = shardwise("generate", str(ckpt), "--chat", "--prompt", "t1", "--max-new-tokens", "1")
+    assert out.returncode != 0 and "sandbox forbids" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not marker.exists(), "the template ran a shell command"
+
+
+def test_chat_works_on_a_checkpoint_saved_by_transformers(with_tokenizer, tmp_path):  # noqa: F811
+    import transformers
+
+    ckpt = Path(shutil.copytree(with_tokenizer, tmp_path / "ckpt"))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(ckpt / "tokenizer.json"), eos_token="t2")
+    tok.chat_template = ("{% for m in messages %}t5 {{ m['content'] }} t6 {% endfor %}"
+                         "{{ 't7' if add_generation_prompt }}")
+    tok.save_pretrained(ckpt)
+    assert (ckpt / "chat_template.jinja").exists(), "transformers saved the template elsewhere"
+    chat = [{"role": "user", "content": "t9"}]
+    assert Text(ckpt).chat_prompt("t9") == tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    out = shardwise("generate", str(ckpt), "--chat", "--prompt", "t9", "--max-new-tokens", "2")
+    assert out.returncode == 0, out.stderr
+    resharded = tmp_path / "s"
+    assert shardwise("reshard", str(ckpt), str(resharded), "--tp", "2").returncode == 0
+    assert shardwise("export", str(resharded), str(tmp_path / "hf")).returncode == 0
+    for d in (resharded, tmp_path / "hf"):
+        assert (d / "chat_template.jinja").read_text() == (ckpt / "chat_template.jinja").read_text()
+
+
+# --- untrusted indexes and manifests -----------------------------------------------------------------------------
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "link.safetensors"])
+def test_index_pointing_outside_its_directory(checkpoints, tmp_path, name):
+    ckpt = Path(shutil.copytree(checkpoints["llama-untied"], tmp_path / "ckpt"))
+    shutil.copy(next(ckpt.glob("model-00001-*")), tmp_path / "outside.safetensors")
+    (ckpt / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    _edit_json(ckpt / "model.safetensors.index.json", lambda d: d["weight_map"].update({"model.norm.weight": name}))
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.norm\.weight': file name .* (points|leads) outside"):
+        load_weights(ckpt, progress=False)
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "link.safetensors"])
+def test_manifest_pointing_outside_its_directory(sharded, tmp_path, name):
+    ckpt = Path(shutil.copytree(sharded, tmp_path / "s"))
+    shutil.copy(ckpt / "rank-00001.safetensors", tmp_path / "outside.safetensors")
+    (ckpt / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    _edit_json(ckpt / "shardwise.json", lambda d: d["files"][1].update(file=name))
+    with pytest.raises(CheckpointError, match=r"files\[1\]\.file: file name .* (points|leads) outside"):
+        load_weights(ckpt, progress=False)
+
+
+def _drop_piece(manifest: dict) -> None:
+    pieces = manifest["files"][1]["pieces"]
+    pieces[:] = [p for p in pieces if p["source"] != "model.layers.0.mlp.down_proj.weight"]
+
+
+def _overflow(manifest: dict) -> None:
+    piece = next(p for p in manifest["files"][0]["pieces"] if p["source"] == "model.norm.weight")
+    piece["stop"] = [piece["stop"][0] + 1]
+
+
+def _stored_too_small(manifest: dict) -> None:
+    piece = next(p for p in manifest["files"][0]["pieces"] if p["source"] == "model.layers.0.mlp.down_proj.weight")
+    piece["offset"] = [0, 7]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_drop_piece, r"tensor 'model\.layers\.0\.mlp\.down_proj\.weight' is not fully stored: no piece covers index"),
+    (_overflow, r"tensor 'model\.norm\.weight': files\[0\]\.pieces\[\d+\] spans .* does not fit its shape"),
+    (_stored_too_small, r"rank-00000\.safetensors: tensor '.*down' has shape \[64, 50\], too small for the piece"),
+    (lambda m: m["files"][0].update(pieces="all"), r"field 'files\[0\]\.pieces' is str 'all', expected list"),
+    (lambda m: m["layout"].update(tp="2"), r"field 'layout\.tp' is str '2', expected int"),
+    (lambda m: m["tensors"]["model.norm.weight"].update(dtype="F7"), r"tensor 'model\.norm\.weight': .*'F7'"),
+    (lambda m: m["files"][0]["pieces"][0].pop("start"), r"field 'files\[0\]\.pieces\[0\]\.start' is NoneType"),
+    (lambda m: m.update(files={}), r"field 'files' is dict"),
+])
+def test_bad_manifest_is_a_checkpoint_error(sharded, tmp_path, edit, match):
+    ckpt = Path(shutil.copytree(sharded, tmp_path / "s"))
+    _edit_json(ckpt / "shardwise.json", edit)
+    with pytest.raises(CheckpointError, match=match):
+        load_weights(ckpt, Layout(1, 1), progress=False)
+
+
+def test_piece_dtype_must_match_the_manifest(sharded, tmp_path):
+    ckpt = Path(shutil.copytree(sharded, tmp_path / "s"))
+    _edit_json(ckpt / "shardwise.json", lambda m: m["tensors"]["model.norm.weight"].update(dtype="BF16"))
+    with pytest.raises(CheckpointError, match=r"has dtype F32, but the manifest says 'model\.norm\.weight' is BF16"):
+        load_weights(ckpt, Layout(1, 1), progress=False)
+
+
+# --- quiet logs ----------------------------------------------------------------------------------------------------
+
+def test_no_progress_bar_debris_when_not_on_a_terminal(checkpoints, tmp_path):
+    out = shardwise("reshard", str(checkpoints["llama-untied"]), str(tmp_path / "s"), "--tp", "2")
+    assert out.returncode == 0, out.stderr
+    assert "\r" not in out.stderr and "it/s" not in out.stderr, out.stderr
+    assert load_spec(tmp_path / "s") == load_spec(checkpoints["llama-untied"])
+    assert os.listdir(tmp_path) == ["s"]
