@@ -182,17 +182,21 @@ def indexed(checkpoints) -> tuple[Path, dict, dict[str, torch.Tensor]]:
 @given(data=st.data())
 def test_fuzz_index(indexed, tmp_path_factory, data):
     src, index, expected = indexed
-    directory = tmp_path_factory.mktemp("ix", numbered=True)
-    copy_files(src, directory)
-    doc = data.draw(mutated(index))
-    (directory / "model.safetensors.index.json").write_text(json.dumps(doc))
-    load_or_refuse(directory, expected)
-    shutil.rmtree(directory)
+    with scratch_copy(src, tmp_path_factory) as directory:
+        (directory / "model.safetensors.index.json").write_text(json.dumps(data.draw(mutated(index))))
+        load_or_refuse(directory, expected)
 
 
-def copy_files(src: Path, directory: Path) -> None:
+@contextlib.contextmanager
+def scratch_copy(src: Path, tmp_path_factory):
+    """A copy of a checkpoint for one example to damage, removed afterwards (hypothesis runs hundreds)."""
+    directory = tmp_path_factory.mktemp("fz", numbered=True)
     for p in src.iterdir():
         shutil.copy(p, directory / p.name)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory)
 
 
 # --- sharded manifests -------------------------------------------------------------------------------------------
@@ -210,25 +214,21 @@ def manifested(checkpoints, tmp_path_factory) -> tuple[Path, dict, dict[str, tor
 @given(data=st.data())
 def test_fuzz_manifest(manifested, tmp_path_factory, data):
     src, manifest, expected = manifested
-    directory = tmp_path_factory.mktemp("mf", numbered=True)
-    copy_files(src, directory)
-    if data.draw(st.booleans()):
-        doc = data.draw(mutated(manifest))
-        (directory / "shardwise.json").write_text(json.dumps(doc))
-    else:
-        raw = (src / "shardwise.json").read_bytes()
-        cut = data.draw(st.integers(1, len(raw) - 1))
-        (directory / "shardwise.json").write_bytes(raw[:cut])
-    try:
-        same = _geometry(ShardedCheckpoint(directory)) == _geometry(ShardedCheckpoint(src))
-    except CheckpointError:
-        same = False
-    if same:  # the mutation kept what is stored where: the load must be exact
-        load_or_refuse(directory, expected)
-    else:  # a manifest that moved pieces around may load other values, but only ever through validated reads
-        with contextlib.suppress(CheckpointError), only_inside(directory):
-            load_weights(directory, progress=False)
-    shutil.rmtree(directory)
+    with scratch_copy(src, tmp_path_factory) as directory:
+        if data.draw(st.booleans()):
+            (directory / "shardwise.json").write_text(json.dumps(data.draw(mutated(manifest))))
+        else:
+            raw = (src / "shardwise.json").read_bytes()
+            (directory / "shardwise.json").write_bytes(raw[: data.draw(st.integers(1, len(raw) - 1))])
+        try:
+            same = _geometry(ShardedCheckpoint(directory)) == _geometry(ShardedCheckpoint(src))
+        except CheckpointError:
+            same = False
+        if same:  # the mutation kept what is stored where: the load must be exact
+            load_or_refuse(directory, expected)
+        else:  # a manifest that moved pieces around may load other values, but only ever through validated reads
+            with contextlib.suppress(CheckpointError), only_inside(directory):
+                load_weights(directory, progress=False)
 
 
 def _geometry(ck: ShardedCheckpoint) -> tuple:
