@@ -1,12 +1,13 @@
 """shardwise: load, shard, run and save Llama-family weights across torch.distributed ranks."""
 
 from .boxes import Box, ShardedTensor
+from .collective_write import WriteError
 from .hf_export import export
 from .launch import LaunchInterrupted, LaunchTimeout, RankError, launch
 from .layout import Layout, LayoutError, RankPlan, plan_rank
 from .loader import Weights, load_model, load_weights
 from .model import Model
-from .publish import TargetError, WriteError
+from .publish import TargetError
 from .reader import Checkpoint, CheckpointError
 from .sharded import ShardedCheckpoint, save_sharded
 from .spec import ModelSpec, SpecError, load_spec

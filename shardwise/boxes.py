@@ -51,10 +51,6 @@ class Box:
     def to_json(self) -> dict:
         return {"source": self.source, "start": list(self.start), "stop": list(self.stop), "offset": list(self.offset)}
 
-    @classmethod
-    def from_json(cls, d: dict) -> Box:
-        return cls(d["source"], tuple(d["start"]), tuple(d["stop"]), tuple(d["offset"]))
-
 
 @dataclass(frozen=True)
 class ShardedTensor:

@@ -144,7 +144,9 @@ def cmd_export(args) -> None:
     from .sharded import ShardedCheckpoint
 
     check_target(args.out, args.overwrite, [args.src])
-    layout = ShardedCheckpoint(args.src).layout
+    source = ShardedCheckpoint(args.src)
+    source.check(load_spec(args.src))  # the manifest's layout says how many ranks to spawn: vet it first
+    layout = source.layout
     launch(export_rank, layout.world_size, args.src, args.out, layout.tp, layout.pp, args.overwrite)
     print(f"wrote {args.out} (HF safetensors, exported by {layout.world_size} ranks)")
 

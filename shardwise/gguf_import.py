@@ -25,11 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .collective_write import write_checkpoint
 from .gguf_file import GGUFError, GGUFTensor, read_gguf
 from .gguf_tokenizer import tokenizer_files
 from .progress import progress_bar
-from .publish import check_target, write_checkpoint
+from .publish import check_target
 from .spec import DTYPES, ModelSpec, SpecError, TensorInfo, spec_from_config
+from .untrusted import is_int
 from .writer import save_safetensors
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,7 @@ class Meta:
         return value
 
     def integer(self, key: str, default: object = REQUIRED, low: int = 1, high: int = MAX_SIZE, why: str = "") -> int:
-        return self.get(key, lambda v: type(v) is int and low <= v <= high, f"an integer from {low} to {high}{why}",
+        return self.get(key, lambda v: is_int(v) and low <= v <= high, f"an integer from {low} to {high}{why}",
                         default)
 
     def number(self, key: str, default: object = REQUIRED) -> float:

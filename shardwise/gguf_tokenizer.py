@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .gguf_file import GGUFError
+from .untrusted import is_int
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types: special tokens (<|im_end|>), plain added ones (<tool_call>)
 SPECIAL_IDS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
@@ -95,7 +96,7 @@ def tokenizer_files(meta: Mapping[str, object]) -> dict[str, str]:
 
 def _is(value: object, kind: type) -> bool:
     """isinstance, except that a bool is not an int: GGUF keeps them apart, Python does not."""
-    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    return is_int(value) if kind is int else isinstance(value, kind)
 
 
 def _shown(value: object) -> str:

@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from .boxes import Box
+from .collective_write import write_checkpoint
 from .layout import plan_rank
 from .loader import Weights
 from .model import Model
 from .progress import progress_bar
-from .publish import write_checkpoint
+from .publish import copy_side_files
 from .reader import INDEX_FILE, Checkpoint, Entry, is_row_run, mapped_box
-from .sharded import copy_side_files
 from .spec import ModelSpec
 from .writer import Placement, plan_file, tensor_bytes
 
@@ -148,6 +148,8 @@ def export(source: Model | Weights, out_dir: str | Path, max_file_bytes: int = D
             for tensor, box in progress_bar(mine, progress and rank == 0, desc="exporting", unit="box"):
                 path, place = where[box.source]
                 _write_box(path, fds[path], place, box, tensor[box.local_index()].to(place.dtype).cpu())
+            for fd in fds.values():
+                os.fsync(fd)  # every rank makes its own writes durable: rank 0 may be on another host
         finally:
             for fd in fds.values():
                 os.close(fd)
@@ -157,7 +159,7 @@ def export(source: Model | Weights, out_dir: str | Path, max_file_bytes: int = D
         total = sum(p.nbytes for f in files for p in f.places.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        copy_side_files(weights, tmp)
+        copy_side_files(weights.source_dir, spec.config, tmp)
 
     steps = [("writing headers", write_headers), ("writing data", write_data),
              ("verifying", lambda tmp: _verify(tmp, files, mine, dtypes))]

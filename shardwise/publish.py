@@ -1,27 +1,27 @@
 """Publishing checkpoint directories so that nothing half-written looks complete and nothing a user owns is lost.
 
 A checkpoint is built in a hidden temporary directory beside its destination and
-swapped into place with one atomic rename (``renameat2(RENAME_EXCHANGE)`` when a
-previous checkpoint is there), so readers see the old checkpoint or the new one,
-never a mix, and a crash leaves the old one untouched.
+renamed into place in one atomic step, so readers see the old checkpoint or the new
+one, never a mix, and a crash leaves the old one untouched. Three rules keep a user's
+data safe:
 
-Three rules keep a user's data safe:
-
-- **The target is checked before any work starts.** An absent or empty directory is
-  written. A checkpoint shardwise recognises, holding nothing else, is replaced only
-  with ``overwrite``. Anything else (a plain file, a symlink, a directory with foreign
-  files, the current directory, the source itself) is refused, even with ``overwrite``.
+- **The target is checked before any work starts, and again just before the rename.**
+  An absent or empty directory is written. A checkpoint shardwise recognises, holding
+  nothing else, is replaced only with ``overwrite``. Anything else (a plain file, a
+  symlink, a mount point, a directory with foreign files, the current directory, the
+  source itself) is refused, even with ``overwrite``.
+- **The rename does what the check decided, or fails.** A target that was absent is
+  created with ``RENAME_NOREPLACE``, an empty one replaced only while still empty, and
+  only a checked checkpoint is exchanged; a concurrent writer can never be overwritten.
 - **Only what shardwise wrote is removed.** A replaced checkpoint loses just the files
   a checkpoint is made of; whatever else turned up in the meantime stays.
-- **Ranks agree after every step.** Each step runs on every rank, then all ranks
-  exchange their outcome, so a failure anywhere ends every rank at once with an error
-  naming the rank and the step. No collective ever runs inside a step, so a rank that
-  fails cannot leave its peers waiting in a collective it will never join.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import glob
 import json
 import logging
 import os
@@ -29,13 +29,12 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Iterable
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
-import torch.distributed as dist
-
-from .reader import INDEX_FILE, MANIFEST
+from .reader import INDEX_FILE, MANIFEST, inside
+from .untrusted import is_int
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +46,13 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
               "merges.txt")
 _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|rank-\d{5}\.safetensors")
 _CHECKPOINT_FILES = {"config.json", INDEX_FILE, MANIFEST, OWNER_FILE, *SIDE_FILES}
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
-Step = tuple[str, Callable[[Path], Any]]
+Mode = Literal["create", "fill", "replace"]  # what the rename will do: the target is absent, empty, a checkpoint
 
 
 class TargetError(FileExistsError):
     """The destination of a write holds something shardwise must not replace."""
-
-
-class WriteError(OSError):
-    """A collective write failed on some rank; nothing was published."""
 
 
 def is_checkpoint_file(path: Path) -> bool:
@@ -65,13 +61,13 @@ def is_checkpoint_file(path: Path) -> bool:
             and (path.name in _CHECKPOINT_FILES or _WEIGHT_FILE.fullmatch(path.name) is not None))
 
 
-def check_target(out: str | Path, overwrite: bool = False, sources: Iterable[str | Path] = ()) -> None:
-    """Refuse, naming the path and what is in the way, any target whose replacement could lose a user's data."""
+def check_target(out: str | Path, overwrite: bool = False, sources: list[str | Path] | tuple = ()) -> Mode:
+    """What writing to ``out`` will do; refuse, naming the path and what is in the way, whatever could lose data."""
     out = Path(out)
     if out.is_symlink():
         raise TargetError(f"{out}: is a symbolic link; give the real directory")
     if not out.exists():
-        return
+        return "create"
     if not out.is_dir():
         raise TargetError(f"{out}: is a file, not a checkpoint directory; choose another destination")
     real = out.resolve()
@@ -79,9 +75,11 @@ def check_target(out: str | Path, overwrite: bool = False, sources: Iterable[str
         raise TargetError(f"{out}: is the current directory; give a new directory for the checkpoint")
     if any(real == Path(s).resolve() for s in sources):
         raise TargetError(f"{out}: is the source checkpoint itself; write to another directory")
+    if os.path.ismount(out):  # the new checkpoint is built beside it, on another filesystem: it could not move in
+        raise TargetError(f"{out}: is a mount point; give a directory inside it")
     entries = sorted(out.iterdir())
     if not entries:
-        return
+        return "fill"
     foreign = [p.name + ("/" if p.is_dir() else "") for p in entries if not is_checkpoint_file(p)]
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -92,19 +90,30 @@ def check_target(out: str | Path, overwrite: bool = False, sources: Iterable[str
                           "choose an empty or new directory")
     if not overwrite:
         raise TargetError(f"{out}: a checkpoint is already there; pass --overwrite (overwrite=True) to replace it")
+    return "replace"
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2); False where the call does not exist."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
+def copy_side_files(source_dir: Path, config: dict, directory: Path) -> None:
+    """config.json, and the tokenizer files a user needs to run the checkpoint (never from outside the source)."""
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    for name in SIDE_FILES:
+        source = inside(source_dir, name, str(source_dir))
+        if source.is_file():
+            shutil.copyfile(source, directory / name)
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux renameat2; False where the libc or the filesystem (NFS, some FUSE) lacks the call or the flag."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if fn is None:
         return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
-    return True
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot rename {a} to {b}: {os.strerror(err)}")
 
 
 def fsync_path(path: Path) -> None:
@@ -115,12 +124,58 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def seal(tmp: Path, out: Path, overwrite: bool, sources: list) -> Mode:
+    """Check the target again (it may have changed while the ranks wrote) and put the directory on disk."""
+    mode = check_target(out, overwrite, sources)
+    for p in tmp.iterdir():
+        fsync_path(p)
+    fsync_path(tmp)
+    return mode
+
+
+def publish(tmp: Path, out: Path, mode: Mode) -> None:
+    """Rename a sealed temporary directory to ``out``, doing exactly what ``mode`` allows, else raising.
+
+    When this raises, nothing at ``out`` has changed. After the rename only
+    best-effort steps remain: syncing the parent, removing the replaced checkpoint.
+    """
+    old = None
+    if mode == "create":
+        if not _renameat2(tmp, out, _RENAME_NOREPLACE):
+            if out.exists():  # without NOREPLACE, a last look narrows the race to nothing practical
+                raise TargetError(f"{out}: appeared while the checkpoint was being written; nothing was replaced")
+            os.rename(tmp, out)
+    elif mode == "fill":
+        os.rename(tmp, out)  # replaces a directory only while it is empty: files that appeared make this fail
+    elif _renameat2(tmp, out, _RENAME_EXCHANGE):
+        old = tmp
+    else:
+        old = out.with_name(f".shardwise-old-{out.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            os.rename(old, out)  # put the old checkpoint back before reporting the failure
+            raise
+    try:
+        fsync_path(out.parent)
+    except OSError as e:
+        log.warning("%s: published, but its directory entry could not be synced (%s)", out, e)
+    (out / OWNER_FILE).unlink(missing_ok=True)  # kept until now, so a crash never leaves an unowned temp dir
+    if old is not None:
+        remove_checkpoint(old)
+
+
 def remove_checkpoint(directory: Path) -> None:
     """Delete the files of a replaced checkpoint, and the directory only if nothing else is left in it.
 
     The new checkpoint is already published when this runs, so nothing here may fail
-    the write: whatever cannot be removed is left, with a warning.
+    the write: whatever cannot be removed is left, with a warning. A symlink swapped in
+    for the old directory is never followed.
     """
+    if directory.is_symlink() or not directory.is_dir():
+        log.warning("%s: the replaced target is not a plain directory any more; left as it is", directory)
+        return
     try:
         for p in directory.iterdir():
             if is_checkpoint_file(p):
@@ -130,175 +185,70 @@ def remove_checkpoint(directory: Path) -> None:
         log.warning("%s: the replaced checkpoint was left in place (%s)", directory, e)
 
 
-def seal(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Make a finished temporary directory ready to publish: target still safe, owner mark gone, all on disk."""
-    check_target(out, overwrite)  # again: the target may have changed while the ranks were writing
-    (tmp / OWNER_FILE).unlink()
-    for p in tmp.iterdir():
-        fsync_path(p)
-    fsync_path(tmp)
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move a sealed temporary directory to ``out``, replacing a previous checkpoint atomically.
-
-    Only the rename can fail; after it, the new checkpoint is in place and only
-    best-effort cleanup remains.
-    """
-    old = None
-    if not out.exists():
-        os.rename(tmp, out)
-    elif _exchange(tmp, out):
-        old = tmp
-    else:  # no atomic swap here: the old checkpoint survives under a hidden name until the new one is in place
-        old = out.with_name(f".shardwise-old-{out.name}-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-    if old is not None:
-        remove_checkpoint(old)
+def _proc_start(pid: int) -> str:
+    """A process's start time in clock ticks ('' if unknown): with the pid, it names one process for good."""
     try:
-        fsync_path(out.parent)
-    except OSError as e:
-        log.warning("%s: published, but its directory entry could not be synced (%s)", out, e)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
-def _owner() -> dict:
+def _owner(out: Path) -> dict:
     """Who is writing a temporary directory, precisely enough to tell later whether that process is gone."""
-    def read(path: str) -> str:
-        try:
-            return Path(path).read_text().strip()
-        except OSError:
-            return ""
-
-    stat = read(f"/proc/{os.getpid()}/stat")
-    return {"host": socket.gethostname(), "boot": read("/proc/sys/kernel/random/boot_id"),
-            "pidns": os.stat("/proc/self/ns/pid").st_ino if os.path.exists("/proc/self/ns/pid") else 0,
-            "pid": os.getpid(), "start": stat.rsplit(")", 1)[-1].split()[19] if stat else ""}
-
-
-def _owner_is_gone(owner: dict) -> bool:
-    """Whether the process that made a temporary directory has certainly ended (never guessed across hosts)."""
-    me = _owner()
-    if any(owner.get(k) != me[k] for k in ("host", "boot", "pidns")) or not isinstance(owner.get("pid"), int):
-        return False
     try:
-        stat = Path(f"/proc/{owner['pid']}/stat").read_text()
-    except FileNotFoundError:
-        return True
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        pidns = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
+        boot, pidns = "", 0
+    return {"target": out.name, "host": socket.gethostname(), "boot": boot, "pidns": pidns, "pid": os.getpid(),
+            "start": _proc_start(os.getpid())}
+
+
+def _owner_is_gone(owner: dict, out: Path) -> bool:
+    """Whether the process that made a temporary directory for ``out`` has certainly ended; never guessed."""
+    me = _owner(out)
+    if not me["start"] or any(owner.get(k) != me[k] for k in ("target", "host", "boot", "pidns")):
+        return False  # another target, machine, boot or container, or no /proc to tell: not provably dead
+    pid = owner.get("pid")
+    if not is_int(pid) or pid <= 0:
         return False
-    return stat.rsplit(")", 1)[-1].split()[19] != owner.get("start")  # the pid was reused by another process
+    return _proc_start(pid) != owner.get("start")  # gone, or the pid now belongs to another process
 
 
 def remove_stale_temps(out: Path) -> None:
     """Remove temporary directories that earlier writes to ``out`` left behind when they were killed."""
-    for tmp in out.parent.glob(f"{TMP_PREFIX}{out.name}-*"):
+    for tmp in out.parent.glob(f"{glob.escape(TMP_PREFIX + out.name)}-*"):
         try:
             owner = json.loads((tmp / OWNER_FILE).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue  # not provably ours, or still being created: leave it
-        if isinstance(owner, dict) and not tmp.is_symlink() and _owner_is_gone(owner):
+        if isinstance(owner, dict) and not tmp.is_symlink() and _owner_is_gone(owner, out):
             log.info("removing %s, left by an interrupted write (pid %s)", tmp, owner.get("pid"))
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (other threads may be creating files) where Linux tells."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def make_temp_dir(out: Path) -> Path:
     """A hidden directory beside ``out``, marked with its owner so that it can be cleaned up if we are killed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the checkpoint's permissions
-    (tmp / OWNER_FILE).write_text(json.dumps(_owner()))
-    return tmp
-
-
-def _agree(out: Path, step: str, rank: int, error: BaseException | None, value: Any = None) -> list[Any]:
-    """Every rank's ``value`` for ``step``, once all finished it; raises on every rank if any failed."""
-    mine = (None if error is None else f"{type(error).__name__}: {error}", value)
-    everyone = [mine]
-    if dist.is_initialized():
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-    failed = [(r, message) for r, (message, _) in enumerate(everyone) if message is not None]
-    if failed:
-        r, message = failed[0]
-        others = f" (and ranks {[r for r, _ in failed[1:]]})" if len(failed) > 1 else ""
-        raise WriteError(f"{out}: not written: rank {r}{others} failed while {step}: {message}") from error
-    return [v for _, v in everyone]
-
-
-def _run_step(step: str, fn: Callable[[], Any]) -> tuple[BaseException | None, Any]:
-    """Run this rank's part of a step, catching its failure so that the agreement still happens."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-", dir=out.parent)).absolute()
     try:
-        return None, fn()
-    except BaseException as e:  # noqa: BLE001 - every failure must reach the agreement, then it is re-raised
-        return e, None
-
-
-def _step(out: Path, step: str, rank: int, fn: Callable[[], Any]) -> list[Any]:
-    """Run a step on this rank, then agree on it with every rank: each rank's value, or WriteError everywhere."""
-    error, value = _run_step(step, fn)
-    return _agree(out, step, rank, error, value)
-
-
-def write_checkpoint(out: str | Path, steps: list[Step], finish: Callable[[Path], None] | None = None, *,
-                     rank: int = 0, overwrite: bool = False, sources: Iterable[str | Path] = (),
-                     agreed: str = "") -> Path:
-    """Write a checkpoint directory collectively: every rank runs every step, and all agree after each.
-
-    ``agreed`` is a digest of what every rank planned (e.g. the file headers), refused
-    unless equal everywhere. The steps fill the temporary directory (each rank decides
-    what it writes); once all succeeded, rank 0 runs ``finish`` (writing the index or
-    manifest, the files that make a directory look like a checkpoint) and publishes. On
-    failure, rank 0 removes the temporary directory and every rank raises ``WriteError``
-    naming the failed rank and step; the previous checkpoint is untouched.
-    """
-    out, sources = Path(out), list(sources)
-
-    def check() -> str:
-        check_target(out, overwrite, sources)
-        return agreed
-
-    error, plan = _run_step("checking the target", check)
-    try:
-        plans = _agree(out, "checking the target", rank, error, plan)
-    except WriteError:
-        if isinstance(error, TargetError):
-            raise error from None  # the refusal itself says best what is in the way
+        (tmp / OWNER_FILE).write_text(json.dumps(_owner(out)))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the checkpoint's permissions
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if len(set(plans)) != 1:
-        raise WriteError(f"{out}: not written: the ranks planned different files; "
-                         "do they load the same checkpoint and config?")
-    made: list[Path] = []  # rank 0's temporary directory, once it exists
-    renamed = False
-
-    def create() -> str | None:
-        if rank == 0:
-            made.append(make_temp_dir(out))
-            return str(made[0])
-        return None
-
-    def prepare() -> None:
-        if rank == 0:
-            if finish is not None:
-                finish(made[0])
-            seal(made[0], out, overwrite)
-
-    def commit() -> None:
-        nonlocal renamed
-        if rank == 0:
-            publish(made[0], out)
-            renamed = True
-
-    try:
-        tmp = Path(_step(out, "creating the directory", rank, create)[0])
-        for step, fn in steps:
-            _step(out, step, rank, lambda fn=fn: fn(tmp))
-        _step(out, "publishing", rank, prepare)  # the last point where any rank can still call it off
-        _step(out, "publishing", rank, commit)
-    finally:
-        if made and not renamed:  # publish() raises only before its rename: the directory is still ours
-            shutil.rmtree(made[0], ignore_errors=True)
-    return out
+    return tmp

@@ -17,11 +17,11 @@ Either way a rank touches only the bytes it owns.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,7 @@ import torch
 
 from .boxes import Box
 from .spec import ModelSpec
+from .untrusted import UntrustedJSON, is_int, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,6 @@ class Entry:
     end: int
 
 
-def _is_int(x: object) -> bool:
-    """JSON integers only: Python counts ``True`` as an int, a header must not."""
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def inside(directory: Path, name: object, where: str) -> Path:
     """``directory / name`` for a file name read from an untrusted index or manifest, confined to the directory.
 
@@ -95,9 +91,10 @@ def inside(directory: Path, name: object, where: str) -> Path:
 def _roots(directory: Path) -> list[Path]:
     """Where a checkpoint's files may really live: its directory, and for an HF hub cache snapshot
     (``models--org--name/snapshots/REV``, whose files link to ``../../blobs``) that repo's blob store."""
-    roots = [directory.resolve()]
-    if directory.resolve().parent.name == "snapshots":
-        roots.append(directory.resolve().parent.parent / "blobs")
+    real = directory.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        roots.append(real.parent.parent / "blobs")
     return roots
 
 
@@ -109,9 +106,9 @@ def _entry(path: Path, name: str, meta: object, data_start: int, size: int) -> E
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise CheckpointError(f"{where}: unknown dtype {dtype_name!r} (known: {', '.join(DTYPES)})")
     shape, offsets = meta.get("shape"), meta.get("data_offsets")
-    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+    if not isinstance(shape, list) or not all(is_int(s) and s >= 0 for s in shape):
         raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
         raise CheckpointError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
     lo, hi = offsets
     dtype = DTYPES[dtype_name]
@@ -129,27 +126,37 @@ def _entry(path: Path, name: str, meta: object, data_start: int, size: int) -> E
     return Entry(path, name, dtype, tuple(shape), data_start + lo, data_start + hi)
 
 
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of a regular file. Never blocks: a FIFO or device planted under a checkpoint's
+    file name would otherwise hang the reader, or read forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be opened ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: is not a regular file")
+    return fd
+
+
 def read_header(path: str | Path) -> dict[str, Entry]:
     """Parse and fully validate one safetensors header."""
     path = Path(path)
+    with open(open_regular(path), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: {size} bytes is too short to hold a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, MAX_HEADER):
+            raise CheckpointError(
+                f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)"
+            )
+        raw = f.read(n)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: {size} bytes is too short to hold a safetensors header")
-            n = int.from_bytes(head, "little")
-            if n > min(size - 8, MAX_HEADER):
-                raise CheckpointError(
-                    f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)"
-                )
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+        header = parse_json(raw)
+    except UntrustedJSON as e:
+        raise CheckpointError(f"{path}: header is {e}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     metadata = header.get("__metadata__", {})
@@ -211,8 +218,8 @@ class Checkpoint:
     def _index(self, index: Path) -> dict[str, Path]:
         """The index's weight map (tensor -> file), every file confined to the checkpoint directory."""
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = parse_json(index.read_bytes())["weight_map"]
+        except (OSError, UntrustedJSON, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: weight_map is a {type(weight_map).__name__}, expected an object")
@@ -235,14 +242,7 @@ class Checkpoint:
             if entry is None:
                 files = sorted({str(e.path.name) for e in self.entries.values()})
                 raise CheckpointError(f"{self.directory}: tensor {name!r} is missing (searched {', '.join(files)})")
-            if entry.shape != info.shape:
-                raise CheckpointError(
-                    f"{entry.path}: tensor {name!r} has shape {list(entry.shape)}, "
-                    f"but config.json implies {list(info.shape)}"
-                )
-            if entry.dtype not in CASTABLE:
-                raise CheckpointError(f"{entry.path}: tensor {name!r} has dtype {DTYPE_NAMES[entry.dtype]}, "
-                                      "expected one of F32, F16, BF16")
+            check_stored_as(entry.path, name, entry.shape, entry.dtype, info.shape)
         unused = set(self.entries) - set(spec.tensors())
         if unused:
             log.warning("%s: %d tensors are not part of the model and are ignored, e.g. %s",
@@ -253,7 +253,7 @@ class Checkpoint:
 
     def _fd(self, path: Path) -> int:
         if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
+            self._fds[path] = open_regular(path)
         return self._fds[path]
 
     def close(self) -> None:
@@ -290,6 +290,17 @@ class Checkpoint:
             target.copy_(src)
 
 
+def check_stored_as(where: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                    expected: tuple[int, ...]) -> None:
+    """A model tensor as a checkpoint stores it must have the config's shape and a floating dtype we cast."""
+    if shape != expected:
+        raise CheckpointError(f"{where}: tensor {name!r} has shape {list(shape)}, but config.json implies "
+                              f"{list(expected)}")
+    if dtype not in CASTABLE:
+        raise CheckpointError(f"{where}: tensor {name!r} has dtype {DTYPE_NAMES[dtype]}, expected one of "
+                              f"{', '.join(DTYPE_NAMES[d] for d in CASTABLE)}")
+
+
 def is_row_run(box: Box, shape: tuple[int, ...]) -> bool:
     """Whether a box is a run of whole rows, i.e. one contiguous byte range of its tensor."""
     return box.stop[1:] == tuple(shape[1:]) and all(a == 0 for a in box.start[1:])
@@ -311,7 +322,7 @@ def mapped_box(entry: Entry, box: Box, write: bool):
     length = entry.begin + last * item - base
     # Writes prefault the span in one call: first touches of fresh file pages are otherwise one fault each.
     kind = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0) if write else mmap.MAP_PRIVATE
-    with (open(entry.path, "r+b" if write else "rb") as f,
+    with (open(entry.path, "r+b") if write else open(open_regular(entry.path), "rb") as f,
           mmap.mmap(f.fileno(), length, flags=kind, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base) as m):
         flat = torch.frombuffer(m, dtype=entry.dtype, count=last - first, offset=lo - base)
         view = flat.as_strided(box.shape, strides)

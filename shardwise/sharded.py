@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import json
 import math
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +21,12 @@ import numpy as np
 import torch
 
 from .boxes import Box
+from .collective_write import write_checkpoint
 from .layout import Layout, LayoutError, plan_rank
-from .publish import SIDE_FILES, write_checkpoint
-from .reader import DTYPE_NAMES, DTYPES, MANIFEST, Checkpoint, CheckpointError, inside
+from .publish import copy_side_files
+from .reader import DTYPE_NAMES, DTYPES, MANIFEST, Checkpoint, CheckpointError, check_stored_as, inside
 from .spec import ModelSpec
+from .untrusted import UntrustedJSON, is_int, parse_json, shown
 from .writer import save_safetensors
 
 if TYPE_CHECKING:
@@ -45,17 +46,16 @@ class Piece:
 
 def _field(value: object, name: str | None, kind: type, path: Path):
     """A manifest field of the expected JSON type, or a CheckpointError naming it."""
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    if not (is_int(value) if kind is int else isinstance(value, kind)):
         what = f"field {name!r}" if name else "the manifest"
-        raise CheckpointError(f"{path}: {what} is {type(value).__name__} {str(value)[:60]!r}, "
-                              f"expected {kind.__name__}")
+        raise CheckpointError(f"{path}: {what} is {shown(value)}, expected {kind.__name__}")
     return value
 
 
 def _ints(value: object, name: str, path: Path) -> tuple[int, ...]:
     items = _field(value, name, list, path)
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in items):
-        raise CheckpointError(f"{path}: field {name!r} is {str(value)[:60]}, expected non-negative integers")
+    if not all(is_int(x) and x >= 0 for x in items):
+        raise CheckpointError(f"{path}: field {name!r} is {shown(value)}, expected non-negative integers")
     return tuple(items)
 
 
@@ -115,8 +115,8 @@ class ShardedCheckpoint:
         self.directory = Path(directory)
         self.path = self.directory / MANIFEST
         try:
-            manifest = json.loads(self.path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            manifest = parse_json(self.path.read_bytes())
+        except (OSError, UntrustedJSON) as e:
             raise CheckpointError(f"{self.path}: not a readable shardwise manifest ({e})") from None
         root = _field(manifest, None, dict, self.path)
         if root.get("format") != FORMAT:
@@ -179,12 +179,18 @@ class ShardedCheckpoint:
         return Piece(str(file.relative_to(self.directory)), tensor, Box(source, start, stop, offset))
 
     def check(self, spec: ModelSpec) -> None:
+        """Every tensor the config implies is stored, as its shape and a castable dtype; the layout fits the model."""
         for name, info in spec.tensors().items():
             if name not in self.tensors or name not in self.pieces:
-                raise CheckpointError(f"{self.directory / MANIFEST}: tensor {name!r} is missing")
-            if self.tensors[name][0] != info.shape:
-                raise CheckpointError(f"{self.directory / MANIFEST}: tensor {name!r} has shape "
-                                      f"{list(self.tensors[name][0])}, but config.json implies {list(info.shape)}")
+                raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+            check_stored_as(self.path, name, *self.tensors[name], info.shape)
+        try:
+            plan_rank(spec, self.layout, 0)
+        except LayoutError as e:
+            raise CheckpointError(f"{self.path}: field 'layout' does not fit the model: {e}") from None
+        if len(self.stored) > self.layout.world_size:
+            raise CheckpointError(f"{self.path}: {len(self.stored)} rank files for a layout of "
+                                  f"{self.layout.world_size} ranks")
 
     def source_dtype(self, name: str):
         return self.tensors[name][1]
@@ -274,16 +280,8 @@ def save_sharded(weights: Weights, out_dir: str | Path, overwrite: bool = False)
 
     def finish(tmp: Path) -> None:
         (tmp / MANIFEST).write_text(json.dumps(manifest(weights)))
-        copy_side_files(weights, tmp)
+        copy_side_files(weights.source_dir, weights.plan.spec.config, tmp)
 
     return write_checkpoint(out_dir, [("writing data", write_rank_file)], finish, rank=rank, overwrite=overwrite,
                             sources=[weights.source_dir])
 
-
-def copy_side_files(weights: Weights, directory: Path) -> None:
-    """config.json, and the tokenizer files a user needs to run the checkpoint (never from outside the source)."""
-    (directory / "config.json").write_text(json.dumps(weights.plan.spec.config, indent=2))
-    for name in SIDE_FILES:
-        source = inside(weights.source_dir, name, str(weights.source_dir))
-        if source.is_file():
-            shutil.copyfile(source, directory / name)

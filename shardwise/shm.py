@@ -65,11 +65,13 @@ def attach(group: dist.ProcessGroup, ranks: list[int], timeout: float) -> ShmAll
     dist.broadcast_object_list(offer, src=ranks[0], group=group)
     name, token, created_error = offer[0]
     path = os.path.join(SEGMENT_DIR, name)  # each rank's own /dev/shm: the same one only if the probe says so
-    if me != 0 and created_error is None:
-        mem, error = _try(_open, path, token, total)
-    errors = _gather(group, size, error)
-    if me == 0 and created_error is None:
-        os.unlink(path)  # every rank has mapped it (or failed to): nothing is left behind if a rank dies later
+    try:
+        if me != 0 and created_error is None:
+            mem, error = _try(_open, path, token, total)
+        errors = _gather(group, size, error)
+    finally:
+        if me == 0 and created_error is None:  # once all have mapped it (or failed, or died): nothing can leak
+            os.unlink(path)
     if any(errors):
         if mem is not None:
             mem.close()

@@ -8,13 +8,14 @@ class covers them all instead of a class per architecture.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import torch
+
+from .untrusted import UntrustedJSON, is_int, parse_json, shown
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -135,65 +136,70 @@ class ModelSpec:
 
 def _rope(cfg: dict) -> Rope:
     """Reads both the transformers<5 (`rope_theta` + `rope_scaling`) and >=5 (`rope_parameters`) spellings."""
-    try:
-        return _rope_fields(cfg)
-    except SpecError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise SpecError(f"rope parameters are malformed ({type(e).__name__}: {e})") from None
-
-
-def _rope_fields(cfg: dict) -> Rope:
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise SpecError(f"field 'rope_parameters' is {shown(params)}, expected an object")
     kind = params.get("rope_type", params.get("type", "default"))
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    theta = _number(params if "rope_theta" in params else cfg, "rope_theta", 10000.0)
     if kind == "default":
         return Rope(theta)
     if kind == "linear":
-        return Rope(theta, "linear", factor=float(params["factor"]))
+        return Rope(theta, "linear", factor=_number(params, "factor"))
     if kind == "llama3":
-        return Rope(
-            theta,
-            "llama3",
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_positions=int(params["original_max_position_embeddings"]),
-        )
+        return Rope(theta, "llama3", factor=_number(params, "factor"),
+                    low_freq_factor=_number(params, "low_freq_factor"),
+                    high_freq_factor=_number(params, "high_freq_factor"),
+                    original_max_positions=_size(params, "original_max_position_embeddings"))
     raise SpecError(f"rope type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
 def _sliding_windows(cfg: dict, arch: str, layers: int) -> tuple[int | None, ...]:
     """Which layers attend through a sliding window, following each architecture's own switch."""
-    window = cfg.get("sliding_window")
-    if not window:
+    if not cfg.get("sliding_window"):
         return ()
+    window = _size(cfg, "sliding_window")
     if arch == "mistral":
         return (window,) * layers
-    if not cfg.get("use_sliding_window", False):
+    if not _flag(cfg, "use_sliding_window"):
         return ()
     types = cfg.get("layer_types")
-    if types:
+    if types is not None:
+        if not (isinstance(types, list) and len(types) == layers and all(isinstance(t, str) for t in types)):
+            raise SpecError(f"field 'layer_types' is {shown(types)}, expected {layers} strings, one per layer")
         return tuple(window if t == "sliding_attention" else None for t in types)
     first_full = cfg.get("max_window_layers", layers)
+    if not is_int(first_full) or first_full < 0:
+        raise SpecError(f"field 'max_window_layers' is {shown(first_full)}, expected a non-negative integer")
     return tuple(window if n >= first_full else None for n in range(layers))
 
 
-def _size(cfg: dict, key: str, default: object = None) -> int:
+def _size(cfg: dict, key: str, default: int | None = None) -> int:
     """A positive integer field of config.json (which, like every byte of a checkpoint, is untrusted)."""
-    value = cfg.get(key) or default
+    value = cfg.get(key)
+    value = default if value is None else value
     if value is None:
         raise SpecError(f"lacks required field {key!r}")
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise SpecError(f"field {key!r} is {value!r}, expected a positive integer")
+    if not is_int(value) or value < 1:
+        raise SpecError(f"field {key!r} is {shown(value)}, expected a positive integer")
     return value
 
 
-def _number(cfg: dict, key: str, default: float) -> float:
+def _number(cfg: dict, key: str, default: float | None = None) -> float:
+    """A positive, finite number: a zero or NaN rope base or epsilon would turn every logit into NaN."""
     value = cfg.get(key, default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        raise SpecError(f"field {key!r} is {value!r}, expected a non-negative number")
+    if value is None:
+        raise SpecError(f"lacks required field {key!r}")
+    if not (is_int(value) or isinstance(value, float)) or not math.isfinite(value) or value <= 0:
+        raise SpecError(f"field {key!r} is {shown(value)}, expected a positive number")
     return float(value)
+
+
+def _flag(cfg: dict, key: str) -> bool:
+    """A boolean field: ``bool("false")`` is True, so a string must not pass for one."""
+    value = cfg.get(key, False)
+    if not isinstance(value, bool):
+        raise SpecError(f"field {key!r} is {shown(value)}, expected true or false")
+    return value
 
 
 def spec_from_config(cfg: dict) -> ModelSpec:
@@ -212,7 +218,7 @@ def spec_from_config(cfg: dict) -> ModelSpec:
     dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise SpecError(f"config dtype {dtype_name!r} is not supported (supported: {', '.join(DTYPES)})")
-    attention_bias = bool(cfg.get("attention_bias", False))
+    attention_bias = _flag(cfg, "attention_bias")
     return ModelSpec(
         arch=arch,
         hidden=hidden,
@@ -223,12 +229,12 @@ def spec_from_config(cfg: dict) -> ModelSpec:
         intermediate=intermediate,
         vocab=vocab,
         rms_eps=_number(cfg, "rms_norm_eps", 1e-6),
-        tied=bool(cfg.get("tie_word_embeddings", False)),
+        tied=_flag(cfg, "tie_word_embeddings"),
         dtype=DTYPES[dtype_name],
         rope=_rope(cfg),
         qkv_bias=arch == "qwen2" or attention_bias,
         o_bias=arch != "qwen2" and attention_bias,
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        mlp_bias=_flag(cfg, "mlp_bias"),
         qk_norm=arch == "qwen3",
         sliding_windows=_sliding_windows(cfg, arch, layers),
         config=cfg,
@@ -240,11 +246,11 @@ def load_spec(path: str | Path) -> ModelSpec:
     path = Path(path)
     config_path = path / "config.json" if path.is_dir() else path
     try:
-        cfg = json.loads(config_path.read_text())
+        cfg = parse_json(config_path.read_bytes())
     except FileNotFoundError:
         raise SpecError(f"{config_path}: no config.json found") from None
-    except json.JSONDecodeError as e:
-        raise SpecError(f"{config_path}: not valid JSON ({e})") from None
+    except (OSError, UntrustedJSON) as e:
+        raise SpecError(f"{config_path}: {e}") from None
     try:
         return spec_from_config(cfg)
     except SpecError as e:

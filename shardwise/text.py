@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import TextIO
 
+from .untrusted import UntrustedJSON, is_int, parse_json, shown
+
 
 class Text:
     def __init__(self, checkpoint: str | Path):
@@ -20,11 +22,12 @@ class Text:
         path = directory / "tokenizer.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no tokenizer.json, so text prompts cannot be encoded")
-        self.tokenizer = Tokenizer.from_file(str(path))
-        cfg_path = directory / "tokenizer_config.json"
-        self.config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        gen_path = directory / "generation_config.json"
-        self.generation = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own exception types
+            raise ValueError(f"{path}: not a readable tokenizer ({e})") from None
+        self.config = _json_object(directory / "tokenizer_config.json")
+        self.generation = _json_object(directory / "generation_config.json")
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -53,7 +56,6 @@ class Text:
         A template comes with a downloaded checkpoint, so it is untrusted code: like HF,
         render it in jinja2's immutable sandbox, where it can reach no Python internals.
         """
-        import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
@@ -70,7 +72,9 @@ class Text:
         except SecurityError as e:
             raise TemplateError(f"{self.directory}: the chat template tried an operation the sandbox forbids "
                                 f"({e}); it was not run") from None
-        except jinja2.TemplateError as e:
+        except TemplateError:
+            raise
+        except Exception as e:  # noqa: BLE001 - untrusted code: whatever it does wrong ({{ 1/0 }}) is its error
             raise TemplateError(f"{self.directory}: the chat template failed: {type(e).__name__}: {e}") from None
 
     def eos_ids(self) -> list[int]:
@@ -78,9 +82,23 @@ class Text:
         eos = self.generation.get("eos_token_id")
         if eos is None and isinstance(self.config.get("eos_token"), str):
             eos = self.tokenizer.token_to_id(self.config["eos_token"])
-        if eos is None:
-            return []
-        return eos if isinstance(eos, list) else [eos]
+        ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        if not all(is_int(i) and 0 <= i < self.tokenizer.get_vocab_size() for i in ids):
+            raise ValueError(f"{self.directory}: eos_token_id {eos!r} is not a list of token ids")
+        return ids
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON object from an optional side file of the checkpoint; absent means empty."""
+    if not path.exists():
+        return {}
+    try:
+        value = parse_json(path.read_bytes())
+    except (OSError, UntrustedJSON) as e:
+        raise ValueError(f"{path}: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: holds {shown(value)}, expected an object")
+    return value
 
 
 class TemplateError(ValueError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,3 +57,5 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         f.write(head)
         for place in places:
             f.write(tensor_bytes(tensors[place.name]))
+        f.flush()
+        os.fsync(f.fileno())  # durable before the checkpoint that holds it is published

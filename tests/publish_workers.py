@@ -13,9 +13,9 @@ from shardwise import Layout, export, load_weights, save_sharded
 
 def _with_fault(step: str, victim: int, how: str):
     """A stand-in for publish._run_step that makes ``victim`` fail at ``step``, by exception or a full disk."""
-    import shardwise.publish as pub
+    import shardwise.collective_write as cw
 
-    real = pub._run_step
+    real = cw._run_step
 
     def run(name, fn):
         if name != step or dist.get_rank() != victim:
@@ -39,22 +39,22 @@ def _raise():
 
 def faults_at_every_step(src: str, out: str, cases: list[tuple[str, str, int, str]]) -> list[list]:
     """Run each (writer, step, victim, how) case against an existing checkpoint at ``out``; every rank's outcome."""
-    import shardwise.publish as pub
+    import shardwise.collective_write as cw
 
     weights = load_weights(src, Layout(2, 1), progress=False)
     writers = {"export": lambda: export(weights, out, max_file_bytes=20_000, progress=False, overwrite=True),
                "save_sharded": lambda: save_sharded(weights, out, overwrite=True)}
-    real, outcomes = pub._run_step, []
+    real, outcomes = cw._run_step, []
     for writer, step, victim, how in cases:
-        pub._run_step = _with_fault(step, victim, how)
+        cw._run_step = _with_fault(step, victim, how)
         t0 = time.monotonic()
         try:
             writers[writer]()
             error = None
-        except pub.WriteError as e:
+        except cw.WriteError as e:
             error = str(e)
         finally:
-            pub._run_step = real
+            cw._run_step = real
         outcomes.append((time.monotonic() - t0, error))
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, outcomes)

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from publish_workers import bytes_written_by_export, faults_at_every_step
 from test_cli import shardwise, with_tokenizer  # noqa: F401 - with_tokenizer is a fixture
 from test_export import assert_same_checkpoint, digest
@@ -20,12 +21,14 @@ from shardwise import (
     CheckpointError,
     Layout,
     ShardedCheckpoint,
+    SpecError,
     launch,
     load_spec,
     load_weights,
     save_sharded,
 )
-from shardwise.publish import OWNER_FILE, TMP_PREFIX, TargetError, _owner, check_target, write_checkpoint
+from shardwise.collective_write import write_checkpoint
+from shardwise.publish import OWNER_FILE, TMP_PREFIX, TargetError, _owner, check_target
 from shardwise.text import TemplateError, Text
 
 
@@ -110,7 +113,7 @@ def test_stale_temporary_directories_of_dead_writers_are_removed(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale, live = tmp_path / f"{TMP_PREFIX}out-stale", tmp_path / f"{TMP_PREFIX}out-live"
-    for d, owner in ((stale, _owner() | {"pid": dead.pid}), (live, _owner())):
+    for d, owner in ((stale, _owner(tmp_path / "out") | {"pid": dead.pid}), (live, _owner(tmp_path / "out"))):
         d.mkdir()
         (d / OWNER_FILE).write_text(json.dumps(owner))
         (d / "model.safetensors").write_bytes(b"partial")
@@ -123,7 +126,9 @@ def test_stale_temporary_directories_of_dead_writers_are_removed(tmp_path):
 def _fault_cases() -> list[tuple[str, str, int, str]]:
     steps = ["checking the target", "creating the directory", "writing headers", "writing data", "verifying",
              "publishing"]
+    # Renaming into place is rank 0's alone, and the commit point: after it no rank can undo the write.
     raised = [("export", step, rank, "raise") for step in steps for rank in (0, 1)]
+    raised.append(("export", "renaming into place", 0, "raise"))
     full_disk = [("export", "writing headers", 0, "fsize"), ("save_sharded", "writing data", 0, "fsize"),
                  ("save_sharded", "writing data", 1, "fsize")]
     return raised + full_disk
@@ -155,9 +160,16 @@ def test_export_writes_every_byte_once_when_kv_heads_are_replicated(checkpoints,
     assert_same_checkpoint(src, tmp_path / "out")
 
 
-def test_sharded_load_reads_each_region_once(sharded):
-    regions = [p.box.region for pieces in ShardedCheckpoint(sharded).pieces.values() for p in pieces]
-    assert len(regions) == len(set(regions))
+def test_sharded_checkpoint_reads_each_replicated_region_once(checkpoints, tmp_path):
+    src = checkpoints["llama-untied"]  # at TP=4 KV heads are replicated at different offsets of the ranks' qkv
+    launch(reshard_all, 4, {"m": str(src)}, {"m": str(tmp_path / "s")}, 4, 1, timeout=300)
+    ck = ShardedCheckpoint(tmp_path / "s")
+    stored = [p.box.region for pieces in ck.stored.values() for p in pieces]
+    read = [p.box.region for pieces in ck.pieces.values() for p in pieces]
+    assert len(set(stored)) < len(stored), "no region is replicated: the test would prove nothing"
+    assert sorted(read) == sorted(set(stored)), "a region is read more than once, or not at all"
+    expected = load_weights(src, progress=False).tensors
+    assert all(torch.equal(load_weights(tmp_path / "s", progress=False).tensors[n], t) for n, t in expected.items())
 
 
 # --- chat templates: untrusted code ------------------------------------------------------------------------------
@@ -246,7 +258,7 @@ def _stored_too_small(manifest: dict) -> None:
     (lambda m: m["files"][0].update(pieces="all"), r"field 'files\[0\]\.pieces' is str 'all', expected list"),
     (lambda m: m["layout"].update(tp="2"), r"field 'layout\.tp' is str '2', expected int"),
     (lambda m: m["tensors"]["model.norm.weight"].update(dtype="F7"), r"tensor 'model\.norm\.weight': .*'F7'"),
-    (lambda m: m["files"][0]["pieces"][0].pop("start"), r"field 'files\[0\]\.pieces\[0\]\.start' is NoneType"),
+    (lambda m: m["files"][0]["pieces"][0].pop("start"), r"field 'files\[0\]\.pieces\[0\]\.start' is missing"),
     (lambda m: m.update(files={}), r"field 'files' is dict"),
 ])
 def test_bad_manifest_is_a_checkpoint_error(sharded, tmp_path, edit, match):
@@ -271,3 +283,158 @@ def test_no_progress_bar_debris_when_not_on_a_terminal(checkpoints, tmp_path):
     assert "\r" not in out.stderr and "it/s" not in out.stderr, out.stderr
     assert load_spec(tmp_path / "s") == load_spec(checkpoints["llama-untied"])
     assert os.listdir(tmp_path) == ["s"]
+
+
+# --- the rename itself: races, fallbacks, symlinks, mounts -------------------------------------------------------
+
+def _write(out: Path, text: str, **kwargs) -> Path:
+    def fill(tmp: Path) -> None:
+        (tmp / "config.json").write_text(text)
+        (tmp / "model.safetensors").write_text(text)
+
+    return write_checkpoint(out, [("writing data", fill)], **kwargs)
+
+
+def _content(out: Path) -> str:
+    return (out / "config.json").read_text()
+
+
+def test_overwrite_without_atomic_exchange(tmp_path, monkeypatch):
+    import shardwise.publish as pub
+
+    monkeypatch.setattr(pub, "_renameat2", lambda a, b, flags: False)  # NFS: no renameat2 flags
+    out = _write(tmp_path / "out", "old")
+    _write(out, "new", overwrite=True)
+    assert _content(out) == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_failed_rename_without_exchange_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    import shardwise.publish as pub
+
+    out = _write(tmp_path / "out", "old")
+    monkeypatch.setattr(pub, "_renameat2", lambda a, b, flags: False)
+    real = os.rename
+
+    def failing(a, b):
+        if Path(a).name.startswith(TMP_PREFIX) and Path(b) == out:
+            raise OSError(5, "injected I/O error")
+        real(a, b)
+
+    monkeypatch.setattr(pub.os, "rename", failing)
+    with pytest.raises(OSError, match="failed while renaming into place: OSError: .*injected I/O error"):
+        _write(out, "new", overwrite=True)
+    assert _content(out) == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_checkpoint_that_appears_meanwhile_is_never_replaced(tmp_path, monkeypatch):
+    import shardwise.collective_write as cw
+
+    out, real = tmp_path / "out", cw.seal
+
+    def seal_then_race(tmp, target, overwrite, sources):
+        mode = real(tmp, target, overwrite, sources)  # the target was absent when checked...
+        shutil.copytree(tmp, target)  # ...and another writer publishes before our rename
+        (target / "config.json").write_text("theirs")
+        return mode
+
+    monkeypatch.setattr(cw, "seal", seal_then_race)
+    with pytest.raises(OSError, match="failed while renaming into place"):
+        _write(out, "ours")
+    assert _content(out) == "theirs"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "mount"])
+def test_symlink_and_mount_point_targets_are_refused(tmp_path, monkeypatch, kind):
+    real = _write(tmp_path / "real", "old")
+    if kind == "symlink":
+        target = tmp_path / "link"
+        target.symlink_to(real)
+        match = "is a symbolic link"
+    else:
+        target = real
+        monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == real)
+        match = "is a mount point"
+    with pytest.raises(TargetError, match=match):
+        _write(target, "new", overwrite=True)
+    assert _content(real) == "old"
+
+
+def test_without_proc_no_writer_is_presumed_dead(tmp_path, monkeypatch):
+    import shardwise.publish as pub
+
+    stale = tmp_path / f"{TMP_PREFIX}out-abc"
+    stale.mkdir()
+    (stale / OWNER_FILE).write_text(json.dumps(_owner(tmp_path / "out") | {"pid": 2**22 + 1}))
+    monkeypatch.setattr(pub, "_proc_start", lambda pid: "")
+    pub.remove_stale_temps(tmp_path / "out")
+    assert stale.exists()
+
+
+# --- more hostile inputs ------------------------------------------------------------------------------------------
+
+def test_a_fifo_in_place_of_a_weight_file_is_refused_not_waited_on(checkpoints, tmp_path):
+    ckpt = Path(shutil.copytree(checkpoints["llama-tied"], tmp_path / "ckpt"))
+    (ckpt / "model.safetensors").unlink()
+    os.mkfifo(ckpt / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors: is not a regular file"):
+        load_weights(ckpt, progress=False)
+
+
+@pytest.mark.parametrize("what", ["header", "index", "manifest", "config"])
+def test_deeply_nested_json_is_a_clean_error(checkpoints, sharded, tmp_path, what):
+    deep = "[" * 100_000
+    if what == "manifest":
+        ckpt = Path(shutil.copytree(sharded, tmp_path / "c"))
+        (ckpt / "shardwise.json").write_text(deep)
+    else:
+        ckpt = Path(shutil.copytree(checkpoints["llama-untied"], tmp_path / "c"))
+        if what == "header":
+            f = next(ckpt.glob("model-00001-*"))
+            raw = f.read_bytes()
+            n = int.from_bytes(raw[:8], "little")
+            f.write_bytes(len(deep).to_bytes(8, "little") + deep.encode() + raw[8 + n :])
+        else:
+            (ckpt / ("config.json" if what == "config" else "model.safetensors.index.json")).write_text(deep)
+    with pytest.raises((CheckpointError, SpecError), match="RecursionError"):
+        load_weights(ckpt, progress=False)
+
+
+@pytest.mark.parametrize("template", ["{{ 1/0 }}", "{{ 1 + 'a' }}", "{% for %}"])
+def test_a_broken_template_is_a_template_error(with_tokenizer, tmp_path, template):  # noqa: F811
+    ckpt = Path(shutil.copytree(with_tokenizer, tmp_path / "ckpt"))
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    with pytest.raises(TemplateError, match="the chat template failed"):
+        Text(ckpt).chat_prompt("hi")
+
+
+def _set_rope_theta(cfg: dict, value) -> None:
+    (cfg.get("rope_parameters") or cfg)["rope_theta"] = value
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(tie_word_embeddings="false"), "field 'tie_word_embeddings' is str 'false', expected true"),
+    (lambda c: _set_rope_theta(c, float("nan")), "field 'rope_theta' is float nan, expected a positive number"),
+    (lambda c: c.update(num_key_value_heads=0), "field 'num_key_value_heads' is int 0, expected a positive integer"),
+    (lambda c: c.update(sliding_window="big"), "field 'sliding_window' is str 'big', expected a positive integer"),
+])
+def test_config_fields_of_the_wrong_type_are_refused(checkpoints, tmp_path, edit, match):
+    ckpt = Path(shutil.copytree(checkpoints["mistral-untied"], tmp_path / "c"))
+    _edit_json(ckpt / "config.json", edit)
+    with pytest.raises(SpecError, match=match):
+        load_spec(ckpt)
+
+
+def test_sharded_integers_are_not_loaded_as_weights(sharded, tmp_path):
+    ckpt = Path(shutil.copytree(sharded, tmp_path / "s"))
+    _edit_json(ckpt / "shardwise.json", lambda m: m["tensors"]["model.norm.weight"].update(dtype="I32"))
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.norm\.weight' has dtype I32, expected one of"):
+        load_weights(ckpt, progress=False)
+
+
+def test_a_manifest_layout_that_does_not_fit_the_model_is_refused(sharded, tmp_path):
+    ckpt = Path(shutil.copytree(sharded, tmp_path / "s"))
+    _edit_json(ckpt / "shardwise.json", lambda m: m["layout"].update(tp=50000))
+    out = shardwise("export", str(ckpt), str(tmp_path / "hf"))
+    assert out.returncode != 0 and "field 'layout' does not fit the model: tp=50000 exceeds" in out.stderr, out.stderr
