@@ -173,9 +173,12 @@ def test_fuzz_safetensors_header(safetensors_file, tmp_path_factory, data):
 
 @pytest.fixture(scope="module")
 def indexed(checkpoints) -> tuple[Path, dict, dict[str, torch.Tensor]]:
-    src = checkpoints["llama-untied"]  # fp32, split over many files behind an index
-    index = json.loads((src / "model.safetensors.index.json").read_text())
-    return src, index, load_weights(src, progress=False).tensors
+    return original(checkpoints["llama-untied"], checkpoints["llama-untied"], "model.safetensors.index.json")
+
+
+def original(hf: Path, src: Path, name: str) -> tuple[Path, dict, dict[str, torch.Tensor]]:
+    """A checkpoint to damage, the JSON document to mutate, and the weights it must load as (from HF's copy)."""
+    return src, json.loads((src / name).read_text()), load_weights(hf, progress=False).tensors
 
 
 @FUZZ
@@ -203,11 +206,9 @@ def scratch_copy(src: Path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def manifested(checkpoints, tmp_path_factory) -> tuple[Path, dict, dict[str, torch.Tensor]]:
-    src = checkpoints["qwen2-untied"]
     out = tmp_path_factory.mktemp("man") / "s"
-    launch(reshard_all, 2, {"q": str(src)}, {"q": str(out)}, 2, 1, timeout=300)
-    manifest = json.loads((out / "shardwise.json").read_text())
-    return out, manifest, load_weights(src, progress=False).tensors
+    launch(reshard_all, 2, {"q": str(checkpoints["qwen2-untied"])}, {"q": str(out)}, 2, 1, timeout=300)
+    return original(checkpoints["qwen2-untied"], out, "shardwise.json")
 
 
 @FUZZ
