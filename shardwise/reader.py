@@ -223,7 +223,11 @@ class Checkpoint:
             raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: weight_map is a {type(weight_map).__name__}, expected an object")
-        self._claimed = {name: inside(self.directory, f, f"{index}: tensor {name!r}") for name, f in weight_map.items()}
+        files: dict[object, Path] = {}  # each distinct name resolved once: an index lists every tensor
+        for name, f in weight_map.items():
+            if not isinstance(f, str) or f not in files:  # a non-string fails in inside()
+                files[f] = inside(self.directory, f, f"{index}: tensor {name!r}")
+        self._claimed = {name: files[f] for name, f in weight_map.items()}
         return self._claimed
 
     def _check_index(self) -> None:
