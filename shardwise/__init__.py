@@ -1,5 +1,12 @@
 """shardwise: load, shard, run and save Llama-family weights across torch.distributed ranks."""
 
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("shardwise")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
 from .boxes import Box, ShardedTensor
 from .collective_write import WriteError
 from .hf_export import export
@@ -13,6 +20,7 @@ from .sharded import ShardedCheckpoint, save_sharded
 from .spec import ModelSpec, SpecError, load_spec
 
 __all__ = [
+    "__version__",
     "Box",
     "Checkpoint",
     "CheckpointError",

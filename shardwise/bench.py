@@ -7,7 +7,6 @@ bytes from the page cache into a fresh buffer, which no loader can beat.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import time
@@ -158,9 +157,10 @@ def bench_generate_rank(directory: str, tp: int, pp: int, prompt: str, new_token
     from .text import TemplateError, Text
 
     text = Text(directory)
-    with contextlib.suppress(TemplateError):  # a base model without a chat template gets the plain prompt
-        prompt = text.chat_prompt(prompt)
-    ids = torch.tensor([text.encode(prompt)])
+    try:
+        ids = torch.tensor([text.prompt_ids(prompt, chat=True)])
+    except TemplateError:  # a base model without a chat template gets the plain prompt
+        ids = torch.tensor([text.prompt_ids(prompt, chat=False)])
     model = load_model(directory, Layout(tp, pp), progress=False)
     model.generate(ids, 2)  # warm-up: first-call allocations and thread pools
     _barrier()

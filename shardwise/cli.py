@@ -8,15 +8,20 @@ import logging
 import os
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
+from . import __version__
 from .bench import bench_export_rank, bench_generate_rank, bench_load_rank, warm_page_cache
 from .generate import GenerateArgs, generate_rank
 from .launch import LaunchInterrupted, RankError, in_torchrun, launch
 from .layout import Layout, plan_rank
 from .publish import check_target
+from .reader import MANIFEST
 from .spec import DTYPES, load_spec
+
+log = logging.getLogger("shardwise")
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -25,9 +30,28 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _layout_args(p: argparse.ArgumentParser, tp_required: bool = True) -> None:
-    p.add_argument("--tp", type=int, required=tp_required, default=1, help="tensor-parallel degree")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (stages)")
+def _bounded(kind: type, low: float, high: float | None = None, low_open: bool = False):
+    """An argparse type: a number of ``kind`` in [low, high] (or (low, high] with ``low_open``), said in one line."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            bounds = f"{'>' if low_open else '>='} {low}" + ("" if high is None else f" and <= {high}")
+            raise argparse.ArgumentTypeError(f"{text} must be {bounds}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE = _bounded(int, 1)
+
+
+def _layout_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=POSITIVE, default=1, help="tensor-parallel degree")
+    p.add_argument("--pp", type=POSITIVE, default=1, help="pipeline-parallel degree (stages)")
 
 
 def _overwrite_arg(p: argparse.ArgumentParser) -> None:
@@ -42,14 +66,63 @@ def _world(args) -> int:
     return world
 
 
+def _is_rank0() -> bool:
+    """Whether this process reports results: always when spawning ranks, only rank 0 under torchrun."""
+    return not in_torchrun() or int(os.environ.get("RANK", "0")) == 0
+
+
+def _plan_everywhere(path: str, layout: Layout):
+    """The model spec, with the layout checked on every rank: what a spawned job would find, in a second."""
+    spec = load_spec(path)
+    for rank in range(layout.world_size):
+        plan_rank(spec, layout, rank)
+    return spec
+
+
+def _check_generate(args, prompts: tuple[str, ...]) -> None:
+    """Every mistake a generate job could make, found before any rank is spawned."""
+    from .text import Text
+
+    spec = _plan_everywhere(args.checkpoint, Layout(args.tp, args.pp))
+    if args.device.startswith("cuda") and torch.cuda.device_count() < args.tp * args.pp:
+        raise ValueError(f"--device {args.device} needs {args.tp * args.pp} GPUs, this machine has "
+                         f"{torch.cuda.device_count()}")
+    if not all(prompts):
+        raise ValueError("a prompt is empty; give the text to continue")
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        log.warning("--top-k/--top-p have no effect without --temperature > 0 (greedy decoding)")
+    text = Text(args.checkpoint)
+    longest = max(len(text.prompt_ids(p, args.chat)) for p in prompts)
+    limit = spec.config.get("max_position_embeddings")
+    if isinstance(limit, int) and longest + args.max_new_tokens > limit:
+        log.warning("%d prompt + %d new tokens run past the model's %d positions; expect degraded text",
+                    longest, args.max_new_tokens, limit)
+
+
+def _prompts(args) -> tuple[str, ...]:
+    """Every --prompt, then every line of --prompts FILE."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            prompts += Path(args.prompts_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{args.prompts_file}: cannot read the prompts ({e})") from None
+    if not prompts:
+        raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
+    return tuple(prompts)
+
+
 def cmd_generate(args) -> None:
-    job = GenerateArgs(args.checkpoint, args.tp, args.pp, args.prompt, args.max_new_tokens, args.dtype,
+    prompts = _prompts(args)
+    _check_generate(args, prompts)
+    job = GenerateArgs(args.checkpoint, args.tp, args.pp, prompts, args.max_new_tokens, args.dtype,
                        args.device, args.chat, args.temperature, args.top_k, args.top_p, args.seed)
     result = launch(generate_rank, _world(args), job)
-    if not in_torchrun() or int(os.environ["RANK"]) == 0:
+    if _is_rank0():
         rss = " ".join(f"r{r}={b / 2**20:.0f}MiB" for r, b in enumerate(result["rss"]))
+        n = result["new_tokens"]
         print(f"[shardwise] tp={args.tp} pp={args.pp} load {result['load_s']:.2f}s, "
-              f"{result['new_tokens']} tokens at {result['tokens_per_s']:.1f} tok/s, rss {rss}", file=sys.stderr)
+              f"{n} token{'s' * (n != 1)} at {result['tokens_per_s']:.1f} tok/s, rss {rss}", file=sys.stderr)
 
 
 KINDS = {
@@ -91,6 +164,11 @@ def cmd_plan(args) -> None:
     print(plan_table(args.path, Layout(args.tp, args.pp), args.dtype))
 
 
+def _report(message: str) -> None:
+    if _is_rank0():
+        print(message)
+
+
 def cmd_bench_load(args) -> None:
     warm_page_cache(args.checkpoint)
     rows = launch(bench_load_rank, _world(args), args.checkpoint, args.tp, args.pp, args.dtype, args.hf)
@@ -117,7 +195,7 @@ def cmd_import_gguf(args) -> None:
     from .gguf_import import import_gguf
 
     out = import_gguf(args.gguf, args.out_dir, args.dtype, overwrite=args.overwrite)
-    print(f"wrote {out}")
+    _report(f"wrote {out}")
 
 
 def reshard_rank(src: str, dst: str, tp: int, pp: int, overwrite: bool) -> None:
@@ -135,20 +213,28 @@ def export_rank(src: str, out: str, tp: int, pp: int, overwrite: bool) -> None:
 
 
 def cmd_reshard(args) -> None:
+    from .loader import open_source
+
     check_target(args.dst, args.overwrite, [args.src])  # before spawning: a refusal costs nothing
+    spec = _plan_everywhere(args.src, Layout(args.tp, args.pp))
+    with open_source(args.src) as source:
+        source.check(spec)
     launch(reshard_rank, _world(args), args.src, args.dst, args.tp, args.pp, args.overwrite)
-    print(f"wrote {args.dst} (sharded, tp={args.tp} pp={args.pp})")
+    _report(f"wrote {args.dst} (sharded, tp={args.tp} pp={args.pp})")
 
 
 def cmd_export(args) -> None:
     from .sharded import ShardedCheckpoint
 
     check_target(args.out, args.overwrite, [args.src])
+    if not (Path(args.src) / MANIFEST).is_file():
+        raise ValueError(f"{args.src}: export takes a sharded checkpoint (one with {MANIFEST}); an HF checkpoint "
+                         "needs no export: `shardwise reshard` makes a sharded one of it")
     source = ShardedCheckpoint(args.src)
     source.check(load_spec(args.src))  # the manifest's layout says how many ranks to spawn: vet it first
     layout = source.layout
     launch(export_rank, layout.world_size, args.src, args.out, layout.tp, layout.pp, args.overwrite)
-    print(f"wrote {args.out} (HF safetensors, exported by {layout.world_size} ranks)")
+    _report(f"wrote {args.out} (HF safetensors, exported by {layout.world_size} ranks)")
 
 
 def cmd_bench_export(args) -> None:
@@ -161,78 +247,94 @@ def cmd_bench_export(args) -> None:
           f"({row['bytes'] / 1e6:.0f} MB), save sharded {row['save_sharded_s']:.2f}s, reshard {row['reshard_s']:.2f}s")
 
 
+class _Help(argparse.HelpFormatter):
+    """Shows each option's default, except where there is none to show (None, a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if not action.option_strings or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return action.help
+        return f"{action.help or ''} (default: %(default)s)".strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardwise", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
+    common = argparse.ArgumentParser(add_help=False)  # -v works before or after the subcommand
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log diagnostics; show whole tracebacks")
+    fmt = _Help
+    parser = argparse.ArgumentParser(prog="shardwise", description=__doc__, parents=[common], formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"shardwise {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate text on N ranks (spawns them, or joins a torchrun world)")
+    def command(group, name: str, help: str, func) -> argparse.ArgumentParser:
+        p = group.add_parser(name, help=help, description=help, parents=[common], formatter_class=fmt)
+        p.set_defaults(func=func)
+        return p
+
+    g = command(sub, "generate", "generate text on N ranks (spawns them, or joins a torchrun world)", cmd_generate)
     g.add_argument("checkpoint")
-    _layout_args(g, tp_required=False)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--dtype", type=_dtype, default=torch.float32)
+    _layout_args(g)
+    g.add_argument("--prompt", action="append", help="a text to continue; repeat for a batch")
+    g.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="a file of prompts, one per line")
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="tokens to generate at most")
+    g.add_argument("--dtype", type=_dtype, default="float32", help="dtype the ranks compute in")
     g.add_argument("--device", default="cpu", help="cpu or cuda (each rank takes its LOCAL_RANK GPU)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int, default=0)
-    g.set_defaults(func=cmd_generate)
+    g.add_argument("--temperature", type=_bounded(float, 0.0), default=0.0, help="0 means greedy")
+    g.add_argument("--top-k", type=POSITIVE, help="sample from the k most likely tokens (needs --temperature)")
+    g.add_argument("--top-p", type=_bounded(float, 0.0, 1.0, low_open=True),
+                   help="sample from the smallest set of tokens whose probability reaches p (needs --temperature)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed, the same on every rank")
 
-    i = sub.add_parser("import-gguf", help="convert a llama.cpp GGUF file to an HF-format checkpoint")
+    i = command(sub, "import-gguf", "convert a llama.cpp GGUF file to an HF-format checkpoint", cmd_import_gguf)
     i.add_argument("gguf")
     i.add_argument("out_dir")
     i.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the written tensors")
     _overwrite_arg(i)
-    i.set_defaults(func=cmd_import_gguf)
 
-    r = sub.add_parser("reshard", help="HF or sharded checkpoint -> sharded checkpoint under a new layout")
+    r = command(sub, "reshard", "HF or sharded checkpoint -> sharded checkpoint under a new layout", cmd_reshard)
     r.add_argument("src")
     r.add_argument("dst")
     _layout_args(r)
     _overwrite_arg(r)
-    r.set_defaults(func=cmd_reshard)
 
-    e = sub.add_parser("export", help="sharded checkpoint -> HF safetensors checkpoint, written by all its ranks")
+    e = command(sub, "export", "sharded checkpoint -> HF safetensors checkpoint, written by all its ranks", cmd_export)
     e.add_argument("src")
     e.add_argument("out")
     _overwrite_arg(e)
-    e.set_defaults(func=cmd_export, tp=1, pp=1)
+    e.set_defaults(tp=1, pp=1)
 
-    p = sub.add_parser("plan", help="bytes each rank will hold, per tensor kind")
+    p = command(sub, "plan", "bytes each rank will hold, per tensor kind", cmd_plan)
     p.add_argument("path", help="checkpoint directory or config.json")
     _layout_args(p)
-    p.add_argument("--dtype", type=_dtype, help="dtype the ranks will hold (default: the config's)")
-    p.set_defaults(func=cmd_plan)
+    p.add_argument("--dtype", type=_dtype, default="float32", help="dtype the ranks will hold, as generate's")
 
-    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    bl = b.add_parser("load", help="per-rank load time, bytes and peak RSS, against a read floor and HF")
+    b = command(sub, "bench", "benchmarks", None).add_subparsers(dest="bench", required=True)
+    bl = command(b, "load", "per-rank load time, bytes and peak RSS, against a read floor and HF", cmd_bench_load)
     bl.add_argument("checkpoint")
     _layout_args(bl)
-    bl.add_argument("--dtype", type=_dtype, default=torch.bfloat16)
+    bl.add_argument("--dtype", type=_dtype, default="float32", help="dtype the ranks load into")
     bl.add_argument("--hf", action="store_true", help="also time HF from_pretrained(tp_plan='auto') in the same run")
     bl.add_argument("--json", action="store_true", help="one JSON object per rank per line")
-    bl.set_defaults(func=cmd_bench_load)
-    bg = b.add_parser("generate", help="greedy fp32 tokens/s of shardwise and HF tp_plan='auto', side by side")
+    bg = command(b, "generate", "greedy fp32 tokens/s of shardwise and HF tp_plan='auto', side by side",
+                 cmd_bench_generate)
     bg.add_argument("checkpoint")
     _layout_args(bg)
-    bg.add_argument("--prompt", default="What is the capital of France?")
-    bg.add_argument("--max-new-tokens", type=int, default=64)
+    bg.add_argument("--prompt", default="What is the capital of France?", help="the text to continue")
+    bg.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="tokens to generate, exactly")
     bg.add_argument("--no-hf", action="store_true", help="skip the HF measurement")
     bg.add_argument("--json", action="store_true")
-    bg.set_defaults(func=cmd_bench_generate)
-    be = b.add_parser("export", help="parallel HF export vs one sequential write of the same bytes; reshard time")
+    be = command(b, "export", "parallel HF export vs one sequential write of the same bytes; reshard time",
+                 cmd_bench_export)
     be.add_argument("checkpoint")
     _layout_args(be)
     be.add_argument("--work-dir", default=None, help="where to write (default: the system temp dir)")
     be.add_argument("--json", action="store_true")
-    be.set_defaults(func=cmd_bench_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     try:

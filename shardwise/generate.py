@@ -20,7 +20,7 @@ class GenerateArgs:
     checkpoint: str
     tp: int
     pp: int
-    prompt: str
+    prompts: tuple[str, ...]
     max_new_tokens: int = 64
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
@@ -33,27 +33,48 @@ class GenerateArgs:
 
 
 def generate_rank(args: GenerateArgs) -> dict:
-    """Collective: every rank loads its part and generates; rank 0 streams the text to stdout."""
+    """Collective: every rank loads its part and generates one batch of all the prompts; rank 0 prints.
+
+    One prompt streams its answer token by token. Several are generated as one
+    left-padded batch, and each answer is printed whole, labelled with its prompt's number.
+    """
     rank = dist.get_rank() if dist.is_initialized() else 0
     text = Text(args.checkpoint)  # before loading: a broken tokenizer or template should not cost a load
-    prompt = text.chat_prompt(args.prompt) if args.chat else args.prompt
-    ids = torch.tensor([text.encode(prompt)])
-    streamer = Streamer(text, sys.stdout) if args.stream and rank == 0 else None
+    prompts = [text.prompt_ids(p, args.chat) for p in args.prompts]
+    streamer = Streamer(text, sys.stdout) if args.stream and rank == 0 and len(prompts) == 1 else None
     t0 = time.perf_counter()
     with load_model(args.checkpoint, Layout(args.tp, args.pp), device=args.device, dtype=args.dtype,
                     progress=False) as model:
         load_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        out = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, seed=args.seed, eos_token_id=text.eos_ids(), on_token=streamer)
         gen_s = time.perf_counter() - t1
-    if streamer is not None:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-    new = out[0, ids.shape[1] :].tolist()
+    width = max(len(p) for p in prompts)
+    answers = [_until_eos(row[width:].tolist(), text.eos_ids()) for row in out]
+    if rank == 0 and args.stream:
+        _print_answers(text, answers, streamed=streamer is not None)
     rss = [rss_bytes()]
     if dist.is_initialized():
         rss = [None] * dist.get_world_size()
         dist.all_gather_object(rss, rss_bytes())
-    return {"text": text.decode(new), "new_tokens": len(new), "load_s": load_s, "generate_s": gen_s,
-            "tokens_per_s": len(new) / gen_s, "rss": rss}
+    new = sum(len(a) for a in answers)
+    return {"texts": [text.decode(a) for a in answers], "new_tokens": new, "load_s": load_s, "generate_s": gen_s,
+            "tokens_per_s": new / gen_s, "rss": rss}
+
+
+def _until_eos(ids: list[int], eos: list[int]) -> list[int]:
+    """A row's new tokens up to and including its first EOS: what follows is padding of the batch."""
+    for i, token in enumerate(ids):
+        if token in eos:
+            return ids[: i + 1]
+    return ids
+
+
+def _print_answers(text: Text, answers: list[list[int]], streamed: bool) -> None:
+    if not streamed:
+        for i, ids in enumerate(answers, 1):
+            sys.stdout.write(f"[{i}] {text.decode(ids)}\n")
+    else:
+        sys.stdout.write("\n")
+    sys.stdout.flush()

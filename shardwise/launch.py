@@ -22,6 +22,7 @@ import pickle
 import queue
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -39,6 +40,7 @@ EXIT_GRACE = 30.0  # seconds ranks that all succeeded get to exit on their own
 KILL_AFTER = 5.0  # seconds between terminating a rank and killing it
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PR_SET_PDEATHSIG = 1
+UNGUARDED_EXIT = 87  # a rank whose start re-ran a launch() at the top level of the main script
 
 
 class RankError(RuntimeError):
@@ -237,10 +239,30 @@ def _start(procs: list[mp.Process]) -> None:
     """
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        for p in procs:
-            p.start()
+        with _no_phantom_main():
+            for p in procs:
+                p.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+@contextlib.contextmanager
+def _no_phantom_main():
+    """Hide a main script that is not a file (``python -`` names it '<stdin>') while ranks start.
+
+    Spawned ranks re-run the main script by its path; with none to find they would die
+    before running a function that does not even live there.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    phantom = path is not None and not os.path.isfile(path)
+    if phantom:
+        del main.__file__
+    try:
+        yield
+    finally:
+        if phantom:
+            main.__file__ = path
 
 
 def _wait(procs: list[mp.Process], seconds: float, cut_short: Callable[[], bool] = lambda: False) -> None:
@@ -281,6 +303,9 @@ def _failure(procs: list[mp.Process], results: mp.Queue, done: set[int], first: 
             errors.append((rank, payload))
     reported = done | {r for r, _ in errors}
     for rank, p in enumerate(procs):
+        if p.exitcode == UNGUARDED_EXIT:
+            return RankError(rank, "launch() runs again in every rank as it starts: call it under "
+                                   "`if __name__ == \"__main__\":` in your script")
         if rank not in reported and p.exitcode not in (None, 0):
             return RankError(rank, f"rank {rank} died with exit code {p.exitcode}")
     rank, (tb, exc) = errors[0]
@@ -319,6 +344,26 @@ def _supervise(procs: list[mp.Process], results: mp.Queue, timeout: float, stop:
     return value
 
 
+def _check_spawnable(fn: Callable) -> None:
+    """Refuse, in one line that says what to change, a launch whose ranks could never find ``fn``.
+
+    Ranks are new processes: they import ``fn`` by name, and re-run the main script to
+    find functions defined there. A script without a ``__main__`` guard therefore calls
+    ``launch`` again in every rank (which then exits quietly with ``UNGUARDED_EXIT``), and
+    a function typed into ``python -c``, stdin or a notebook has no file to be found in.
+    """
+    if getattr(mp.current_process(), "_inheriting", False):
+        os._exit(UNGUARDED_EXIT)  # a rank starting up; the launching process explains
+    main = sys.modules.get("__main__")
+    if getattr(fn, "__module__", None) == "__main__" and not os.path.isfile(getattr(main, "__file__", None) or ""):
+        raise ValueError(f"launch: {getattr(fn, '__name__', fn)!r} is defined interactively (python -c, stdin or "
+                         "a notebook), where the spawned ranks cannot import it; define it in a .py file and import it")
+    try:
+        pickle.dumps(fn)
+    except Exception as e:  # noqa: BLE001 - any pickling failure means the ranks could not receive fn
+        raise ValueError(f"launch: {fn!r} cannot be sent to the ranks ({e}); pass a module-level function") from None
+
+
 def launch(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT,
            backend: str | None = None) -> Any:
     """Run ``fn(*args)`` on ``world_size`` ranks and return rank 0's value.
@@ -330,6 +375,7 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_T
     """
     if in_torchrun():
         return _run_joined(fn, world_size, args, backend, timeout)
+    _check_spawnable(fn)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()

@@ -9,6 +9,7 @@ which is what lets every layout match HF's logits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,16 +59,50 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-def attention_mask(start: int, length: int, window: int | None, device: torch.device) -> torch.Tensor | None:
-    """Causal (optionally sliding-window) mask for queries at ``start:start+length``; None when all keys are visible."""
-    if length == 1 and (window is None or start < window):
+def attention_mask(start: int, length: int, window: int | None, device: torch.device,
+                   keys: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Causal (optionally sliding-window) mask for queries at ``start:start+length``; None when all keys are visible.
+
+    ``keys`` (batch, start+length) marks real keys of a left-padded batch: padded ones are hidden from every
+    query, giving a (batch, 1, length, start+length) mask. A padded query then sees no key at all, and SDPA
+    would turn it into NaN, which a later layer's ``0 * NaN`` leaks into real rows; letting such a query see
+    every key keeps its ignored output finite.
+    """
+    if keys is None and length == 1 and (window is None or start < window):
         return None
     q = torch.arange(start, start + length, device=device)[:, None]
     k = torch.arange(start + length, device=device)[None, :]
     allowed = k <= q
     if window is not None:
         allowed &= (q - k) < window
-    return allowed
+    if keys is None:
+        return allowed
+    allowed = allowed & keys.bool()[:, None, None, :]
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+def left_pad(prompts: Sequence[Sequence[int] | torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of any lengths as one left-padded (batch, longest) batch and its attention mask.
+
+    Left, not right: every row's next token then comes from the same (last) column, as in HF.
+    """
+    rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
+    if not rows or min(len(r) for r in rows) == 0:
+        raise ValueError("generate needs at least one prompt, and no empty one")
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, longest - len(r):], mask[i, longest - len(r):] = r, 1
+    return ids, mask
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Rope positions of a left-padded batch, as HF's generate derives them: each row counts from its first real token.
+
+    Padded slots get 0; they are masked keys, so their value never matters.
+    """
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 class Attention(nn.Module):
@@ -82,7 +117,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(w[f"layers.{n}.k_norm"], spec.rms_eps) if spec.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                cache: KVCache | None) -> torch.Tensor:
+                cache: KVCache | None, keys: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         d = self.head_dim
         q, k, v = self.qkv(x).split([self.n_q * d, self.n_kv * d, self.n_kv * d], dim=-1)
@@ -97,8 +132,8 @@ class Attention(nn.Module):
         group = self.n_q // self.n_kv
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        mask = attention_mask(start, t, self.window, x.device)
-        causal = mask is not None and start == 0 and self.window is None
+        mask = attention_mask(start, t, self.window, x.device, keys)
+        causal = mask is not None and keys is None and start == 0 and self.window is None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal)
         return self.o(out.transpose(1, 2).reshape(b, t, self.n_q * d))
 
@@ -123,8 +158,8 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(w[f"layers.{n}.mlp_norm"], eps)
         self.mlp = MLP(comm, w, n)
 
-    def forward(self, x, cos, sin, start, cache):
-        x = x + self.attn(self.attn_norm(x), cos, sin, start, cache)
+    def forward(self, x, cos, sin, start, cache, keys=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, start, cache, keys)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -180,27 +215,41 @@ class Model(nn.Module):
         # After an error the peers may never reach close(): a barrier would hang until the timeout, hiding the error.
         self.close(sync=exc_type is None)
 
-    def rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(start, start + length, device=self.device).float()
-        freqs = pos[:, None] * self.inv_freq[None, :]
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for (seq,) positions shared by all rows, or (batch, seq) ones with a head axis added."""
+        freqs = positions.float()[..., None] * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
+        if positions.dim() == 2:
+            emb = emb[:, None]
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, start: int = 0, last_only: bool = False) -> torch.Tensor:
-        """Logits for ``input_ids`` (batch, seq) at positions ``start:``; with ``last_only`` just the final one."""
+    def forward(self, input_ids: torch.Tensor, start: int = 0, last_only: bool = False,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for ``input_ids`` (batch, seq) at positions ``start:``; with ``last_only`` just the final one.
+
+        ``attention_mask`` (batch, start+seq) is HF's: 1 for real tokens, 0 for padding, covering the cached
+        positions too. Padded keys are hidden and rope positions count from each row's first real token, so
+        a left-padded row gets the logits it would get alone; a padded position's own logits are meaningless.
+        Every stage derives this from the mask itself, so pipeline stages still only pass hidden states.
+        """
         if self.closed:
             raise RuntimeError(f"rank {self.comm.rank}: the model is closed")
         input_ids = input_ids.to(self.device)
         b, t = input_ids.shape
+        keys = padding_keys(attention_mask, (b, start + t), self.device)
+        if keys is None:
+            positions = torch.arange(start, start + t, device=self.device)
+        else:
+            positions = positions_from_mask(keys)[:, start:]
+        cos, sin = self.rope(positions)
         shape = (b, t, self.spec.hidden)
         if self.plan.is_first:
             h = self.embed(input_ids)
         else:
             h = self.comm.recv_prev(torch.empty(shape, dtype=self.dtype, device=self.device))
-        cos, sin = self.rope(start, t)
         for n, layer in self.layers.items():
-            h = layer(h, cos, sin, start, None if self.caches is None else self.caches[int(n)])
+            h = layer(h, cos, sin, start, None if self.caches is None else self.caches[int(n)], keys)
         logits = None
         if self.plan.is_last:
             if last_only:
@@ -217,30 +266,41 @@ class Model(nn.Module):
         self.caches = {n: KVCache(batch, heads.n_kv, max_len, d, self.dtype, self.device) for n in self.plan.layers}
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 eos_token_id: int | list[int] | None = None, on_token=None) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor | Sequence[Sequence[int] | torch.Tensor], max_new_tokens: int,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 eos_token_id: int | list[int] | None = None, on_token=None,
+                 attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None) -> torch.Tensor:
         """Greedy (temperature 0) or sampled continuation, with a KV cache; returns prompt plus new ids.
+
+        ``input_ids`` is a (batch, seq) tensor, left-padded where ``attention_mask`` is 0, or a list of
+        prompts of any lengths (lists of ids or 1-D tensors), which are left-padded here. Either way the
+        result is (batch, seq + new) with the padding kept on the left, as HF's generate returns it. The pad
+        id is ``pad_token_id``, else the first EOS id, else 0; finished rows continue with it too.
 
         Every rank samples from the same broadcast logits with the same seeded
         generator, so all ranks agree on every token without another collective.
         ``on_token(ids)`` is called with each new (batch,) tensor of ids, for streaming.
         """
-        ids = input_ids.to(self.device)
+        eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
+        pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+        ids, mask = self._as_batch(input_ids, attention_mask, pad)
         b, t = ids.shape
+        if mask is not None:  # generated tokens are always real, like the ones HF appends to the mask
+            mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)
         self._allocate_caches(b, t + max_new_tokens)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
         eos = torch.tensor(eos_ids, dtype=ids.dtype, device=self.device)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         out, step_ids, start = [ids], ids, 0
         try:
             for _ in range(max_new_tokens):
-                logits = self.forward(step_ids, start=start, last_only=True)[:, -1].float()
-                start += step_ids.shape[1]
+                end = start + step_ids.shape[1]
+                step_mask = None if mask is None else mask[:, :end]
+                logits = self.forward(step_ids, start=start, last_only=True, attention_mask=step_mask)[:, -1].float()
+                start = end
                 nxt = sample(logits, temperature, top_k, top_p, gen)
                 if eos_ids:
-                    nxt = torch.where(done, eos[0], nxt)  # finished rows are padded with EOS
+                    nxt = torch.where(done, pad, nxt)  # finished rows are padded
                     done |= torch.isin(nxt, eos)
                 out.append(nxt[:, None])
                 if on_token is not None:
@@ -251,6 +311,32 @@ class Model(nn.Module):
         finally:
             self.caches = None
         return torch.cat(out, dim=1)
+
+    def _as_batch(self, input_ids: torch.Tensor | Sequence[Sequence[int] | torch.Tensor],
+                  attention_mask: torch.Tensor | None, pad: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One (batch, seq) id tensor and its padding mask, the mask None when nothing is padded (the fast path)."""
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+            ids, mask = input_ids, attention_mask
+        elif attention_mask is not None:
+            raise ValueError("attention_mask goes with a (batch, seq) tensor; a list of prompts is padded here")
+        else:
+            ids, mask = left_pad(input_ids, pad)
+        keys = padding_keys(mask, tuple(ids.shape), self.device)
+        if keys is not None and not bool(keys[:, -1].all()):
+            raise ValueError("generate needs left padding: every row's last token must be real")
+        return ids.to(self.device), keys
+
+
+def padding_keys(mask: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+    """An attention mask as booleans; None when it pads nothing, so unpadded batches keep the fast path."""
+    if mask is None:
+        return None
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"attention_mask must have shape {shape} (batch, cached + new), got {tuple(mask.shape)}")
+    keys = mask.to(device=device, dtype=torch.bool)
+    return None if bool(keys.all()) else keys
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

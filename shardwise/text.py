@@ -26,11 +26,31 @@ class Text:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own exception types
             raise ValueError(f"{path}: not a readable tokenizer ({e})") from None
+        # transformers' __call__ (no truncation or padding asked for) switches off any that tokenizer.json
+        # carries; left on, a prompt longer than the file's max_length would silently lose its end.
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
         self.config = _json_object(directory / "tokenizer_config.json")
         self.generation = _json_object(directory / "generation_config.json")
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """The ids of ``text``; with ``special``, also the BOS/EOS that tokenizer.json's post_processor adds.
+
+        That post_processor alone decides, as in transformers 5: when a tokenizer.json is present, its
+        ``_from_pretrained`` drops tokenizer_config.json's ``add_bos_token``/``add_eos_token`` (so LlamaTokenizer
+        and Gemma's too keep the file's post_processor), and a null one becomes a template adding nothing.
+        Without ``special`` this is ``tokenizer(text, add_special_tokens=False)``, for text that already spells
+        out its special tokens, like a rendered chat template.
+        """
+        return self.tokenizer.encode(text, add_special_tokens=special).ids
+
+    def prompt_ids(self, prompt: str, chat: bool) -> list[int]:
+        """The ids HF would give the model for ``prompt``: ``tokenizer(prompt).input_ids``, or with ``chat``
+        ``apply_chat_template(..., add_generation_prompt=True, tokenize=True)``, which encodes the rendered
+        template without special tokens since the template writes its own (Llama 3's starts with BOS)."""
+        if chat:
+            return self.encode(self.chat_prompt(prompt), special=False)
+        return self.encode(prompt)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

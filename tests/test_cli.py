@@ -99,3 +99,71 @@ def test_cli_error_is_one_line_naming_rank_file_and_tensor(with_tokenizer, tmp_p
     lines = [line for line in out.stderr.splitlines() if line.startswith("shardwise:")]
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert f"{victim.name}: tensor '" in lines[0] and "truncated" in lines[0] and "rank " in lines[0]
+
+
+NO_SPAWN = "import sys, shardwise.cli as cli\ncli.launch = lambda *a, **k: sys.exit('SPAWNED')\ncli.main(sys.argv[1:])"
+
+
+@pytest.mark.parametrize("args,error", [
+    (["generate", "{llama}", "--tp", "10", "--prompt", "t1"], "LayoutError: tp=10 exceeds the 9 query heads"),
+    (["generate", "{llama}", "--tp", "0", "--prompt", "t1"], "argument --tp: 0 must be >= 1"),
+    (["generate", "{llama}", "--pp", "-1", "--prompt", "t1"], "argument --pp: -1 must be >= 1"),
+    (["generate", "{llama}", "--tp", "x", "--prompt", "t1"], "argument --tp: 'x' is not an integer"),
+    (["generate", "{tok}", "--prompt", ""], "a prompt is empty"),
+    (["generate", "{tok}"], "no prompt: give --prompt TEXT (repeatable) or --prompts FILE"),
+    (["generate", "{tok}", "--prompt", "t1", "--max-new-tokens", "-5"], "argument --max-new-tokens: -5 must be >= 1"),
+    (["generate", "{tok}", "--prompt", "t1", "--top-k", "0"], "argument --top-k: 0 must be >= 1"),
+    (["generate", "{tok}", "--prompt", "t1", "--top-p", "1.5"], "argument --top-p: 1.5 must be > 0.0 and <= 1.0"),
+    (["generate", "{tok}", "--prompt", "t1", "--temperature", "-1"], "argument --temperature: -1 must be >= 0.0"),
+    (["reshard", "{llama}", "{tmp}/out", "--tp", "0"], "argument --tp: 0 must be >= 1"),
+    (["reshard", "{llama}", "{tmp}/out", "--pp", "4"], "LayoutError: pp=4 exceeds the 3 layers"),
+    (["export", "{llama}", "{tmp}/out"], "export takes a sharded checkpoint"),
+])
+def test_bad_arguments_are_one_line_errors_before_any_rank_starts(checkpoints, with_tokenizer, tmp_path, args, error):
+    names = {"llama": checkpoints["llama-untied"], "tok": with_tokenizer, "tmp": tmp_path}
+    argv = [a.format(**names) for a in args]
+    out = subprocess.run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "SPAWNED" not in out.stderr, out.stderr
+    assert error in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not out.stderr.splitlines()[-1].startswith("shardwise: rank "), "an error no rank caused names a rank"
+
+
+def test_cuda_without_a_gpu_is_refused_before_spawning(with_tokenizer):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = subprocess.run([sys.executable, "-c", NO_SPAWN, "generate", str(with_tokenizer), "--prompt", "t1",
+                          "--device", "cuda"], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--device cuda needs 1 GPUs, this machine has 0" in out.stderr, out.stderr
+
+
+def test_version_help_defaults_and_verbose_anywhere(checkpoints):
+    import shardwise
+
+    out = shardwise_cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"shardwise {shardwise.__version__}"
+    help_text = " ".join(shardwise_cli("generate", "--help").stdout.split())
+    assert "(default: 64)" in help_text and "(default: float32)" in help_text and "None" not in help_text
+    out = shardwise_cli("plan", str(checkpoints["llama-tied"]), "--tp", "2", "-v")
+    assert out.returncode == 0, out.stderr
+    assert "float32" in out.stdout.splitlines()[0], "plan should assume the dtype generate holds"
+
+
+def test_warnings_for_options_without_effect(with_tokenizer):
+    out = subprocess.run([sys.executable, "-c", NO_SPAWN, "generate", str(with_tokenizer), "--prompt", "t1",
+                          "--top-k", "5", "--max-new-tokens", "100"], capture_output=True, text=True, timeout=120)
+    assert "--top-k/--top-p have no effect without --temperature" in out.stderr, out.stderr
+    assert "run past the model's 64 positions" in out.stderr, out.stderr
+
+
+def shardwise_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shardwise.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_generate_a_batch_of_prompts_of_different_lengths(with_tokenizer, tmp_path):
+    prompts = [PROMPT[0, :3].tolist(), PROMPT[1].tolist()]
+    (tmp_path / "prompts.txt").write_text(" ".join(f"t{i}" for i in prompts[1]) + "\n")
+    out = shardwise("generate", str(with_tokenizer), "--tp", "2", "--max-new-tokens", "6",
+                    "--prompt", " ".join(f"t{i}" for i in prompts[0]), "--prompts", str(tmp_path / "prompts.txt"))
+    assert out.returncode == 0, out.stderr
+    expected = [f"[{n}] {_expected_text(with_tokenizer, ids, 6)}" for n, ids in enumerate(prompts, 1)]
+    assert out.stdout.strip().splitlines() == expected

@@ -157,3 +157,23 @@ def logits_despite_shm_trouble(path: str, ids: torch.Tensor, trouble: str, other
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     return every
+
+
+def batched_generate(tp: int, pp: int, checkpoints: dict[str, str], prompts: list[list[int]], steps: int,
+                     eos: dict[str, int], pad: int) -> dict:
+    """Per checkpoint: masked logits of the left-padded batch, its greedy generation from the list of prompts
+    and from the padded tensor plus mask, and each prompt generated alone."""
+    from shardwise.model import left_pad
+
+    ids, mask = left_pad(prompts, pad)
+    out = {}
+    for name, path in checkpoints.items():
+        with load_model(path, Layout(tp, pp), progress=False) as model:
+            settings = dict(eos_token_id=eos[name], pad_token_id=pad)
+            out[name] = dict(
+                logits=model(ids, attention_mask=mask),
+                batched=model.generate(prompts, steps, **settings),
+                from_tensor=model.generate(ids, steps, attention_mask=mask, **settings),
+                alone=[model.generate(torch.tensor([p]), steps, **settings)[0] for p in prompts],
+            )
+    return out

@@ -1,0 +1,109 @@
+"""Prompts of different lengths, left-padded into one batch, give HF's batched answers and their own alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB
+from workers import batched_generate
+
+from shardwise import launch
+from shardwise.model import left_pad
+
+LENGTHS = (3, 9, 17, 30)  # 30 crosses mistral's sliding window of 7 in prompt and generation alike
+PROMPTS = [torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in LENGTHS]
+NAMES = ("llama-untied", "mistral-tied")
+LAYOUTS = [(2, 1), (2, 2)]
+STEPS = 16
+PAD = 0
+_runs: dict[tuple[int, int], dict] = {}
+
+
+def hf_model(path):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def eos_for(model) -> int:
+    """Row 0's fourth greedy token, so that one row finishes early while the others keep going."""
+    ids, mask = left_pad(PROMPTS, PAD)
+    model.generation_config.eos_token_id = None
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    return int(free[0, -1])
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints) -> dict[str, dict]:
+    """HF's masked logits (positions as its generate derives them) and batched greedy output, with an EOS id."""
+    ids, mask = left_pad(PROMPTS, PAD)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    out = {}
+    for name in NAMES:
+        model = hf_model(checkpoints[name])
+        eos = eos_for(model)
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask, position_ids=positions).logits
+            tokens = model.generate(ids, attention_mask=mask, max_new_tokens=STEPS, do_sample=False,
+                                    eos_token_id=eos, pad_token_id=PAD)
+        out[name] = dict(logits=logits, tokens=tokens, eos=eos)
+    return out
+
+
+def run_layout(tp: int, pp: int, checkpoints, references) -> dict:
+    """One launch per layout serves both checkpoints: spawning ranks is the slow part."""
+    if (tp, pp) not in _runs:
+        paths = {name: str(checkpoints[name]) for name in NAMES}
+        eos = {name: references[name]["eos"] for name in NAMES}
+        _runs[tp, pp] = launch(batched_generate, tp * pp, tp, pp, paths, PROMPTS, STEPS, eos, PAD, timeout=300)
+    return _runs[tp, pp]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+def test_masked_logits_match_hf_on_real_tokens(tp, pp, name, checkpoints, references):
+    ref = references[name]["logits"]
+    logits = run_layout(tp, pp, checkpoints, references)[name]["logits"]
+    real = left_pad(PROMPTS, PAD)[1].bool()
+    assert logits.shape == ref.shape
+    err = (logits[real] - ref[real]).abs().max().item()
+    scale = ref[real].abs().max().item()
+    assert err <= 1e-4 * scale, f"{name} tp={tp} pp={pp}: max abs diff {err:.3g} vs max |logit| {scale:.3g}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+def test_batched_generation_matches_hf(tp, pp, name, checkpoints, references):
+    """A list of prompts and the same batch as padded tensor plus mask both give HF's padded output."""
+    ref = references[name]["tokens"]
+    out = run_layout(tp, pp, checkpoints, references)[name]
+    assert torch.equal(out["batched"], ref), f"{name} tp={tp} pp={pp}: batched greedy tokens differ from HF"
+    assert torch.equal(out["from_tensor"], ref)
+    assert (ref[0, -1] == PAD) and (ref[1:, -1] != PAD).any(), "the test wants one row to finish early"
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+def test_each_row_equals_its_prompt_alone(tp, pp, name, checkpoints, references):
+    """Padding changes nothing about a row: it continues as alone, then (after its EOS) with the pad id."""
+    out = run_layout(tp, pp, checkpoints, references)[name]
+    longest = max(LENGTHS)
+    for row, alone, n in zip(out["batched"], out["alone"], LENGTHS, strict=True):
+        assert (row[: longest - n] == PAD).all()
+        mine = row[longest - n :]
+        assert torch.equal(mine[: len(alone)], alone), f"{name} tp={tp} pp={pp}: prompt of {n} tokens differs"
+        assert (mine[len(alone) :] == PAD).all()
+
+
+def test_padding_rules(checkpoints):
+    """Equal lengths take the unpadded path unchanged; right padding and a mask beside a list are refused."""
+    from shardwise import load_model
+
+    with load_model(checkpoints["llama-untied"], progress=False) as model:
+        same = torch.tensor([PROMPTS[1], PROMPTS[1][::-1]])
+        assert torch.equal(model.generate(same.tolist(), 4), model.generate(same, 4))
+        ids, mask = left_pad(PROMPTS[:2], PAD)
+        with pytest.raises(ValueError, match="left padding"):
+            model.generate(ids, 4, attention_mask=mask.flip(-1))
+        with pytest.raises(ValueError, match="list of prompts"):
+            model.generate(PROMPTS, 4, attention_mask=mask)

@@ -1,0 +1,55 @@
+"""The README's Python example runs as written, and launch says in one line what to change where it cannot run."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def run(code: str, tmp_path: Path, how: str = "file") -> subprocess.CompletedProcess:
+    if how == "file":
+        (tmp_path / "example.py").write_text(code)
+        cmd, stdin = [sys.executable, str(tmp_path / "example.py")], None
+    elif how == "-c":
+        cmd, stdin = [sys.executable, "-c", code], None
+    else:
+        cmd, stdin = [sys.executable, "-"], code
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+def test_the_readme_python_example_runs_as_written(checkpoints, tmp_path):
+    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    code = code.replace('"path/to/checkpoint"', repr(str(checkpoints["llama-untied"])))
+    code += "    print(tuple(logits.shape), tuple(out.shape), tuple(batch.shape))\n"
+    out = run(code, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-2] == "(1, 3, 131) (1, 19) (2, 22)"
+
+
+JOB = "import shardwise\n\ndef job():\n    return 1\n\nprint(shardwise.launch(job, 2, timeout=120))\n"
+
+
+def test_launch_from_python_c_or_stdin_says_what_to_change(tmp_path):
+    for how in ("-c", "stdin"):
+        out = run(JOB, tmp_path, how)
+        assert out.returncode != 0
+        assert "'job' is defined interactively" in out.stderr and "define it in a .py file" in out.stderr, out.stderr
+
+
+def test_launch_without_a_main_guard_says_what_to_change(tmp_path):
+    out = run(JOB, tmp_path)
+    assert out.returncode != 0
+    assert 'call it under `if __name__ == "__main__":`' in out.stderr, out.stderr
+    guarded = JOB.replace("print(", 'if __name__ == "__main__":\n    print(')
+    out = run(guarded, tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "1", out.stderr
+
+
+def test_launch_of_an_imported_function_works_from_stdin(tmp_path):
+    out = run("import torch, shardwise\nprint(shardwise.launch(torch.arange, 2, 3, timeout=120).tolist())\n", tmp_path,
+              "stdin")
+    assert out.returncode == 0 and out.stdout.strip() == "[0, 1, 2]", out.stderr
