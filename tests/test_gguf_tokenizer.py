@@ -3,7 +3,7 @@
 For each type a small byte-level BPE is trained under the rules of the family's published tokenizer.json,
 written into a GGUF the way llama.cpp's converter writes one, and imported; every string must give the ids
 the original gives. transformers reading the same GGUF is checked too: the strings where it differs from the
-original are the reasons shardwise/gguf_tokenizer.py gives for not calling it.
+original are the reasons src/shardwise/gguf_tokenizer.py gives for not calling it.
 """
 
 from __future__ import annotations
