@@ -140,3 +140,11 @@ def test_layout_from_world():
     assert launch(layout_from_world, 4, 2, timeout=120) == Layout(tp=2, pp=2)
     with pytest.raises(RankError, match="world size 4 is not divisible by pp=3"):
         launch(layout_from_world, 4, 3, timeout=120)
+
+
+def test_the_root_cause_is_reported_not_a_peer_echo():
+    from workers import fail_with_an_echo_first
+
+    with pytest.raises(RankError, match="rank 0 failed:(.|\n)*the real cause") as info:
+        launch(fail_with_an_echo_first, 2, timeout=120)
+    assert info.value.rank == 0

@@ -167,3 +167,31 @@ def test_generate_a_batch_of_prompts_of_different_lengths(with_tokenizer, tmp_pa
     assert out.returncode == 0, out.stderr
     expected = [f"[{n}] {_expected_text(with_tokenizer, ids, 6)}" for n, ids in enumerate(prompts, 1)]
     assert out.stdout.strip().splitlines() == expected
+
+
+def test_batch_answers_are_printed_labelled_as_each_completes():
+    import io
+
+    from shardwise.text import LabelledAnswers
+
+    class Words:  # a stand-in tokenizer: id i is the word t{i}, id 0 is EOS
+        def eos_ids(self) -> list[int]:
+            return [0]
+
+        def decode(self, ids: list[int]) -> str:
+            return " ".join(f"t{i}" for i in ids if i)
+
+    out = io.StringIO()
+    answers = LabelledAnswers(Words(), out, 2)
+    for step in ([5, 7], [6, 0], [8, 0]):  # row 2 ends at step 2; row 1 runs to the end
+        answers(torch.tensor(step))
+        if step == [6, 0]:
+            assert out.getvalue() == "[2] t7\n", "a finished answer waits for the whole batch"
+    answers.finish()
+    assert out.getvalue() == "[2] t7\n[1] t5 t6 t8\n"
+
+
+def test_under_torchrun_one_rank_reports(checkpoints, tmp_path):
+    out = shardwise("reshard", str(checkpoints["qwen2-tied"]), str(tmp_path / "s"), "--tp", "2", torchrun=2)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("wrote") == 1, out.stdout

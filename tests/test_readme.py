@@ -53,3 +53,11 @@ def test_launch_of_an_imported_function_works_from_stdin(tmp_path):
     out = run("import torch, shardwise\nprint(shardwise.launch(torch.arange, 2, 3, timeout=120).tolist())\n", tmp_path,
               "stdin")
     assert out.returncode == 0 and out.stdout.strip() == "[0, 1, 2]", out.stderr
+
+
+def test_a_directory_named_shardwise_does_not_shadow_the_package(tmp_path):
+    (tmp_path / "shardwise").mkdir()  # e.g. the clone itself, run from its parent
+    (tmp_path / "shardwise" / "README.md").write_text("a clone")
+    out = run("import shardwise\nprint(callable(shardwise.launch), shardwise.__file__)\n", tmp_path, "-c")
+    assert out.returncode == 0 and out.stdout.startswith("True "), out.stderr
+    assert "src/shardwise/__init__.py" in out.stdout

@@ -177,3 +177,15 @@ def batched_generate(tp: int, pp: int, checkpoints: dict[str, str], prompts: lis
                 alone=[model.generate(torch.tensor([p]), steps, **settings)[0] for p in prompts],
             )
     return out
+
+
+def fail_with_an_echo_first() -> None:
+    """Rank 1 reports a broken connection at once; rank 0, the real cause, a moment later."""
+    import time
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:29500")
+    time.sleep(0.3)
+    raise ValueError("the real cause, on rank 0")

@@ -170,6 +170,7 @@ def _report(message: str) -> None:
 
 
 def cmd_bench_load(args) -> None:
+    _plan_everywhere(args.checkpoint, Layout(args.tp, args.pp))
     warm_page_cache(args.checkpoint)
     rows = launch(bench_load_rank, _world(args), args.checkpoint, args.tp, args.pp, args.dtype, args.hf)
     for row in rows:
@@ -182,6 +183,7 @@ def cmd_bench_load(args) -> None:
 
 
 def cmd_bench_generate(args) -> None:
+    _plan_everywhere(args.checkpoint, Layout(args.tp, args.pp))
     row = launch(bench_generate_rank, _world(args), args.checkpoint, args.tp, args.pp, args.prompt,
                  args.max_new_tokens, not args.no_hf)
     if args.json:
@@ -240,6 +242,7 @@ def cmd_export(args) -> None:
 def cmd_bench_export(args) -> None:
     import tempfile
 
+    _plan_everywhere(args.checkpoint, Layout(args.tp))
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
         row = launch(bench_export_rank, _world(args), args.checkpoint, args.tp, work)
     print(json.dumps(row) if args.json else

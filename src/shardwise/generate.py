@@ -12,7 +12,7 @@ import torch.distributed as dist
 from .bench import rss_bytes
 from .layout import Layout
 from .loader import load_model
-from .text import Streamer, Text
+from .text import LabelledAnswers, Streamer, Text
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,15 @@ def generate_rank(args: GenerateArgs) -> dict:
     """Collective: every rank loads its part and generates one batch of all the prompts; rank 0 prints.
 
     One prompt streams its answer token by token. Several are generated as one
-    left-padded batch, and each answer is printed whole, labelled with its prompt's number.
+    left-padded batch, and each answer is printed whole as soon as it is complete,
+    labelled with its prompt's number.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     text = Text(args.checkpoint)  # before loading: a broken tokenizer or template should not cost a load
     prompts = [text.prompt_ids(p, args.chat) for p in args.prompts]
-    streamer = Streamer(text, sys.stdout) if args.stream and rank == 0 and len(prompts) == 1 else None
+    streamer = None
+    if args.stream and rank == 0:
+        streamer = Streamer(text, sys.stdout) if len(prompts) == 1 else LabelledAnswers(text, sys.stdout, len(prompts))
     t0 = time.perf_counter()
     with load_model(args.checkpoint, Layout(args.tp, args.pp), device=args.device, dtype=args.dtype,
                     progress=False) as model:
@@ -52,8 +55,8 @@ def generate_rank(args: GenerateArgs) -> dict:
         gen_s = time.perf_counter() - t1
     width = max(len(p) for p in prompts)
     answers = [_until_eos(row[width:].tolist(), text.eos_ids()) for row in out]
-    if rank == 0 and args.stream:
-        _print_answers(text, answers, streamed=streamer is not None)
+    if streamer is not None:
+        streamer.finish()
     rss = [rss_bytes()]
     if dist.is_initialized():
         rss = [None] * dist.get_world_size()
@@ -70,11 +73,3 @@ def _until_eos(ids: list[int], eos: list[int]) -> list[int]:
             return ids[: i + 1]
     return ids
 
-
-def _print_answers(text: Text, answers: list[list[int]], streamed: bool) -> None:
-    if not streamed:
-        for i, ids in enumerate(answers, 1):
-            sys.stdout.write(f"[{i}] {text.decode(ids)}\n")
-    else:
-        sys.stdout.write("\n")
-    sys.stdout.flush()

@@ -288,8 +288,16 @@ def _stop(procs: list[mp.Process]) -> None:
             p.join()
 
 
+ECHOES = ("DistBackendError", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _is_echo(traceback_text: str) -> bool:
+    """Whether a rank's error is only its collective breaking because a peer failed first: never the cause."""
+    return any(echo in traceback_text for echo in ECHOES)
+
+
 def _failure(procs: list[mp.Process], results: mp.Queue, done: set[int], first: tuple | None) -> RankError:
-    """Pick the root cause: a rank that died outright beats the peers that then failed talking to it."""
+    """Pick the root cause: a rank that died outright, else the lowest rank whose error is its own, not an echo."""
     errors = [first] if first else []
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
@@ -308,7 +316,7 @@ def _failure(procs: list[mp.Process], results: mp.Queue, done: set[int], first: 
                                    "`if __name__ == \"__main__\":` in your script")
         if rank not in reported and p.exitcode not in (None, 0):
             return RankError(rank, f"rank {rank} died with exit code {p.exitcode}")
-    rank, (tb, exc) = errors[0]
+    rank, (tb, exc) = min(errors, key=lambda e: (_is_echo(e[1][0]), e[0]))
     err = RankError(rank, f"rank {rank} failed:\n{tb}")
     if exc is not None:
         with contextlib.suppress(Exception):  # the traceback text already says what happened

@@ -161,3 +161,37 @@ class Streamer:
         self.out.write(decoded[len(self.shown) :])
         self.out.flush()
         self.shown = decoded
+
+    def finish(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+
+
+class LabelledAnswers:
+    """Prints each answer of a batch whole, labelled ``[n]`` by its prompt's number, as soon as it is complete.
+
+    Rows of a batch advance together, so interleaving their tokens would be unreadable;
+    an answer is complete at its first EOS, or when generation ends.
+    """
+
+    def __init__(self, text: Text, out: TextIO, rows: int):
+        self.text, self.out = text, out
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.pending = set(range(rows))
+        self.eos = set(text.eos_ids())
+
+    def __call__(self, new_ids) -> None:
+        for row, token in enumerate(new_ids.tolist()):
+            if row in self.pending:
+                self.ids[row].append(token)
+                if token in self.eos:
+                    self._show(row)
+
+    def finish(self) -> None:
+        for row in sorted(self.pending):
+            self._show(row)
+
+    def _show(self, row: int) -> None:
+        self.pending.discard(row)
+        self.out.write(f"[{row + 1}] {self.text.decode(self.ids[row])}\n")
+        self.out.flush()
