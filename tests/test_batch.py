@@ -107,3 +107,13 @@ def test_padding_rules(checkpoints):
             model.generate(ids, 4, attention_mask=mask.flip(-1))
         with pytest.raises(ValueError, match="list of prompts"):
             model.generate(PROMPTS, 4, attention_mask=mask)
+
+
+def test_a_flat_list_or_foreign_ids_are_refused(checkpoints):
+    from shardwise import load_model
+
+    with load_model(checkpoints["llama-tied"], progress=False) as model:
+        with pytest.raises(ValueError, match="for a single prompt pass \\[ids\\]"):
+            model.generate([5, 17, 42], 2)
+        with pytest.raises(ValueError, match=r"token ids must lie in \[0, 131\), got 5\.\.131"):
+            model.generate([[5, 131]], 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections import defaultdict
@@ -36,7 +37,9 @@ def _bounded(kind: type, low: float, high: float | None = None, low_open: bool =
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+            value = math.nan
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' finite number'}")
         if value < low or (low_open and value == low) or (high is not None and value > high):
             bounds = f"{'>' if low_open else '>='} {low}" + ("" if high is None else f" and <= {high}")
             raise argparse.ArgumentTypeError(f"{text} must be {bounds}")
@@ -47,6 +50,7 @@ def _bounded(kind: type, low: float, high: float | None = None, low_open: bool =
 
 
 POSITIVE = _bounded(int, 1)
+SEED = _bounded(int, 0, 2**63 - 1)
 
 
 def _layout_args(p: argparse.ArgumentParser) -> None:
@@ -84,19 +88,50 @@ def _check_generate(args, prompts: tuple[str, ...]) -> None:
     from .text import Text
 
     spec = _plan_everywhere(args.checkpoint, Layout(args.tp, args.pp))
-    if args.device.startswith("cuda") and torch.cuda.device_count() < args.tp * args.pp:
-        raise ValueError(f"--device {args.device} needs {args.tp * args.pp} GPUs, this machine has "
-                         f"{torch.cuda.device_count()}")
-    if not all(prompts):
-        raise ValueError("a prompt is empty; give the text to continue")
+    _check_device(args.device, args.tp * args.pp)
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
         log.warning("--top-k/--top-p have no effect without --temperature > 0 (greedy decoding)")
-    text = Text(args.checkpoint)
-    longest = max(len(text.prompt_ids(p, args.chat)) for p in prompts)
+    ids = _prompt_ids(Text(args.checkpoint), prompts, args.chat, spec.vocab)
+    longest = max(len(i) for i in ids)
+    _check_cache_fits(spec, Layout(args.tp, args.pp), len(ids), longest + args.max_new_tokens)
     limit = spec.config.get("max_position_embeddings")
     if isinstance(limit, int) and longest + args.max_new_tokens > limit:
         log.warning("%d prompt + %d new tokens run past the model's %d positions; expect degraded text",
                     longest, args.max_new_tokens, limit)
+
+
+def _check_device(device: str, world: int) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r}: {e}") from None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # under torchrun, only this node's ranks need GPUs here
+    if kind == "cuda" and torch.cuda.device_count() < local:
+        raise ValueError(f"--device {device} needs {local} GPUs, this machine has {torch.cuda.device_count()}")
+
+
+def _prompt_ids(text, prompts: tuple[str, ...], chat: bool, vocab: int) -> list[list[int]]:
+    """Each prompt's ids, refusing one that comes out empty or names tokens the model has no embedding for."""
+    out = []
+    for n, prompt in enumerate(prompts, 1):
+        ids = text.prompt_ids(prompt, chat)
+        if not ids:
+            raise ValueError(f"prompt {n} ({prompt!r}) has no tokens; give the text to continue")
+        if max(ids) >= vocab:
+            raise ValueError(f"prompt {n} has token id {max(ids)}, but the model's vocabulary has {vocab} "
+                             "(tokenizer and model disagree)")
+        out.append(ids)
+    return out
+
+
+def _check_cache_fits(spec, layout: Layout, batch: int, positions: int) -> None:
+    """Refuse a KV cache larger than this machine's memory: it would fail deep inside a rank, or swap it to death."""
+    per_rank = 2 * -(-spec.layers // layout.pp) * batch * -(-spec.kv_heads // layout.tp) * positions * spec.head_dim * 4
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if per_rank * layout.world_size > memory:
+        raise ValueError(f"a KV cache of {positions} positions for {batch} prompts needs about "
+                         f"{per_rank * layout.world_size / 2**30:.0f} GiB, more than this machine's "
+                         f"{memory / 2**30:.0f} GiB; lower --max-new-tokens")
 
 
 def _prompts(args) -> tuple[str, ...]:
@@ -104,7 +139,7 @@ def _prompts(args) -> tuple[str, ...]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
         try:
-            prompts += Path(args.prompts_file).read_text().splitlines()
+            prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"{args.prompts_file}: cannot read the prompts ({e})") from None
     if not prompts:
@@ -183,7 +218,10 @@ def cmd_bench_load(args) -> None:
 
 
 def cmd_bench_generate(args) -> None:
-    _plan_everywhere(args.checkpoint, Layout(args.tp, args.pp))
+    from .text import Text
+
+    spec = _plan_everywhere(args.checkpoint, Layout(args.tp, args.pp))
+    _prompt_ids(Text(args.checkpoint), (args.prompt,), False, spec.vocab)
     row = launch(bench_generate_rank, _world(args), args.checkpoint, args.tp, args.pp, args.prompt,
                  args.max_new_tokens, not args.no_hf)
     if args.json:
@@ -286,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=POSITIVE, help="sample from the k most likely tokens (needs --temperature)")
     g.add_argument("--top-p", type=_bounded(float, 0.0, 1.0, low_open=True),
                    help="sample from the smallest set of tokens whose probability reaches p (needs --temperature)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed, the same on every rank")
+    g.add_argument("--seed", type=SEED, default=0, help="sampling seed, the same on every rank")
 
     i = command(sub, "import-gguf", "convert a llama.cpp GGUF file to an HF-format checkpoint", cmd_import_gguf)
     i.add_argument("gguf")
@@ -329,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     be = command(b, "export", "parallel HF export vs one sequential write of the same bytes; reshard time",
                  cmd_bench_export)
     be.add_argument("checkpoint")
-    _layout_args(be)
+    be.add_argument("--tp", type=POSITIVE, default=1, help="tensor-parallel degree of the export (reshard: PP=TP)")
+    be.set_defaults(pp=1)
     be.add_argument("--work-dir", default=None, help="where to write (default: the system temp dir)")
     be.add_argument("--json", action="store_true")
     return parser

@@ -293,7 +293,8 @@ ECHOES = ("DistBackendError", "Connection closed by peer", "Connection reset by 
 
 def _is_echo(traceback_text: str) -> bool:
     """Whether a rank's error is only its collective breaking because a peer failed first: never the cause."""
-    return any(echo in traceback_text for echo in ECHOES)
+    lines = traceback_text.strip().splitlines()
+    return bool(lines) and any(echo in lines[-1] for echo in ECHOES)  # the exception itself, not its context
 
 
 def _failure(procs: list[mp.Process], results: mp.Queue, done: set[int], first: tuple | None) -> RankError:

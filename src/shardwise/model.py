@@ -86,9 +86,11 @@ def left_pad(prompts: Sequence[Sequence[int] | torch.Tensor], pad_id: int) -> tu
 
     Left, not right: every row's next token then comes from the same (last) column, as in HF.
     """
-    rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
-    if not rows or min(len(r) for r in rows) == 0:
-        raise ValueError("generate needs at least one prompt, and no empty one")
+    if any(isinstance(p, int) for p in prompts):  # generate(text.encode(s), n) would read each id as a prompt
+        raise ValueError("a list of prompts holds lists of ids (one per prompt); for a single prompt pass [ids]")
+    rows = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+    if not rows or any(r.dim() != 1 or len(r) == 0 for r in rows):
+        raise ValueError("generate needs at least one prompt, each a non-empty list or 1-D tensor of ids")
     longest = max(len(r) for r in rows)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), longest, dtype=torch.long)
@@ -323,6 +325,8 @@ class Model(nn.Module):
             raise ValueError("attention_mask goes with a (batch, seq) tensor; a list of prompts is padded here")
         else:
             ids, mask = left_pad(input_ids, pad)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab):  # TP would embed zeros
+            raise ValueError(f"token ids must lie in [0, {self.spec.vocab}), got {int(ids.min())}..{int(ids.max())}")
         keys = padding_keys(mask, tuple(ids.shape), self.device)
         if keys is not None and not bool(keys[:, -1].all()):
             raise ValueError("generate needs left padding: every row's last token must be real")
