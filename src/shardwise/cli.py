@@ -93,7 +93,7 @@ def _check_generate(args, prompts: tuple[str, ...]) -> None:
         log.warning("--top-k/--top-p have no effect without --temperature > 0 (greedy decoding)")
     ids = _prompt_ids(Text(args.checkpoint), prompts, args.chat, spec.vocab)
     longest = max(len(i) for i in ids)
-    _check_cache_fits(spec, Layout(args.tp, args.pp), len(ids), longest + args.max_new_tokens)
+    _check_cache_fits(spec, Layout(args.tp, args.pp), len(ids), longest + args.max_new_tokens, args.dtype.itemsize)
     limit = spec.config.get("max_position_embeddings")
     if isinstance(limit, int) and longest + args.max_new_tokens > limit:
         log.warning("%d prompt + %d new tokens run past the model's %d positions; expect degraded text",
@@ -124,9 +124,10 @@ def _prompt_ids(text, prompts: tuple[str, ...], chat: bool, vocab: int) -> list[
     return out
 
 
-def _check_cache_fits(spec, layout: Layout, batch: int, positions: int) -> None:
+def _check_cache_fits(spec, layout: Layout, batch: int, positions: int, itemsize: int) -> None:
     """Refuse a KV cache larger than this machine's memory: it would fail deep inside a rank, or swap it to death."""
-    per_rank = 2 * -(-spec.layers // layout.pp) * batch * -(-spec.kv_heads // layout.tp) * positions * spec.head_dim * 4
+    kv_heads = -(-spec.kv_heads // layout.tp)
+    per_rank = 2 * -(-spec.layers // layout.pp) * batch * kv_heads * positions * spec.head_dim * itemsize
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if per_rank * layout.world_size > memory:
         raise ValueError(f"a KV cache of {positions} positions for {batch} prompts needs about "

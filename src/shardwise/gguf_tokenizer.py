@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .gguf_file import GGUFError
-from .untrusted import is_int
+from .untrusted import is_int, shown
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types: special tokens (<|im_end|>), plain added ones (<tool_call>)
 SPECIAL_IDS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
@@ -85,7 +85,7 @@ def tokenizer_files(meta: Mapping[str, object]) -> dict[str, str]:
     ends = _ends(meta, rules, specials)
     template = meta.get("tokenizer.chat_template")
     if template is not None and not isinstance(template, str):
-        raise GGUFError(f"tokenizer.chat_template is {_shown(template)}; expected a string")
+        raise GGUFError(f"tokenizer.chat_template is {shown(template)}; expected a string")
     doc = json.loads(_backend(vocab, types, merges, rules).to_str())
     doc["post_processor"] = _post_processor(ends, vocab)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials, "chat_template": template,
@@ -99,17 +99,13 @@ def _is(value: object, kind: type) -> bool:
     return is_int(value) if kind is int else isinstance(value, kind)
 
 
-def _shown(value: object) -> str:
-    return "missing" if value is None else f"{type(value).__name__} {value!r}"[:80]
-
-
 def _list(meta: Mapping[str, object], key: str, kind: type, default: list | None = None) -> list:
     value = meta.get(key, default)
     if not isinstance(value, list):
-        raise GGUFError(f"{key} is {_shown(value)}; expected a list of {kind.__name__}")
+        raise GGUFError(f"{key} is {shown(value)}; expected a list of {kind.__name__}")
     bad = next((i for i, v in enumerate(value) if not _is(v, kind)), None)
     if bad is not None:
-        raise GGUFError(f"{key}[{bad}] is {_shown(value[bad])}; expected a list of {kind.__name__}")
+        raise GGUFError(f"{key}[{bad}] is {shown(value[bad])}; expected a list of {kind.__name__}")
     return value
 
 
@@ -165,7 +161,7 @@ def _token(meta: Mapping[str, object], key: str, tokens: list[str]) -> str | Non
     if i is None:
         return None
     if not _is(i, int) or not 0 <= i < len(tokens):
-        raise GGUFError(f"{key} is {_shown(i)}; expected a token id below {len(tokens)} "
+        raise GGUFError(f"{key} is {shown(i)}; expected a token id below {len(tokens)} "
                         f"(the size of tokenizer.ggml.tokens)")
     return tokens[i]
 
@@ -177,7 +173,7 @@ def _ends(meta: Mapping[str, object], rules: Rules, specials: dict[str, str | No
         key = f"tokenizer.ggml.add_{end}_token"
         add = meta.get(key, default)
         if not _is(add, bool):
-            raise GGUFError(f"{key} is {_shown(add)}; expected a bool")
+            raise GGUFError(f"{key} is {shown(add)}; expected a bool")
         if add and specials[f"{end}_token"] is None:
             raise GGUFError(f"{key} is {'true' if key in meta else 'missing (true for this tokenizer.ggml.pre)'}, "
                             f"but there is no tokenizer.ggml.{end}_token_id; expected both")
