@@ -48,6 +48,21 @@ class Box:
         offset = tuple(o + a - s for o, a, s in zip(self.offset, lo, self.start))
         return Box(self.source, lo, hi, offset)
 
+    def placed_within(self, lo: tuple[int, ...], hi: tuple[int, ...]) -> Box | None:
+        """The part of this box that lands inside the *local* range ``lo:hi``, placed relative to ``lo``.
+
+        The inverse view of ``intersect``: cutting a local tensor into pieces (a ZeRO-3
+        master shard) gives each piece the source ranges of exactly its own elements.
+        """
+        end = tuple(o + n for o, n in zip(self.offset, self.shape))
+        a = tuple(max(x, y) for x, y in zip(self.offset, lo))
+        b = tuple(min(x, y) for x, y in zip(end, hi))
+        if any(x >= y for x, y in zip(a, b)):
+            return None
+        start = tuple(s + x - o for s, x, o in zip(self.start, a, self.offset))
+        stop = tuple(s + y - o for s, y, o in zip(self.start, b, self.offset))
+        return Box(self.source, start, stop, tuple(x - y for x, y in zip(a, lo)))
+
     def to_json(self) -> dict:
         return {"source": self.source, "start": list(self.start), "stop": list(self.stop), "offset": list(self.offset)}
 

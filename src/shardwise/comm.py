@@ -18,9 +18,17 @@ from .shm import ShmAllReduce, attach
 
 @dataclass
 class Comm:
+    """This rank's groups of the mesh: its TP group, its DP group, and its replica (for pipeline results).
+
+    A group is None when it would hold this rank alone, and the replica group is None
+    when the replica is the whole world (the default group serves).
+    """
+
     layout: Layout
     rank: int
-    tp_group: dist.ProcessGroup | None
+    tp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None
+    replica_group: dist.ProcessGroup | None = None
     shm: ShmAllReduce | None = None
     groups: list[dist.ProcessGroup] = field(default_factory=list)  # all that make_comm created, in creation order
 
@@ -40,7 +48,7 @@ class Comm:
                 dist.barrier()
             for group in self.groups:
                 dist.destroy_process_group(group)
-        self.groups, self.tp_group = [], None
+        self.groups, self.tp_group, self.dp_group, self.replica_group = [], None, None, None
 
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout.tp > 1 and not (self.shm is not None and self.shm(x)):
@@ -57,40 +65,78 @@ class Comm:
         dist.all_gather(parts, padded, group=self.tp_group)
         return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
 
+    def dp_all_gather(self, out: torch.Tensor, chunk: torch.Tensor) -> dist.Work | None:
+        """Start gathering every DP rank's equal-sized ``chunk`` into ``out``, in DP order; wait on the result.
+
+        Bytes travel as bytes, so any dtype (fp8 included) goes through any backend.
+        """
+        if self.layout.dp == 1:
+            out.view(torch.uint8).copy_(chunk.view(torch.uint8))
+            return None
+        return dist.all_gather_single(out.view(torch.uint8), chunk.view(torch.uint8), group=self.dp_group,
+                                           async_op=True)
+
+    def dp_max(self, x: torch.Tensor) -> torch.Tensor:
+        """Element-wise max over the DP group, in place."""
+        if self.layout.dp > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.dp_group)
+        return x
+
+    def dp_all(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every DP rank: ranks in lockstep stop together."""
+        if self.layout.dp == 1:
+            return flag
+        x = torch.tensor([int(flag)])
+        dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.dp_group)
+        return bool(x.item())
+
     def send_next(self, x: torch.Tensor) -> None:
-        """Hand activations to the same TP rank of the next pipeline stage."""
-        stage, tp_rank = self.layout.coords(self.rank)
-        dist.send(x.contiguous(), self.layout.rank_of(stage + 1, tp_rank))
+        """Hand activations to the same (replica, TP) rank of the next pipeline stage."""
+        stage, d, t = self.layout.coords(self.rank)
+        dist.send(x.contiguous(), self.layout.rank_of(stage + 1, d, t))
 
     def recv_prev(self, like: torch.Tensor) -> torch.Tensor:
-        stage, tp_rank = self.layout.coords(self.rank)
-        dist.recv(like, self.layout.rank_of(stage - 1, tp_rank))
+        stage, d, t = self.layout.coords(self.rank)
+        dist.recv(like, self.layout.rank_of(stage - 1, d, t))
         return like
 
     def from_last_stage(self, x: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
                         device: torch.device) -> torch.Tensor:
-        """Broadcast a tensor the last stage computed so that every rank returns it."""
+        """Broadcast a tensor the replica's last stage computed so that every rank of the replica returns it."""
         if self.layout.pp == 1:
             assert x is not None
             return x
         if x is None:
             x = torch.empty(shape, dtype=dtype, device=device)
-        dist.broadcast(x, self.layout.rank_of(self.layout.pp - 1, 0))
+        _, d, _ = self.layout.coords(self.rank)
+        dist.broadcast(x, self.layout.rank_of(self.layout.pp - 1, d, 0), group=self.replica_group)
         return x
 
 
 def make_comm(layout: Layout, device: torch.device | None = None) -> Comm:
-    """Create the TP groups; every rank must call this, in the same order, since new_group is collective."""
+    """Create the mesh's groups; every rank must call this, in the same order, since new_group is collective."""
     layout.check_world()
     if not dist.is_initialized():
-        return Comm(layout, 0, None)
-    rank = dist.get_rank()
-    if layout.tp == 1:
-        return Comm(layout, rank, None)
-    stage_ranks = [[layout.rank_of(stage, t) for t in range(layout.tp)] for stage in range(layout.pp)]
-    groups = [dist.new_group(ranks) for ranks in stage_ranks]
-    stage, _ = layout.coords(rank)
+        return Comm(layout, 0)
+    comm = Comm(layout, dist.get_rank())
+
+    def mine(candidates) -> tuple[dist.ProcessGroup | None, list[int]]:
+        found: tuple[dist.ProcessGroup | None, list[int]] = (None, [comm.rank])
+        for ranks in candidates:
+            if 1 < len(ranks) < layout.world_size:
+                group = dist.new_group(ranks)
+                comm.groups.append(group)
+                if comm.rank in ranks:
+                    found = (group, ranks)
+            elif comm.rank in ranks and len(ranks) > 1:
+                found = (dist.group.WORLD, ranks)
+        return found
+
+    (comm.tp_group, tp_ranks), (comm.dp_group, _) = mine(layout.tp_groups()), mine(layout.dp_groups())
+    if layout.pp > 1:
+        comm.replica_group = mine(layout.replica_groups())[0]
     on_cpu = device is None or device.type == "cpu"
-    timeout = float(os.environ.get("SHARDWISE_TIMEOUT", 1800))
-    shm = attach(groups[stage], stage_ranks[stage], timeout) if on_cpu else None
-    return Comm(layout, rank, groups[stage], shm, groups)
+    if layout.tp > 1 and on_cpu:
+        timeout = float(os.environ.get("SHARDWISE_TIMEOUT", 1800))
+        comm.shm = attach(comm.tp_group, tp_ranks, timeout)
+    return comm

@@ -22,7 +22,6 @@ import torch
 
 from .boxes import Box
 from .collective_write import write_checkpoint
-from .layout import plan_rank
 from .loader import Weights
 from .model import Model
 from .progress import progress_bar
@@ -69,16 +68,16 @@ def owned_boxes(weights: Weights) -> list[tuple[torch.Tensor, Box]]:
     A region is a source range, wherever it sits locally: a KV head replicated over TP
     ranks lands at different offsets of their fused QKV tensors but is the same bytes.
     """
-    spec, layout, me = weights.plan.spec, weights.plan.layout, weights.plan.rank
+    plan = weights.plan
     owner: dict[tuple, int] = {}
-    for rank in range(layout.world_size):
-        for t in plan_rank(spec, layout, rank).tensors.values():
+    for rank in range(plan.layout.world_size):
+        for t in plan.peer(rank).tensors.values():
             for box in t.boxes:
                 owner.setdefault(box.region, rank)
     out, seen = [], set()
     for name, tensor in weights.tensors.items():
         for box in weights.plan.tensors[name].boxes:
-            if owner[box.region] == me and box.region not in seen:
+            if owner[box.region] == plan.rank and box.region not in seen:
                 seen.add(box.region)
                 out.append((tensor, box))
     return out

@@ -1,70 +1,48 @@
-"""Tensor-parallel layers over already-sharded local weights.
+"""Tensor-parallel layers over already-sharded local weights, which a provider hands in at each call.
 
-Weights arrive finished from the loader (the plan decided which rows or columns a
-rank holds), so these layers never slice anything; each one only knows which
-collective completes its output. That keeps parallelism out of the model code.
+The plan decided which rows or columns a rank holds, so these functions never slice
+anything; each one only knows which collective completes its output. They hold no
+weights either: the provider gives a block's tensors just before use, which is what
+lets resident, ZeRO-3 and layer-sharded weights run the same model code.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .comm import Comm
 
 
-def _param(t: torch.Tensor | None) -> nn.Parameter | None:
-    return None if t is None else nn.Parameter(t, requires_grad=False)
+def column_parallel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Output features split across TP ranks: each rank's output is its own slice, no communication."""
+    return F.linear(x, weight, bias)
 
 
-class ColumnParallelLinear(nn.Module):
-    """Output features split across TP ranks; each rank's output is its own slice, no communication."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.weight, self.bias = _param(weight), _param(bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+def row_parallel(comm: Comm, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Input features split across TP ranks: partial sums are all-reduced, then the (replicated) bias added once."""
+    y = comm.tp_all_reduce(F.linear(x, weight))
+    return y if bias is None else y + bias
 
 
-class RowParallelLinear(nn.Module):
-    """Input features split across TP ranks; partial sums are all-reduced, then the (replicated) bias added once."""
-
-    def __init__(self, comm: Comm, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.comm = comm
-        self.weight, self.bias = _param(weight), _param(bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.comm.tp_all_reduce(F.linear(x, self.weight))
-        return y if self.bias is None else y + self.bias
-
-
-class VocabParallelEmbedding(nn.Module):
+def vocab_parallel_embedding(comm: Comm, ids: torch.Tensor, weight: torch.Tensor,
+                             vocab: tuple[int, int]) -> torch.Tensor:
     """Each rank holds a vocab range; ids outside it contribute zeros, and an all-reduce assembles rows."""
-
-    def __init__(self, comm: Comm, weight: torch.Tensor, vocab: tuple[int, int]):
-        super().__init__()
-        self.comm, self.lo, self.hi = comm, *vocab
-        self.weight = _param(weight)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.comm.layout.tp == 1:
-            return F.embedding(ids, self.weight)
-        mine = (ids >= self.lo) & (ids < self.hi)
-        out = F.embedding((ids - self.lo) * mine, self.weight) * mine.unsqueeze(-1)
-        return self.comm.tp_all_reduce(out)
+    if comm.layout.tp == 1:
+        return F.embedding(ids, weight)
+    lo, hi = vocab
+    mine = (ids >= lo) & (ids < hi)
+    out = F.embedding((ids - lo) * mine, weight) * mine.unsqueeze(-1)
+    return comm.tp_all_reduce(out)
 
 
-class ParallelLMHead(nn.Module):
+def parallel_lm_head(comm: Comm, x: torch.Tensor, weight: torch.Tensor, vocab_sizes: list[int]) -> torch.Tensor:
     """Each rank scores its vocab range; an (uneven) all-gather yields full-vocabulary logits everywhere."""
+    return comm.tp_all_gather(F.linear(x, weight), vocab_sizes)
 
-    def __init__(self, comm: Comm, weight: torch.Tensor, vocab_sizes: list[int]):
-        super().__init__()
-        self.comm, self.sizes = comm, vocab_sizes
-        self.weight = _param(weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comm.tp_all_gather(F.linear(x, self.weight), self.sizes)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm: normalized in fp32, scaled in the input's dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)

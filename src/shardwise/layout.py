@@ -1,21 +1,27 @@
 """Rank grids and what each rank owns of a model.
 
-A ``Layout`` is a TP x PP grid (TP inner, PP outer, as Megatron orders it, so a TP
-group is a run of consecutive ranks). ``plan_rank`` turns a spec plus a rank into
-the box lists of every local tensor. Everything downstream (reader, runtime,
-export) works from that plan and never re-derives a split.
+A ``Layout`` is a PP x DP x TP mesh. Ranks are ordered (pp, dp, tp), TP innermost as in
+torchtitan and Megatron, so a TP group is a run of consecutive ranks. ``plan_rank``
+turns a spec plus a rank into the box lists of every tensor the rank computes with
+(``work``), the blocks a provider hands them out in, and what the rank holds: the
+work tensors themselves, or, under ZeRO-3, its chunk of each flat block. Everything
+downstream (reader, providers, runtime, export) works from that plan and never
+re-derives a split.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from .boxes import Box, ShardedTensor, cols, full_box, rows, split_evenly
+from .flat import Buffer, FlatBlock, View, pack
 from .spec import ModelSpec
+
+PROVIDERS = ("resident", "zero3")
 
 
 class LayoutError(ValueError):
@@ -26,36 +32,56 @@ class LayoutError(ValueError):
 class Layout:
     tp: int = 1
     pp: int = 1
+    dp: int = 1
 
     def __post_init__(self) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise LayoutError(f"tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
+        if self.tp < 1 or self.pp < 1 or self.dp < 1:
+            raise LayoutError(f"tp, pp and dp must be >= 1, got tp={self.tp} pp={self.pp} dp={self.dp}")
+
+    def __str__(self) -> str:
+        return f"tp={self.tp} pp={self.pp} dp={self.dp}"
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp
+        return self.tp * self.pp * self.dp
 
-    def coords(self, rank: int) -> tuple[int, int]:
-        """(pipeline stage, tensor-parallel rank) of a global rank."""
-        return divmod(rank, self.tp)
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(pipeline stage, data-parallel rank, tensor-parallel rank) of a global rank."""
+        stage, rest = divmod(rank, self.dp * self.tp)
+        return (stage, *divmod(rest, self.tp))
 
-    def rank_of(self, stage: int, tp_rank: int) -> int:
-        return stage * self.tp + tp_rank
+    def rank_of(self, stage: int, dp_rank: int, tp_rank: int) -> int:
+        return (stage * self.dp + dp_rank) * self.tp + tp_rank
+
+    def tp_groups(self) -> Iterator[list[int]]:
+        """Ranks that split each layer's heads: one group per (stage, replica)."""
+        for stage in range(self.pp):
+            for d in range(self.dp):
+                yield [self.rank_of(stage, d, t) for t in range(self.tp)]
+
+    def dp_groups(self) -> Iterator[list[int]]:
+        """Ranks that hold the same piece of the model in different replicas: one group per (stage, TP rank)."""
+        for stage in range(self.pp):
+            for t in range(self.tp):
+                yield [self.rank_of(stage, d, t) for d in range(self.dp)]
+
+    def replica_groups(self) -> Iterator[list[int]]:
+        """All ranks of one replica (every stage and TP rank), which see the same input ids."""
+        for d in range(self.dp):
+            yield [self.rank_of(stage, d, t) for stage in range(self.pp) for t in range(self.tp)]
 
     @classmethod
-    def from_world(cls, pp: int = 1) -> Layout:
-        """The layout that uses every rank of the initialized world, TP filling what PP leaves."""
+    def from_world(cls, pp: int = 1, dp: int = 1) -> Layout:
+        """The layout that uses every rank of the initialized world, TP filling what PP and DP leave."""
         world = dist.get_world_size()
-        if world % pp:
-            raise LayoutError(f"world size {world} is not divisible by pp={pp}")
-        return cls(tp=world // pp, pp=pp)
+        if world % (pp * dp):
+            raise LayoutError(f"world size {world} is not divisible by pp={pp} x dp={dp}")
+        return cls(tp=world // (pp * dp), pp=pp, dp=dp)
 
     def check_world(self) -> None:
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world != self.world_size:
-            raise LayoutError(
-                f"layout tp={self.tp} x pp={self.pp} needs {self.world_size} ranks, the world has {world}"
-            )
+            raise LayoutError(f"layout {self} needs {self.world_size} ranks, the world has {world}")
 
 
 @dataclass(frozen=True)
@@ -96,24 +122,41 @@ def head_split(heads: int, kv_heads: int, tp: int) -> list[Heads]:
 
 @dataclass(frozen=True)
 class RankPlan:
-    """Everything one rank owns, as box lists keyed by local tensor name."""
+    """Everything one rank computes with and holds, as box lists keyed by local tensor name.
+
+    ``work`` are the TP-local tensors the model computes with, handed out per block
+    (``blocks``: "embed", "layers.N", "head"); ``alias`` maps a tensor that is another
+    one on this rank (a tied LM head beside its embedding) to it. ``tensors`` is what
+    the rank holds, loads and saves, laid out in ``buffers``: the work tensors under
+    the resident provider, its chunk of each flat block (``flats``) under ZeRO-3.
+    """
 
     spec: ModelSpec
     layout: Layout
     rank: int
+    provider: str
     layers: range
     heads: Heads
     ffn: tuple[int, int]
     vocab: tuple[int, int]
+    work: dict[str, ShardedTensor]
+    blocks: dict[str, tuple[str, ...]]
+    alias: dict[str, str]
+    flats: dict[str, FlatBlock]
     tensors: dict[str, ShardedTensor]
+    buffers: tuple[Buffer, ...]
 
     @property
     def stage(self) -> int:
         return self.layout.coords(self.rank)[0]
 
     @property
-    def tp_rank(self) -> int:
+    def dp_rank(self) -> int:
         return self.layout.coords(self.rank)[1]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.layout.coords(self.rank)[2]
 
     @property
     def is_first(self) -> bool:
@@ -123,10 +166,13 @@ class RankPlan:
     def is_last(self) -> bool:
         return self.stage == self.layout.pp - 1
 
+    def peer(self, rank: int) -> RankPlan:
+        """Another rank's plan under the same layout and provider."""
+        return plan_rank(self.spec, self.layout, rank, self.provider)
+
     def nbytes(self, dtype: torch.dtype) -> int:
-        """Bytes this rank holds, counting tensors that share boxes (tied embeddings) once."""
-        unique = {(t.shape, t.boxes) for t in self.tensors.values()}
-        return sum(math.prod(shape) for shape, _ in unique) * dtype.itemsize
+        """Bytes this rank holds, counting tensors that share a buffer (tied embeddings) once."""
+        return sum(b.numel for b in self.buffers) * dtype.itemsize
 
 
 def _layer_tensors(spec: ModelSpec, n: int, heads: Heads, ffn: tuple[int, int]) -> dict[str, ShardedTensor]:
@@ -179,16 +225,18 @@ def _layer_tensors(spec: ModelSpec, n: int, heads: Heads, ffn: tuple[int, int]) 
     return out
 
 
-def plan_rank(spec: ModelSpec, layout: Layout, rank: int) -> RankPlan:
-    """The box lists of every tensor ``rank`` holds under ``layout``."""
+def plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str = "resident") -> RankPlan:
+    """The box lists of every tensor ``rank`` computes with and holds under ``layout`` and ``provider``."""
+    if provider not in PROVIDERS:
+        raise LayoutError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDERS)})")
     if not 0 <= rank < layout.world_size:
-        raise LayoutError(f"rank {rank} is outside the {layout.world_size}-rank layout tp={layout.tp} pp={layout.pp}")
+        raise LayoutError(f"rank {rank} is outside the {layout.world_size}-rank layout {layout}")
     if layout.pp > spec.layers:
         raise LayoutError(f"pp={layout.pp} exceeds the {spec.layers} layers: some stage would own no layer")
     for what, size in (("vocab", spec.vocab), ("intermediate size", spec.intermediate)):
         if layout.tp > size:
             raise LayoutError(f"tp={layout.tp} exceeds the {what} {size}")
-    stage, tp_rank = layout.coords(rank)
+    stage, dp_rank, tp_rank = layout.coords(rank)
     heads = head_split(spec.heads, spec.kv_heads, layout.tp)[tp_rank]
     ffn = split_evenly(spec.intermediate, layout.tp)[tp_rank]
     vocab = split_evenly(spec.vocab, layout.tp)[tp_rank]
@@ -196,16 +244,39 @@ def plan_rank(spec: ModelSpec, layout: Layout, rank: int) -> RankPlan:
     layers = range(lo, hi)
 
     info = spec.tensors()
-    tensors: dict[str, ShardedTensor] = {}
+    work: dict[str, ShardedTensor] = {}
+    blocks: dict[str, tuple[str, ...]] = {}
     nv, h = vocab[1] - vocab[0], spec.hidden
     embed_src = "model.embed_tokens.weight"
     if stage == 0:
-        tensors["embed"] = ShardedTensor("embed", (nv, h), (rows(embed_src, info[embed_src].shape, *vocab),))
+        work["embed"] = ShardedTensor("embed", (nv, h), (rows(embed_src, info[embed_src].shape, *vocab),))
+        blocks["embed"] = ("embed",)
     for n in layers:
-        tensors.update(_layer_tensors(spec, n, heads, ffn))
+        layer = _layer_tensors(spec, n, heads, ffn)
+        work.update(layer)
+        blocks[f"layers.{n}"] = tuple(layer)
     if stage == layout.pp - 1:
         norm = "model.norm.weight"
-        tensors["norm"] = ShardedTensor("norm", (h,), (full_box(norm, (h,)),))
+        work["norm"] = ShardedTensor("norm", (h,), (full_box(norm, (h,)),))
         head_src = embed_src if spec.tied else "lm_head.weight"
-        tensors["lm_head"] = ShardedTensor("lm_head", (nv, h), (rows(head_src, info[head_src].shape, *vocab),))
-    return RankPlan(spec, layout, rank, layers, heads, ffn, vocab, tensors)
+        work["lm_head"] = ShardedTensor("lm_head", (nv, h), (rows(head_src, info[head_src].shape, *vocab),))
+        blocks["head"] = ("norm", "lm_head")
+    alias = {"lm_head": "embed"} if "embed" in work and spec.tied else {}
+    parts = layout.dp if provider == "zero3" else 1
+    flats = {b: pack(b, [work[n] for n in names if n not in alias], parts) for b, names in blocks.items()}
+    if provider == "zero3":
+        held = [flat.master_buffer(dp_rank, work) for flat in flats.values()]
+        buffers = tuple(buffer for buffer, _ in held)
+        tensors = {name: piece for _, pieces in held for name, piece in pieces.items()}
+    else:
+        buffers, tensors = _resident_buffers(work, alias), dict(work)
+    return RankPlan(spec, layout, rank, provider, layers, heads, ffn, vocab, work, blocks, alias, flats, tensors,
+                    buffers)
+
+
+def _resident_buffers(work: dict[str, ShardedTensor], alias: dict[str, str]) -> tuple[Buffer, ...]:
+    """One buffer per work tensor; an alias is a second view of its target's buffer."""
+    views: dict[str, list[View]] = {}
+    for name, t in work.items():
+        views.setdefault(alias.get(name, name), []).append(View(name, 0, t.shape))
+    return tuple(Buffer(name, work[name].numel, tuple(v)) for name, v in views.items())

@@ -18,23 +18,12 @@ from torch import nn
 
 from .boxes import split_evenly
 from .comm import Comm
-from .layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from .layers import column_parallel, parallel_lm_head, rms_norm, row_parallel, vocab_parallel_embedding
 from .layout import RankPlan
+from .provider import Provider
 
 if TYPE_CHECKING:
     from .loader import Weights
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -107,25 +96,24 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
-class Attention(nn.Module):
-    def __init__(self, plan: RankPlan, comm: Comm, w: dict[str, torch.Tensor], n: int):
-        super().__init__()
+class Attention:
+    """One layer's attention over this rank's heads; the weights come with each call."""
+
+    def __init__(self, plan: RankPlan, comm: Comm, n: int):
         spec, heads = plan.spec, plan.heads
+        self.comm, self.eps, self.qk_norm = comm, spec.rms_eps, spec.qk_norm
         self.n_q, self.n_kv, self.head_dim = heads.n_q, heads.n_kv, spec.head_dim
         self.window = spec.window(n)
-        self.qkv = ColumnParallelLinear(w[f"layers.{n}.qkv"], w.get(f"layers.{n}.qkv_bias"))
-        self.o = RowParallelLinear(comm, w[f"layers.{n}.o"], w.get(f"layers.{n}.o_bias"))
-        self.q_norm = RMSNorm(w[f"layers.{n}.q_norm"], spec.rms_eps) if spec.qk_norm else None
-        self.k_norm = RMSNorm(w[f"layers.{n}.k_norm"], spec.rms_eps) if spec.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                cache: KVCache | None, keys: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, start: int,
+                 cache: KVCache | None, keys: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         d = self.head_dim
-        q, k, v = self.qkv(x).split([self.n_q * d, self.n_kv * d, self.n_kv * d], dim=-1)
+        q, k, v = column_parallel(x, w["qkv"], w.get("qkv_bias")).split(
+            [self.n_q * d, self.n_kv * d, self.n_kv * d], dim=-1)
         q, k, v = q.view(b, t, self.n_q, d), k.view(b, t, self.n_kv, d), v.view(b, t, self.n_kv, d)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_norm:
+            q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -137,58 +125,47 @@ class Attention(nn.Module):
         mask = attention_mask(start, t, self.window, x.device, keys)
         causal = mask is not None and keys is None and start == 0 and self.window is None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal)
-        return self.o(out.transpose(1, 2).reshape(b, t, self.n_q * d))
+        return row_parallel(self.comm, out.transpose(1, 2).reshape(b, t, self.n_q * d), w["o"], w.get("o_bias"))
 
 
-class MLP(nn.Module):
-    def __init__(self, comm: Comm, w: dict[str, torch.Tensor], n: int):
-        super().__init__()
-        self.gate_up = ColumnParallelLinear(w[f"layers.{n}.gate_up"], w.get(f"layers.{n}.gate_up_bias"))
-        self.down = RowParallelLinear(comm, w[f"layers.{n}.down"], w.get(f"layers.{n}.down_bias"))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+def mlp(comm: Comm, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    gate, up = column_parallel(x, w["gate_up"], w.get("gate_up_bias")).chunk(2, dim=-1)
+    return row_parallel(comm, F.silu(gate) * up, w["down"], w.get("down_bias"))
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, plan: RankPlan, comm: Comm, w: dict[str, torch.Tensor], n: int):
-        super().__init__()
-        eps = plan.spec.rms_eps
-        self.attn_norm = RMSNorm(w[f"layers.{n}.attn_norm"], eps)
-        self.attn = Attention(plan, comm, w, n)
-        self.mlp_norm = RMSNorm(w[f"layers.{n}.mlp_norm"], eps)
-        self.mlp = MLP(comm, w, n)
+class DecoderLayer:
+    def __init__(self, plan: RankPlan, comm: Comm, n: int):
+        self.comm, self.eps = comm, plan.spec.rms_eps
+        self.attn = Attention(plan, comm, n)
 
-    def forward(self, x, cos, sin, start, cache, keys=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, start, cache, keys)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x, w, cos, sin, start, cache, keys=None):
+        x = x + self.attn(rms_norm(x, w["attn_norm"], self.eps), w, cos, sin, start, cache, keys)
+        return x + mlp(self.comm, rms_norm(x, w["mlp_norm"], self.eps), w)
 
 
 class Model(nn.Module):
     """One rank's stage of a Llama-family model.
 
-    ``forward`` and ``generate`` are collective: every rank of the layout calls them
-    with the same input ids, and every rank gets the same full-vocabulary result.
+    ``forward`` and ``generate`` are collective: every rank of a replica (its TP ranks
+    and pipeline stages) calls them with the same input ids and gets the same
+    full-vocabulary result; replicas (DP ranks) may feed different ids, but under
+    ZeRO-3 they gather weights together, so they make the same calls.
+    The weights reach the layers through ``provider``, block by block.
     ``close`` (or leaving a ``with`` block) frees the process groups, the shared
     memory and the weights, which a process loading many models would otherwise pile up.
     """
 
-    def __init__(self, weights: Weights, comm: Comm):
+    def __init__(self, weights: Weights, comm: Comm, provider: Provider, device: torch.device):
         super().__init__()
-        plan, spec, w = weights.plan, weights.plan.spec, weights.tensors
+        plan, spec = weights.plan, weights.plan.spec
         if spec.config.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {spec.config['hidden_act']!r} is not supported (only silu)")
         self.plan, self.comm, self.spec = plan, comm, spec
         self.weights: Weights | None = weights
-        any_weight = next(iter(w.values()))
-        self.dtype, self.device = any_weight.dtype, any_weight.device
-        self.embed = VocabParallelEmbedding(comm, w["embed"], plan.vocab) if plan.is_first else None
-        self.layers = nn.ModuleDict({str(n): DecoderLayer(plan, comm, w, n) for n in plan.layers})
-        if plan.is_last:
-            self.norm = RMSNorm(w["norm"], spec.rms_eps)
-            sizes = [hi - lo for lo, hi in split_evenly(spec.vocab, plan.layout.tp)]
-            self.lm_head = ParallelLMHead(comm, w["lm_head"], sizes)
+        self.provider: Provider | None = provider
+        self.dtype, self.device = provider.dtype, device
+        self.layers = {n: DecoderLayer(plan, comm, n) for n in plan.layers}
+        self.vocab_sizes = [hi - lo for lo, hi in split_evenly(spec.vocab, plan.layout.tp)]
         self.register_buffer("inv_freq", spec.rope.inv_freq(spec.head_dim).to(self.device), persistent=False)
         self.caches: dict[int, KVCache] | None = None
 
@@ -206,9 +183,7 @@ class Model(nn.Module):
         if self.closed:
             return
         self.comm.close(sync)
-        for name, _ in list(self.named_children()):
-            setattr(self, name, None)
-        self.weights, self.caches = None, None
+        self.weights, self.provider, self.caches, self.layers = None, None, None, {}
 
     def __enter__(self) -> Model:
         return self
@@ -246,19 +221,21 @@ class Model(nn.Module):
             positions = positions_from_mask(keys)[:, start:]
         cos, sin = self.rope(positions)
         shape = (b, t, self.spec.hidden)
-        if self.plan.is_first:
-            h = self.embed(input_ids)
-        else:
-            h = self.comm.recv_prev(torch.empty(shape, dtype=self.dtype, device=self.device))
-        for n, layer in self.layers.items():
-            h = layer(h, cos, sin, start, None if self.caches is None else self.caches[int(n)], keys)
         logits = None
-        if self.plan.is_last:
-            if last_only:
-                h = h[:, -1:]
-            logits = self.lm_head(self.norm(h))
-        else:
-            self.comm.send_next(h)
+        with self.provider.stream(list(self.plan.blocks)) as blocks:
+            if self.plan.is_first:
+                h = vocab_parallel_embedding(self.comm, input_ids, next(blocks)["embed"], self.plan.vocab)
+            else:
+                h = self.comm.recv_prev(torch.empty(shape, dtype=self.dtype, device=self.device))
+            for n, layer in self.layers.items():
+                h = layer(h, next(blocks), cos, sin, start, None if self.caches is None else self.caches[n], keys)
+            if self.plan.is_last:
+                w = next(blocks)
+                h = h[:, -1:] if last_only else h
+                logits = parallel_lm_head(self.comm, rms_norm(h, w["norm"], self.spec.rms_eps), w["lm_head"],
+                                          self.vocab_sizes)
+            else:
+                self.comm.send_next(h)
         out_shape = (b, 1 if last_only else t, self.spec.vocab)
         return self.comm.from_last_stage(logits, out_shape, self.dtype, self.device)
 
@@ -307,12 +284,17 @@ class Model(nn.Module):
                 out.append(nxt[:, None])
                 if on_token is not None:
                     on_token(nxt)
-                if eos_ids and bool(done.all()):
+                if eos_ids and self._finished(done):
                     break
                 step_ids = nxt[:, None]
         finally:
             self.caches = None
         return torch.cat(out, dim=1)
+
+    def _finished(self, done: torch.Tensor) -> bool:
+        """Every row has ended; replicas that gather together (ZeRO-3) stop only when all of theirs have."""
+        finished = bool(done.all())
+        return self.comm.dp_all(finished) if self.provider.lockstep else finished
 
     def _as_batch(self, input_ids: torch.Tensor | Sequence[Sequence[int] | torch.Tensor],
                   attention_mask: torch.Tensor | None, pad: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -138,8 +138,9 @@ class ShardedCheckpoint:
     def _layout(self, raw: object) -> Layout:
         layout = _field(raw, "layout", dict, self.path)
         tp, pp = (_field(layout.get(k), f"layout.{k}", int, self.path) for k in ("tp", "pp"))
+        dp = _field(layout.get("dp", 1), "layout.dp", int, self.path)
         try:
-            return Layout(tp, pp)
+            return Layout(tp, pp, dp)
         except LayoutError as e:
             raise CheckpointError(f"{self.path}: field 'layout': {e}") from None
 
@@ -251,7 +252,7 @@ def manifest(weights: Weights) -> dict:
     spec, layout = weights.plan.spec, weights.plan.layout
     files = []
     for rank in range(layout.world_size):
-        plan = plan_rank(spec, layout, rank)
+        plan = weights.plan.peer(rank)
         stored = {}
         for name, t in plan.tensors.items():
             stored.setdefault((t.shape, t.boxes), (name, t))
@@ -259,7 +260,7 @@ def manifest(weights: Weights) -> dict:
         files.append({"file": rank_file(rank), "rank": rank, "pieces": pieces})
     return {
         "format": FORMAT,
-        "layout": {"tp": layout.tp, "pp": layout.pp},
+        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "provider": weights.plan.provider},
         "tensors": {name: {"shape": list(info.shape), "dtype": DTYPE_NAMES[weights.source_dtypes[name]]}
                     for name, info in spec.tensors().items()},
         "files": files,

@@ -1,0 +1,203 @@
+"""The seam between weights and compute: the model asks a provider for each block's tensors.
+
+Three calls, as in llm.q's weights manager: ``gather(block)`` starts bringing a block's
+tensors, ``get(block)`` waits for them and returns them, ``release(block)`` lets their
+buffer be reused. The model walks its blocks ("embed", "layers.N", "head") through
+``stream``, which keeps ``prefetch`` blocks in flight ahead of the one computing, so the
+same model code runs over resident weights, ZeRO-3 shards and a layer-sharded series.
+
+The call order is checked here, once for every provider: a ``get`` without a
+``gather``, a second ``gather`` or a ``release`` of a block not gathered is a
+``ProviderError`` naming the rank and the block, instead of silently wrong weights.
+The update hooks (``begin_update`` ... ``end_update``) are what an optimizer step
+calls to reach the masters block by block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from .layout import RankPlan
+
+
+class ProviderError(RuntimeError):
+    """A provider was called out of order."""
+
+
+def short_names(plan: RankPlan, block: str) -> dict[str, str]:
+    """A block's work tensor names as the layer code knows them: ``layers.3.qkv`` -> ``qkv``."""
+    prefix = f"{block}."
+    return {name: name[len(prefix):] if name.startswith(prefix) else name for name in plan.blocks[block]}
+
+
+class Provider:
+    """The call-order checks and the update hooks; subclasses move the bytes.
+
+    ``prefetch`` is how many blocks ahead ``stream`` gathers; ``trace``, when set to a
+    list, records every call as ``(call, block)``, which is how the prefetch order is tested.
+    """
+
+    prefetch = 0
+    lockstep = False  # whether the DP ranks must make the same calls (their gathers are collective)
+
+    def __init__(self, plan: RankPlan, dtype: torch.dtype):
+        self.plan, self.dtype = plan, dtype  # dtype: what the work tensors are computed in
+        self.held: dict[str, str] = {}  # block -> "gathered" or "got"
+        self.fetched: set[str] | None = None  # blocks whose masters an update has fetched; None outside an update
+        self.trace: list[tuple[str, str]] | None = None
+
+    def _fail(self, message: str) -> ProviderError:
+        return ProviderError(f"rank {self.plan.rank}: {type(self).__name__}: {message}")
+
+    def _block(self, call: str, block: str) -> None:
+        if block not in self.plan.blocks:
+            raise self._fail(f"{call}({block!r}): no such block on this rank (it has {', '.join(self.plan.blocks)})")
+        if self.trace is not None:
+            self.trace.append((call, block))
+
+    def gather(self, block: str) -> None:
+        self._block("gather", block)
+        if block in self.held:
+            raise self._fail(f"gather({block!r}) twice without a release in between")
+        self._start(block)
+        self.held[block] = "gathered"
+
+    def get(self, block: str) -> dict[str, torch.Tensor]:
+        self._block("get", block)
+        if block not in self.held:
+            raise self._fail(f"get({block!r}) without a gather({block!r}) first")
+        tensors = self._wait(block)
+        self.held[block] = "got"
+        return {short: tensors[name] for name, short in short_names(self.plan, block).items()}
+
+    def release(self, block: str) -> None:
+        self._block("release", block)
+        if block not in self.held:
+            raise self._fail(f"release({block!r}) of a block that is not gathered (released twice?)")
+        del self.held[block]
+        self._end(block)
+
+    @contextlib.contextmanager
+    def stream(self, blocks: list[str]) -> Iterator[Iterator[dict[str, torch.Tensor]]]:
+        """Iterate the blocks' tensors in order, ``prefetch`` blocks gathered ahead; every block released at exit.
+
+        Block ``l + k`` is requested before block ``l`` is waited for, and block ``l - 1``
+        released just before that, so at most ``k + 1`` blocks hold buffers at once.
+        """
+        ahead = self.prefetch
+
+        def walk() -> Iterator[dict[str, torch.Tensor]]:
+            for name in blocks[:ahead]:
+                self.gather(name)
+            for i, name in enumerate(blocks):
+                if i + ahead < len(blocks):
+                    self.gather(blocks[i + ahead])
+                yield self.get(name)
+                self.release(name)
+
+        it = walk()
+        try:
+            yield it
+        finally:
+            it.close()
+            for name in blocks:
+                if name in self.held:
+                    self.release(name)
+
+    def _start(self, block: str) -> None:
+        """Begin moving the block's bytes."""
+
+    def _wait(self, block: str) -> dict[str, torch.Tensor]:
+        """The block's work tensors by full name, once they have arrived."""
+        raise NotImplementedError
+
+    def _end(self, block: str) -> None:
+        """The block's buffers may be reused."""
+
+    # The update hooks an optimizer step calls, in this order, for every block it updates.
+
+    def begin_update(self) -> None:
+        if self.fetched is not None:
+            raise self._fail("begin_update() twice without end_update()")
+        self.fetched = set()
+
+    def fetch_master(self, block: str) -> None:
+        self._updating("fetch_master", block)
+        if block in self.fetched:
+            raise self._fail(f"fetch_master({block!r}) twice without release_master({block!r})")
+        self._fetch(block)
+        self.fetched.add(block)
+
+    def master(self, block: str) -> dict[str, torch.Tensor]:
+        """The block's master tensors to update in place, by held name (fetched first)."""
+        self._updating("master", block)
+        if block not in self.fetched:
+            raise self._fail(f"master({block!r}) without fetch_master({block!r}) first")
+        return self._master(block)
+
+    def release_master(self, block: str) -> None:
+        self._updating("release_master", block)
+        if block not in self.fetched:
+            raise self._fail(f"release_master({block!r}) of a block not fetched (released twice?)")
+        self.fetched.discard(block)
+        self._write_back(block)
+
+    def end_update(self) -> None:
+        """Finish the update: every fetched master is released, and the work weights are stale."""
+        if self.fetched is None:
+            raise self._fail("end_update() without begin_update()")
+        if self.fetched:
+            raise self._fail(f"end_update() with masters still fetched: {', '.join(sorted(self.fetched))}")
+        self.fetched = None
+        self._finish_update()
+        self.invalidate()
+
+    def _updating(self, call: str, block: str) -> None:
+        self._block(call, block)
+        if self.fetched is None:
+            raise self._fail(f"{call}({block!r}) outside begin_update() ... end_update()")
+
+    def _fetch(self, block: str) -> None:
+        """Start bringing the block's masters to the device."""
+
+    def _master(self, block: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _write_back(self, block: str) -> None:
+        """Start returning the block's updated masters to where they live."""
+
+    def _finish_update(self) -> None:
+        """Wait until every write-back has landed."""
+
+    def invalidate(self) -> None:
+        """The masters changed: nothing derived from them may be reused."""
+
+    def stats(self) -> dict[str, int]:
+        """Gathers issued, bytes they moved into this rank's buffers, and gathers the version cache saved."""
+        return {"gathers": 0, "bytes": 0, "hits": 0}
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes this provider has allocated, by role."""
+        return {"masters": 0, "work": 0, "staging": 0}
+
+
+class Resident(Provider):
+    """Every work tensor stays on the rank: gather and release do nothing, and the masters are the work weights."""
+
+    def __init__(self, plan: RankPlan, tensors: dict[str, torch.Tensor]):
+        super().__init__(plan, next(iter(tensors.values())).dtype)
+        self.tensors = tensors
+
+    def _wait(self, block: str) -> dict[str, torch.Tensor]:
+        return self.tensors
+
+    def _master(self, block: str) -> dict[str, torch.Tensor]:
+        names = (self.plan.alias.get(n, n) for n in self.plan.blocks[block])
+        return {n: self.tensors[n] for n in dict.fromkeys(names) if self.plan.alias.get(n, n) == n}
+
+    def nbytes(self) -> dict[str, int]:
+        unique = {id(t): t for t in self.tensors.values()}
+        return {"masters": sum(t.nbytes for t in unique.values()), "work": 0, "staging": 0}
