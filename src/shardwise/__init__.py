@@ -12,12 +12,13 @@ from .collective_write import WriteError
 from .hf_export import export
 from .launch import LaunchInterrupted, LaunchTimeout, RankError, launch
 from .layout import Layout, LayoutError, RankPlan, plan_rank
-from .loader import Weights, load_model, load_weights
+from .loader import load_model, load_weights
 from .model import Model
 from .publish import TargetError
 from .reader import Checkpoint, CheckpointError
 from .sharded import ShardedCheckpoint, save_sharded
 from .spec import ModelSpec, SpecError, load_spec
+from .weights import Weights
 
 __all__ = [
     "__version__",

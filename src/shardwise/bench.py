@@ -17,9 +17,10 @@ import torch.distributed as dist
 
 from .hf_export import DEFAULT_FILE_BYTES
 from .layout import Layout, plan_rank
-from .loader import arena, load_model
+from .loader import load_model
 from .reader import Checkpoint
 from .spec import load_spec
+from .weights import arena
 
 
 def _status_kb(field: str) -> int:
@@ -70,7 +71,7 @@ def read_floor(directory: str | Path, nbytes: int, rank: int) -> float:
     total = sum(p.stat().st_size for p in files)
     start = (rank * nbytes) % max(1, total - nbytes)
     t0 = time.perf_counter()
-    buf = memoryview(arena([(nbytes,)], [torch.uint8], torch.device("cpu"))[0].numpy())
+    buf = memoryview(arena([nbytes], [torch.uint8], torch.device("cpu"))[0].numpy())
     done = 0
     for path in files:
         size = path.stat().st_size

@@ -22,12 +22,12 @@ import torch
 
 from .boxes import Box
 from .collective_write import write_checkpoint
-from .loader import Weights
 from .model import Model
 from .progress import progress_bar
 from .publish import copy_side_files
 from .reader import INDEX_FILE, Checkpoint, Entry, is_row_run, mapped_box
 from .spec import ModelSpec
+from .weights import Weights
 from .writer import Placement, plan_file, tensor_bytes
 
 DEFAULT_FILE_BYTES = 5 * 2**30
@@ -116,6 +116,8 @@ def raw_bytes(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes as the widest integers that fit: comparing int64 words is ~6x faster than bytes."""
     flat = t.contiguous().reshape(-1).view(torch.uint8)
     word = next(w for w in (torch.int64, torch.int32, torch.int16, torch.uint8) if flat.numel() % w.itemsize == 0)
+    if flat.storage_offset() % word.itemsize:  # a view into a flat buffer (a ZeRO-3 piece) may sit unaligned
+        flat = flat.clone()
     return flat.view(word)
 
 
@@ -162,5 +164,5 @@ def export(source: Model | Weights, out_dir: str | Path, max_file_bytes: int = D
 
     steps = [("writing headers", write_headers), ("writing data", write_data),
              ("verifying", lambda tmp: _verify(tmp, files, mine, dtypes))]
-    return write_checkpoint(out_dir, steps, finish, rank=rank, overwrite=overwrite, sources=[weights.source_dir],
+    return write_checkpoint(out_dir, steps, finish, rank=rank, overwrite=overwrite, sources=weights.sources,
                             agreed=digest)

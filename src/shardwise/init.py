@@ -12,11 +12,16 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .boxes import Box
+from .layout import Layout, plan_rank
+from .progress import progress_bar
 from .spec import ModelSpec
+from .weights import Weights, allocate, resolve_device
 
 INIT_STD = 0.02
 """Std of every weight matrix and of the embedding: HF's ``initializer_range`` and Megatron's default."""
@@ -50,6 +55,27 @@ def init_values(spec: ModelSpec, box: Box, seed: int, zero_residual: bool = Fals
     if std == 0.0:
         return torch.zeros(box.shape)
     return _normal_rows(box, shape[1], std, seed)
+
+
+def init_weights(spec: ModelSpec, layout: Layout, seed: int, *, provider: str = "resident",
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", rank: int | None = None,
+                 zero_residual: bool = False, source_dir: str | Path | None = None, progress: bool = True) -> Weights:
+    """This rank's freshly initialised tensors under ``layout`` and ``provider``: one model for every grid.
+
+    No rank ever builds the whole model: each draws exactly the boxes it holds (its
+    masters under ZeRO-3), so ``export`` or ``save_sharded`` of the result is the seed
+    checkpoint, whatever (tp, pp, dp) made it. ``source_dir`` is where a tokenizer to
+    carry along lives (the config's directory).
+    """
+    rank = rank if rank is not None else (dist.get_rank() if dist.is_initialized() else 0)
+    plan = plan_rank(spec, layout, rank, provider)
+    buffers, tensors = allocate(plan, [dtype] * len(plan.buffers), resolve_device(device))
+    unique = {id(t): name for name, t in tensors.items()}
+    for name in progress_bar(unique.values(), progress and rank == 0, total=len(unique),
+                             desc=f"rank {rank} initialising", unit="tensor"):
+        fill_boxes(tensors[name], plan.tensors[name].boxes, spec, seed, zero_residual)
+    origin = None if source_dir is None else Path(source_dir)
+    return Weights(plan, tensors, dict.fromkeys(spec.tensors(), dtype), origin, buffers)
 
 
 def fill_boxes(

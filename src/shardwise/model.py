@@ -23,7 +23,7 @@ from .layout import RankPlan
 from .provider import Provider
 
 if TYPE_CHECKING:
-    from .loader import Weights
+    from .weights import Weights
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

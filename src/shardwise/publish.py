@@ -93,10 +93,10 @@ def check_target(out: str | Path, overwrite: bool = False, sources: list[str | P
     return "replace"
 
 
-def copy_side_files(source_dir: Path, config: dict, directory: Path) -> None:
+def copy_side_files(source_dir: Path | None, config: dict, directory: Path) -> None:
     """config.json, and the tokenizer files a user needs to run the checkpoint (never from outside the source)."""
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    for name in SIDE_FILES:
+    for name in SIDE_FILES if source_dir is not None else ():
         source = inside(source_dir, name, str(source_dir))
         if source.is_file():
             shutil.copyfile(source, directory / name)

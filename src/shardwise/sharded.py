@@ -30,7 +30,7 @@ from .untrusted import UntrustedJSON, is_int, parse_json, shown
 from .writer import save_safetensors
 
 if TYPE_CHECKING:
-    from .loader import Weights
+    from .weights import Weights
 
 FORMAT = "shardwise.sharded/1"
 
@@ -284,5 +284,5 @@ def save_sharded(weights: Weights, out_dir: str | Path, overwrite: bool = False)
         copy_side_files(weights.source_dir, weights.plan.spec.config, tmp)
 
     return write_checkpoint(out_dir, [("writing data", write_rank_file)], finish, rank=rank, overwrite=overwrite,
-                            sources=[weights.source_dir])
+                            sources=weights.sources)
 
