@@ -15,12 +15,14 @@ import torch
 
 from . import __version__
 from .bench import bench_export_rank, bench_generate_rank, bench_load_rank, warm_page_cache
-from .generate import GenerateArgs, generate_rank
+from .generate import GenerateArgs, Provide, generate_rank
 from .launch import LaunchInterrupted, RankError, in_torchrun, launch
-from .layout import Layout, plan_rank
+from .layout import PROVIDERS, Layout, plan_rank
+from .loader import check_provider_options
 from .publish import check_target
 from .reader import MANIFEST
 from .spec import DTYPES, load_spec
+from .zero3 import memory_plan
 
 log = logging.getLogger("shardwise")
 
@@ -28,6 +30,17 @@ log = logging.getLogger("shardwise")
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise argparse.ArgumentTypeError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+QUANTIZED = {"float8_e4m3fn": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+def _dtype_or_quantized(name: str) -> torch.dtype:
+    if name in QUANTIZED:
+        return QUANTIZED[name]
+    if name not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {name!r} (choose from {', '.join([*DTYPES, *QUANTIZED])})")
     return DTYPES[name]
 
 
@@ -56,6 +69,27 @@ SEED = _bounded(int, 0, 2**63 - 1)
 def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=POSITIVE, default=1, help="tensor-parallel degree")
     p.add_argument("--pp", type=POSITIVE, default=1, help="pipeline-parallel degree (stages)")
+    p.add_argument("--dp", type=POSITIVE, default=1, help="data-parallel degree (replicas, or ZeRO-3 shards)")
+
+
+def _provider_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--provider", choices=PROVIDERS, default="resident",
+                   help="resident: every rank keeps its weights; zero3: 1/dp each, gathered block by block")
+    p.add_argument("--work-dtype", type=_dtype_or_quantized, default=None,
+                   help="zero3: dtype gathered and computed in (float8_e4m3fn, int8: quantized gathers computed "
+                        "in --dtype); default --dtype")
+    p.add_argument("--prefetch", type=_bounded(int, 0), default=1, help="zero3: blocks gathered ahead")
+    p.add_argument("--offload", action="store_true", help="zero3: keep the master shards in host memory")
+
+
+def _layout(args) -> Layout:
+    return Layout(args.tp, args.pp, args.dp)
+
+
+def _provide(args) -> Provide:
+    """The provider options, checked before any rank is spawned."""
+    check_provider_options(args.provider, args.dtype, args.work_dtype, args.prefetch, args.offload)
+    return Provide(args.provider, args.work_dtype, args.prefetch, args.offload)
 
 
 def _overwrite_arg(p: argparse.ArgumentParser) -> None:
@@ -64,9 +98,10 @@ def _overwrite_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _world(args) -> int:
-    world = args.tp * args.pp
+    world = _layout(args).world_size
     if in_torchrun() and int(os.environ["WORLD_SIZE"]) != world:
-        sys.exit(f"--tp {args.tp} x --pp {args.pp} = {world} ranks, but torchrun started {os.environ['WORLD_SIZE']}")
+        sys.exit(f"--tp {args.tp} x --pp {args.pp} x --dp {args.dp} = {world} ranks, but torchrun started "
+                 f"{os.environ['WORLD_SIZE']}")
     return world
 
 
@@ -75,11 +110,11 @@ def _is_rank0() -> bool:
     return not in_torchrun() or int(os.environ.get("RANK", "0")) == 0
 
 
-def _plan_everywhere(path: str, layout: Layout):
+def _plan_everywhere(path: str, layout: Layout, provider: str = "resident"):
     """The model spec, with the layout checked on every rank: what a spawned job would find, in a second."""
     spec = load_spec(path)
     for rank in range(layout.world_size):
-        plan_rank(spec, layout, rank)
+        plan_rank(spec, layout, rank, provider)
     return spec
 
 
@@ -87,13 +122,13 @@ def _check_generate(args, prompts: tuple[str, ...]) -> None:
     """Every mistake a generate job could make, found before any rank is spawned."""
     from .text import Text
 
-    spec = _plan_everywhere(args.checkpoint, Layout(args.tp, args.pp))
-    _check_device(args.device, args.tp * args.pp)
+    spec = _plan_everywhere(args.checkpoint, _layout(args), args.provider)
+    _check_device(args.device, _layout(args).world_size)
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
         log.warning("--top-k/--top-p have no effect without --temperature > 0 (greedy decoding)")
     ids = _prompt_ids(Text(args.checkpoint), prompts, args.chat, spec.vocab)
     longest = max(len(i) for i in ids)
-    _check_cache_fits(spec, Layout(args.tp, args.pp), len(ids), longest + args.max_new_tokens, args.dtype.itemsize)
+    _check_cache_fits(spec, _layout(args), len(ids), longest + args.max_new_tokens, args.dtype.itemsize)
     limit = spec.config.get("max_position_embeddings")
     if isinstance(limit, int) and longest + args.max_new_tokens > limit:
         log.warning("%d prompt + %d new tokens run past the model's %d positions; expect degraded text",
@@ -150,14 +185,15 @@ def _prompts(args) -> tuple[str, ...]:
 
 def cmd_generate(args) -> None:
     prompts = _prompts(args)
+    provide = _provide(args)
     _check_generate(args, prompts)
-    job = GenerateArgs(args.checkpoint, args.tp, args.pp, prompts, args.max_new_tokens, args.dtype,
-                       args.device, args.chat, args.temperature, args.top_k, args.top_p, args.seed)
+    job = GenerateArgs(args.checkpoint, _layout(args), prompts, args.max_new_tokens, args.dtype, args.device,
+                       args.chat, args.temperature, args.top_k, args.top_p, args.seed, provide=provide)
     result = launch(generate_rank, _world(args), job)
     if _is_rank0():
         rss = " ".join(f"r{r}={b / 2**20:.0f}MiB" for r, b in enumerate(result["rss"]))
         n = result["new_tokens"]
-        print(f"[shardwise] tp={args.tp} pp={args.pp} load {result['load_s']:.2f}s, "
+        print(f"[shardwise] {_layout(args)} {args.provider} load {result['load_s']:.2f}s, "
               f"{n} token{'s' * (n != 1)} at {result['tokens_per_s']:.1f} tok/s, rss {rss}", file=sys.stderr)
 
 
@@ -168,27 +204,39 @@ KINDS = {
 }
 
 
-def plan_table(path: str, layout: Layout, dtype: torch.dtype | None) -> str:
-    """Bytes each rank will hold, by tensor kind, as a fixed-width table."""
+def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Provide | None = None) -> str:
+    """Bytes each rank will hold, by tensor kind (its masters, under ZeRO-3), plus ZeRO-3's buffers, as a table."""
     spec = load_spec(path)
     dtype = dtype or spec.dtype
-    columns = ["embedding", "attention", "mlp", "norms", "lm_head"]
+    provide = provide or Provide()
+    zero3 = provide.provider == "zero3"
+    columns = ["embedding", "attention", "mlp", "norms", "lm_head"] + (["work", "staging"] if zero3 else [])
+    how = provide.provider
+    if zero3:
+        work = str(provide.work_dtype or dtype).removeprefix("torch.")
+        how += f" (work {work}, prefetch {provide.prefetch}{', offload' if provide.offload else ''})"
     lines = [f"{spec.arch}: {spec.layers} layers, {spec.heads} heads / {spec.kv_heads} KV heads, vocab {spec.vocab}, "
-             f"tp={layout.tp} pp={layout.pp}, {str(dtype).removeprefix('torch.')}",
-             f"{'rank':>4} {'stage':>5} {'tp':>3} {'layers':>9} {'q/kv heads':>10} "
+             f"{layout}, {str(dtype).removeprefix('torch.')}, {how}",
+             f"{'rank':>4} {'stage':>5} {'dp':>3} {'tp':>3} {'layers':>9} {'q/kv heads':>10} "
              + " ".join(f"{c:>11}" for c in columns) + f" {'total':>11}"]
     for rank in range(layout.world_size):
-        plan = plan_rank(spec, layout, rank)
+        plan = plan_rank(spec, layout, rank, provide.provider)
         kinds: dict[str, int] = defaultdict(int)
-        seen = set()
-        for name, t in plan.tensors.items():
-            if (t.shape, t.boxes) not in seen:
-                seen.add((t.shape, t.boxes))
-                kinds[KINDS[name.split(".")[-1]]] += t.numel * dtype.itemsize
+        for buffer in plan.buffers:
+            placed: dict[tuple, str] = {}  # an alias (a tied LM head) is its embedding's bytes: counted once
+            for v in buffer.views:
+                placed.setdefault((v.offset, v.shape), v.name.split("@")[0])
+            for (_, shape), name in placed.items():
+                kinds[KINDS[name.split(".")[-1]]] += math.prod(shape) * dtype.itemsize
+        total = plan.nbytes(dtype)
+        if zero3:
+            memory = memory_plan(plan, dtype, provide.work_dtype, provide.prefetch, provide.offload)
+            kinds["work"], kinds["staging"] = memory["work"], memory["staging"]
+            total = sum(memory.values())
         layers = f"{plan.layers.start}-{plan.layers.stop - 1}"
         heads = f"{plan.heads.n_q}/{plan.heads.n_kv}"
-        lines.append(f"{rank:>4} {plan.stage:>5} {plan.tp_rank:>3} {layers:>9} {heads:>10} "
-                     + " ".join(f"{_mb(kinds[c]):>11}" for c in columns) + f" {_mb(plan.nbytes(dtype)):>11}")
+        lines.append(f"{rank:>4} {plan.stage:>5} {plan.dp_rank:>3} {plan.tp_rank:>3} {layers:>9} {heads:>10} "
+                     + " ".join(f"{_mb(kinds[c]):>11}" for c in columns) + f" {_mb(total):>11}")
     return "\n".join(lines)
 
 
@@ -197,7 +245,7 @@ def _mb(n: int) -> str:
 
 
 def cmd_plan(args) -> None:
-    print(plan_table(args.path, Layout(args.tp, args.pp), args.dtype))
+    print(plan_table(args.path, _layout(args), args.dtype, _provide(args)))
 
 
 def _report(message: str) -> None:
@@ -239,29 +287,51 @@ def cmd_import_gguf(args) -> None:
     _report(f"wrote {out}")
 
 
-def reshard_rank(src: str, dst: str, tp: int, pp: int, overwrite: bool) -> None:
+def reshard_rank(src: str, dst: str, layout: Layout, provider: str, overwrite: bool) -> None:
     from .loader import load_weights
     from .sharded import save_sharded
 
-    save_sharded(load_weights(src, Layout(tp, pp)), dst, overwrite=overwrite)
+    save_sharded(load_weights(src, layout, provider=provider), dst, overwrite=overwrite)
 
 
-def export_rank(src: str, out: str, tp: int, pp: int, overwrite: bool) -> None:
+def export_rank(src: str, out: str, layout: Layout, provider: str, overwrite: bool) -> None:
     from .hf_export import export
     from .loader import load_weights
 
-    export(load_weights(src, Layout(tp, pp)), out, overwrite=overwrite)
+    export(load_weights(src, layout, provider=provider), out, overwrite=overwrite)
 
 
 def cmd_reshard(args) -> None:
     from .loader import open_source
 
     check_target(args.dst, args.overwrite, [args.src])  # before spawning: a refusal costs nothing
-    spec = _plan_everywhere(args.src, Layout(args.tp, args.pp))
+    spec = _plan_everywhere(args.src, _layout(args), args.provider)
     with open_source(args.src) as source:
         source.check(spec)
-    launch(reshard_rank, _world(args), args.src, args.dst, args.tp, args.pp, args.overwrite)
-    _report(f"wrote {args.dst} (sharded, tp={args.tp} pp={args.pp})")
+    launch(reshard_rank, _world(args), args.src, args.dst, _layout(args), args.provider, args.overwrite)
+    _report(f"wrote {args.dst} (sharded, {_layout(args)}, {args.provider})")
+
+
+def init_rank(config: str, out: str, layout: Layout, seed: int, dtype: torch.dtype, sharded: bool,
+              zero_residual: bool, overwrite: bool) -> None:
+    from .hf_export import export
+    from .init import init_weights
+    from .sharded import save_sharded
+
+    provider = "zero3" if layout.dp > 1 else "resident"  # replicas would draw the same boxes dp times
+    path = Path(config)
+    weights = init_weights(load_spec(path), layout, seed, provider=provider, dtype=dtype, zero_residual=zero_residual,
+                           source_dir=path if path.is_dir() else path.parent)
+    (save_sharded if sharded else export)(weights, out, overwrite=overwrite)
+
+
+def cmd_init(args) -> None:
+    check_target(args.out, args.overwrite, [])
+    _plan_everywhere(args.config, _layout(args))
+    launch(init_rank, _world(args), args.config, args.out, _layout(args), args.seed, args.dtype, args.sharded,
+           args.zero_residual, args.overwrite)
+    _report(f"wrote {args.out} ({'sharded' if args.sharded else 'HF safetensors'}, seed {args.seed}, "
+            f"initialised by {_world(args)} ranks)")
 
 
 def cmd_export(args) -> None:
@@ -274,7 +344,7 @@ def cmd_export(args) -> None:
     source = ShardedCheckpoint(args.src)
     source.check(load_spec(args.src))  # the manifest's layout says how many ranks to spawn: vet it first
     layout = source.layout
-    launch(export_rank, layout.world_size, args.src, args.out, layout.tp, layout.pp, args.overwrite)
+    launch(export_rank, layout.world_size, args.src, args.out, layout, source.provider, args.overwrite)
     _report(f"wrote {args.out} (HF safetensors, exported by {layout.world_size} ranks)")
 
 
@@ -326,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=_bounded(float, 0.0, 1.0, low_open=True),
                    help="sample from the smallest set of tokens whose probability reaches p (needs --temperature)")
     g.add_argument("--seed", type=SEED, default=0, help="sampling seed, the same on every rank")
+    _provider_args(g)
 
     i = command(sub, "import-gguf", "convert a llama.cpp GGUF file to an HF-format checkpoint", cmd_import_gguf)
     i.add_argument("gguf")
@@ -337,18 +408,32 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("src")
     r.add_argument("dst")
     _layout_args(r)
+    r.add_argument("--provider", choices=PROVIDERS, default="resident",
+                   help="zero3: each DP rank saves its 1/dp of every block, which loads under any layout")
     _overwrite_arg(r)
+
+    n = command(sub, "init", "a freshly initialised checkpoint, the same for any layout, written by all ranks",
+                cmd_init)
+    n.add_argument("config", help="a config.json, or a directory holding one (its tokenizer files are carried)")
+    n.add_argument("out")
+    n.add_argument("--seed", type=SEED, required=True, help="every weight follows from it (and its name and index)")
+    _layout_args(n)
+    n.add_argument("--sharded", action="store_true", help="write a sharded checkpoint instead of HF safetensors")
+    n.add_argument("--dtype", type=_dtype, default="float32", help="dtype of the written tensors")
+    n.add_argument("--zero-residual", action="store_true", help="start o_proj and down_proj at zero")
+    _overwrite_arg(n)
 
     e = command(sub, "export", "sharded checkpoint -> HF safetensors checkpoint, written by all its ranks", cmd_export)
     e.add_argument("src")
     e.add_argument("out")
     _overwrite_arg(e)
-    e.set_defaults(tp=1, pp=1)
+    e.set_defaults(tp=1, pp=1, dp=1)
 
     p = command(sub, "plan", "bytes each rank will hold, per tensor kind", cmd_plan)
     p.add_argument("path", help="checkpoint directory or config.json")
     _layout_args(p)
     p.add_argument("--dtype", type=_dtype, default="float32", help="dtype the ranks will hold, as generate's")
+    _provider_args(p)
 
     b = command(sub, "bench", "benchmarks", None).add_subparsers(dest="bench", required=True)
     bl = command(b, "load", "per-rank load time, bytes and peak RSS, against a read floor and HF", cmd_bench_load)
@@ -369,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                  cmd_bench_export)
     be.add_argument("checkpoint")
     be.add_argument("--tp", type=POSITIVE, default=1, help="tensor-parallel degree of the export (reshard: PP=TP)")
-    be.set_defaults(pp=1)
+    be.set_defaults(pp=1, dp=1)
     be.add_argument("--work-dir", default=None, help="where to write (default: the system temp dir)")
     be.add_argument("--json", action="store_true")
     return parser

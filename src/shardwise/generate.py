@@ -10,16 +10,26 @@ import torch
 import torch.distributed as dist
 
 from .bench import rss_bytes
+from .boxes import split_evenly
 from .layout import Layout
 from .loader import load_model
 from .text import LabelledAnswers, Streamer, Text
 
 
 @dataclass(frozen=True)
+class Provide:
+    """How weights reach the layers: ``load_model``'s provider options, as the CLI passes them to every rank."""
+
+    provider: str = "resident"
+    work_dtype: torch.dtype | None = None
+    prefetch: int = 1
+    offload: bool = False
+
+
+@dataclass(frozen=True)
 class GenerateArgs:
     checkpoint: str
-    tp: int
-    pp: int
+    layout: Layout
     prompts: tuple[str, ...]
     max_new_tokens: int = 64
     dtype: torch.dtype = torch.float32
@@ -30,40 +40,59 @@ class GenerateArgs:
     top_p: float | None = None
     seed: int = 0
     stream: bool = True
+    provide: Provide = Provide()
 
 
 def generate_rank(args: GenerateArgs) -> dict:
-    """Collective: every rank loads its part and generates one batch of all the prompts; rank 0 prints.
+    """Collective: every rank loads its part, and each DP replica generates one batch of its share of the prompts.
 
-    One prompt streams its answer token by token. Several are generated as one
-    left-padded batch, and each answer is printed whole as soon as it is complete,
-    labelled with its prompt's number.
+    Rank 0 prints. One prompt streams its answer token by token. Several are generated
+    as left-padded batches, one per replica, and replica 0's answers are printed whole
+    as soon as each is complete, labelled with the prompt's number; the other replicas'
+    follow when they are done. A replica with no prompt idles, except under ZeRO-3,
+    where its gathers are needed: it generates a copy of the first prompt and drops it.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
+    layout, provide = args.layout, args.provide
     text = Text(args.checkpoint)  # before loading: a broken tokenizer or template should not cost a load
-    prompts = [text.prompt_ids(p, args.chat) for p in args.prompts]
+    lo, hi = split_evenly(len(args.prompts), layout.dp)[layout.coords(rank)[1]]
+    prompts = [text.prompt_ids(p, args.chat) for p in args.prompts[lo:hi]]
     streamer = None
     if args.stream and rank == 0:
-        streamer = Streamer(text, sys.stdout) if len(prompts) == 1 else LabelledAnswers(text, sys.stdout, len(prompts))
+        many = len(args.prompts) > 1
+        streamer = LabelledAnswers(text, sys.stdout, len(prompts)) if many else Streamer(text, sys.stdout)
     t0 = time.perf_counter()
-    with load_model(args.checkpoint, Layout(args.tp, args.pp), device=args.device, dtype=args.dtype,
-                    progress=False) as model:
+    with load_model(args.checkpoint, layout, device=args.device, dtype=args.dtype, progress=False,
+                    provider=provide.provider, work_dtype=provide.work_dtype, prefetch=provide.prefetch,
+                    offload=provide.offload) as model:
         load_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        out = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, seed=args.seed, eos_token_id=text.eos_ids(), on_token=streamer)
+        answers: list[list[int]] = []
+        if prompts or model.provider.lockstep:
+            batch = prompts or [text.prompt_ids(args.prompts[0], args.chat)]
+            out = model.generate(batch, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, seed=args.seed, eos_token_id=text.eos_ids(), on_token=streamer)
+            width = max(len(p) for p in batch)
+            answers = [_until_eos(row[width:].tolist(), text.eos_ids()) for row in out][: len(prompts)]
         gen_s = time.perf_counter() - t1
-    width = max(len(p) for p in prompts)
-    answers = [_until_eos(row[width:].tolist(), text.eos_ids()) for row in out]
     if streamer is not None:
         streamer.finish()
-    rss = [rss_bytes()]
+    mine = {"answers": answers, "first": lo, "generate_s": gen_s, "rss": rss_bytes()}
+    every = [mine]
     if dist.is_initialized():
-        rss = [None] * dist.get_world_size()
-        dist.all_gather_object(rss, rss_bytes())
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    replicas = [every[layout.rank_of(0, d, 0)] for d in range(layout.dp)]
+    if args.stream and rank == 0:
+        for r in replicas[1:]:
+            for i, ids in enumerate(r["answers"]):
+                sys.stdout.write(f"[{r['first'] + i + 1}] {text.decode(ids)}\n")
+        sys.stdout.flush()
+    answers = [a for r in replicas for a in r["answers"]]
     new = sum(len(a) for a in answers)
+    gen_s = max(r["generate_s"] for r in every)
     return {"texts": [text.decode(a) for a in answers], "new_tokens": new, "load_s": load_s, "generate_s": gen_s,
-            "tokens_per_s": new / gen_s, "rss": rss}
+            "tokens_per_s": new / gen_s, "rss": [r["rss"] for r in every]}
 
 
 def _until_eos(ids: list[int], eos: list[int]) -> list[int]:

@@ -22,7 +22,7 @@ import torch
 
 from .boxes import Box
 from .collective_write import write_checkpoint
-from .layout import Layout, LayoutError, plan_rank
+from .layout import PROVIDERS, Layout, LayoutError, plan_rank
 from .publish import copy_side_files
 from .reader import DTYPE_NAMES, DTYPES, MANIFEST, Checkpoint, CheckpointError, check_stored_as, inside
 from .spec import ModelSpec
@@ -139,6 +139,10 @@ class ShardedCheckpoint:
         layout = _field(raw, "layout", dict, self.path)
         tp, pp = (_field(layout.get(k), f"layout.{k}", int, self.path) for k in ("tp", "pp"))
         dp = _field(layout.get("dp", 1), "layout.dp", int, self.path)
+        self.provider = _field(layout.get("provider", "resident"), "layout.provider", str, self.path)
+        if self.provider not in PROVIDERS:
+            raise CheckpointError(f"{self.path}: field 'layout.provider' is {shown(self.provider)}, expected one of "
+                                  f"{', '.join(PROVIDERS)}")
         try:
             return Layout(tp, pp, dp)
         except LayoutError as e:
