@@ -10,10 +10,12 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 from .boxes import Box, ShardedTensor
 from .collective_write import WriteError
 from .hf_export import export
+from .init import init_weights
 from .launch import LaunchInterrupted, LaunchTimeout, RankError, launch
 from .layout import Layout, LayoutError, RankPlan, plan_rank
 from .loader import load_model, load_weights
 from .model import Model
+from .provider import Provider, ProviderError
 from .publish import TargetError
 from .reader import Checkpoint, CheckpointError
 from .sharded import ShardedCheckpoint, save_sharded
@@ -31,6 +33,8 @@ __all__ = [
     "LayoutError",
     "Model",
     "ModelSpec",
+    "Provider",
+    "ProviderError",
     "RankError",
     "RankPlan",
     "ShardedTensor",
@@ -40,6 +44,7 @@ __all__ = [
     "Weights",
     "WriteError",
     "export",
+    "init_weights",
     "launch",
     "load_model",
     "load_weights",
