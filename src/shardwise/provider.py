@@ -195,8 +195,8 @@ class Resident(Provider):
         return self.tensors
 
     def _master(self, block: str) -> dict[str, torch.Tensor]:
-        names = (self.plan.alias.get(n, n) for n in self.plan.blocks[block])
-        return {n: self.tensors[n] for n in dict.fromkeys(names) if self.plan.alias.get(n, n) == n}
+        """The block's own tensors: an alias (a tied LM head) is updated once, with the block that owns it."""
+        return {n: self.tensors[n] for n in self.plan.blocks[block] if n not in self.plan.alias}
 
     def nbytes(self) -> dict[str, int]:
         unique = {id(t): t for t in self.tensors.values()}

@@ -11,7 +11,7 @@ garbage weights. Data is then read box by box:
   temporary ``mmap`` of just its span, which is unmapped at once so file pages never
   pile up in the process's RSS.
 
-Either way a rank touches only the bytes it owns.
+Either way a rank touches only the bytes it owns, rounded out to the pages that hold them.
 """
 
 from __future__ import annotations

@@ -123,6 +123,7 @@ class Zero3(Provider):
         self.fetch_slots: dict[str, int] = {}  # block -> fetch buffer holding its master
         self.counts = {"gathers": 0, "bytes": 0, "hits": 0}
         self.clock = 0
+        self.taken: dict[str, list[Slot]] = {}  # block -> the slots it holds, from gather to release
 
     # Gathering.
 
@@ -146,6 +147,7 @@ class Zero3(Provider):
         return min(free, key=lambda s: s.used)
 
     def _start(self, block: str) -> None:
+        taken = []
         for flat in self._flats(block):
             self.clock += 1
             slot = self._holding(flat)
@@ -153,14 +155,20 @@ class Zero3(Provider):
                 self.counts["hits"] += 1
             else:
                 slot = self._free_slot(flat)
-                slot.wait()  # a gather released before its get may still be writing
-                slot.flat, slot.version, slot.ready = flat, self.versions[flat], False
-                nbytes = self.plan.flats[flat].parts * self.plan.flats[flat].chunk * self.wire_dtype.itemsize
-                slot.pending = self.comm.dp_all_gather(slot.wire[:nbytes], self._outgoing(flat, slot))
-                self.counts["gathers"] += 1
-                self.counts["bytes"] += nbytes
+                self._fill(slot, flat)
             slot.users += 1
             slot.used = self.clock
+            taken.append(slot)
+        self.taken[block] = taken
+
+    def _fill(self, slot: Slot, flat: str) -> None:
+        """Start gathering the current version of ``flat`` into ``slot``."""
+        slot.wait()  # a gather released before its get may still be writing
+        slot.flat, slot.version, slot.ready = flat, self.versions[flat], False
+        nbytes = self.plan.flats[flat].parts * self.plan.flats[flat].chunk * self.wire_dtype.itemsize
+        slot.pending = self.comm.dp_all_gather(slot.wire[:nbytes], self._outgoing(flat, slot))
+        self.counts["gathers"] += 1
+        self.counts["bytes"] += nbytes
 
     def _outgoing(self, flat: str, slot: Slot) -> torch.Tensor:
         """This rank's chunk as the gather sends it: the master itself, or cast or quantized into the slot."""
@@ -185,9 +193,11 @@ class Zero3(Provider):
         return scales
 
     def _wait(self, block: str) -> dict[str, torch.Tensor]:
+        """The block's tensors; one gathered before the masters changed is gathered again (every DP rank alike)."""
         out: dict[str, torch.Tensor] = {}
-        for flat in self._flats(block):
-            slot = self._holding(flat)
+        for flat, slot in zip(self._flats(block), self.taken[block]):
+            if slot.version != self.versions[flat]:
+                self._fill(slot, flat)
             slot.wait()
             views = slot.views(self.plan.flats[flat])
             if not slot.ready and flat in self.quantizers:
@@ -197,8 +207,7 @@ class Zero3(Provider):
         return {n: out[self.plan.alias.get(n, n)] for n in self.plan.blocks[block]}
 
     def _end(self, block: str) -> None:
-        for flat in self._flats(block):
-            slot = next(s for s in self.slots.values() if s.flat == flat and s.users)
+        for slot in self.taken.pop(block):
             slot.users -= 1
 
     def invalidate(self) -> None:
