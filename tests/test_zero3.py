@@ -21,6 +21,7 @@ from conftest import CHECKPOINTS, PROMPT, STEPS
 from safetensors import safe_open
 
 from shardwise import Layout, launch, load_model, load_spec, load_weights, plan_rank
+from shardwise.comm import Comm
 from shardwise.flat import ALIGN
 from shardwise.provider import ProviderError
 from shardwise.zero3 import Zero3, memory_plan
@@ -481,7 +482,8 @@ def test_memory_plan_is_what_zero3_allocates(checkpoints, layout):
             for work in (None, torch.bfloat16, torch.float8_e4m3fn, torch.int8):
                 for prefetch in (0, 1, 2):
                     for offload in (False, True):
-                        got = Zero3(w.plan, None, dict(w.buffers), work, prefetch, offload, cpu).nbytes()
+                        alone = Comm(Layout(), 0)  # no process group: private slots, as gloo gathers use
+                        got = Zero3(w.plan, alone, dict(w.buffers), work, prefetch, offload, cpu).nbytes()
                         want = memory_plan(w.plan, torch.float32, work, prefetch, offload)
                         assert got == want, f"{name} rank {rank} work={work} prefetch={prefetch} offload={offload}"
             stage, _, tp_rank = layout.coords(rank)
@@ -515,3 +517,13 @@ def test_load_model_refuses_bad_options_before_reading(tmp_path, options, messag
     """Meaningless provider options are a ValueError before any file is opened (the path does not even exist)."""
     with pytest.raises(ValueError, match=message):
         load_model(tmp_path / "missing", progress=False, **options)
+
+
+@pytest.mark.parametrize("shm", ["1", "0"])
+def test_gathers_through_shared_memory_and_gloo_agree(checkpoints, monkeypatch, shm):
+    """Same-host DP ranks gather through shared memory; with SHARDWISE_SHM=0 through gloo; both are exact."""
+    monkeypatch.setenv("SHARDWISE_SHM", shm)
+    equal, transfer = launch(zw.zero3_matches_resident, 3, str(checkpoints["qwen2-untied"]), Layout(dp=3),
+                             PROMPT, timeout=TIMEOUT)
+    assert equal, f"ZeRO-3 bf16 gathers over {transfer} differ from a resident bf16 model"
+    assert transfer == ("ShmGather" if shm == "1" else "Gather")

@@ -320,3 +320,13 @@ def update_round_trip(path: str, tp: int, pp: int, dp: int, offload: bool, ids: 
         out["logits after"], out["resident after"] = zero3(ids), resident(ids)
         out["gathers after"] = provider.stats()["gathers"] - before
     return out
+
+
+def zero3_matches_resident(path: str, layout: Layout, ids: torch.Tensor) -> tuple[bool, str]:
+    """Whether ZeRO-3 logits equal resident ones bit for bit, and which transfer carried the gathers."""
+    with load_model(path, layout, provider="zero3", work_dtype=torch.bfloat16, dtype=torch.float32,
+                    progress=False) as zero3:
+        got, transfer = zero3(ids), type(zero3.provider.transfer).__name__
+    with load_model(path, layout, dtype=torch.bfloat16, progress=False) as resident:
+        want = resident(ids)
+    return bool(torch.equal(got, want)), transfer

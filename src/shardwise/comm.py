@@ -29,6 +29,7 @@ class Comm:
     tp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
     replica_group: dist.ProcessGroup | None = None
+    dp_ranks: list[int] = field(default_factory=list)  # global ranks of the DP group, in DP order
     shm: ShmAllReduce | None = None
     groups: list[dist.ProcessGroup] = field(default_factory=list)  # all that make_comm created, in creation order
 
@@ -64,17 +65,6 @@ class Comm:
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded, group=self.tp_group)
         return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
-
-    def dp_all_gather(self, out: torch.Tensor, chunk: torch.Tensor) -> dist.Work | None:
-        """Start gathering every DP rank's equal-sized ``chunk`` into ``out``, in DP order; wait on the result.
-
-        Bytes travel as bytes, so any dtype (fp8 included) goes through any backend.
-        """
-        if self.layout.dp == 1:
-            out.view(torch.uint8).copy_(chunk.view(torch.uint8))
-            return None
-        return dist.all_gather_single(out.view(torch.uint8), chunk.view(torch.uint8), group=self.dp_group,
-                                           async_op=True)
 
     def dp_max(self, x: torch.Tensor) -> torch.Tensor:
         """Element-wise max over the DP group, in place."""
@@ -132,7 +122,7 @@ def make_comm(layout: Layout, device: torch.device | None = None) -> Comm:
                 found = (dist.group.WORLD, ranks)
         return found
 
-    (comm.tp_group, tp_ranks), (comm.dp_group, _) = mine(layout.tp_groups()), mine(layout.dp_groups())
+    (comm.tp_group, tp_ranks), (comm.dp_group, comm.dp_ranks) = mine(layout.tp_groups()), mine(layout.dp_groups())
     if layout.pp > 1:
         comm.replica_group = mine(layout.replica_groups())[0]
     on_cpu = device is None or device.type == "cpu"

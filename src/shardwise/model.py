@@ -182,6 +182,7 @@ class Model(nn.Module):
         """
         if self.closed:
             return
+        self.provider.close()
         self.comm.close(sync)
         self.weights, self.provider, self.caches, self.layers = None, None, None, {}
 

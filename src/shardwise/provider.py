@@ -183,6 +183,9 @@ class Provider:
         """Bytes this provider has allocated, by role."""
         return {"masters": 0, "work": 0, "staging": 0}
 
+    def close(self) -> None:
+        """Free what the provider allocated beyond the weights (buffers, shared memory)."""
+
 
 class Resident(Provider):
     """Every work tensor stays on the rank: gather and release do nothing, and the masters are the work weights."""

@@ -44,7 +44,13 @@ def segment_bytes(size: int) -> int:
 
 
 def attach(group: dist.ProcessGroup, ranks: list[int], timeout: float) -> ShmAllReduce | None:
-    """The group's shared-memory all-reduce, or None (gloo) unless every rank proved it maps the same segment.
+    """The group's shared-memory all-reduce, or None (gloo) unless every rank proved it maps the same segment."""
+    mem = share(group, ranks, segment_bytes(len(ranks)), "all-reduce")
+    return None if mem is None else ShmAllReduce(mem, ranks.index(dist.get_rank()), len(ranks), timeout)
+
+
+def share(group: dist.ProcessGroup, ranks: list[int], total: int, what: str) -> mmap.mmap | None:
+    """A segment of ``total`` bytes every rank of the group maps, or None (gloo) unless every rank proved it does.
 
     Hostnames cannot tell: containers on host networking share one without sharing
     /dev/shm. So rank 0 creates the segment and writes a random token at its end,
@@ -55,7 +61,6 @@ def attach(group: dist.ProcessGroup, ranks: list[int], timeout: float) -> ShmAll
     size, me = len(ranks), ranks.index(dist.get_rank())
     if not all(_gather(group, size, supported())):
         return None  # SHARDWISE_SHM=0 or not x86-64 somewhere: a setting, not a failure
-    total = segment_bytes(size)
     mem, error = None, None
     offer: list[Any] = [None]
     if me == 0:
@@ -77,10 +82,9 @@ def attach(group: dist.ProcessGroup, ranks: list[int], timeout: float) -> ShmAll
             mem.close()
         if me == 0:
             failed = "; ".join(f"rank {ranks[i]}: {e}" for i, e in enumerate(errors) if e)
-            log.warning("rank %d: no shared-memory all-reduce for TP ranks %s, using gloo (%s)", ranks[0], ranks,
-                        failed)
+            log.warning("rank %d: no shared-memory %s for ranks %s, using gloo (%s)", ranks[0], what, ranks, failed)
         return None
-    return ShmAllReduce(mem, me, size, timeout)
+    return mem
 
 
 def _gather(group: dist.ProcessGroup, size: int, value: Any) -> list[Any]:
@@ -128,6 +132,20 @@ def _open(path: str, token: bytes, total: int) -> mmap.mmap:
     return mem
 
 
+def wait_for(flags: np.ndarray, target: int, timeout: float, who: str) -> None:
+    """Spin until every rank's flag reaches ``target``; a peer that never does is a TimeoutError naming it."""
+    spins, deadline = 0, None
+    while int(flags.min()) < target:
+        spins += 1
+        if spins > 64:
+            os.sched_yield()  # ranks may outnumber cores: let the laggard run
+        if spins % 4096 == 0:
+            deadline = deadline or time.monotonic() + timeout
+            if time.monotonic() > deadline:
+                late = [r for r in range(len(flags)) if flags[r] < target]
+                raise TimeoutError(f"{who} {late} did not arrive within {timeout:.0f}s (dead peer?)")
+
+
 class ShmAllReduce:
     def __init__(self, mem: mmap.mmap, rank: int, size: int, timeout: float):
         self.mem, self.rank, self.size, self.timeout = mem, rank, size, timeout
@@ -145,19 +163,6 @@ class ShmAllReduce:
         n = like.numel() * like.element_size()
         return self.data[start : start + n].view(like.dtype).view(like.shape)
 
-    def _wait_all(self) -> None:
-        spins, deadline = 0, None
-        while int(self.flags.min()) < self.seq:
-            spins += 1
-            if spins > 64:
-                os.sched_yield()  # ranks may outnumber cores: let the laggard run
-            if spins % 4096 == 0:
-                deadline = deadline or time.monotonic() + self.timeout
-                if time.monotonic() > deadline:
-                    late = [r for r in range(self.size) if self.flags[r] < self.seq]
-                    raise TimeoutError(f"shared-memory all-reduce: TP ranks {late} did not arrive "
-                                       f"within {self.timeout:.0f}s (dead peer?)")
-
     def __call__(self, x: torch.Tensor) -> bool:
         """Sum ``x`` over the group in place; False (nothing done) when it does not fit."""
         if x.device.type != "cpu" or x.numel() * x.element_size() > CAPACITY or not x.is_contiguous():
@@ -166,7 +171,7 @@ class ShmAllReduce:
         buf = self.seq % 2
         self._slot(buf, self.rank, x).copy_(x)
         self.flags[self.rank] = self.seq
-        self._wait_all()
+        wait_for(self.flags, self.seq, self.timeout, "shared-memory all-reduce: TP ranks")
         x.copy_(self._slot(buf, 0, x))
         for r in range(1, self.size):  # the same order on every rank: bit-identical sums, no temporaries
             x.add_(self._slot(buf, r, x))

@@ -24,6 +24,7 @@ import torch
 
 from .comm import Comm
 from .flat import FlatBlock
+from .gather import make_gather
 from .layout import RankPlan
 from .provider import Provider
 from .quant import Quantizer, is_quantized
@@ -40,30 +41,36 @@ class Sizes:
     work: int
 
 
-def slot_sizes(flat: FlatBlock, master: torch.dtype, work: torch.dtype) -> Sizes:
-    """What gathering ``flat`` needs: a send buffer only when the chunk must be cast or quantized first."""
+def slot_sizes(flat: FlatBlock, master: torch.dtype, work: torch.dtype, shared: bool) -> Sizes:
+    """What gathering ``flat`` needs: a send buffer only when the chunk must be cast or quantized first, and the
+    slot is not ``shared`` memory that takes the converted chunk in place."""
     wire = flat.parts * flat.chunk * work.itemsize
-    send = flat.chunk * work.itemsize if work != master else 0
+    send = flat.chunk * work.itemsize if work != master and not shared else 0
     dequantized = flat.numel * master.itemsize if is_quantized(work) else 0
     return Sizes(wire, send, dequantized)
 
 
-def slots(plan: RankPlan, master: torch.dtype, work: torch.dtype, prefetch: int) -> dict[str, Sizes]:
+def slots(plan: RankPlan, master: torch.dtype, work: torch.dtype, prefetch: int,
+          shared: bool) -> dict[str, Sizes]:
     """The slots a rank allocates, by name: ``ring.i`` for the layers, then the embedding's and the head's."""
     layers = [f for name, f in plan.flats.items() if name not in OWN_SLOTS]
     out = {}
     if layers:
-        sizes = [slot_sizes(f, master, work) for f in layers]
+        sizes = [slot_sizes(f, master, work, shared) for f in layers]
         biggest = Sizes(*(max(getattr(s, k) for s in sizes) for k in ("wire", "send", "work")))
         out |= {f"ring.{i}": biggest for i in range(min(prefetch + 1, len(layers)))}
-    return out | {name: slot_sizes(plan.flats[name], master, work) for name in OWN_SLOTS if name in plan.flats}
+    return out | {name: slot_sizes(plan.flats[name], master, work, shared) for name in OWN_SLOTS if name in plan.flats}
 
 
-def memory_plan(plan: RankPlan, master: torch.dtype, work: torch.dtype | None, prefetch: int,
-                offload: bool) -> dict[str, int]:
-    """Bytes a ZeRO-3 rank holds, by role: what ``shardwise plan`` prints and ``Zero3.nbytes`` measures."""
+def memory_plan(plan: RankPlan, master: torch.dtype, work: torch.dtype | None, prefetch: int, offload: bool,
+                shared: bool = False) -> dict[str, int]:
+    """Bytes a ZeRO-3 rank holds, by role: what ``shardwise plan`` prints and ``Zero3.nbytes`` measures.
+
+    With ``shared`` slots (DP ranks on one host) the work buffers are one segment all of
+    them map, and chunks are converted straight into it, so nothing is staged.
+    """
     work = work or master
-    sizes = slots(plan, master, work, prefetch).values()
+    sizes = slots(plan, master, work, prefetch, shared).values()
     fetch = 2 * max((b.numel for b in plan.buffers), default=0) * master.itemsize if offload else 0
     return {"masters": sum(b.numel for b in plan.buffers) * master.itemsize,
             "work": sum(s.wire + s.work for s in sizes),
@@ -71,10 +78,10 @@ def memory_plan(plan: RankPlan, master: torch.dtype, work: torch.dtype | None, p
 
 
 class Slot:
-    """One gather buffer and what it currently holds."""
+    """One gather buffer (``wire``, the transfer's slot ``index``) and what it currently holds."""
 
-    def __init__(self, sizes: Sizes, compute: torch.dtype, device: torch.device):
-        self.wire = torch.zeros(sizes.wire, dtype=torch.uint8, device=device)
+    def __init__(self, index: int, wire: torch.Tensor, sizes: Sizes, compute: torch.dtype, device: torch.device):
+        self.index, self.wire = index, wire
         self.send = torch.zeros(sizes.send, dtype=torch.uint8, device=device)
         self.work = torch.zeros(sizes.work, dtype=torch.uint8, device=device) if sizes.work else self.wire
         self.compute = compute
@@ -82,17 +89,11 @@ class Slot:
         self.version = -1
         self.users = 0
         self.used = 0  # when it was last taken, for least-recently-used reuse
-        self.pending = None  # the gather's Work, until waited for
         self.ready = False
 
     def views(self, flat: FlatBlock) -> dict[str, torch.Tensor]:
         buf = self.work[: flat.numel * self.compute.itemsize].view(self.compute)
         return {m.name: buf[m.offset : m.offset + m.numel].view(m.shape) for m in flat.members}
-
-    def wait(self) -> None:
-        if self.pending is not None:
-            self.pending.wait()
-            self.pending = None
 
 
 class Zero3(Provider):
@@ -110,8 +111,11 @@ class Zero3(Provider):
         if offload and device.type != "cpu":
             masters = {name: t.pin_memory() for name, t in masters.items()}
         self.masters = masters
-        self.slots = {name: Slot(sizes, self.compute, device)
-                      for name, sizes in slots(plan, self.master_dtype, self.wire_dtype, prefetch).items()}
+        wire = [s.wire for s in slots(plan, self.master_dtype, self.wire_dtype, prefetch, False).values()]
+        self.transfer = make_gather(comm, wire, device)
+        sizes = slots(plan, self.master_dtype, self.wire_dtype, prefetch, self.transfer.in_place)
+        self.slots = {name: Slot(i, self.transfer.buffers[i], s, self.compute, device)
+                      for i, (name, s) in enumerate(sizes.items())}
         self.home = {m.name: name for name, flat in plan.flats.items() for m in flat.members}
         self.versions = dict.fromkeys(plan.flats, 0)
         self.quantizers = ({name: Quantizer(flat, plan.dp_rank, self.wire_dtype) for name, flat in plan.flats.items()}
@@ -153,8 +157,10 @@ class Zero3(Provider):
             slot = self._holding(flat)
             if slot is not None:
                 self.counts["hits"] += 1
+                self.transfer.acquire(slot.index)
             else:
                 slot = self._free_slot(flat)
+                self.transfer.acquire(slot.index)
                 self._fill(slot, flat)
             slot.users += 1
             slot.used = self.clock
@@ -163,21 +169,21 @@ class Zero3(Provider):
 
     def _fill(self, slot: Slot, flat: str) -> None:
         """Start gathering the current version of ``flat`` into ``slot``."""
-        slot.wait()  # a gather released before its get may still be writing
         slot.flat, slot.version, slot.ready = flat, self.versions[flat], False
-        nbytes = self.plan.flats[flat].parts * self.plan.flats[flat].chunk * self.wire_dtype.itemsize
-        slot.pending = self.comm.dp_all_gather(slot.wire[:nbytes], self._outgoing(flat, slot))
+        nbytes = self.plan.flats[flat].chunk * self.wire_dtype.itemsize
+        region = self.transfer.claim(slot.index, nbytes)
+        self.transfer.fill(slot.index, self._outgoing(flat, slot.send if region is None else region))
         self.counts["gathers"] += 1
-        self.counts["bytes"] += nbytes
+        self.counts["bytes"] += self.plan.flats[flat].parts * self.plan.flats[flat].chunk * self.wire_dtype.itemsize
 
-    def _outgoing(self, flat: str, slot: Slot) -> torch.Tensor:
-        """This rank's chunk as the gather sends it: the master itself, or cast or quantized into the slot."""
+    def _outgoing(self, flat: str, send: torch.Tensor) -> torch.Tensor:
+        """This rank's chunk as the gather sends it: the master itself, or cast or quantized into ``send``."""
         master = self.masters[flat]
         if master.device != self.device:
             master = master.to(self.device, non_blocking=True)
         if self.wire_dtype == self.master_dtype:
             return master
-        send = slot.send[: master.numel() * self.wire_dtype.itemsize]
+        send = send[: master.numel() * self.wire_dtype.itemsize]
         if flat in self.quantizers:
             return self.quantizers[flat].quantize(master, self._scales(flat, master), send)
         send.view(self.wire_dtype).copy_(master)
@@ -198,7 +204,7 @@ class Zero3(Provider):
         for flat, slot in zip(self._flats(block), self.taken[block]):
             if slot.version != self.versions[flat]:
                 self._fill(slot, flat)
-            slot.wait()
+            self.transfer.wait(slot.index)
             views = slot.views(self.plan.flats[flat])
             if not slot.ready and flat in self.quantizers:
                 self.quantizers[flat].dequantize(slot.wire, self.scales[flat][1], views)
@@ -209,6 +215,7 @@ class Zero3(Provider):
     def _end(self, block: str) -> None:
         for slot in self.taken.pop(block):
             slot.users -= 1
+            self.transfer.release(slot.index)
 
     def invalidate(self) -> None:
         for flat in self.versions:
@@ -243,6 +250,10 @@ class Zero3(Provider):
 
     def stats(self) -> dict[str, int]:
         return dict(self.counts)
+
+    def close(self) -> None:
+        self.slots = {}
+        self.transfer.close()
 
     def nbytes(self) -> dict[str, int]:
         slots = self.slots.values()
