@@ -383,10 +383,13 @@ def _zero3_setting(checkpoint: str, setting: str, ids: torch.Tensor, world: int,
     if zero3:
         # Cold: every block is gathered; afterwards the embedding and head come from the version cache.
         line["first_gather_bytes"] = model.provider.stats()["bytes"] - before["bytes"]
-        plan = memory_plan(model.plan, torch.float32, _WORK_DTYPES[setting], prefetch, False)
+        plan = memory_plan(model.plan, torch.float32, _WORK_DTYPES[setting], prefetch, False,
+                           **_shared_slots(model.provider))
         line["plan_bytes"] = _all_ranks(sum(plan.values()))
         line["allocated_bytes"] = _all_ranks(sum(model.provider.nbytes().values()))
         line["plan"], line["allocated"] = plan, model.provider.nbytes()
+        transfer = getattr(model.provider, "transfer", None)  # absent before the shared-memory gather
+        line["transfer"] = type(transfer).__name__ if transfer is not None else "gloo"
     rss_warm = rss_bytes()
     _reset_peak()
     times, cpu, deltas = [], [], []
@@ -428,6 +431,17 @@ def _zero3_setting(checkpoint: str, setting: str, ids: torch.Tensor, world: int,
     return line
 
 
+def _shared_slots(provider) -> dict:
+    """``memory_plan``'s ``shared`` argument, where it has one: whether the slots are a segment the DP ranks share."""
+    import inspect
+
+    from .zero3 import memory_plan
+
+    if "shared" not in inspect.signature(memory_plan).parameters:
+        return {}
+    return {"shared": bool(getattr(getattr(provider, "transfer", None), "in_place", False))}
+
+
 def _zero3_forward(model, ids: torch.Tensor, setting: str) -> None:
     if setting == "fsdp2":
         with torch.no_grad():
@@ -466,73 +480,79 @@ class _BlockProfile:
     """Per-block seconds of a ZeRO-3 forward, by wrapping one provider's methods on the instance (bench only).
 
     - ``cast``: turning the master chunk into wire bytes (cast, or quantize with its scales);
-    - ``issue``: the call that starts the all-gather, until it returns;
-    - ``wait``: blocked on the all-gather in ``get`` (``reuse_wait``: in ``gather``, on a slot's previous gather);
+    - ``issue``: starting the gather (gloo: issuing the all-gather; shared memory: copying in, raising the flag);
+    - ``wait``: blocked in ``get`` until every rank's chunk has arrived;
+    - ``reuse_wait``: blocked in ``gather`` until the slot's previous contents are free to overwrite;
     - ``dequantize``: quantized wire bytes back into fp32 work tensors;
     - ``compute``: from ``get`` returning the tensors to the block's ``release``.
+
+    Times are exclusive: a wrapped call inside another (gloo's ``claim`` waits through
+    ``wait``) counts once, under the inner one. Only the methods a provider has are
+    wrapped, so this follows the gloo and the shared-memory transfers alike.
     """
 
     KEYS = ("cast", "issue", "wait", "reuse_wait", "dequantize", "compute")
 
     def __init__(self, provider, comm) -> None:
-        self.provider, self.comm = provider, comm
         self.times: dict[str, dict[str, float]] = {}
         self.block: str | None = None
         self.phase = "start"
         self.got: dict[str, float] = {}
-        self._wrap(provider, "_start", self._start)
-        self._wrap(provider, "_wait", self._wait)
+        self.stack: list[float] = []  # time spent in nested wrapped calls, per open call
+        self.wrapped: list[tuple[object, str]] = []
+        transfer = getattr(provider, "transfer", None)
+        self._wrap(provider, "_start", self._phase("start"))
+        self._wrap(provider, "_wait", self._phase("wait"))
         self._wrap(provider, "get", self._get)
         self._wrap(provider, "release", self._release)
-        self._wrap(provider, "_outgoing", self._timed("cast"))
-        self._wrap(comm, "dp_all_gather", self._timed("issue"))
+        self._wrap(provider, "_outgoing", self._timed(lambda: "cast"))
+        self._wrap(comm, "dp_all_gather", self._timed(lambda: "issue"))  # before the transfer classes
+        waiting = self._timed(lambda: "wait" if self.phase == "wait" else "reuse_wait")
         for slot in provider.slots.values():
-            self._wrap(slot, "wait", self._slot_wait)
+            self._wrap(slot, "wait", waiting)
+        if transfer is not None:
+            self._wrap(transfer, "claim", self._timed(lambda: "reuse_wait"))
+            self._wrap(transfer, "fill", self._timed(lambda: "issue"))
+            self._wrap(transfer, "wait", waiting)
         for quantizer in provider.quantizers.values():
-            self._wrap(quantizer, "dequantize", self._timed("dequantize"))
+            self._wrap(quantizer, "dequantize", self._timed(lambda: "dequantize"))
 
     def _wrap(self, obj, name: str, make) -> None:
-        original = getattr(obj, name)
-        setattr(obj, name, make(original))
+        original = getattr(obj, name, None)
+        if original is not None:
+            setattr(obj, name, make(original))
+            self.wrapped.append((obj, name))
 
     def restore(self) -> None:
-        for obj in [self.provider, self.comm, *self.provider.slots.values(), *self.provider.quantizers.values()]:
-            for name in ("_start", "_wait", "get", "release", "_outgoing", "dp_all_gather", "wait", "dequantize"):
-                obj.__dict__.pop(name, None)
+        for obj, name in self.wrapped:
+            obj.__dict__.pop(name, None)
 
     def add(self, key: str, seconds: float) -> None:
         row = self.times.setdefault(self.block, dict.fromkeys(self.KEYS, 0.0))
         row[key] += seconds
 
-    def _timed(self, key: str):
+    def _timed(self, key):
         def make(original):
             def timed(*args, **kwargs):
+                self.stack.append(0.0)
                 t0 = time.perf_counter()
                 try:
                     return original(*args, **kwargs)
                 finally:
-                    self.add(key, time.perf_counter() - t0)
+                    elapsed = time.perf_counter() - t0
+                    self.add(key(), elapsed - self.stack.pop())
+                    if self.stack:
+                        self.stack[-1] += elapsed
             return timed
         return make
 
-    def _start(self, original):
-        def start(block):
-            self.block, self.phase = block, "start"
-            return original(block)
-        return start
-
-    def _wait(self, original):
-        def wait(block):
-            self.block, self.phase = block, "wait"
-            return original(block)
-        return wait
-
-    def _slot_wait(self, original):
-        def wait():
-            t0 = time.perf_counter()
-            original()
-            self.add("wait" if self.phase == "wait" else "reuse_wait", time.perf_counter() - t0)
-        return wait
+    def _phase(self, phase: str):
+        def make(original):
+            def call(block):
+                self.block, self.phase = block, phase
+                return original(block)
+            return call
+        return make
 
     def _get(self, original):
         def get(block):

