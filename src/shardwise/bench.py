@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .hf_export import DEFAULT_FILE_BYTES
 from .layout import Layout, plan_rank
-from .loader import load_model
+from .loader import Provide, load_model
 from .reader import Checkpoint
 from .spec import load_spec
 from .weights import arena
@@ -92,13 +92,13 @@ def read_floor(directory: str | Path, nbytes: int, rank: int) -> float:
     return time.perf_counter() - t0
 
 
-def source_bytes(directory: str | Path, layout: Layout, rank: int) -> int:
+def source_bytes(directory: str | Path, layout: Layout, rank: int, provider: str = "resident") -> int:
     """Bytes of checkpoint data a rank's boxes cover, in the checkpoint's own dtypes."""
     spec = load_spec(directory)
     entries = Checkpoint(directory).entries
     seen = set()
     total = 0
-    for sharded in plan_rank(spec, layout, rank).tensors.values():
+    for sharded in plan_rank(spec, layout, rank, provider).tensors.values():
         for box in sharded.boxes:
             if box.region not in seen:
                 seen.add(box.region)
@@ -106,16 +106,18 @@ def source_bytes(directory: str | Path, layout: Layout, rank: int) -> int:
     return total
 
 
-def bench_load_rank(directory: str, tp: int, pp: int, dtype: torch.dtype, with_hf: bool) -> list[dict]:
-    """Runs on every rank; returns every rank's row (on rank 0)."""
-    layout = Layout(tp, pp)
+def bench_load_rank(directory: str, layout: Layout, dtype: torch.dtype, with_hf: bool,
+                    provide: Provide | None = None) -> list[dict]:
+    """Runs on every rank; returns every rank's row (on rank 0). HF's load is timed only for a TP-only layout."""
+    provide = provide or Provide()
     rank = dist.get_rank() if dist.is_initialized() else 0
-    share = source_bytes(directory, layout, rank)
-    row: dict = {"rank": rank, "tp": tp, "pp": pp, "dtype": str(dtype).removeprefix("torch."), "bytes": share}
+    share = source_bytes(directory, layout, rank, provide.provider)
+    row: dict = {"rank": rank, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "provider": provide.provider,
+                 "dtype": str(dtype).removeprefix("torch."), "bytes": share}
     _barrier()
     with PeakRSS() as mem:
         t0, c0 = time.perf_counter(), time.process_time()
-        model = load_model(directory, layout, dtype=dtype, progress=False)
+        model = load_model(directory, layout, dtype=dtype, progress=False, **vars(provide))
         row["load_s"] = time.perf_counter() - t0
         row["cpu_s"] = time.process_time() - c0  # apart from core contention when ranks outnumber cores
     row["shard_bytes"] = model.plan.nbytes(dtype)
@@ -125,10 +127,10 @@ def bench_load_rank(directory: str, tp: int, pp: int, dtype: torch.dtype, with_h
     _barrier()
     # Measured after the load, best of three: any one-time cost of the process falls on shardwise, not the floor.
     row["floor_s"] = min(read_floor(directory, share, rank) for _ in range(3))
-    if with_hf:
+    if with_hf and layout.world_size == layout.tp:
         _barrier()
-        row["hf_load_s"] = _hf_load_seconds(directory, dtype, tp * pp)
-    rows = [None] * (tp * pp)
+        row["hf_load_s"] = _hf_load_seconds(directory, dtype, layout.tp)
+    rows = [None] * layout.world_size
     if dist.is_initialized():
         dist.all_gather_object(rows, row)
     else:
@@ -154,8 +156,11 @@ def _barrier() -> None:
 
 
 
-def bench_generate_rank(directory: str, tp: int, pp: int, prompt: str, new_tokens: int, with_hf: bool) -> dict:
-    """Greedy fp32 throughput of shardwise and (optionally) HF tp_plan="auto", same prompt, exactly N new tokens."""
+def bench_generate_rank(directory: str, layout: Layout, prompt: str, new_tokens: int, with_hf: bool,
+                        provide: Provide | None = None) -> dict:
+    """Greedy fp32 throughput of shardwise and (optionally, on a TP-only layout) HF tp_plan="auto", same prompt,
+    exactly N new tokens. Every DP replica generates the same prompt."""
+    provide = provide or Provide()
     from .text import TemplateError, Text
 
     text = Text(directory)
@@ -163,17 +168,18 @@ def bench_generate_rank(directory: str, tp: int, pp: int, prompt: str, new_token
         ids = torch.tensor([text.prompt_ids(prompt, chat=True)])
     except TemplateError:  # a base model without a chat template gets the plain prompt
         ids = torch.tensor([text.prompt_ids(prompt, chat=False)])
-    model = load_model(directory, Layout(tp, pp), progress=False)
+    model = load_model(directory, layout, progress=False, **vars(provide))
     model.generate(ids, 2)  # warm-up: first-call allocations and thread pools
     _barrier()
     t0 = time.perf_counter()
     out = model.generate(ids, new_tokens)
-    row = {"tp": tp, "pp": pp, "prompt_tokens": ids.shape[1], "new_tokens": new_tokens,
+    row = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "provider": provide.provider,
+           "prompt_tokens": ids.shape[1], "new_tokens": new_tokens,
            "shardwise_tok_s": new_tokens / (time.perf_counter() - t0),
            "shardwise_text": text.decode(out[0, ids.shape[1] :].tolist())}
     model.close()
-    if with_hf:
-        row |= _hf_generate(directory, ids, new_tokens, tp * pp, text)
+    if with_hf and layout.world_size == layout.tp:
+        row |= _hf_generate(directory, ids, new_tokens, layout.tp, text)
     return row
 
 

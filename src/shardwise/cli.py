@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .bench import bench_export_rank, bench_generate_rank, bench_load_rank, warm_page_cache
-from .generate import GenerateArgs, Provide, generate_rank
+from .bench import bench_export_rank, bench_generate_rank, bench_load_rank, bench_zero3_rank, warm_page_cache
+from .generate import GenerateArgs, generate_rank
 from .launch import LaunchInterrupted, RankError, in_torchrun, launch
 from .layout import PROVIDERS, Layout, plan_rank
-from .loader import check_provider_options
+from .loader import Provide, check_provider_options
 from .publish import check_target
 from .reader import MANIFEST
 from .spec import DTYPES, load_spec
@@ -254,9 +254,10 @@ def _report(message: str) -> None:
 
 
 def cmd_bench_load(args) -> None:
-    _plan_everywhere(args.checkpoint, Layout(args.tp, args.pp))
+    provide = _provide(args)
+    _plan_everywhere(args.checkpoint, _layout(args), args.provider)
     warm_page_cache(args.checkpoint)
-    rows = launch(bench_load_rank, _world(args), args.checkpoint, args.tp, args.pp, args.dtype, args.hf)
+    rows = launch(bench_load_rank, _world(args), args.checkpoint, _layout(args), args.dtype, args.hf, provide)
     for row in rows:
         if args.json:
             print(json.dumps(row))
@@ -269,15 +270,16 @@ def cmd_bench_load(args) -> None:
 def cmd_bench_generate(args) -> None:
     from .text import Text
 
-    spec = _plan_everywhere(args.checkpoint, Layout(args.tp, args.pp))
+    provide = _provide(args)
+    spec = _plan_everywhere(args.checkpoint, _layout(args), args.provider)
     _prompt_ids(Text(args.checkpoint), (args.prompt,), False, spec.vocab)
-    row = launch(bench_generate_rank, _world(args), args.checkpoint, args.tp, args.pp, args.prompt,
-                 args.max_new_tokens, not args.no_hf)
+    row = launch(bench_generate_rank, _world(args), args.checkpoint, _layout(args), args.prompt,
+                 args.max_new_tokens, not args.no_hf, provide)
     if args.json:
         print(json.dumps(row))
         return
     hf = f"{row['hf_tok_s']:.2f} tok/s" if "hf_tok_s" in row else row.get("hf_error", "not run")
-    print(f"tp={args.tp} pp={args.pp}: shardwise {row['shardwise_tok_s']:.2f} tok/s, HF tp_plan {hf}")
+    print(f"{_layout(args)} {args.provider}: shardwise {row['shardwise_tok_s']:.2f} tok/s, HF tp_plan {hf}")
 
 
 def cmd_import_gguf(args) -> None:
@@ -346,6 +348,20 @@ def cmd_export(args) -> None:
     layout = source.layout
     launch(export_rank, layout.world_size, args.src, args.out, layout, source.provider, args.overwrite)
     _report(f"wrote {args.out} (HF safetensors, exported by {layout.world_size} ranks)")
+
+
+def cmd_bench_zero3(args) -> None:
+    _plan_everywhere(args.checkpoint, Layout(dp=args.world), "zero3")
+    warm_page_cache(args.checkpoint)
+    rows = launch(bench_zero3_rank, args.world, args.checkpoint, args.tokens, args.repeats, args.prefetch, args.profile)
+    for row in rows:
+        if args.json:
+            print(json.dumps(row))
+        elif row["setting"] == "summary":
+            print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                           if not isinstance(v, dict)))
+        elif "s" in row:
+            print(f"{row['setting']:>13}: {row['s']:.3f} s per forward, peak RSS {row['peak_rss_mb']} MiB")
 
 
 def cmd_bench_export(args) -> None:
@@ -440,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("checkpoint")
     _layout_args(bl)
     bl.add_argument("--dtype", type=_dtype, default="float32", help="dtype the ranks load into")
+    _provider_args(bl)
     bl.add_argument("--hf", action="store_true", help="also time HF from_pretrained(tp_plan='auto') in the same run")
     bl.add_argument("--json", action="store_true", help="one JSON object per rank per line")
     bg = command(b, "generate", "greedy fp32 tokens/s of shardwise and HF tp_plan='auto', side by side",
@@ -448,8 +465,19 @@ def build_parser() -> argparse.ArgumentParser:
     _layout_args(bg)
     bg.add_argument("--prompt", default="What is the capital of France?", help="the text to continue")
     bg.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="tokens to generate, exactly")
-    bg.add_argument("--no-hf", action="store_true", help="skip the HF measurement")
+    bg.add_argument("--no-hf", action="store_true", help="skip the HF measurement (only run on TP-only layouts)")
     bg.add_argument("--json", action="store_true")
+    bg.set_defaults(dtype=torch.float32)
+    _provider_args(bg)
+    bz = command(b, "zero3", "forward time and memory: DP replicas, ZeRO-3 (bf16, fp8, int8 gathers) and torch FSDP2",
+                 cmd_bench_zero3)
+    bz.add_argument("checkpoint")
+    bz.add_argument("--world", type=POSITIVE, default=2, help="ranks, all in one DP group")
+    bz.add_argument("--tokens", type=POSITIVE, default=128, help="tokens of the one-sequence batch")
+    bz.add_argument("--repeats", type=POSITIVE, default=5, help="timed forwards per setting (median)")
+    bz.add_argument("--prefetch", type=_bounded(int, 0), default=1, help="blocks gathered ahead")
+    bz.add_argument("--profile", action="store_true", help="add a per-block profile and a raw gather probe")
+    bz.add_argument("--json", action="store_true", help="one JSON object per setting, then a summary")
     be = command(b, "export", "parallel HF export vs one sequential write of the same bytes; reshard time",
                  cmd_bench_export)
     be.add_argument("checkpoint")

@@ -12,18 +12,8 @@ import torch.distributed as dist
 from .bench import rss_bytes
 from .boxes import split_evenly
 from .layout import Layout
-from .loader import load_model
+from .loader import Provide, load_model
 from .text import LabelledAnswers, Streamer, Text
-
-
-@dataclass(frozen=True)
-class Provide:
-    """How weights reach the layers: ``load_model``'s provider options, as the CLI passes them to every rank."""
-
-    provider: str = "resident"
-    work_dtype: torch.dtype | None = None
-    prefetch: int = 1
-    offload: bool = False
 
 
 @dataclass(frozen=True)

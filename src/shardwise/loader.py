@@ -8,6 +8,7 @@ the same code.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,6 +92,16 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
     log.info("rank %d loaded %d tensors, %.1f MB", comm.rank, len(weights.tensors),
              weights.plan.nbytes(dtype) / 1e6)
     return model
+
+
+@dataclass(frozen=True)
+class Provide:
+    """How weights reach the layers: ``load_model``'s provider options, as the CLI passes them to every rank."""
+
+    provider: str = "resident"
+    work_dtype: torch.dtype | None = None
+    prefetch: int = 1
+    offload: bool = False
 
 
 WORK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8)
