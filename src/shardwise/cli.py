@@ -237,6 +237,9 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
         heads = f"{plan.heads.n_q}/{plan.heads.n_kv}"
         lines.append(f"{rank:>4} {plan.stage:>5} {plan.dp_rank:>3} {plan.tp_rank:>3} {layers:>9} {heads:>10} "
                      + " ".join(f"{_mb(kinds[c]):>11}" for c in columns) + f" {_mb(total):>11}")
+    if zero3 and layout.dp > 1:
+        lines.append("work and staging as for gloo gathers; DP ranks on one host share the work buffers in shared "
+                     "memory and cast in place, with no staging")
     return "\n".join(lines)
 
 
