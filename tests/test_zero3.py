@@ -431,23 +431,19 @@ def test_misuse_is_a_provider_error_naming_the_block(zero3, misuse):
         call(zero3.provider)
 
 
-def test_get_after_an_update_serves_new_weights_or_refuses(zero3):
-    """A block gathered before an update is, at get(), either regathered with the new masters or a ProviderError."""
+def test_updates_wait_for_released_blocks_and_stale_gathers_are_redone(zero3):
+    """An update cannot start while a block is gathered; a block gathered before invalidate() is gathered again."""
     p = zero3.provider
     old = cycle(p, "layers.1")
     p.gather("layers.1")
-    p.begin_update()
-    p.fetch_master("layers.1")
-    for t in p.master("layers.1").values():
-        t.add_(1)
-    p.release_master("layers.1")
-    p.end_update()
-    try:
-        new = p.get("layers.1")
-    except ProviderError as e:
-        assert "layers.1" in str(e)
-        return
-    assert all(torch.equal(new[n], old[n] + 1) for n in old)
+    with pytest.raises(ProviderError, match=r"begin_update\(\) while layers\.1 are gathered"):
+        p.begin_update()
+    before = p.stats()["gathers"]
+    p.invalidate()
+    new = p.get("layers.1")
+    p.release("layers.1")
+    assert p.stats()["gathers"] == before + 1, "a block gathered before invalidate() must be gathered again"
+    assert all(torch.equal(new[n], old[n]) for n in old)
 
 
 @pytest.mark.parametrize("provider", ["resident", "zero3"])
@@ -527,3 +523,30 @@ def test_gathers_through_shared_memory_and_gloo_agree(checkpoints, monkeypatch, 
                              PROMPT, timeout=TIMEOUT)
     assert equal, f"ZeRO-3 bf16 gathers over {transfer} differ from a resident bf16 model"
     assert transfer == ("ShmGather" if shm == "1" else "Gather")
+
+
+def test_shared_memory_gather_catches_ranks_out_of_lockstep():
+    """Two DP ranks' views of one segment: a fill of another block is an error at wait, never silently mixed bytes."""
+    import mmap
+    from types import SimpleNamespace
+
+    from shardwise.gather import ShmGather, flag_bytes
+
+    sizes = [64]
+    mem = mmap.mmap(-1, flag_bytes(1, 2) + 64)
+    ranks = [ShmGather(SimpleNamespace(layout=Layout(dp=2), dp_ranks=[0, 1], rank=r), sizes, mem, r, 5.0)
+             for r in range(2)]
+    for r, g in enumerate(ranks):  # in step: both fill block 0, version 1
+        g.acquire(0)
+        g.fill(0, torch.full((32,), r, dtype=torch.uint8), tag=1)
+    for g in ranks:
+        g.wait(0)
+        g.release(0)
+    assert ranks[0].buffers[0].tolist() == [0] * 32 + [1] * 32
+    for r, g in enumerate(ranks):  # out of step: rank 1 fills another block
+        g.acquire(0)
+        region = g.claim(0, 32)
+        region.fill_(7)
+        g.fill(0, region, tag=2 if r == 0 else 3 << 32)
+    with pytest.raises(RuntimeError, match=r"rank 0: ZeRO-3 gather, slot 0: ranks \[1\] filled it with another block"):
+        ranks[0].wait(0)

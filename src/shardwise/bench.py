@@ -390,12 +390,11 @@ def _zero3_setting(checkpoint: str, setting: str, ids: torch.Tensor, world: int,
         # Cold: every block is gathered; afterwards the embedding and head come from the version cache.
         line["first_gather_bytes"] = model.provider.stats()["bytes"] - before["bytes"]
         plan = memory_plan(model.plan, torch.float32, _WORK_DTYPES[setting], prefetch, False,
-                           **_shared_slots(model.provider))
+                           shared=model.provider.transfer.in_place)
         line["plan_bytes"] = _all_ranks(sum(plan.values()))
         line["allocated_bytes"] = _all_ranks(sum(model.provider.nbytes().values()))
         line["plan"], line["allocated"] = plan, model.provider.nbytes()
-        transfer = getattr(model.provider, "transfer", None)  # absent before the shared-memory gather
-        line["transfer"] = type(transfer).__name__ if transfer is not None else "gloo"
+        line["transfer"] = type(model.provider.transfer).__name__
     rss_warm = rss_bytes()
     _reset_peak()
     times, cpu, deltas = [], [], []
@@ -435,17 +434,6 @@ def _zero3_setting(checkpoint: str, setting: str, ids: torch.Tensor, world: int,
     del model
     _release_freed_memory()
     return line
-
-
-def _shared_slots(provider) -> dict:
-    """``memory_plan``'s ``shared`` argument, where it has one: whether the slots are a segment the DP ranks share."""
-    import inspect
-
-    from .zero3 import memory_plan
-
-    if "shared" not in inspect.signature(memory_plan).parameters:
-        return {}
-    return {"shared": bool(getattr(getattr(provider, "transfer", None), "in_place", False))}
 
 
 def _zero3_forward(model, ids: torch.Tensor, setting: str) -> None:
@@ -499,27 +487,23 @@ class _BlockProfile:
 
     KEYS = ("cast", "issue", "wait", "reuse_wait", "dequantize", "compute")
 
-    def __init__(self, provider, comm) -> None:
+    def __init__(self, provider) -> None:
         self.times: dict[str, dict[str, float]] = {}
         self.block: str | None = None
         self.phase = "start"
         self.got: dict[str, float] = {}
         self.stack: list[float] = []  # time spent in nested wrapped calls, per open call
         self.wrapped: list[tuple[object, str]] = []
-        transfer = getattr(provider, "transfer", None)
+        transfer = provider.transfer
         self._wrap(provider, "_start", self._phase("start"))
         self._wrap(provider, "_wait", self._phase("wait"))
         self._wrap(provider, "get", self._get)
         self._wrap(provider, "release", self._release)
         self._wrap(provider, "_outgoing", self._timed(lambda: "cast"))
-        self._wrap(comm, "dp_all_gather", self._timed(lambda: "issue"))  # before the transfer classes
         waiting = self._timed(lambda: "wait" if self.phase == "wait" else "reuse_wait")
-        for slot in provider.slots.values():
-            self._wrap(slot, "wait", waiting)
-        if transfer is not None:
-            self._wrap(transfer, "claim", self._timed(lambda: "reuse_wait"))
-            self._wrap(transfer, "fill", self._timed(lambda: "issue"))
-            self._wrap(transfer, "wait", waiting)
+        self._wrap(transfer, "claim", self._timed(lambda: "reuse_wait"))
+        self._wrap(transfer, "fill", self._timed(lambda: "issue"))
+        self._wrap(transfer, "wait", waiting)
         for quantizer in provider.quantizers.values():
             self._wrap(quantizer, "dequantize", self._timed(lambda: "dequantize"))
 
@@ -578,7 +562,7 @@ class _BlockProfile:
 
 def _profile_zero3(model, ids: torch.Tensor, repeats: int) -> dict:
     """Mean seconds per forward by phase and by block, from ``repeats`` forwards run after the timed ones."""
-    prof = _BlockProfile(model.provider, model.comm)
+    prof = _BlockProfile(model.provider)
     total = 0.0
     try:
         for _ in range(repeats):

@@ -310,6 +310,9 @@ def cmd_reshard(args) -> None:
     from .loader import open_source
 
     check_target(args.dst, args.overwrite, [args.src])  # before spawning: a refusal costs nothing
+    if args.dp > 1 and args.provider == "resident":
+        raise ValueError(f"--dp {args.dp} with resident weights would save {args.dp} identical copies; "
+                         "use --provider zero3 to save each replica's 1/dp")
     spec = _plan_everywhere(args.src, _layout(args), args.provider)
     with open_source(args.src) as source:
         source.check(spec)

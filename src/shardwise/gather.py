@@ -17,7 +17,6 @@ made the same fill.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
@@ -48,8 +47,9 @@ class Gather:
         self.wait(slot)
         return None
 
-    def fill(self, slot: int, chunk: torch.Tensor) -> None:
-        """Start gathering every rank's ``chunk`` into the slot, in DP order (after ``claim``)."""
+    def fill(self, slot: int, chunk: torch.Tensor, tag: int = 0) -> None:
+        """Start gathering every rank's ``chunk`` into the slot, in DP order (after ``claim``); ``tag`` names what
+        it holds, which the shared-memory transfer checks across ranks."""
         out = self.buffers[slot][: chunk.nbytes * self.comm.layout.dp]
         if self.comm.layout.dp == 1:
             out.copy_(chunk.view(torch.uint8))
@@ -77,8 +77,9 @@ class ShmGather(Gather):
     def __init__(self, comm: Comm, slot_bytes: list[int], mem, me: int, timeout: float):
         self.comm, self.mem, self.me, self.timeout = comm, mem, me, timeout
         size, count = comm.layout.dp, len(slot_bytes)
-        # Per slot and rank, two counters, each on a cache line of its own: uses released, fills made.
-        self.flags = np.ndarray((count, 2, size, FLAG_STRIDE), dtype=np.int64, buffer=mem)[..., 0]
+        # Per slot and rank, each on a cache line of its own: uses released, fills made, and what the last fill
+        # holds (a tag), so a rank that left the lockstep is caught instead of reading another block's bytes.
+        self.flags = np.ndarray((count, 3, size, FLAG_STRIDE), dtype=np.int64, buffer=mem)[..., 0]
         offset = flag_bytes(count, size)
         self.buffers = []
         for n in slot_bytes:
@@ -88,7 +89,6 @@ class ShmGather(Gather):
         self.acquired = [0] * count
         self.held = [0] * count
         self.fills = [0] * count
-        self.pending = {}
 
     def acquire(self, slot: int) -> None:
         self.acquired[slot] += 1
@@ -100,27 +100,32 @@ class ShmGather(Gather):
         wait_for(released, self.acquired[slot] - self.held[slot], self.timeout, "ZeRO-3 gather: DP ranks")
         return self.buffers[slot][self.me * nbytes : (self.me + 1) * nbytes]
 
-    def fill(self, slot: int, chunk: torch.Tensor) -> None:
+    def fill(self, slot: int, chunk: torch.Tensor, tag: int = 0) -> None:
         """Raise this rank's flag, the chunk copied into its part of the slot unless it was written there."""
         n = chunk.nbytes
         mine = self.buffers[slot][self.me * n : (self.me + 1) * n]
         if chunk.data_ptr() != mine.data_ptr():
             mine.copy_(chunk.reshape(-1).view(torch.uint8))
         self.fills[slot] += 1
+        self.flags[slot, 2, self.me] = tag
         self.flags[slot, 1, self.me] = self.fills[slot]
 
     def wait(self, slot: int) -> None:
-        wait_for(self.flags[slot, 1], self.fills[slot], self.timeout, "ZeRO-3 gather: DP ranks")
+        """Wait for every rank's fill; a peer that filled the slot with something else is out of lockstep."""
+        wait_for(self.flags[slot, 1], self.fills[slot], self.timeout, f"ZeRO-3 gather, slot {slot}: DP ranks")
+        tags = self.flags[slot, 2]
+        if (tags != tags[self.me]).any():
+            odd = [self.comm.dp_ranks[r] for r in range(len(tags)) if tags[r] != tags[self.me]]
+            raise RuntimeError(f"rank {self.comm.rank}: ZeRO-3 gather, slot {slot}: ranks {odd} filled it with another "
+                               f"block or version (tag {tags.tolist()}): DP ranks must make the same provider calls")
 
     def release(self, slot: int) -> None:
         self.held[slot] -= 1
         self.flags[slot, 0, self.me] += 1
 
     def close(self) -> None:
-        """Unmap the segment, unless a view of it is still held: then it goes with the last view."""
-        self.buffers, self.flags = [], None
-        with contextlib.suppress(BufferError):
-            self.mem.close()
+        """Drop the segment: it is unmapped when the last view of it dies, never under a tensor still in use."""
+        self.buffers, self.flags, self.mem = [], None, None
 
 
 def _aligned(n: int) -> int:
@@ -128,7 +133,7 @@ def _aligned(n: int) -> int:
 
 
 def flag_bytes(slots: int, ranks: int) -> int:
-    return _aligned(slots * 2 * ranks * FLAG_STRIDE * 8)
+    return _aligned(slots * 3 * ranks * FLAG_STRIDE * 8)
 
 
 def make_gather(comm: Comm, slot_bytes: list[int], device: torch.device) -> Gather:

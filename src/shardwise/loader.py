@@ -26,7 +26,6 @@ from .weights import Weights, allocate, buffer_dtype, resolve_device
 from .zero3 import Zero3
 
 log = logging.getLogger(__name__)
-ALIGN = 64
 
 
 def open_source(path: str | Path) -> Checkpoint | ShardedCheckpoint:
@@ -78,15 +77,18 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
     device = resolve_device(device)
     check_provider_options(provider, dtype, work_dtype, prefetch, offload)
     comm = make_comm(layout, device)
+    source: Provider | None = None
     try:
         weights = load_weights(checkpoint_dir, layout, dtype, "cpu" if offload else device, comm.rank, progress,
                                provider)
         if provider == "zero3":
-            source: Provider = Zero3(weights.plan, comm, weights.buffers, work_dtype, prefetch, offload, device)
+            source = Zero3(weights.plan, comm, weights.buffers, work_dtype, prefetch, offload, device)
         else:
             source = Resident(weights.plan, weights.tensors)
         model = Model(weights, comm, source, device)
     except BaseException:
+        if source is not None:
+            source.close()
         comm.close(sync=False)  # the peers may have failed too, or be stuck waiting: no barrier
         raise
     log.info("rank %d loaded %d tensors, %.1f MB", comm.rank, len(weights.tensors),

@@ -45,7 +45,8 @@ class Provider:
 
     def __init__(self, plan: RankPlan, dtype: torch.dtype):
         self.plan, self.dtype = plan, dtype  # dtype: what the work tensors are computed in
-        self.held: dict[str, str] = {}  # block -> "gathered" or "got"
+        self.held: set[str] = set()  # blocks gathered and not yet released
+        self.closed = False
         self.fetched: set[str] | None = None  # blocks whose masters an update has fetched; None outside an update
         self.trace: list[tuple[str, str]] | None = None
 
@@ -53,6 +54,8 @@ class Provider:
         return ProviderError(f"rank {self.plan.rank}: {type(self).__name__}: {message}")
 
     def _block(self, call: str, block: str) -> None:
+        if self.closed:
+            raise self._fail(f"{call}({block!r}) after close()")
         if block not in self.plan.blocks:
             raise self._fail(f"{call}({block!r}): no such block on this rank (it has {', '.join(self.plan.blocks)})")
         if self.trace is not None:
@@ -62,22 +65,23 @@ class Provider:
         self._block("gather", block)
         if block in self.held:
             raise self._fail(f"gather({block!r}) twice without a release in between")
+        if self.fetched is not None:
+            raise self._fail(f"gather({block!r}) during an update: the masters are changing (end_update() first)")
         self._start(block)
-        self.held[block] = "gathered"
+        self.held.add(block)
 
     def get(self, block: str) -> dict[str, torch.Tensor]:
         self._block("get", block)
         if block not in self.held:
             raise self._fail(f"get({block!r}) without a gather({block!r}) first")
         tensors = self._wait(block)
-        self.held[block] = "got"
         return {short: tensors[name] for name, short in short_names(self.plan, block).items()}
 
     def release(self, block: str) -> None:
         self._block("release", block)
         if block not in self.held:
             raise self._fail(f"release({block!r}) of a block that is not gathered (released twice?)")
-        del self.held[block]
+        self.held.discard(block)
         self._end(block)
 
     @contextlib.contextmanager
@@ -122,6 +126,8 @@ class Provider:
     def begin_update(self) -> None:
         if self.fetched is not None:
             raise self._fail("begin_update() twice without end_update()")
+        if self.held:
+            raise self._fail(f"begin_update() while {', '.join(sorted(self.held))} are gathered: release them first")
         self.fetched = set()
 
     def fetch_master(self, block: str) -> None:
@@ -184,7 +190,8 @@ class Provider:
         return {"masters": 0, "work": 0, "staging": 0}
 
     def close(self) -> None:
-        """Free what the provider allocated beyond the weights (buffers, shared memory)."""
+        """Free what the provider allocated beyond the weights (buffers, shared memory); later calls are refused."""
+        self.closed = True
 
 
 class Resident(Provider):

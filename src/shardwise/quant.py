@@ -14,7 +14,10 @@ Error bounds, per element ``x`` of a tensor (or row) whose largest magnitude is 
 - **int8**, one scale per output row (a 1-D tensor is one row), ``s = m / 127``:
   ``|x' - x| <= s / 2 = m / 254``.
 
-The product ``q * s`` is formed in fp32, then rounded once to the compute dtype.
+The product ``q * s`` is formed in fp32, then rounded once to the compute dtype (the master
+dtype), which adds its own half unit: ``|x'| * 2**-9`` more for bf16 masters, ``2**-12`` for fp16,
+nothing that matters for fp32. "A tensor" is the TP-local work tensor: fused q/k/v (and gate/up)
+share one fp8 scale, and a different TP degree cuts different tensors.
 """
 
 from __future__ import annotations

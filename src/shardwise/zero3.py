@@ -151,28 +151,28 @@ class Zero3(Provider):
         return min(free, key=lambda s: s.used)
 
     def _start(self, block: str) -> None:
-        taken = []
-        for flat in self._flats(block):
+        """Take a slot for each flat the block needs (all chosen before any is touched), and fill the stale ones."""
+        chosen = [(flat, self._holding(flat)) for flat in self._flats(block)]
+        chosen = [(flat, slot, slot is not None) if slot else (flat, self._free_slot(flat), False)
+                  for flat, slot in chosen]
+        for flat, slot, hit in chosen:
             self.clock += 1
-            slot = self._holding(flat)
-            if slot is not None:
+            self.transfer.acquire(slot.index)
+            if hit:
                 self.counts["hits"] += 1
-                self.transfer.acquire(slot.index)
             else:
-                slot = self._free_slot(flat)
-                self.transfer.acquire(slot.index)
                 self._fill(slot, flat)
             slot.users += 1
             slot.used = self.clock
-            taken.append(slot)
-        self.taken[block] = taken
+        self.taken[block] = [slot for _, slot, _ in chosen]
 
     def _fill(self, slot: Slot, flat: str) -> None:
         """Start gathering the current version of ``flat`` into ``slot``."""
         slot.flat, slot.version, slot.ready = flat, self.versions[flat], False
         nbytes = self.plan.flats[flat].chunk * self.wire_dtype.itemsize
         region = self.transfer.claim(slot.index, nbytes)
-        self.transfer.fill(slot.index, self._outgoing(flat, slot.send if region is None else region))
+        tag = list(self.plan.flats).index(flat) << 32 | self.versions[flat]
+        self.transfer.fill(slot.index, self._outgoing(flat, slot.send if region is None else region), tag)
         self.counts["gathers"] += 1
         self.counts["bytes"] += self.plan.flats[flat].parts * self.plan.flats[flat].chunk * self.wire_dtype.itemsize
 
@@ -203,6 +203,9 @@ class Zero3(Provider):
         out: dict[str, torch.Tensor] = {}
         for flat, slot in zip(self._flats(block), self.taken[block]):
             if slot.version != self.versions[flat]:
+                if slot.users > 1:  # the tied embedding's slot, also held by the other block
+                    raise self._fail(f"get({block!r}): {flat!r} changed since it was gathered, and another block "
+                                     "still holds it; release both before updating the masters")
                 self._fill(slot, flat)
             self.transfer.wait(slot.index)
             views = slot.views(self.plan.flats[flat])
@@ -252,6 +255,7 @@ class Zero3(Provider):
         return dict(self.counts)
 
     def close(self) -> None:
+        super().close()
         self.slots = {}
         self.transfer.close()
 
