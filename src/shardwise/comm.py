@@ -6,14 +6,13 @@ branches on whether it runs distributed.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from .layout import Layout
-from .shm import ShmAllReduce, attach
+from .shm import ShmAllReduce, attach, timeout_seconds
 
 
 @dataclass
@@ -127,6 +126,5 @@ def make_comm(layout: Layout, device: torch.device | None = None) -> Comm:
         comm.replica_group = mine(layout.replica_groups())[0]
     on_cpu = device is None or device.type == "cpu"
     if layout.tp > 1 and on_cpu:
-        timeout = float(os.environ.get("SHARDWISE_TIMEOUT", 1800))
-        comm.shm = attach(comm.tp_group, tp_ranks, timeout)
+        comm.shm = attach(comm.tp_group, tp_ranks, timeout_seconds())
     return comm

@@ -17,14 +17,12 @@ made the same fill.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from .comm import Comm
-from .shm import FLAG_STRIDE, TOKEN_BYTES, share, wait_for
+from .shm import FLAG_STRIDE, TOKEN_BYTES, share, timeout_seconds, wait_for
 
 SLOT_ALIGN = 64
 
@@ -97,7 +95,8 @@ class ShmGather(Gather):
     def claim(self, slot: int, nbytes: int) -> torch.Tensor:
         """This rank's part of the slot, once no peer still reads what the slot held."""
         released = self.flags[slot, 0]
-        wait_for(released, self.acquired[slot] - self.held[slot], self.timeout, "ZeRO-3 gather: DP ranks")
+        wait_for(released, self.acquired[slot] - self.held[slot], self.timeout,
+                 f"rank {self.comm.rank}: ZeRO-3 gather, slot {slot}: ranks", self.comm.dp_ranks)
         return self.buffers[slot][self.me * nbytes : (self.me + 1) * nbytes]
 
     def fill(self, slot: int, chunk: torch.Tensor, tag: int = 0) -> None:
@@ -112,7 +111,8 @@ class ShmGather(Gather):
 
     def wait(self, slot: int) -> None:
         """Wait for every rank's fill; a peer that filled the slot with something else is out of lockstep."""
-        wait_for(self.flags[slot, 1], self.fills[slot], self.timeout, f"ZeRO-3 gather, slot {slot}: DP ranks")
+        wait_for(self.flags[slot, 1], self.fills[slot], self.timeout,
+                 f"rank {self.comm.rank}: ZeRO-3 gather, slot {slot}: ranks", self.comm.dp_ranks)
         tags = self.flags[slot, 2]
         if (tags != tags[self.me]).any():
             odd = [self.comm.dp_ranks[r] for r in range(len(tags)) if tags[r] != tags[self.me]]
@@ -142,6 +142,5 @@ def make_gather(comm: Comm, slot_bytes: list[int], device: torch.device) -> Gath
         total = flag_bytes(len(slot_bytes), comm.layout.dp) + sum(_aligned(n) for n in slot_bytes) + TOKEN_BYTES
         mem = share(comm.dp_group, comm.dp_ranks, total, "ZeRO-3 gather")
         if mem is not None:
-            timeout = float(os.environ.get("SHARDWISE_TIMEOUT", 1800))
-            return ShmGather(comm, slot_bytes, mem, comm.dp_ranks.index(comm.rank), timeout)
+            return ShmGather(comm, slot_bytes, mem, comm.dp_ranks.index(comm.rank), timeout_seconds())
     return Gather(comm, slot_bytes, device)

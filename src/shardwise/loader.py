@@ -22,7 +22,7 @@ from .provider import Provider, Resident
 from .reader import MANIFEST, Checkpoint
 from .sharded import ShardedCheckpoint
 from .spec import load_spec
-from .weights import Weights, allocate, buffer_dtype, resolve_device
+from .weights import Weights, allocate, buffer_dtype, pinned, resolve_device
 from .zero3 import Zero3
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
     try:
         weights = load_weights(checkpoint_dir, layout, dtype, "cpu" if offload else device, comm.rank, progress,
                                provider)
+        if offload and device.type != "cpu":
+            weights = pinned(weights)
         if provider == "zero3":
             source = Zero3(weights.plan, comm, weights.buffers, work_dtype, prefetch, offload, device)
         else:

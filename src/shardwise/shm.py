@@ -132,8 +132,14 @@ def _open(path: str, token: bytes, total: int) -> mmap.mmap:
     return mem
 
 
-def wait_for(flags: np.ndarray, target: int, timeout: float, who: str) -> None:
-    """Spin until every rank's flag reaches ``target``; a peer that never does is a TimeoutError naming it."""
+def timeout_seconds() -> float:
+    """How long a rank waits for a peer before calling it dead: ``launch`` sets it for every rank."""
+    return float(os.environ.get("SHARDWISE_TIMEOUT", 1800))
+
+
+def wait_for(flags: np.ndarray, target: int, timeout: float, who: str, ranks: list[int] | None = None) -> None:
+    """Spin until every rank's flag reaches ``target``; a peer that never does is a TimeoutError naming it
+    (by its global rank, when ``ranks`` maps flag positions to them)."""
     spins, deadline = 0, None
     while int(flags.min()) < target:
         spins += 1
@@ -142,7 +148,7 @@ def wait_for(flags: np.ndarray, target: int, timeout: float, who: str) -> None:
         if spins % 4096 == 0:
             deadline = deadline or time.monotonic() + timeout
             if time.monotonic() > deadline:
-                late = [r for r in range(len(flags)) if flags[r] < target]
+                late = [(ranks or range(len(flags)))[r] for r in range(len(flags)) if flags[r] < target]
                 raise TimeoutError(f"{who} {late} did not arrive within {timeout:.0f}s (dead peer?)")
 
 

@@ -7,6 +7,7 @@ The plan says which buffers a rank holds and which tensors are views of them (se
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import mmap
 import os
@@ -98,3 +99,13 @@ def allocate(plan: RankPlan, dtypes: list[torch.dtype], device: torch.device
     """The plan's buffers (``dtypes`` in plan order) and every held tensor as a view of them."""
     flats = dict(zip((b.name for b in plan.buffers), arena([b.numel for b in plan.buffers], dtypes, device)))
     return flats, views(plan, flats)
+
+
+def pinned(weights: Weights) -> Weights:
+    """The same weights in page-locked host memory, whose copies to an accelerator can run asynchronously.
+
+    Views are rebuilt over the pinned buffers, so what an optimizer updates is what
+    ``export`` and ``save_sharded`` write.
+    """
+    buffers = {name: t.pin_memory() for name, t in weights.buffers.items()}
+    return dataclasses.replace(weights, buffers=buffers, tensors=views(weights.plan, buffers))

@@ -108,9 +108,7 @@ class Zero3(Provider):
         super().__init__(plan, self.compute)
         self.lockstep = plan.layout.dp > 1
         self.comm, self.prefetch, self.device, self.offload = comm, prefetch, device, offload
-        if offload and device.type != "cpu":
-            masters = {name: t.pin_memory() for name, t in masters.items()}
-        self.masters = masters
+        self.masters = masters  # in host memory with ``offload`` (pinned by the loader on an accelerator)
         wire = [s.wire for s in slots(plan, self.master_dtype, self.wire_dtype, prefetch, False).values()]
         self.transfer = make_gather(comm, wire, device)
         sizes = slots(plan, self.master_dtype, self.wire_dtype, prefetch, self.transfer.in_place)
