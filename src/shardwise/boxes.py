@@ -95,6 +95,11 @@ def cols(source: str, shape: tuple[int, int], lo: int, hi: int) -> Box:
     return Box(source, (0, lo), (shape[0], hi), (0, 0))
 
 
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``: alignment of offsets and sizes in buffers."""
+    return -(-n // multiple) * multiple
+
+
 def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
     """Contiguous ranges covering ``range(n)``; the first ``n % parts`` are one longer."""
     base, extra = divmod(n, parts)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .boxes import ShardedTensor
+from .boxes import ShardedTensor, round_up
 
 ALIGN = 16  # elements: members start 64-byte aligned in fp32, which keeps SIMD loads of the views aligned
 
@@ -55,7 +55,7 @@ class FlatBlock:
     @property
     def numel(self) -> int:
         end = self.members[-1].offset + self.members[-1].numel if self.members else 0
-        return -(-end // ALIGN) * ALIGN
+        return round_up(end, ALIGN)
 
     @property
     def chunk(self) -> int:
@@ -85,7 +85,7 @@ def pack(name: str, tensors: list[ShardedTensor], parts: int) -> FlatBlock:
     members, offset = [], 0
     for t in tensors:
         members.append(View(t.name, offset, t.shape))
-        offset += -(-t.numel // ALIGN) * ALIGN
+        offset += round_up(t.numel, ALIGN)
     return FlatBlock(name, tuple(members), parts)
 
 

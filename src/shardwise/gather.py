@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .boxes import round_up
 from .comm import Comm
 from .shm import FLAG_STRIDE, TOKEN_BYTES, share, timeout_seconds, wait_for
 
@@ -129,7 +130,7 @@ class ShmGather(Gather):
 
 
 def _aligned(n: int) -> int:
-    return -(-n // SLOT_ALIGN) * SLOT_ALIGN
+    return round_up(n, SLOT_ALIGN)
 
 
 def flag_bytes(slots: int, ranks: int) -> int:

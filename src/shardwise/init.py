@@ -70,12 +70,13 @@ def init_weights(spec: ModelSpec, layout: Layout, seed: int, *, provider: str = 
     rank = rank if rank is not None else (dist.get_rank() if dist.is_initialized() else 0)
     plan = plan_rank(spec, layout, rank, provider)
     buffers, tensors = allocate(plan, [dtype] * len(plan.buffers), resolve_device(device))
-    unique = {id(t): name for name, t in tensors.items()}
-    for name in progress_bar(unique.values(), progress and rank == 0, total=len(unique),
-                             desc=f"rank {rank} initialising", unit="tensor"):
-        fill_boxes(tensors[name], plan.tensors[name].boxes, spec, seed, zero_residual)
     origin = None if source_dir is None else Path(source_dir)
-    return Weights(plan, tensors, dict.fromkeys(spec.tensors(), dtype), origin, buffers)
+    weights = Weights(plan, tensors, dict.fromkeys(spec.tensors(), dtype), origin, buffers)
+    unique = weights.unique()
+    for name, tensor in progress_bar(unique.items(), progress and rank == 0, total=len(unique),
+                                     desc=f"rank {rank} initialising", unit="tensor"):
+        fill_boxes(tensor, plan.tensors[name].boxes, spec, seed, zero_residual)
+    return weights
 
 
 def fill_boxes(

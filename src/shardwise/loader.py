@@ -50,13 +50,14 @@ def load_weights(path: str | Path, layout: Layout | None = None, dtype: torch.dt
         source_dtypes = {name: source.source_dtype(name) for name in spec.tensors()}
         dtypes = [dtype or buffer_dtype(b, plan, source_dtypes) for b in plan.buffers]
         flats, tensors = allocate(plan, dtypes, resolve_device(device))
-        unique = {id(t): name for name, t in tensors.items()}
-        bar = progress_bar(unique.values(), progress and rank == 0, total=len(unique),
+        weights = Weights(plan, tensors, source_dtypes, Path(path), flats)
+        unique = weights.unique()
+        bar = progress_bar(unique.items(), progress and rank == 0, total=len(unique),
                            desc=f"rank {rank} loading", unit="tensor")
-        for name in bar:
+        for name, tensor in bar:
             for box in plan.tensors[name].boxes:
-                source.read(box, tensors[name])
-    return Weights(plan, tensors, source_dtypes, Path(path), flats)
+                source.read(box, tensor)
+    return weights
 
 
 def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device: str | torch.device = "cpu",

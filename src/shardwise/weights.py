@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .boxes import round_up
 from .flat import Buffer
 from .layout import RankPlan
 
@@ -65,7 +66,7 @@ def arena(sizes: list[int], dtypes: list[torch.dtype], device: torch.device) -> 
     nbytes = [n * d.itemsize for n, d in zip(sizes, dtypes)]
     offsets = [0]
     for n in nbytes:
-        offsets.append(offsets[-1] + -(-n // ALIGN) * ALIGN)
+        offsets.append(offsets[-1] + round_up(n, ALIGN))
     total = max(offsets[-1], ALIGN)
     if device.type == "cpu":
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
