@@ -27,24 +27,24 @@ PROMPT = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_see
 STEPS = 16
 
 
-def hf_config(arch: str, tied: bool):
+def hf_config(arch: str, tied: bool, layers: int = 3):
     import transformers
 
     classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
     return getattr(transformers, classes[arch])(
-        vocab_size=VOCAB, intermediate_size=100, num_hidden_layers=3, max_position_embeddings=64,
+        vocab_size=VOCAB, intermediate_size=100, num_hidden_layers=layers, max_position_embeddings=64,
         tie_word_embeddings=tied, initializer_range=0.1, **ARCHS[arch],
     )
 
 
-def write_checkpoint(name: str, directory: Path) -> Path:
+def write_checkpoint(name: str, directory: Path, layers: int = 3) -> Path:
     """Save a random model with HF itself: tied ones in bf16 as one file, untied in fp32 split over several."""
     import transformers
 
     arch, tie = name.split("-")
     tied = tie == "tied"
     torch.manual_seed(zlib.crc32(name.encode()) % 1000)  # hash() is salted per process: runs would differ
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch, tied))
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch, tied, layers))
     path = directory / name
     if tied:
         model.to(torch.bfloat16).save_pretrained(path)

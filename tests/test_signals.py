@@ -165,14 +165,14 @@ def stopped(checkpoints, tmp_path_factory) -> Iterator[dict[str, Future[Outcome]
             return pool.submit(run_stopped, root / name, *job)
 
         jobs = {
-            "reshard-SIGTERM": start("reshard-SIGTERM", ["reshard", "--tp", "3", "--pp", "2", hf], "reshard_rank", 6,
+            "reshard-SIGTERM": start("reshard-SIGTERM", ["reshard", "--tp", "3", "--pp", "2", hf], "write_rank", 6,
                                      signal.SIGTERM, False),
-            "reshard-SIGINT": start("reshard-SIGINT", ["reshard", "--tp", "2", hf], "reshard_rank", 2, signal.SIGINT,
+            "reshard-SIGINT": start("reshard-SIGINT", ["reshard", "--tp", "2", hf], "write_rank", 2, signal.SIGINT,
                                     True),
         }
         launch(reshard_all, 2, {"m": hf}, {"m": sharded}, 2, 1, timeout=300)  # for the exports, while those start
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            jobs[f"export-{sig.name}"] = start(f"export-{sig.name}", ["export", sharded], "export_rank", 2, sig, False)
+            jobs[f"export-{sig.name}"] = start(f"export-{sig.name}", ["export", sharded], "write_rank", 2, sig, False)
         yield jobs
 
 

@@ -534,7 +534,8 @@ def test_shared_memory_gather_catches_ranks_out_of_lockstep():
 
     sizes = [64]
     mem = mmap.mmap(-1, flag_bytes(1, 2) + 64)
-    ranks = [ShmGather(SimpleNamespace(layout=Layout(dp=2), dp_ranks=[0, 1], rank=r), sizes, mem, r, 5.0)
+    ranks = [ShmGather(SimpleNamespace(layout=Layout(dp=2), dp_ranks=[0, 1], rank=r), sizes, mem, r, 5.0,
+                       "ZeRO-3 gather")
              for r in range(2)]
     for r, g in enumerate(ranks):  # in step: both fill block 0, version 1
         g.acquire(0)
@@ -548,5 +549,5 @@ def test_shared_memory_gather_catches_ranks_out_of_lockstep():
         region = g.claim(0, 32)
         region.fill_(7)
         g.fill(0, region, tag=2 if r == 0 else 3 << 32)
-    with pytest.raises(RuntimeError, match=r"rank 0: ZeRO-3 gather, slot 0: ranks \[1\] filled it with another block"):
+    with pytest.raises(RuntimeError, match=r"rank 0: ZeRO-3 gather, slot 0: ranks \[1\] filled it with something else"):
         ranks[0].wait(0)

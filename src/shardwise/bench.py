@@ -114,7 +114,7 @@ def bench_load_rank(directory: str, layout: Layout, dtype: torch.dtype, with_hf:
     share = source_bytes(directory, layout, rank, provide.provider)
     row: dict = {"rank": rank, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "provider": provide.provider,
                  "dtype": str(dtype).removeprefix("torch."), "bytes": share}
-    _barrier()
+    barrier()
     with PeakRSS() as mem:
         t0, c0 = time.perf_counter(), time.process_time()
         model = load_model(directory, layout, dtype=dtype, progress=False, **vars(provide))
@@ -124,11 +124,11 @@ def bench_load_rank(directory: str, layout: Layout, dtype: torch.dtype, with_hf:
     row["peak_rss_growth"] = mem.growth
     row["rss_ratio"] = mem.growth / row["shard_bytes"]
     model.close()
-    _barrier()
+    barrier()
     # Measured after the load, best of three: any one-time cost of the process falls on shardwise, not the floor.
     row["floor_s"] = min(read_floor(directory, share, rank) for _ in range(3))
     if with_hf and layout.world_size == layout.tp:
-        _barrier()
+        barrier()
         row["hf_load_s"] = _hf_load_seconds(directory, dtype, layout.tp)
     rows = [None] * layout.world_size
     if dist.is_initialized():
@@ -150,7 +150,7 @@ def _hf_load_seconds(directory: str, dtype: torch.dtype, world: int) -> float:
     return seconds
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
@@ -170,7 +170,7 @@ def bench_generate_rank(directory: str, layout: Layout, prompt: str, new_tokens:
         ids = torch.tensor([text.prompt_ids(prompt, chat=False)])
     model = load_model(directory, layout, progress=False, **vars(provide))
     model.generate(ids, 2)  # warm-up: first-call allocations and thread pools
-    _barrier()
+    barrier()
     t0 = time.perf_counter()
     out = model.generate(ids, new_tokens)
     row = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "provider": provide.provider,
@@ -191,7 +191,7 @@ def _hf_generate(directory: str, ids: torch.Tensor, new_tokens: int, world: int,
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
         model.generate(ids, **settings | {"max_new_tokens": 2, "min_new_tokens": 2})
-        _barrier()
+        barrier()
         t0 = time.perf_counter()
         out = model.generate(ids, **settings)
         seconds = time.perf_counter() - t0
@@ -216,11 +216,11 @@ def bench_export_rank(directory: str, tp: int, work: str) -> dict:
 
     def timed(key: str, fn, *args) -> None:
         os.sync()
-        _barrier()
+        barrier()
         t0 = time.perf_counter()
         fn(*args)
         row[key] = time.perf_counter() - t0
-        _barrier()
+        barrier()
 
     timed("export_s", export, weights, work_dir / "hf", DEFAULT_FILE_BYTES, False)
     row["bytes"] = sum(p.stat().st_size for p in (work_dir / "hf").glob("*.safetensors"))
@@ -312,7 +312,7 @@ def _zero3_summary(lines: list[dict], tokens: int, repeats: int, prefetch: int, 
     return out
 
 
-def _all_ranks(value) -> list:
+def all_ranks(value) -> list:
     """Every rank's ``value``, in rank order (a list of one without a process group)."""
     if not dist.is_initialized():
         return [value]
@@ -379,7 +379,7 @@ def _zero3_setting(checkpoint: str, setting: str, ids: torch.Tensor, world: int,
             raise
         error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
     # A rank that failed to build FSDP2 must not leave its peer alone in a collective: agree first.
-    errors = [e for e in _all_ranks(error) if e]
+    errors = [e for e in all_ranks(error) if e]
     if errors:
         line |= {"s": None, "fsdp2_s": None, "fsdp2_error": errors[0]}
         del model
@@ -391,8 +391,8 @@ def _zero3_setting(checkpoint: str, setting: str, ids: torch.Tensor, world: int,
         line["first_gather_bytes"] = model.provider.stats()["bytes"] - before["bytes"]
         plan = memory_plan(model.plan, torch.float32, _WORK_DTYPES[setting], prefetch, False,
                            shared=model.provider.transfer.in_place)
-        line["plan_bytes"] = _all_ranks(sum(plan.values()))
-        line["allocated_bytes"] = _all_ranks(sum(model.provider.nbytes().values()))
+        line["plan_bytes"] = all_ranks(sum(plan.values()))
+        line["allocated_bytes"] = all_ranks(sum(model.provider.nbytes().values()))
         line["plan"], line["allocated"] = plan, model.provider.nbytes()
         line["transfer"] = type(model.provider.transfer).__name__
     rss_warm = rss_bytes()
@@ -400,7 +400,7 @@ def _zero3_setting(checkpoint: str, setting: str, ids: torch.Tensor, world: int,
     times, cpu, deltas = [], [], []
     load = os.getloadavg()[0]
     for _ in range(repeats):
-        _barrier()
+        barrier()
         before = model.provider.stats() if zero3 else None
         t0, c0 = time.perf_counter(), time.process_time()
         _zero3_forward(model, ids, setting)
@@ -411,22 +411,22 @@ def _zero3_setting(checkpoint: str, setting: str, ids: torch.Tensor, world: int,
             deltas.append({k: after[k] - before[k] for k in after})
     forward_peak = _status_kb("VmHWM") * 1024
     peak = max(load_peak, warmup_peak, forward_peak)
-    medians = _all_ranks(statistics.median(times))
-    cpu_medians = _all_ranks(statistics.median(cpu))
+    medians = all_ranks(statistics.median(times))
+    cpu_medians = all_ranks(statistics.median(cpu))
     line |= {"s": max(medians), "rank_s": medians, "cpu_s": max(cpu_medians), "rank_cpu_s": cpu_medians,
-             "load_avg_1m": max(_all_ranks(round(load, 2))),
-             "peak_rss_mb": _all_ranks(round(peak / _MB, 1)),
-             "rss_growth_mb": _all_ranks(round((peak - rss_start) / _MB, 1)),
-             "load_peak_rss_mb": _all_ranks(round((load_peak - rss_start) / _MB, 1)),
-             "warmup_peak_rss_mb": _all_ranks(round((warmup_peak - rss_loaded) / _MB, 1)),
-             "forward_peak_rss_mb": _all_ranks(round((forward_peak - rss_warm) / _MB, 1))}
+             "load_avg_1m": max(all_ranks(round(load, 2))),
+             "peak_rss_mb": all_ranks(round(peak / _MB, 1)),
+             "rss_growth_mb": all_ranks(round((peak - rss_start) / _MB, 1)),
+             "load_peak_rss_mb": all_ranks(round((load_peak - rss_start) / _MB, 1)),
+             "warmup_peak_rss_mb": all_ranks(round((warmup_peak - rss_loaded) / _MB, 1)),
+             "forward_peak_rss_mb": all_ranks(round((forward_peak - rss_warm) / _MB, 1))}
     if zero3:
         # Bytes landing in this rank's gather buffers per steady-state forward (its own chunk included).
         line["gather_bytes"] = max(d["bytes"] for d in deltas)
         line["gathers"] = max(d["gathers"] for d in deltas)
         line["hits"] = min(d["hits"] for d in deltas)
         if profile:
-            line["profile"] = _all_ranks(_profile_zero3(model, ids, repeats))
+            line["profile"] = all_ranks(_profile_zero3(model, ids, repeats))
     if setting == "fsdp2":
         line["fsdp2_s"] = line["s"]
     else:
@@ -566,7 +566,7 @@ def _profile_zero3(model, ids: torch.Tensor, repeats: int) -> dict:
     total = 0.0
     try:
         for _ in range(repeats):
-            _barrier()
+            barrier()
             t0 = time.perf_counter()
             model(ids)
             total += time.perf_counter() - t0
@@ -609,15 +609,15 @@ def _gather_probe(nbytes: int, tokens: int, hidden: int, repeats: int) -> dict:
         fn()
         times = []
         for _ in range(max(repeats, 5)):
-            _barrier()
+            barrier()
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-        return max(_all_ranks(statistics.median(times)))
+        return max(all_ranks(statistics.median(times)))
 
     copy_src = out.clone()
     result = {"bytes": out.numel(), "all_gather_s": median(gather), "memcpy_s": median(lambda: out.copy_(copy_src)),
-              "barrier_s": median(_barrier), "compute_s": median(compute), "overlapped_s": median(both)}
+              "barrier_s": median(barrier), "compute_s": median(compute), "overlapped_s": median(both)}
     hidden_time = result["all_gather_s"] + result["compute_s"] - result["overlapped_s"]
     result["overlap"] = hidden_time / min(result["all_gather_s"], result["compute_s"])
     return result

@@ -15,13 +15,16 @@ import torch
 
 from . import __version__
 from .bench import bench_export_rank, bench_generate_rank, bench_load_rank, bench_zero3_rank, warm_page_cache
+from .bench_series import PATTERNS, bench_series_rank
 from .generate import GenerateArgs, generate_rank
 from .launch import LaunchInterrupted, RankError, in_torchrun, launch
 from .layout import PROVIDERS, Layout, plan_rank
 from .loader import Provide, check_provider_options
 from .publish import check_target
 from .reader import MANIFEST
+from .series import Series, SeriesError
 from .spec import DTYPES, load_spec
+from .windows import series_memory
 from .zero3 import memory_plan
 
 log = logging.getLogger("shardwise")
@@ -72,9 +75,24 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp", type=POSITIVE, default=1, help="data-parallel degree (replicas, or ZeRO-3 shards)")
 
 
+def _series(text: str) -> Series:
+    try:
+        return Series.parse(text)
+    except SeriesError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _series_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--series", type=_series, action="append", default=[], metavar="PATTERN[,k=K][,layers=LO:HI]",
+                   help="series: one tensor per layer (e.g. '*.o', '*.down'), each layer stored by one DP rank and "
+                        "broadcast k layers ahead (k default 1); repeat for several series")
+
+
 def _provider_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", choices=PROVIDERS, default="resident",
-                   help="resident: every rank keeps its weights; zero3: 1/dp each, gathered block by block")
+                   help="resident: every rank keeps its weights; zero3: 1/dp each, gathered block by block; "
+                        "series: resident, except the --series layers, each stored by one DP rank")
+    _series_arg(p)
     p.add_argument("--work-dtype", type=_dtype_or_quantized, default=None,
                    help="zero3: dtype gathered and computed in (float8_e4m3fn, int8: quantized gathers computed "
                         "in --dtype); default --dtype")
@@ -89,7 +107,7 @@ def _layout(args) -> Layout:
 def _provide(args) -> Provide:
     """The provider options, checked before any rank is spawned."""
     check_provider_options(args.provider, args.dtype, args.work_dtype, args.prefetch, args.offload)
-    return Provide(args.provider, args.work_dtype, args.prefetch, args.offload)
+    return Provide(args.provider, args.work_dtype, args.prefetch, args.offload, tuple(args.series))
 
 
 def _overwrite_arg(p: argparse.ArgumentParser) -> None:
@@ -110,11 +128,12 @@ def _is_rank0() -> bool:
     return not in_torchrun() or int(os.environ.get("RANK", "0")) == 0
 
 
-def _plan_everywhere(path: str, layout: Layout, provider: str = "resident"):
-    """The model spec, with the layout checked on every rank: what a spawned job would find, in a second."""
+def _plan_everywhere(path: str, layout: Layout, provider: str = "resident", series: tuple[Series, ...] = ()):
+    """The model spec, with the layout (and any series) checked on every rank: what a spawned job would find, in a
+    second."""
     spec = load_spec(path)
     for rank in range(layout.world_size):
-        plan_rank(spec, layout, rank, provider)
+        plan_rank(spec, layout, rank, provider, series)
     return spec
 
 
@@ -122,7 +141,7 @@ def _check_generate(args, prompts: tuple[str, ...]) -> None:
     """Every mistake a generate job could make, found before any rank is spawned."""
     from .text import Text
 
-    spec = _plan_everywhere(args.checkpoint, _layout(args), args.provider)
+    spec = _plan_everywhere(args.checkpoint, _layout(args), args.provider, tuple(args.series))
     _check_device(args.device, _layout(args).world_size)
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
         log.warning("--top-k/--top-p have no effect without --temperature > 0 (greedy decoding)")
@@ -205,12 +224,14 @@ KINDS = {
 
 
 def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Provide | None = None) -> str:
-    """Bytes each rank will hold, by tensor kind (its masters, under ZeRO-3), plus ZeRO-3's buffers, as a table."""
+    """Bytes each rank will hold, by tensor kind (its masters, under ZeRO-3), plus ZeRO-3's buffers or a series'
+    windows, as a table; under a series, what each series saves."""
     spec = load_spec(path)
     dtype = dtype or spec.dtype
     provide = provide or Provide()
-    zero3 = provide.provider == "zero3"
-    columns = ["embedding", "attention", "mlp", "norms", "lm_head"] + (["work", "staging"] if zero3 else [])
+    zero3, series = provide.provider == "zero3", provide.provider == "series"
+    columns = ["embedding", "attention", "mlp", "norms", "lm_head"]
+    columns += ["work", "staging"] if zero3 else ["windows"] if series else []
     how = provide.provider
     if zero3:
         work = str(provide.work_dtype or dtype).removeprefix("torch.")
@@ -219,8 +240,9 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
              f"{layout}, {str(dtype).removeprefix('torch.')}, {how}",
              f"{'rank':>4} {'stage':>5} {'dp':>3} {'tp':>3} {'layers':>9} {'q/kv heads':>10} "
              + " ".join(f"{c:>11}" for c in columns) + f" {'total':>11}"]
+    saved: dict[str, list[str]] = defaultdict(list)
     for rank in range(layout.world_size):
-        plan = plan_rank(spec, layout, rank, provide.provider)
+        plan = plan_rank(spec, layout, rank, provide.provider, provide.series)
         kinds: dict[str, int] = defaultdict(int)
         for buffer in plan.buffers:
             placed: dict[tuple, str] = {}  # an alias (a tied LM head) is its embedding's bytes: counted once
@@ -233,6 +255,10 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
             memory = memory_plan(plan, dtype, provide.work_dtype, provide.prefetch, provide.offload)
             kinds["work"], kinds["staging"] = memory["work"], memory["staging"]
             total = sum(memory.values())
+        for name, m in series_memory(plan, dtype).items():
+            kinds["windows"] += m["windows"]
+            total += m["windows"]
+            saved[name].append(f"r{rank} {_mb(m['held'])} of {_mb(m['unsharded'])} + windows {_mb(m['windows'])}")
         layers = f"{plan.layers.start}-{plan.layers.stop - 1}"
         heads = f"{plan.heads.n_q}/{plan.heads.n_kv}"
         lines.append(f"{rank:>4} {plan.stage:>5} {plan.dp_rank:>3} {plan.tp_rank:>3} {layers:>9} {heads:>10} "
@@ -240,6 +266,7 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
     if zero3 and layout.dp > 1:
         lines.append("work and staging as for gloo gathers; DP ranks on one host share the work buffers in shared "
                      "memory and cast in place, with no staging")
+    lines += [f"series {name}: {', '.join(held)}" for name, held in saved.items()]
     return "\n".join(lines)
 
 
@@ -258,7 +285,7 @@ def _report(message: str) -> None:
 
 def cmd_bench_load(args) -> None:
     provide = _provide(args)
-    _plan_everywhere(args.checkpoint, _layout(args), args.provider)
+    _plan_everywhere(args.checkpoint, _layout(args), args.provider, provide.series)
     warm_page_cache(args.checkpoint)
     rows = launch(bench_load_rank, _world(args), args.checkpoint, _layout(args), args.dtype, args.hf, provide)
     for row in rows:
@@ -274,7 +301,7 @@ def cmd_bench_generate(args) -> None:
     from .text import Text
 
     provide = _provide(args)
-    spec = _plan_everywhere(args.checkpoint, _layout(args), args.provider)
+    spec = _plan_everywhere(args.checkpoint, _layout(args), args.provider, provide.series)
     _prompt_ids(Text(args.checkpoint), (args.prompt,), False, spec.vocab)
     row = launch(bench_generate_rank, _world(args), args.checkpoint, _layout(args), args.prompt,
                  args.max_new_tokens, not args.no_hf, provide)
@@ -292,18 +319,14 @@ def cmd_import_gguf(args) -> None:
     _report(f"wrote {out}")
 
 
-def reshard_rank(src: str, dst: str, layout: Layout, provider: str, overwrite: bool) -> None:
+def write_rank(src: str, out: str, layout: Layout, provide: Provide, sharded: bool, overwrite: bool) -> None:
+    """Load this rank's part of ``src`` and write it to ``out``: a sharded checkpoint, or HF safetensors."""
+    from .hf_export import export
     from .loader import load_weights
     from .sharded import save_sharded
 
-    save_sharded(load_weights(src, layout, provider=provider), dst, overwrite=overwrite)
-
-
-def export_rank(src: str, out: str, layout: Layout, provider: str, overwrite: bool) -> None:
-    from .hf_export import export
-    from .loader import load_weights
-
-    export(load_weights(src, layout, provider=provider), out, overwrite=overwrite)
+    weights = load_weights(src, layout, provider=provide.provider, series=provide.series)
+    (save_sharded if sharded else export)(weights, out, overwrite=overwrite)
 
 
 def cmd_reshard(args) -> None:
@@ -313,10 +336,12 @@ def cmd_reshard(args) -> None:
     if args.dp > 1 and args.provider == "resident":
         raise ValueError(f"--dp {args.dp} with resident weights would save {args.dp} identical copies; "
                          "use --provider zero3 to save each replica's 1/dp")
-    spec = _plan_everywhere(args.src, _layout(args), args.provider)
+    series = tuple(args.series)
+    spec = _plan_everywhere(args.src, _layout(args), args.provider, series)
     with open_source(args.src) as source:
         source.check(spec)
-    launch(reshard_rank, _world(args), args.src, args.dst, _layout(args), args.provider, args.overwrite)
+    launch(write_rank, _world(args), args.src, args.dst, _layout(args), Provide(args.provider, series=series), True,
+           args.overwrite)
     _report(f"wrote {args.dst} (sharded, {_layout(args)}, {args.provider})")
 
 
@@ -352,7 +377,8 @@ def cmd_export(args) -> None:
     source = ShardedCheckpoint(args.src)
     source.check(load_spec(args.src))  # the manifest's layout says how many ranks to spawn: vet it first
     layout = source.layout
-    launch(export_rank, layout.world_size, args.src, args.out, layout, source.provider, args.overwrite)
+    launch(write_rank, layout.world_size, args.src, args.out, layout, Provide(source.provider, series=source.series),
+           False, args.overwrite)
     _report(f"wrote {args.out} (HF safetensors, exported by {layout.world_size} ranks)")
 
 
@@ -368,6 +394,26 @@ def cmd_bench_zero3(args) -> None:
                            if not isinstance(v, dict)))
         elif "s" in row:
             print(f"{row['setting']:>13}: {row['s']:.3f} s per forward, peak RSS {row['peak_rss_mb']} MiB")
+
+
+def cmd_bench_series(args) -> None:
+    patterns, ks = tuple(args.pattern or PATTERNS), tuple(args.k or (0, 1, 2))
+    for k in ks:  # every declaration, checked on every rank before any is spawned
+        series = tuple(Series(p, prefetch=k) for p in patterns)
+        _plan_everywhere(args.checkpoint, Layout(dp=args.world), "series", series)
+    warm_page_cache(args.checkpoint)
+    row = launch(bench_series_rank, args.world, args.checkpoint, args.new_tokens, args.prompt_tokens, args.repeats,
+                 args.dtype, patterns, ks)
+    if args.json:
+        print(json.dumps(row))
+        return
+    for key, value in row.items():
+        if key.endswith("_s_per_token"):
+            ratio = row.get(key.replace("_s_per_token", "_over_plain"))
+            print(f"{key.removesuffix('_s_per_token'):>10}: {value * 1e3:.1f} ms per token"
+                  + (f" ({ratio:.3f} x plain)" if ratio else ""))
+    print(f"same tokens: {row['same_tokens']}; held MB per rank: "
+          + ", ".join(f"{name} {max(b) / 1e6:.0f}" for name, b in row["held_bytes"].items()))
 
 
 def cmd_bench_export(args) -> None:
@@ -431,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("dst")
     _layout_args(r)
     r.add_argument("--provider", choices=PROVIDERS, default="resident",
-                   help="zero3: each DP rank saves its 1/dp of every block, which loads under any layout")
+                   help="zero3: each DP rank saves its 1/dp of every block; series: each series layer is saved by "
+                        "its one owner; either loads under any layout")
+    _series_arg(r)
     _overwrite_arg(r)
 
     n = command(sub, "init", "a freshly initialised checkpoint, the same for any layout, written by all ranks",
@@ -484,6 +532,19 @@ def build_parser() -> argparse.ArgumentParser:
     bz.add_argument("--prefetch", type=_bounded(int, 0), default=1, help="blocks gathered ahead")
     bz.add_argument("--profile", action="store_true", help="add a per-block profile and a raw gather probe")
     bz.add_argument("--json", action="store_true", help="one JSON object per setting, then a summary")
+    bs = command(b, "series", "decode s/token of DP replicas with and without o/down in a layer-sharded series",
+                 cmd_bench_series)
+    bs.add_argument("checkpoint")
+    bs.add_argument("--world", type=_bounded(int, 2), default=2, help="ranks, all in one DP group")
+    bs.add_argument("--pattern", action="append", default=None,
+                    help=f"a series pattern; repeat for several (default: {' '.join(PATTERNS)})")
+    bs.add_argument("--k", type=_bounded(int, 0), action="append", default=None,
+                    help="prefetch steps to measure; repeat (default: 0 1 2)")
+    bs.add_argument("--new-tokens", type=_bounded(int, 2), default=32, help="tokens decoded per generation")
+    bs.add_argument("--prompt-tokens", type=POSITIVE, default=32, help="length of the seeded random prompt")
+    bs.add_argument("--repeats", type=POSITIVE, default=5, help="timed generations per setting (median)")
+    bs.add_argument("--dtype", type=_dtype, default="bfloat16", help="dtype the ranks compute in")
+    bs.add_argument("--json", action="store_true", help="one JSON object")
     be = command(b, "export", "parallel HF export vs one sequential write of the same bytes; reshard time",
                  cmd_bench_export)
     be.add_argument("checkpoint")

@@ -1,21 +1,26 @@
-"""Gathering every DP rank's equal-sized chunk into slot buffers: ZeRO-3's one transfer.
+"""Moving blocks of weights between the DP ranks into slot buffers: ZeRO-3's gathers and a series' broadcasts.
 
+A ZeRO-3 gather collects every DP rank's equal-sized chunk of a block into one slot; a
+series broadcast copies one rank's layer into a window (a slot) of every other rank.
 On one host the slots live in a shared-memory segment that every DP rank maps: a rank
-copies its chunk into its part of the slot and raises a flag, and once every flag is up
-the whole block is read in place, by every rank, with no further copy. gloo's all-gather
-of the same bytes costs about as much CPU as computing with them (38 ms for a 25 MB
-block on the 2-core CI machine), and on few cores that time cannot hide behind compute.
-Elsewhere (several hosts, accelerators, ``SHARDWISE_SHM=0``) the DP group's
-all-gather runs asynchronously into private slots.
+writes its part of the slot (all of it for a broadcast's source) and raises a flag, and
+once every flag is up the slot is read in place, by every rank, with no further copy.
+gloo's all-gather of the same bytes costs about as much CPU as computing with them (38
+ms for a 25 MB block on the 2-core CI machine), and on few cores that time cannot hide
+behind compute. Elsewhere (several hosts, accelerators, ``SHARDWISE_SHM=0``) the DP
+group's all-gather or broadcast runs asynchronously into private slots.
 
 A shared slot may be overwritten only once every rank is done with what it held. Ranks
-make the same calls in the same order (their gathers are collective), so each slot
+make the same calls in the same order (their transfers are collective), so each slot
 counts its acquisitions, releases and fills alike on every rank: a fill waits until
 every peer has released all earlier uses of the slot, and a wait until every peer has
 made the same fill.
 """
 
 from __future__ import annotations
+
+import queue
+import threading
 
 import numpy as np
 import torch
@@ -29,7 +34,7 @@ SLOT_ALIGN = 64
 
 
 class Gather:
-    """Private slots, filled by the DP group's asynchronous all-gather."""
+    """Private slots, filled by the DP group's asynchronous all-gather or broadcast."""
 
     in_place = False  # whether ``claim`` hands out the slot's own memory to write this rank's chunk into
 
@@ -56,6 +61,16 @@ class Gather:
         self.pending[slot] = dist.all_gather_single(out, chunk.view(torch.uint8), group=self.comm.dp_group,
                                                     async_op=True)
 
+    def broadcast(self, slot: int, source: int, tensor: torch.Tensor | None, nbytes: int, tag: int = 0) -> None:
+        """Start sending DP rank ``source``'s ``tensor`` (None on every other rank) into the slot of the others.
+
+        The source sends from the tensor itself, which must stay unchanged until the
+        slot's next transfer; the others receive into the slot's first ``nbytes``.
+        """
+        self.wait(slot)
+        buf = self.buffers[slot][:nbytes] if tensor is None else tensor.reshape(-1).view(torch.uint8)
+        self.pending[slot] = dist.broadcast(buf, self.comm.dp_ranks[source], group=self.comm.dp_group, async_op=True)
+
     def wait(self, slot: int) -> None:
         work = self.pending.pop(slot, None)
         if work is not None:
@@ -73,8 +88,8 @@ class ShmGather(Gather):
 
     in_place = True
 
-    def __init__(self, comm: Comm, slot_bytes: list[int], mem, me: int, timeout: float):
-        self.comm, self.mem, self.me, self.timeout = comm, mem, me, timeout
+    def __init__(self, comm: Comm, slot_bytes: list[int], mem, me: int, timeout: float, what: str):
+        self.comm, self.mem, self.me, self.timeout, self.what = comm, mem, me, timeout, what
         size, count = comm.layout.dp, len(slot_bytes)
         # Per slot and rank, each on a cache line of its own: uses released, fills made, and what the last fill
         # holds (a tag), so a rank that left the lockstep is caught instead of reading another block's bytes.
@@ -93,12 +108,25 @@ class ShmGather(Gather):
         self.acquired[slot] += 1
         self.held[slot] += 1
 
+    def _who(self, slot: int) -> str:
+        return f"rank {self.comm.rank}: {self.what}, slot {slot}"
+
+    def _free(self, slot: int) -> torch.Tensor:
+        """The slot, once no peer still reads what it held."""
+        released = self.flags[slot, 0]
+        wait_for(released, self.acquired[slot] - self.held[slot], self.timeout, f"{self._who(slot)}: ranks",
+                 self.comm.dp_ranks)
+        return self.buffers[slot]
+
+    def _raise(self, slot: int, tag: int) -> None:
+        """Tell the peers this rank has made its part of the slot's next fill, which holds ``tag``."""
+        self.fills[slot] += 1
+        self.flags[slot, 2, self.me] = tag
+        self.flags[slot, 1, self.me] = self.fills[slot]
+
     def claim(self, slot: int, nbytes: int) -> torch.Tensor:
         """This rank's part of the slot, once no peer still reads what the slot held."""
-        released = self.flags[slot, 0]
-        wait_for(released, self.acquired[slot] - self.held[slot], self.timeout,
-                 f"rank {self.comm.rank}: ZeRO-3 gather, slot {slot}: ranks", self.comm.dp_ranks)
-        return self.buffers[slot][self.me * nbytes : (self.me + 1) * nbytes]
+        return self._free(slot)[self.me * nbytes : (self.me + 1) * nbytes]
 
     def fill(self, slot: int, chunk: torch.Tensor, tag: int = 0) -> None:
         """Raise this rank's flag, the chunk copied into its part of the slot unless it was written there."""
@@ -106,19 +134,16 @@ class ShmGather(Gather):
         mine = self.buffers[slot][self.me * n : (self.me + 1) * n]
         if chunk.data_ptr() != mine.data_ptr():
             mine.copy_(chunk.reshape(-1).view(torch.uint8))
-        self.fills[slot] += 1
-        self.flags[slot, 2, self.me] = tag
-        self.flags[slot, 1, self.me] = self.fills[slot]
+        self._raise(slot, tag)
 
     def wait(self, slot: int) -> None:
         """Wait for every rank's fill; a peer that filled the slot with something else is out of lockstep."""
-        wait_for(self.flags[slot, 1], self.fills[slot], self.timeout,
-                 f"rank {self.comm.rank}: ZeRO-3 gather, slot {slot}: ranks", self.comm.dp_ranks)
+        wait_for(self.flags[slot, 1], self.fills[slot], self.timeout, f"{self._who(slot)}: ranks", self.comm.dp_ranks)
         tags = self.flags[slot, 2]
         if (tags != tags[self.me]).any():
             odd = [self.comm.dp_ranks[r] for r in range(len(tags)) if tags[r] != tags[self.me]]
-            raise RuntimeError(f"rank {self.comm.rank}: ZeRO-3 gather, slot {slot}: ranks {odd} filled it with another "
-                               f"block or version (tag {tags.tolist()}): DP ranks must make the same provider calls")
+            raise RuntimeError(f"{self._who(slot)}: ranks {odd} filled it with something else (tag {tags.tolist()}): "
+                               "DP ranks must make the same provider calls")
 
     def release(self, slot: int) -> None:
         self.held[slot] -= 1
@@ -129,6 +154,77 @@ class ShmGather(Gather):
         self.buffers, self.flags, self.mem = [], None, None
 
 
+class ShmBroadcast(ShmGather):
+    """Shared slots that one source rank at a time fills, in the background, for the others to read in place.
+
+    A broadcast returns at once. The source's copier thread waits until every peer has
+    released the slot's earlier uses, copies the tensor in and raises the source's flag;
+    the compute thread meanwhile goes on, which is what lets a prefetch hide the copy on
+    a CPU (an accelerator's copy engine does this for free). A reader waits for the
+    source's flag alone and checks that its tag is the one it expects.
+    """
+
+    NAP = 50e-6  # seconds the copier sleeps between looks at the release counters
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.expected: dict[int, tuple[int, int]] = {}  # slot -> (source, tag) of its last fill
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.failure: BaseException | None = None
+        self.copier: threading.Thread | None = None
+
+    def broadcast(self, slot: int, source: int, tensor: torch.Tensor | None, nbytes: int, tag: int = 0) -> None:
+        self._raise_failure()
+        self.fills[slot] += 1
+        self.expected[slot] = (source, tag)
+        if source == self.me:
+            if self.copier is None:
+                self.copier = threading.Thread(target=self._copy, name=f"{self.what} copier", daemon=True)
+                self.copier.start()
+            done = self.acquired[slot] - self.held[slot]  # this rank's uses of the slot so far, all released
+            self.jobs.put((slot, done, tensor, nbytes, tag, self.fills[slot]))
+
+    def _copy(self) -> None:
+        """The copier thread: each job, in order, once the peers have released the slot; stops at None."""
+        while (job := self.jobs.get()) is not None:
+            slot, done, tensor, nbytes, tag, fill = job
+            try:
+                wait_for(self.flags[slot, 0], done, self.timeout, f"{self._who(slot)}: ranks", self.comm.dp_ranks,
+                         nap=self.NAP)
+                self.buffers[slot][:nbytes].copy_(tensor.reshape(-1).view(torch.uint8))
+            except BaseException as e:  # noqa: BLE001 - handed to the compute thread, which raises it
+                self.failure = e
+                return
+            self.flags[slot, 2, self.me] = tag
+            self.flags[slot, 1, self.me] = fill
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            raise RuntimeError(f"rank {self.comm.rank}: {self.what}: the copier failed: {self.failure}") \
+                from self.failure
+
+    def wait(self, slot: int) -> None:
+        """Wait for the source's copy of the slot's last fill; the source itself reads its own tensor, never this."""
+        self._raise_failure()
+        source, tag = self.expected[slot]
+        if source == self.me:
+            return
+        wait_for(self.flags[slot, 1, source : source + 1], self.fills[slot], self.timeout,
+                 f"{self._who(slot)}: ranks", [self.comm.dp_ranks[source]])
+        if self.flags[slot, 2, source] != tag:
+            raise RuntimeError(f"{self._who(slot)}: rank {self.comm.dp_ranks[source]} filled it with something else "
+                               f"(tag {int(self.flags[slot, 2, source])}, expected {tag}): DP ranks must make the "
+                               "same provider calls")
+
+    def close(self) -> None:
+        """Stop the copier (after what it has started) before the segment goes."""
+        if self.copier is not None:
+            self.jobs.put(None)
+            self.copier.join(self.timeout)
+            self.copier = None
+        super().close()
+
+
 def _aligned(n: int) -> int:
     return round_up(n, SLOT_ALIGN)
 
@@ -137,11 +233,17 @@ def flag_bytes(slots: int, ranks: int) -> int:
     return _aligned(slots * 3 * ranks * FLAG_STRIDE * 8)
 
 
-def make_gather(comm: Comm, slot_bytes: list[int], device: torch.device) -> Gather:
-    """Shared-memory slots when every DP rank of the group proves it maps the same segment (CPU only), else gloo's."""
+def make_gather(comm: Comm, slot_bytes: list[int], device: torch.device, what: str,
+                broadcasts: bool = False) -> Gather:
+    """Shared-memory slots when every DP rank of the group proves it maps the same segment (CPU only), else gloo's.
+
+    ``what`` names the transfers in errors ("ZeRO-3 gather", "series broadcast"); with
+    ``broadcasts`` the slots are filled by ``broadcast``, else by ``claim`` and ``fill``.
+    """
     if comm.layout.dp > 1 and device.type == "cpu":
         total = flag_bytes(len(slot_bytes), comm.layout.dp) + sum(_aligned(n) for n in slot_bytes) + TOKEN_BYTES
-        mem = share(comm.dp_group, comm.dp_ranks, total, "ZeRO-3 gather")
+        mem = share(comm.dp_group, comm.dp_ranks, total, what)
         if mem is not None:
-            return ShmGather(comm, slot_bytes, mem, comm.dp_ranks.index(comm.rank), timeout_seconds())
+            kind = ShmBroadcast if broadcasts else ShmGather
+            return kind(comm, slot_bytes, mem, comm.dp_ranks.index(comm.rank), timeout_seconds(), what)
     return Gather(comm, slot_bytes, device)

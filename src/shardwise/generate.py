@@ -39,8 +39,9 @@ def generate_rank(args: GenerateArgs) -> dict:
     Rank 0 prints. One prompt streams its answer token by token. Several are generated
     as left-padded batches, one per replica, and replica 0's answers are printed whole
     as soon as each is complete, labelled with the prompt's number; the other replicas'
-    follow when they are done. A replica with no prompt idles, except under ZeRO-3,
-    where its gathers are needed: it generates a copy of the first prompt and drops it.
+    follow when they are done. A replica with no prompt idles, except under ZeRO-3 or a
+    series, where its gathers or broadcasts are needed: it generates a copy of the first
+    prompt and drops it.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     layout, provide = args.layout, args.provide
@@ -53,8 +54,7 @@ def generate_rank(args: GenerateArgs) -> dict:
         streamer = LabelledAnswers(text, sys.stdout, len(prompts)) if many else Streamer(text, sys.stdout)
     t0 = time.perf_counter()
     with load_model(args.checkpoint, layout, device=args.device, dtype=args.dtype, progress=False,
-                    provider=provide.provider, work_dtype=provide.work_dtype, prefetch=provide.prefetch,
-                    offload=provide.offload) as model:
+                    **vars(provide)) as model:
         load_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         answers: list[list[int]] = []

@@ -4,7 +4,8 @@ A ``Layout`` is a PP x DP x TP mesh. Ranks are ordered (pp, dp, tp), TP innermos
 torchtitan and Megatron, so a TP group is a run of consecutive ranks. ``plan_rank``
 turns a spec plus a rank into the box lists of every tensor the rank computes with
 (``work``), the blocks a provider hands them out in, and what the rank holds: the
-work tensors themselves, or, under ZeRO-3, its chunk of each flat block. Everything
+work tensors themselves, under ZeRO-3 its chunk of each flat block, and under a layer-sharded
+series (``series``) the work tensors less the series layers other DP ranks own. Everything
 downstream (reader, providers, runtime, export) works from that plan and never
 re-derives a split.
 """
@@ -19,9 +20,10 @@ import torch.distributed as dist
 
 from .boxes import Box, ShardedTensor, cols, full_box, rows, split_evenly
 from .flat import Buffer, FlatBlock, View, pack
+from .series import Series, SeriesError, SeriesPlan, plan_series
 from .spec import ModelSpec
 
-PROVIDERS = ("resident", "zero3")
+PROVIDERS = ("resident", "zero3", "series")
 
 
 class LayoutError(ValueError):
@@ -128,7 +130,9 @@ class RankPlan:
     (``blocks``: "embed", "layers.N", "head"); ``alias`` maps a tensor that is another
     one on this rank (a tied LM head beside its embedding) to it. ``tensors`` is what
     the rank holds, loads and saves, laid out in ``buffers``: the work tensors under
-    the resident provider, its chunk of each flat block (``flats``) under ZeRO-3.
+    the resident provider, its chunk of each flat block (``flats``) under ZeRO-3, and
+    under the series provider the work tensors except the series layers (``series``)
+    that other DP ranks own. ``declared`` are the series declarations the plan came from.
     """
 
     spec: ModelSpec
@@ -145,6 +149,8 @@ class RankPlan:
     flats: dict[str, FlatBlock]
     tensors: dict[str, ShardedTensor]
     buffers: tuple[Buffer, ...]
+    series: tuple[SeriesPlan, ...] = ()
+    declared: tuple[Series, ...] = ()
 
     @property
     def stage(self) -> int:
@@ -167,8 +173,8 @@ class RankPlan:
         return self.stage == self.layout.pp - 1
 
     def peer(self, rank: int) -> RankPlan:
-        """Another rank's plan under the same layout and provider."""
-        return plan_rank(self.spec, self.layout, rank, self.provider)
+        """Another rank's plan under the same layout, provider and series."""
+        return plan_rank(self.spec, self.layout, rank, self.provider, self.declared)
 
     def nbytes(self, dtype: torch.dtype) -> int:
         """Bytes this rank holds, counting tensors that share a buffer (tied embeddings) once."""
@@ -225,10 +231,17 @@ def _layer_tensors(spec: ModelSpec, n: int, heads: Heads, ffn: tuple[int, int]) 
     return out
 
 
-def plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str = "resident") -> RankPlan:
-    """The box lists of every tensor ``rank`` computes with and holds under ``layout`` and ``provider``."""
+def plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str = "resident",
+              series: tuple[Series, ...] = ()) -> RankPlan:
+    """The box lists of every tensor ``rank`` computes with and holds under ``layout`` and ``provider``.
+
+    ``series`` declares the layer-sharded series of the ``"series"`` provider, which needs at least one.
+    """
     if provider not in PROVIDERS:
         raise LayoutError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDERS)})")
+    if (provider == "series") != bool(series):
+        raise SeriesError("the series provider needs at least one series declaration (e.g. '*.o')" if not series
+                          else f"series declarations need provider='series', not {provider!r}")
     if not 0 <= rank < layout.world_size:
         raise LayoutError(f"rank {rank} is outside the {layout.world_size}-rank layout {layout}")
     if layout.pp > spec.layers:
@@ -264,14 +277,17 @@ def plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str = "resid
     alias = {"lm_head": "embed"} if "embed" in work and spec.tied else {}
     parts = layout.dp if provider == "zero3" else 1
     flats = {b: pack(b, [work[n] for n in names if n not in alias], parts) for b, names in blocks.items()}
+    in_series = plan_series(series, work, layers, spec.layers, layout.dp)
     if provider == "zero3":
         held = [flat.master_buffer(dp_rank, work) for flat in flats.values()]
         buffers = tuple(buffer for buffer, _ in held)
         tensors = {name: piece for _, pieces in held for name, piece in pieces.items()}
     else:
-        buffers, tensors = _resident_buffers(work, alias), dict(work)
+        elsewhere = {name for s in in_series for name in s.names if name not in s.owned(dp_rank)}
+        tensors = {name: t for name, t in work.items() if name not in elsewhere}
+        buffers = _resident_buffers(tensors, alias)
     return RankPlan(spec, layout, rank, provider, layers, heads, ffn, vocab, work, blocks, alias, flats, tensors,
-                    buffers)
+                    buffers, in_series, tuple(series))
 
 
 def _resident_buffers(work: dict[str, ShardedTensor], alias: dict[str, str]) -> tuple[Buffer, ...]:

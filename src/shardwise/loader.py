@@ -20,9 +20,11 @@ from .model import Model
 from .progress import progress_bar
 from .provider import Provider, Resident
 from .reader import MANIFEST, Checkpoint
+from .series import Series
 from .sharded import ShardedCheckpoint
 from .spec import load_spec
 from .weights import Weights, allocate, buffer_dtype, pinned, resolve_device
+from .windows import SeriesProvider
 from .zero3 import Zero3
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,8 @@ def open_source(path: str | Path) -> Checkpoint | ShardedCheckpoint:
 
 def load_weights(path: str | Path, layout: Layout | None = None, dtype: torch.dtype | None = None,
                  device: str | torch.device = "cpu", rank: int | None = None, progress: bool = True,
-                 provider: str = "resident") -> Weights:
-    """This rank's tensors under ``layout`` and ``provider``, from an HF or a sharded checkpoint.
+                 provider: str = "resident", series: tuple[Series, ...] = ()) -> Weights:
+    """This rank's tensors under ``layout`` and ``provider`` (with its ``series``), from an HF or a sharded checkpoint.
 
     ``dtype=None`` keeps each tensor in the checkpoint's own dtype, so a reshard is
     bit-exact. Aliased tensors share one allocation and one read.
@@ -44,7 +46,7 @@ def load_weights(path: str | Path, layout: Layout | None = None, dtype: torch.dt
     layout = layout or Layout()
     rank = rank if rank is not None else (dist.get_rank() if dist.is_initialized() else 0)
     spec = load_spec(path)
-    plan = plan_rank(spec, layout, rank, provider)
+    plan = plan_rank(spec, layout, rank, provider, tuple(series))
     with open_source(path) as source:
         source.check(spec)
         source_dtypes = {name: source.source_dtype(name) for name in spec.tensors()}
@@ -62,7 +64,8 @@ def load_weights(path: str | Path, layout: Layout | None = None, dtype: torch.dt
 
 def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, progress: bool = True, provider: str = "resident",
-               work_dtype: torch.dtype | None = None, prefetch: int = 1, offload: bool = False) -> Model:
+               work_dtype: torch.dtype | None = None, prefetch: int = 1, offload: bool = False,
+               series: tuple[Series, ...] = ()) -> Model:
     """Load this rank's part of a checkpoint (HF or sharded) under ``layout``; collective over the layout's world.
 
     ``provider="resident"`` keeps every work weight on the rank (DP replicas are plain
@@ -70,6 +73,9 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
     master dtype) and gathers blocks on demand in ``work_dtype`` (None: the same;
     ``torch.float8_e4m3fn`` or ``torch.int8`` quantize the gather and compute in
     ``dtype``), ``prefetch`` blocks ahead, with the masters in host memory if ``offload``.
+    ``provider="series"`` keeps weights resident except the ``series`` it declares
+    (e.g. ``(Series("*.o"), Series("*.down", prefetch=2))``), whose layers are each
+    stored by one DP rank and broadcast to the others just before use.
 
     The model holds process groups and shared memory: ``close()`` it, or use it as a
     context manager, when loading more than one per process.
@@ -81,11 +87,13 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
     source: Provider | None = None
     try:
         weights = load_weights(checkpoint_dir, layout, dtype, "cpu" if offload else device, comm.rank, progress,
-                               provider)
+                               provider, series)
         if offload and device.type != "cpu":
             weights = pinned(weights)
         if provider == "zero3":
             source = Zero3(weights.plan, comm, weights.buffers, work_dtype, prefetch, offload, device)
+        elif provider == "series":
+            source = SeriesProvider(weights.plan, comm, weights.tensors, device)
         else:
             source = Resident(weights.plan, weights.tensors)
         model = Model(weights, comm, source, device)
@@ -107,6 +115,7 @@ class Provide:
     work_dtype: torch.dtype | None = None
     prefetch: int = 1
     offload: bool = False
+    series: tuple[Series, ...] = ()
 
 
 WORK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8)
@@ -114,7 +123,8 @@ WORK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn
 
 def check_provider_options(provider: str, dtype: torch.dtype, work_dtype: torch.dtype | None, prefetch: int,
                            offload: bool) -> None:
-    """Refuse option combinations that mean nothing, before any rank loads a byte."""
+    """Refuse option combinations that mean nothing, before any rank loads a byte (``plan_rank`` checks the
+    series declarations, against the model)."""
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDERS)})")
     if provider != "zero3" and (work_dtype is not None or offload):

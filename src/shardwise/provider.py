@@ -205,8 +205,9 @@ class Resident(Provider):
         return self.tensors
 
     def _master(self, block: str) -> dict[str, torch.Tensor]:
-        """The block's own tensors: an alias (a tied LM head) is updated once, with the block that owns it."""
-        return {n: self.tensors[n] for n in self.plan.blocks[block] if n not in self.plan.alias}
+        """The block's own tensors: an alias (a tied LM head) is updated once, with the block that owns it, and a
+        series layer by the rank that stores it."""
+        return {n: self.tensors[n] for n in self.plan.blocks[block] if n not in self.plan.alias and n in self.tensors}
 
     def nbytes(self) -> dict[str, int]:
         unique = {id(t): t for t in self.tensors.values()}

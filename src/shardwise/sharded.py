@@ -25,6 +25,7 @@ from .collective_write import write_checkpoint
 from .layout import PROVIDERS, Layout, LayoutError, plan_rank
 from .publish import copy_side_files
 from .reader import DTYPE_NAMES, DTYPES, MANIFEST, Checkpoint, CheckpointError, check_stored_as, inside
+from .series import Series, SeriesError
 from .spec import ModelSpec
 from .untrusted import UntrustedJSON, is_int, parse_json, shown
 from .writer import save_safetensors
@@ -143,6 +144,11 @@ class ShardedCheckpoint:
         if self.provider not in PROVIDERS:
             raise CheckpointError(f"{self.path}: field 'layout.provider' is {shown(self.provider)}, expected one of "
                                   f"{', '.join(PROVIDERS)}")
+        declared = _field(layout.get("series", []), "layout.series", list, self.path)
+        try:
+            self.series = tuple(Series.parse(_field(s, "layout.series[]", str, self.path)) for s in declared)
+        except SeriesError as e:
+            raise CheckpointError(f"{self.path}: field 'layout.series': {e}") from None
         try:
             return Layout(tp, pp, dp)
         except LayoutError as e:
@@ -190,8 +196,9 @@ class ShardedCheckpoint:
                 raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
             check_stored_as(self.path, name, *self.tensors[name], info.shape)
         try:
-            plan_rank(spec, self.layout, 0)
-        except LayoutError as e:
+            for rank in range(self.layout.world_size):
+                plan_rank(spec, self.layout, rank, self.provider, self.series)
+        except (LayoutError, SeriesError) as e:
             raise CheckpointError(f"{self.path}: field 'layout' does not fit the model: {e}") from None
         if len(self.stored) > self.layout.world_size:
             raise CheckpointError(f"{self.path}: {len(self.stored)} rank files for a layout of "
@@ -264,7 +271,8 @@ def manifest(weights: Weights) -> dict:
         files.append({"file": rank_file(rank), "rank": rank, "pieces": pieces})
     return {
         "format": FORMAT,
-        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "provider": weights.plan.provider},
+        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "provider": weights.plan.provider,
+                   "series": [str(s) for s in weights.plan.declared]},
         "tensors": {name: {"shape": list(info.shape), "dtype": DTYPE_NAMES[weights.source_dtypes[name]]}
                     for name, info in spec.tensors().items()},
         "files": files,

@@ -137,13 +137,20 @@ def timeout_seconds() -> float:
     return float(os.environ.get("SHARDWISE_TIMEOUT", 1800))
 
 
-def wait_for(flags: np.ndarray, target: int, timeout: float, who: str, ranks: list[int] | None = None) -> None:
+def wait_for(flags: np.ndarray, target: int, timeout: float, who: str, ranks: list[int] | None = None,
+             nap: float = 0.0) -> None:
     """Spin until every rank's flag reaches ``target``; a peer that never does is a TimeoutError naming it
-    (by its global rank, when ``ranks`` maps flag positions to them)."""
+    (by its global rank, when ``ranks`` maps flag positions to them).
+
+    A background thread passes ``nap`` (seconds): it sleeps between looks instead of
+    spinning, which would hold the GIL away from the thread that computes.
+    """
     spins, deadline = 0, None
     while int(flags.min()) < target:
         spins += 1
-        if spins > 64:
+        if nap:
+            time.sleep(nap)
+        elif spins > 64:
             os.sched_yield()  # ranks may outnumber cores: let the laggard run
         if spins % 4096 == 0:
             deadline = deadline or time.monotonic() + timeout

@@ -110,7 +110,7 @@ class Zero3(Provider):
         self.comm, self.prefetch, self.device, self.offload = comm, prefetch, device, offload
         self.masters = masters  # in host memory with ``offload`` (pinned by the loader on an accelerator)
         wire = [s.wire for s in slots(plan, self.master_dtype, self.wire_dtype, prefetch, False).values()]
-        self.transfer = make_gather(comm, wire, device)
+        self.transfer = make_gather(comm, wire, device, "ZeRO-3 gather")
         sizes = slots(plan, self.master_dtype, self.wire_dtype, prefetch, self.transfer.in_place)
         self.slots = {name: Slot(i, self.transfer.buffers[i], s, self.compute, device)
                       for i, (name, s) in enumerate(sizes.items())}

@@ -1,0 +1,81 @@
+"""``shardwise bench series``: decode time per token with and without layer-sharded series, in one run.
+
+Every setting is loaded side by side on the same DP group and fed the same seeded
+prompt; the timed generations then take turns (plain, k=0, k=1, k=2, plain, ...), so a
+drift in the machine's speed touches every setting alike. A generation's decode time
+is the time from its first new token to its last, per token: prefill is left out,
+since a series pays its broadcasts once per layer per step either way.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .bench import all_ranks, barrier
+from .layout import Layout
+from .loader import load_model
+from .model import Model
+from .series import Series
+from .spec import load_spec
+
+PATTERNS = ("*.o", "*.down")
+
+
+def bench_series_rank(checkpoint: str, new_tokens: int = 32, prompt_tokens: int = 32, repeats: int = 5,
+                      dtype: torch.dtype = torch.bfloat16, patterns: tuple[str, ...] = PATTERNS,
+                      ks: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """Plain DP replicas against the same replicas with ``patterns`` in series at each prefetch step in ``ks``.
+
+    Returns one dict (the same on every rank): ``plain_s_per_token`` and
+    ``series_k{K}_s_per_token``, each the largest of the ranks' medians over
+    ``repeats`` generations, their ratios to plain, the bytes each rank holds, whether
+    every setting generated the same tokens, and how the broadcasts travelled.
+    """
+    if new_tokens < 2 or prompt_tokens < 1 or repeats < 1:
+        raise ValueError("new_tokens must be >= 2 (decode time is measured between tokens), prompt_tokens and "
+                         "repeats >= 1")
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    layout = Layout(dp=world)
+    spec = load_spec(checkpoint)
+    ids = torch.randint(0, spec.vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    models = {"plain": load_model(checkpoint, layout, dtype=dtype, progress=False)}
+    for k in ks:
+        series = tuple(Series(p, prefetch=k) for p in patterns)
+        models[f"series_k{k}"] = load_model(checkpoint, layout, dtype=dtype, progress=False, provider="series",
+                                            series=series)
+    try:
+        tokens = {name: model.generate(ids, 2) for name, model in models.items()}  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(repeats):
+            for name, model in models.items():
+                seconds, tokens[name] = _decode(model, ids, new_tokens)
+                times[name].append(seconds)
+        out = {"checkpoint": checkpoint, "world": world, "dtype": str(dtype).removeprefix("torch."),
+               "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
+               "series": [str(s) for s in models[f"series_k{ks[0]}"].plan.declared] if ks else []}
+        for name in models:
+            out[f"{name}_s_per_token"] = max(all_ranks(statistics.median(times[name])))
+        for name in models:
+            if name != "plain":
+                out[f"{name}_over_plain"] = out[f"{name}_s_per_token"] / out["plain_s_per_token"]
+        out["same_tokens"] = all(all_ranks(all(torch.equal(t, tokens["plain"]) for t in tokens.values())))
+        out["held_bytes"] = {name: all_ranks(model.provider.nbytes()["masters"]) for name, model in models.items()}
+        out["window_bytes"] = {name: all_ranks(model.provider.nbytes()["work"]) for name, model in models.items()
+                               if name != "plain"}
+        if ks:
+            out["transfer"] = type(models[f"series_k{ks[0]}"].provider.transfer).__name__
+        return out
+    finally:
+        for model in models.values():
+            model.close()
+
+
+def _decode(model: Model, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """Seconds per decoded token (first new token to last), and the tokens generated."""
+    stamps: list[float] = []
+    barrier()
+    out = model.generate(ids, new_tokens, on_token=lambda _: stamps.append(time.perf_counter()))
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1), out
