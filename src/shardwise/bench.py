@@ -20,6 +20,7 @@ from .hf_export import DEFAULT_FILE_BYTES
 from .layout import Layout, plan_rank
 from .loader import Provide, load_model
 from .reader import Checkpoint
+from .series import Series
 from .spec import load_spec
 from .weights import arena
 
@@ -92,13 +93,14 @@ def read_floor(directory: str | Path, nbytes: int, rank: int) -> float:
     return time.perf_counter() - t0
 
 
-def source_bytes(directory: str | Path, layout: Layout, rank: int, provider: str = "resident") -> int:
+def source_bytes(directory: str | Path, layout: Layout, rank: int, provider: str = "resident",
+                 series: tuple[Series, ...] = ()) -> int:
     """Bytes of checkpoint data a rank's boxes cover, in the checkpoint's own dtypes."""
     spec = load_spec(directory)
     entries = Checkpoint(directory).entries
     seen = set()
     total = 0
-    for sharded in plan_rank(spec, layout, rank, provider).tensors.values():
+    for sharded in plan_rank(spec, layout, rank, provider, series).tensors.values():
         for box in sharded.boxes:
             if box.region not in seen:
                 seen.add(box.region)
@@ -111,7 +113,7 @@ def bench_load_rank(directory: str, layout: Layout, dtype: torch.dtype, with_hf:
     """Runs on every rank; returns every rank's row (on rank 0). HF's load is timed only for a TP-only layout."""
     provide = provide or Provide()
     rank = dist.get_rank() if dist.is_initialized() else 0
-    share = source_bytes(directory, layout, rank, provide.provider)
+    share = source_bytes(directory, layout, rank, provide.provider, provide.series)
     row: dict = {"rank": rank, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "provider": provide.provider,
                  "dtype": str(dtype).removeprefix("torch."), "bytes": share}
     barrier()

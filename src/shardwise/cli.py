@@ -240,7 +240,7 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
              f"{layout}, {str(dtype).removeprefix('torch.')}, {how}",
              f"{'rank':>4} {'stage':>5} {'dp':>3} {'tp':>3} {'layers':>9} {'q/kv heads':>10} "
              + " ".join(f"{c:>11}" for c in columns) + f" {'total':>11}"]
-    saved: dict[str, list[str]] = defaultdict(list)
+    saved: dict[str, list[str]] = defaultdict(list)  # series -> one line per rank
     for rank in range(layout.world_size):
         plan = plan_rank(spec, layout, rank, provide.provider, provide.series)
         kinds: dict[str, int] = defaultdict(int)
@@ -258,7 +258,8 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
         for name, m in series_memory(plan, dtype).items():
             kinds["windows"] += m["windows"]
             total += m["windows"]
-            saved[name].append(f"r{rank} {_mb(m['held'])} of {_mb(m['unsharded'])} + windows {_mb(m['windows'])}")
+            saved[name].append(f"rank {rank}: stores {_mb(m['held'])} of {_mb(m['unsharded'])}, windows "
+                               f"{_mb(m['windows'])}, saves {_mb(m['unsharded'] - m['held'] - m['windows'])}")
         layers = f"{plan.layers.start}-{plan.layers.stop - 1}"
         heads = f"{plan.heads.n_q}/{plan.heads.n_kv}"
         lines.append(f"{rank:>4} {plan.stage:>5} {plan.dp_rank:>3} {plan.tp_rank:>3} {layers:>9} {heads:>10} "
@@ -266,7 +267,7 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
     if zero3 and layout.dp > 1:
         lines.append("work and staging as for gloo gathers; DP ranks on one host share the work buffers in shared "
                      "memory and cast in place, with no staging")
-    lines += [f"series {name}: {', '.join(held)}" for name, held in saved.items()]
+    lines += [f"series {name} {line}" for name, held in saved.items() for line in held]
     return "\n".join(lines)
 
 

@@ -165,6 +165,7 @@ class ShmBroadcast(ShmGather):
     """
 
     NAP = 50e-6  # seconds the copier sleeps between looks at the release counters
+    CLOSE_WAIT = 10.0  # seconds close() gives the copier to finish
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -217,10 +218,11 @@ class ShmBroadcast(ShmGather):
                                "same provider calls")
 
     def close(self) -> None:
-        """Stop the copier (after what it has started) before the segment goes."""
+        """Stop the copier once its jobs are done, waiting a few seconds at most: after an error a job may wait for
+        a peer that is gone. A copy still running keeps its slot's memory alive; it cannot touch another's."""
         if self.copier is not None:
             self.jobs.put(None)
-            self.copier.join(self.timeout)
+            self.copier.join(self.CLOSE_WAIT)
             self.copier = None
         super().close()
 

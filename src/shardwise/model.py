@@ -149,7 +149,7 @@ class Model(nn.Module):
     ``forward`` and ``generate`` are collective: every rank of a replica (its TP ranks
     and pipeline stages) calls them with the same input ids and gets the same
     full-vocabulary result; replicas (DP ranks) may feed different ids, but under
-    ZeRO-3 they gather weights together, so they make the same calls.
+    ZeRO-3 or a series they move weights together, so they make the same calls.
     The weights reach the layers through ``provider``, block by block.
     ``close`` (or leaving a ``with`` block) frees the process groups, the shared
     memory and the weights, which a process loading many models would otherwise pile up.
@@ -293,7 +293,7 @@ class Model(nn.Module):
         return torch.cat(out, dim=1)
 
     def _finished(self, done: torch.Tensor) -> bool:
-        """Every row has ended; replicas that gather together (ZeRO-3) stop only when all of theirs have."""
+        """Every row has ended; replicas moving weights together (ZeRO-3, a series) stop only when all theirs have."""
         finished = bool(done.all())
         return self.comm.dp_all(finished) if self.provider.lockstep else finished
 

@@ -98,6 +98,9 @@ def plan_series(declared: Iterable[Series], work: dict[str, ShardedTensor], stag
     """
     out, claimed = [], {}
     for series in declared:
+        if not isinstance(series, Series):
+            raise SeriesError(f"series {series!r}: a declaration is a shardwise.Series (Series.parse('{series}') "
+                              "reads the CLI form)")
         lo, hi = series.layers if series.layers is not None else (0, model_layers)
         if dp < 2:
             raise SeriesError(f"series {series}: a series spreads layers over the DP group, and dp={dp} leaves no "

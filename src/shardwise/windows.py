@@ -108,7 +108,7 @@ class SeriesProvider(Resident):
         self.clock += 1
         ring.holding[w], ring.filled[w] = position, self.clock
         name, owner = ring.plan.names[position], ring.plan.owners[position]
-        tag = (self.rings.index(ring) + 1) << 32 | position
+        tag = (ring.first + 1) << 32 | position  # which ring, which layer: checked by every reader
         nbytes = self.transfer.buffers[ring.first + w].nbytes
         self.transfer.broadcast(ring.first + w, owner, self.tensors.get(name), nbytes, tag)
         self.counts["gathers"] += 1
