@@ -24,9 +24,11 @@ from conftest import PROMPT, STEPS, write_checkpoint
 from safetensors import safe_open
 
 from shardwise import Layout, launch, load_model, load_spec, load_weights, plan_rank
+from shardwise.bench import source_bytes
 from shardwise.boxes import split_evenly
 from shardwise.cli import main, plan_table
 from shardwise.loader import Provide
+from shardwise.reader import Checkpoint
 from shardwise.series import Series, SeriesError
 from shardwise.windows import series_memory
 
@@ -435,6 +437,23 @@ def test_load_model_refuses_bad_declarations_before_reading(configs, provider, d
     """``load_model`` itself raises the SeriesError, from a directory with no weights: nothing was read."""
     with pytest.raises(SeriesError, match=message):
         load_model(configs["llama"], progress=False, provider=provider, series=parse(declared))
+
+
+def test_a_declaration_given_as_text_is_a_series_error(configs):
+    """The API takes ``Series`` objects; the CLI's text handed over as is names the parser to use."""
+    with pytest.raises(SeriesError, match=r"Series\.parse\('\*\.o'\)"):
+        load_weights(configs["llama"], Layout(dp=2), rank=0, progress=False, provider="series", series=("*.o",))
+
+
+def test_bench_source_bytes_leave_out_the_layers_a_rank_does_not_store(deep):
+    """``bench load`` reports the bytes a series rank reads: the resident share less the o_proj it does not own."""
+    path, layout = deep["llama-tied"], Layout(dp=2)
+    entries = Checkpoint(path).entries
+    for rank in range(2):
+        o_proj = [entries[f"model.layers.{n}.self_attn.o_proj.weight"] for n in range(LAYERS) if n % 2 != rank]
+        others = sum(e.end - e.begin for e in o_proj)
+        stored = source_bytes(path, layout, rank, "series", parse(("*.o",)))
+        assert source_bytes(path, layout, rank) - stored == others, (rank, stored, others)
 
 
 def test_k_is_checked_on_each_stage(configs):
