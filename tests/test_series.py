@@ -582,6 +582,26 @@ def test_cli_reshards_into_a_series_and_exports_it_back(deep, tmp_path, capsys):
     assert_same_bytes(src, out)
 
 
+def test_bench_series_prints_one_json_line_with_every_setting(deep, capsys):
+    """``shardwise bench series --json`` on a real (tiny) checkpoint: the four timing keys the issue names, the
+    same tokens in every setting, and each series rank holding less than a plain replica plus its windows."""
+    main(["bench", "series", str(deep["qwen2-untied"]), "--world", "2", "--new-tokens", "3", "--prompt-tokens", "4",
+          "--repeats", "1", "--dtype", "float32", "--json"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines
+    row = json.loads(lines[0])
+    for name in ("plain", "series_k0", "series_k1", "series_k2"):
+        assert row[f"{name}_s_per_token"] > 0, name
+    assert row["same_tokens"] is True
+    assert row["patterns"] == ["*.o", "*.down"] and row["ks"] == [0, 1, 2]
+    spec, plain = load_spec(deep["qwen2-untied"]), row["held_bytes"]["plain"]
+    one_layer = (spec.hidden * spec.heads * spec.head_dim + spec.hidden * spec.intermediate) * 4  # o + down, fp32
+    for k in (0, 1, 2):
+        held, windows = row["held_bytes"][f"series_k{k}"], row["window_bytes"][f"series_k{k}"]
+        assert all(h < p for h, p in zip(held, plain)), (k, held, plain)
+        assert windows == [(k + 1) * one_layer] * 2, (k, windows)
+
+
 # 6. The ring.
 
 

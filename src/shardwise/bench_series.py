@@ -55,7 +55,7 @@ def bench_series_rank(checkpoint: str, new_tokens: int = 32, prompt_tokens: int 
                 times[name].append(seconds)
         out = {"checkpoint": checkpoint, "world": world, "dtype": str(dtype).removeprefix("torch."),
                "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
-               "series": [str(s) for s in models[f"series_k{ks[0]}"].plan.declared] if ks else []}
+               "patterns": list(patterns), "ks": list(ks)}
         for name in models:
             out[f"{name}_s_per_token"] = max(all_ranks(statistics.median(times[name])))
         for name in models:
