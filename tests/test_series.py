@@ -586,12 +586,12 @@ def test_bench_series_prints_one_json_line_with_every_setting(deep, capsys):
     """``shardwise bench series --json`` on a real (tiny) checkpoint: the four timing keys the issue names, the
     same tokens in every setting, and each series rank holding less than a plain replica plus its windows."""
     main(["bench", "series", str(deep["qwen2-untied"]), "--world", "2", "--new-tokens", "3", "--prompt-tokens", "4",
-          "--repeats", "1", "--dtype", "float32", "--json"])
+          "--repeats", "1", "--dtype", "float32", "--prefill-tokens", "8", "--json"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1, lines
     row = json.loads(lines[0])
     for name in ("plain", "series_k0", "series_k1", "series_k2"):
-        assert row[f"{name}_s_per_token"] > 0, name
+        assert row[f"{name}_s_per_token"] > 0 and row[f"{name}_prefill_s"] > 0, name
     assert row["same_tokens"] is True
     assert row["patterns"] == ["*.o", "*.down"] and row["ks"] == [0, 1, 2]
     spec, plain = load_spec(deep["qwen2-untied"]), row["held_bytes"]["plain"]

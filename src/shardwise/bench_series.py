@@ -3,8 +3,9 @@
 Every setting is loaded side by side on the same DP group and fed the same seeded
 prompt; the timed generations then take turns (plain, k=0, k=1, k=2, plain, ...), so a
 drift in the machine's speed touches every setting alike. A generation's decode time
-is the time from its first new token to its last, per token: prefill is left out,
-since a series pays its broadcasts once per layer per step either way.
+is the time from its first new token to its last, per token. A forward over a longer
+prompt (prefill) is timed apart: a series pays the same broadcasts per layer for it, but
+against far more compute, so the two ends of the trade show in one run.
 """
 
 from __future__ import annotations
@@ -26,21 +27,24 @@ PATTERNS = ("*.o", "*.down")
 
 def bench_series_rank(checkpoint: str, new_tokens: int = 32, prompt_tokens: int = 32, repeats: int = 5,
                       dtype: torch.dtype = torch.bfloat16, patterns: tuple[str, ...] = PATTERNS,
-                      ks: tuple[int, ...] = (0, 1, 2)) -> dict:
+                      ks: tuple[int, ...] = (0, 1, 2), prefill_tokens: int = 128) -> dict:
     """Plain DP replicas against the same replicas with ``patterns`` in series at each prefetch step in ``ks``.
 
     Returns one dict (the same on every rank): ``plain_s_per_token`` and
     ``series_k{K}_s_per_token``, each the largest of the ranks' medians over
-    ``repeats`` generations, their ratios to plain, the bytes each rank holds, whether
+    ``repeats`` generations, their ratios to plain, the same for one forward over
+    ``prefill_tokens`` tokens (``*_prefill_s``; 0 tokens skips it), the bytes each rank holds, whether
     every setting generated the same tokens, and how the broadcasts travelled.
     """
-    if new_tokens < 2 or prompt_tokens < 1 or repeats < 1:
+    if new_tokens < 2 or prompt_tokens < 1 or repeats < 1 or prefill_tokens < 0:
         raise ValueError("new_tokens must be >= 2 (decode time is measured between tokens), prompt_tokens and "
-                         "repeats >= 1")
+                         "repeats >= 1, prefill_tokens >= 0")
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     layout = Layout(dp=world)
     spec = load_spec(checkpoint)
-    ids = torch.randint(0, spec.vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    seeded = torch.randint(0, spec.vocab, (1, max(prompt_tokens, prefill_tokens)),
+                           generator=torch.Generator().manual_seed(0))
+    ids, prefill = seeded[:, :prompt_tokens], seeded[:, :prefill_tokens]
     models = {"plain": load_model(checkpoint, layout, dtype=dtype, progress=False)}
     for k in ks:
         series = tuple(Series(p, prefetch=k) for p in patterns)
@@ -48,19 +52,23 @@ def bench_series_rank(checkpoint: str, new_tokens: int = 32, prompt_tokens: int 
                                             series=series)
     try:
         tokens = {name: model.generate(ids, 2) for name, model in models.items()}  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in models}
+        times: dict[str, list[float]] = {f"{name}{kind}": [] for name in models for kind in ("", "_prefill")}
         for _ in range(repeats):
             for name, model in models.items():
                 seconds, tokens[name] = _decode(model, ids, new_tokens)
                 times[name].append(seconds)
+                if prefill_tokens:
+                    times[f"{name}_prefill"].append(_forward(model, prefill))
         out = {"checkpoint": checkpoint, "world": world, "dtype": str(dtype).removeprefix("torch."),
                "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
-               "patterns": list(patterns), "ks": list(ks)}
-        for name in models:
-            out[f"{name}_s_per_token"] = max(all_ranks(statistics.median(times[name])))
-        for name in models:
-            if name != "plain":
-                out[f"{name}_over_plain"] = out[f"{name}_s_per_token"] / out["plain_s_per_token"]
+               "prefill_tokens": prefill_tokens, "patterns": list(patterns), "ks": list(ks)}
+        for key, unit in (("", "_s_per_token"), ("_prefill", "_s")):
+            if times[f"plain{key}"]:
+                for name in models:
+                    out[f"{name}{key}{unit}"] = max(all_ranks(statistics.median(times[f"{name}{key}"])))
+                for name in models:
+                    if name != "plain":
+                        out[f"{name}{key}_over_plain"] = out[f"{name}{key}{unit}"] / out[f"plain{key}{unit}"]
         out["same_tokens"] = all(all_ranks(all(torch.equal(t, tokens["plain"]) for t in tokens.values())))
         out["held_bytes"] = {name: all_ranks(model.provider.nbytes()["masters"]) for name, model in models.items()}
         out["window_bytes"] = {name: all_ranks(model.provider.nbytes()["work"]) for name, model in models.items()
@@ -71,6 +79,15 @@ def bench_series_rank(checkpoint: str, new_tokens: int = 32, prompt_tokens: int 
     finally:
         for model in models.values():
             model.close()
+
+
+def _forward(model: Model, ids: torch.Tensor) -> float:
+    """Seconds for one forward over ``ids`` (a prefill), after a barrier."""
+    barrier()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.forward(ids)
+    return time.perf_counter() - t0
 
 
 def _decode(model: Model, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:

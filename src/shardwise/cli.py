@@ -404,17 +404,19 @@ def cmd_bench_series(args) -> None:
         _plan_everywhere(args.checkpoint, Layout(dp=args.world), "series", series)
     warm_page_cache(args.checkpoint)
     row = launch(bench_series_rank, args.world, args.checkpoint, args.new_tokens, args.prompt_tokens, args.repeats,
-                 args.dtype, patterns, ks)
+                 args.dtype, patterns, ks, args.prefill_tokens)
     if args.json:
         print(json.dumps(row))
         return
     for key, value in row.items():
-        if key.endswith("_s_per_token"):
-            ratio = row.get(key.replace("_s_per_token", "_over_plain"))
-            print(f"{key.removesuffix('_s_per_token'):>10}: {value * 1e3:.1f} ms per token"
-                  + (f" ({ratio:.3f} x plain)" if ratio else ""))
+        for unit, shown in (("_s_per_token", "ms per decoded token"), ("_prefill_s", f"ms per {args.prefill_tokens}"
+                                                                                   "-token forward")):
+            if key.endswith(unit):
+                name = key.removesuffix(unit)
+                ratio = row.get(f"{name}_over_plain" if unit == "_s_per_token" else f"{name}_prefill_over_plain")
+                print(f"{name:>10}: {value * 1e3:.1f} {shown}" + (f" ({ratio:.3f} x plain)" if ratio else ""))
     print(f"same tokens: {row['same_tokens']}; held MB per rank: "
-          + ", ".join(f"{name} {max(b) / 1e6:.0f}" for name, b in row["held_bytes"].items()))
+          + ", ".join(f"{name} {max(b) / 1e6:.1f}" for name, b in row["held_bytes"].items()))
 
 
 def cmd_bench_export(args) -> None:
@@ -543,6 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prefetch steps to measure; repeat (default: 0 1 2)")
     bs.add_argument("--new-tokens", type=_bounded(int, 2), default=32, help="tokens decoded per generation")
     bs.add_argument("--prompt-tokens", type=POSITIVE, default=32, help="length of the seeded random prompt")
+    bs.add_argument("--prefill-tokens", type=_bounded(int, 0), default=128,
+                    help="tokens of a separately timed forward (a prefill); 0 skips it")
     bs.add_argument("--repeats", type=POSITIVE, default=5, help="timed generations per setting (median)")
     bs.add_argument("--dtype", type=_dtype, default="bfloat16", help="dtype the ranks compute in")
     bs.add_argument("--json", action="store_true", help="one JSON object")
