@@ -593,6 +593,7 @@ def test_bench_series_prints_one_json_line_with_every_setting(deep, capsys):
     for name in ("plain", "series_k0", "series_k1", "series_k2"):
         assert row[f"{name}_s_per_token"] > 0 and row[f"{name}_prefill_s"] > 0, name
     assert row["same_tokens"] is True
+    assert row["copy_floor_s_per_token"] > 0
     assert row["patterns"] == ["*.o", "*.down"] and row["ks"] == [0, 1, 2]
     spec, plain = load_spec(deep["qwen2-untied"]), row["held_bytes"]["plain"]
     one_layer = (spec.hidden * spec.heads * spec.head_dim + spec.hidden * spec.intermediate) * 4  # o + down, fp32

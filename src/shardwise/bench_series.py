@@ -33,7 +33,9 @@ def bench_series_rank(checkpoint: str, new_tokens: int = 32, prompt_tokens: int 
     Returns one dict (the same on every rank): ``plain_s_per_token`` and
     ``series_k{K}_s_per_token``, each the largest of the ranks' medians over
     ``repeats`` generations, their ratios to plain, the same for one forward over
-    ``prefill_tokens`` tokens (``*_prefill_s``; 0 tokens skips it), the bytes each rank holds, whether
+    ``prefill_tokens`` tokens (``*_prefill_s``; 0 tokens skips it), the time to copy the
+    series bytes a rank stores once (``copy_floor_s_per_token``, what each decode step
+    adds at the least when the broadcasts are copies through the host's memory), the bytes each rank holds, whether
     every setting generated the same tokens, and how the broadcasts travelled.
     """
     if new_tokens < 2 or prompt_tokens < 1 or repeats < 1 or prefill_tokens < 0:
@@ -69,6 +71,9 @@ def bench_series_rank(checkpoint: str, new_tokens: int = 32, prompt_tokens: int 
                 for name in models:
                     if name != "plain":
                         out[f"{name}{key}_over_plain"] = out[f"{name}{key}{unit}"] / out[f"plain{key}{unit}"]
+        if ks:
+            owned = sum(m["held"] for m in models[f"series_k{ks[0]}"].provider.series_nbytes().values())
+            out["copy_floor_s_per_token"] = max(all_ranks(_copy_seconds(owned, repeats)))
         out["same_tokens"] = all(all_ranks(all(torch.equal(t, tokens["plain"]) for t in tokens.values())))
         out["held_bytes"] = {name: all_ranks(model.provider.nbytes()["masters"]) for name, model in models.items()}
         out["window_bytes"] = {name: all_ranks(model.provider.nbytes()["work"]) for name, model in models.items()
@@ -79,6 +84,20 @@ def bench_series_rank(checkpoint: str, new_tokens: int = 32, prompt_tokens: int 
     finally:
         for model in models.values():
             model.close()
+
+
+def _copy_seconds(nbytes: int, repeats: int) -> float:
+    """Median seconds to copy ``nbytes`` once, every rank at once: the memory traffic a decode step adds when each
+    rank writes the series layers it stores into the host's shared windows (a floor for the series' cost on CPU)."""
+    src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+    dst.copy_(src)  # first touch of the pages
+    seconds = []
+    for _ in range(repeats):
+        barrier()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        seconds.append(time.perf_counter() - t0)
+    return statistics.median(seconds)
 
 
 def _forward(model: Model, ids: torch.Tensor) -> float:
