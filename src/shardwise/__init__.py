@@ -18,6 +18,7 @@ from .model import Model
 from .provider import Provider, ProviderError
 from .publish import TargetError
 from .reader import Checkpoint, CheckpointError
+from .series import Series, SeriesError
 from .sharded import ShardedCheckpoint, save_sharded
 from .spec import ModelSpec, SpecError, load_spec
 from .weights import Weights
@@ -37,6 +38,8 @@ __all__ = [
     "ProviderError",
     "RankError",
     "RankPlan",
+    "Series",
+    "SeriesError",
     "ShardedTensor",
     "ShardedCheckpoint",
     "SpecError",
