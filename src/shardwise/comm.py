@@ -6,6 +6,7 @@ branches on whether it runs distributed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -56,14 +57,8 @@ class Comm:
         return x
 
     def tp_all_gather(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """Concatenate uneven last-dim pieces from every TP rank (pads to the largest, then trims)."""
-        if self.layout.tp == 1:
-            return x
-        width = max(sizes)
-        padded = torch.nn.functional.pad(x, (0, width - x.shape[-1])).contiguous()
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded, group=self.tp_group)
-        return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
+        """Concatenate uneven last-dim pieces from every TP rank."""
+        return x if self.layout.tp == 1 else all_gather_last(x, sizes, self.tp_group)
 
     def dp_max(self, x: torch.Tensor) -> torch.Tensor:
         """Element-wise max over the DP group, in place."""
@@ -100,6 +95,15 @@ class Comm:
         _, d, _ = self.layout.coords(self.rank)
         dist.broadcast(x, self.layout.rank_of(self.layout.pp - 1, d, 0), group=self.replica_group)
         return x
+
+
+def all_gather_last(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Concatenate every rank's piece along the last dim, piece r ``sizes[r]`` wide (pads to the widest, trims)."""
+    width = max(sizes)
+    padded = torch.nn.functional.pad(x, (0, width - x.shape[-1])).contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
 
 
 def make_comm(layout: Layout, device: torch.device | None = None) -> Comm:

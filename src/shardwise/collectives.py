@@ -1,0 +1,117 @@
+"""Collectives that know their backward: the four Megatron primitives as autograd functions.
+
+Tensor parallelism splits a layer's math over ranks, and each split point has a dual
+in the backward pass. Written as in-place ``dist`` calls (what inference uses), autograd
+cannot see them and the gradients come out silently wrong. Each primitive here is a
+``torch.autograd.Function`` whose backward is the dual collective:
+
+=========  ===================  ====================
+primitive  forward              backward
+=========  ===================  ====================
+copy       identity             all-reduce (sum)
+reduce     all-reduce (sum)     identity
+scatter    keep this rank's     all-gather
+           slice of the last
+           dim
+gather     all-gather along     keep this rank's
+           the last dim         slice
+=========  ===================  ====================
+
+Slices are given by ``sizes`` (one per rank of the group, any sizes), so uneven heads or
+vocabularies need no padding by the caller. With ``group`` None (a one-rank group) every
+primitive is the identity. Outside autograd (no input needs a gradient, or grad mode is
+off) the caller's fast path, such as the shared-memory all-reduce, is what to use; these
+functions always issue the plain ``dist`` collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from .comm import all_gather_last
+
+
+def copy_to(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Identity forward; the backward sums the gradient over ``group`` (an input every rank uses)."""
+    return x if group is None else _Copy.apply(x, group)
+
+
+def reduce_from(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum over ``group`` (partial results, as after a row-split linear); the backward passes the gradient on."""
+    return x if group is None else _Reduce.apply(x, group)
+
+
+def scatter_to(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """This rank's slice of the last dim (``sizes[rank]`` wide); the backward all-gathers the gradient."""
+    return x if group is None else _Scatter.apply(x, sizes, group)
+
+
+def gather_from(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Every rank's slice, concatenated along the last dim; the backward keeps this rank's slice of the gradient."""
+    return x if group is None else _Gather.apply(x, sizes, group)
+
+
+def _slice(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's ``sizes`` slice of ``x``'s last dim, checked against the group."""
+    if len(sizes) != dist.get_world_size(group) or sum(sizes) != x.shape[-1]:
+        raise ValueError(f"rank {dist.get_rank()}: sizes {sizes} must give one slice per rank of a group of "
+                         f"{dist.get_world_size(group)} and add up to the last dim, {x.shape[-1]}")
+    rank = dist.get_rank(group)
+    start = sum(sizes[:rank])
+    return x[..., start : start + sizes[rank]].contiguous()
+
+
+def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    out = x.contiguous().clone()
+    dist.all_reduce(out, group=group)
+    return out
+
+
+class _Copy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _Reduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _Scatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.sizes, ctx.group = sizes, group
+        return _slice(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return all_gather_last(grad.contiguous(), ctx.sizes, ctx.group), None, None
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.sizes, ctx.group = sizes, group
+        rank = dist.get_rank(group)
+        if x.shape[-1] != sizes[rank]:
+            raise ValueError(f"rank {dist.get_rank()}: gathering a slice {x.shape[-1]} wide, expected sizes[{rank}] "
+                             f"= {sizes[rank]} of {sizes}")
+        return all_gather_last(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _slice(grad, ctx.sizes, ctx.group), None, None

@@ -1,0 +1,110 @@
+"""Rank-side checks for tests/test_collectives.py: each primitive's forward and gradient against one process's math.
+
+Every rank builds the same seeded float64 tensors, so each can compute the single-rank
+reference itself; a rank returns the largest difference it saw per check.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from shardwise.collectives import copy_to, gather_from, reduce_from, scatter_to
+from shardwise.loss import IGNORE_INDEX, vocab_parallel_cross_entropy
+
+ROWS = 5
+
+
+def seeded(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def piece(x: torch.Tensor, sizes: tuple[int, ...], rank: int) -> torch.Tensor:
+    start = sum(sizes[:rank])
+    return x[..., start : start + sizes[rank]]
+
+
+def primitives(sizes: tuple[int, ...]) -> dict[str, float]:
+    """Forward and gradient of each primitive, the group being the world and rank r's slice ``sizes[r]`` wide.
+
+    Each rank r applies its own seeded weights ``w_r`` to its output, so the total loss is
+    the sum over ranks; the reference is the gradient of that sum taken in one process.
+    """
+    rank, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+    width = sum(sizes)
+    out: dict[str, float] = {}
+
+    def err(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).abs().max()) if a.shape == b.shape else float("inf")
+
+    # copy: every rank uses the same input; its gradient is the sum of every rank's.
+    x = seeded(1, ROWS, width).requires_grad_()
+    w = [seeded(10 + r, ROWS, width) for r in range(world)]
+    y = copy_to(x, group)
+    (y * w[rank]).sum().backward()
+    out["copy forward"] = err(y.detach(), x.detach())
+    out["copy grad"] = err(x.grad, sum(w))
+
+    # reduce: rank r holds a partial x_r; the sum is used once (the same loss on every rank).
+    parts = [seeded(20 + r, ROWS, width) for r in range(world)]
+    x = parts[rank].clone().requires_grad_()
+    v = seeded(30, ROWS, width)
+    y = reduce_from(x, group)
+    (y * v).sum().backward()
+    out["reduce forward"] = err(y.detach(), sum(parts))
+    out["reduce grad"] = err(x.grad, v)
+
+    # scatter: the full input on every rank; rank r keeps its slice and applies w_r to it.
+    x = seeded(2, ROWS, width).requires_grad_()
+    w = [seeded(40 + r, ROWS, sizes[r]) for r in range(world)]
+    y = scatter_to(x, sizes, group)
+    (y * w[rank]).sum().backward()
+    out["scatter forward"] = err(y.detach(), piece(x.detach(), sizes, rank))
+    out["scatter grad"] = err(x.grad, torch.cat(w, dim=-1))
+
+    # gather: rank r holds slice r; the full result is used once.
+    full = seeded(3, ROWS, width)
+    x = piece(full, sizes, rank).clone().requires_grad_()
+    v = seeded(50, ROWS, width)
+    y = gather_from(x, sizes, group)
+    (y * v).sum().backward()
+    out["gather forward"] = err(y.detach(), full)
+    out["gather grad"] = err(x.grad, piece(v, sizes, rank))
+    return out
+
+
+def cross_entropy(sizes: tuple[int, ...], dtype: str) -> dict[str, float]:
+    """The vocab-parallel loss and its logits' gradient against ``F.cross_entropy`` on the full logits.
+
+    Targets fall in every rank's slice, and some are ``IGNORE_INDEX``.
+    """
+    rank, group = dist.get_rank(), dist.group.WORLD
+    vocab = sum(sizes)
+    full = (seeded(4, 3, 7, vocab) * 4).to(getattr(torch, dtype))
+    targets = torch.randint(0, vocab, (3, 7), generator=torch.Generator().manual_seed(5))
+    targets[0, :2] = IGNORE_INDEX
+    out: dict[str, float] = {}
+    for reduction in ("mean", "sum", "none"):
+        reference = full.detach().clone().requires_grad_()
+        expected = F.cross_entropy(reference.double().flatten(0, 1), targets.flatten(), reduction=reduction,
+                                   ignore_index=IGNORE_INDEX)
+        g = seeded(6, *expected.shape)
+        (expected * g).sum().backward()
+        local = piece(full, sizes, rank).clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(local, targets, sum(sizes[:rank]), group, reduction=reduction)
+        (loss.double().flatten() * g.flatten()).sum().backward()
+        out[f"{reduction} loss"] = float((loss.double().flatten() - expected.flatten()).abs().max())
+        out[f"{reduction} grad"] = float((local.grad.double() - piece(reference.grad, sizes, rank)).abs().max())
+    return out
+
+
+def run(cases: list[tuple[str, tuple]]) -> list[list[dict[str, float]]]:
+    """Every case (a function name here and its arguments), each rank's result, on rank 0."""
+    results = []
+    for name, args in cases:
+        mine = globals()[name](*args)
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        results.append(everyone)
+    return results

@@ -1,0 +1,89 @@
+"""The autograd-aware collectives and the vocab-parallel loss: forwards and gradients equal to one process's math.
+
+Each world size is one launch running every case (spawning is the slow part); the cases
+cover even and uneven slices, and a rank whose slice is a single column.
+"""
+
+from __future__ import annotations
+
+import collective_workers as cw
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shardwise import launch
+from shardwise.collectives import copy_to, gather_from, reduce_from, scatter_to
+from shardwise.loss import IGNORE_INDEX, vocab_parallel_cross_entropy
+
+SIZES = {2: [(3, 3), (4, 3), (6, 1)], 3: [(2, 2, 2), (3, 2, 2), (1, 5, 1)]}
+DTYPES = {"float64": 1e-12, "float32": 1e-5}
+TIMEOUT = 120
+
+
+def cases(world: int) -> list[tuple[str, tuple]]:
+    out = [("primitives", (sizes,)) for sizes in SIZES[world]]
+    return out + [("cross_entropy", (sizes, dtype)) for sizes in SIZES[world] for dtype in DTYPES]
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[int, dict[tuple[str, tuple], list[dict[str, float]]]]:
+    out = {}
+    for world in SIZES:
+        found = launch(cw.run, world, cases(world), timeout=TIMEOUT)
+        out[world] = dict(zip(cases(world), found))
+    return out
+
+
+PRIMITIVE_CASES = [(world, sizes) for world in SIZES for sizes in SIZES[world]]
+
+
+@pytest.mark.parametrize("world,sizes", PRIMITIVE_CASES, ids=str)
+def test_primitives_forward_and_gradient_match_one_process(results, world, sizes):
+    """copy / reduce / scatter / gather in float64: forward exact, gradient that of the summed loss in one process."""
+    for rank, errors in enumerate(results[world][("primitives", (sizes,))]):
+        assert set(errors) == {f"{p} {what}" for p in ("copy", "reduce", "scatter", "gather")
+                               for what in ("forward", "grad")}
+        bad = {k: v for k, v in errors.items() if not v <= 1e-12}
+        assert not bad, f"rank {rank} of {world}, sizes {sizes}: {bad}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("world,sizes", PRIMITIVE_CASES, ids=str)
+def test_vocab_parallel_loss_matches_cross_entropy_on_full_logits(results, world, sizes, dtype):
+    """Loss and logits' gradient equal ``F.cross_entropy`` of the gathered logits, for every reduction, with
+    ignored targets, on uneven vocab slices."""
+    for rank, errors in enumerate(results[world][("cross_entropy", (sizes, dtype))]):
+        assert len(errors) == 6
+        bad = {k: v for k, v in errors.items() if not v <= DTYPES[dtype]}
+        assert not bad, f"rank {rank} of {world}, vocab slices {sizes}, {dtype}: {bad}"
+
+
+def test_one_rank_group_is_the_identity():
+    """With no group (one rank) every primitive returns its input and the loss is plain cross-entropy."""
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    for y in (copy_to(x, None), reduce_from(x, None), scatter_to(x, [4], None), gather_from(x, [4], None)):
+        assert y is x
+    targets = torch.tensor([1, IGNORE_INDEX, 3])
+    loss = vocab_parallel_cross_entropy(x, targets, 0, None)
+    loss.backward()
+    reference = x.detach().clone().requires_grad_()
+    F.cross_entropy(reference, targets).backward()
+    torch.testing.assert_close(loss, F.cross_entropy(x.detach(), targets), rtol=0, atol=1e-12)
+    torch.testing.assert_close(x.grad, reference.grad, rtol=0, atol=1e-12)
+
+
+def test_bf16_logits_are_reduced_in_fp32():
+    """A bf16 loss is fp32 softmax math rounded once: within bf16's half unit of the fp32 loss."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 8
+    targets = torch.arange(4) * 7
+    low = vocab_parallel_cross_entropy(logits.bfloat16(), targets, 0, None, reduction="none")
+    high = F.cross_entropy(logits.bfloat16().float(), targets, reduction="none")
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), high, rtol=2**-8, atol=0)
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match=r"reduction 'avg'"):
+        vocab_parallel_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), 0, None, reduction="avg")
+    with pytest.raises(ValueError, match=r"targets of shape \(3,\) for logits of shape \(2, 3\): expected \(2,\)"):
+        vocab_parallel_cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long), 0, None)
