@@ -109,7 +109,7 @@ class Attention:
                  cache: KVCache | None, keys: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         d = self.head_dim
-        q, k, v = column_parallel(x, w["qkv"], w.get("qkv_bias")).split(
+        q, k, v = column_parallel(self.comm, x, w["qkv"], w.get("qkv_bias")).split(
             [self.n_q * d, self.n_kv * d, self.n_kv * d], dim=-1)
         q, k, v = q.view(b, t, self.n_q, d), k.view(b, t, self.n_kv, d), v.view(b, t, self.n_kv, d)
         if self.qk_norm:
@@ -129,7 +129,7 @@ class Attention:
 
 
 def mlp(comm: Comm, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    gate, up = column_parallel(x, w["gate_up"], w.get("gate_up_bias")).chunk(2, dim=-1)
+    gate, up = column_parallel(comm, x, w["gate_up"], w.get("gate_up_bias")).chunk(2, dim=-1)
     return row_parallel(comm, F.silu(gate) * up, w["down"], w.get("down_bias"))
 
 
@@ -201,7 +201,6 @@ class Model(nn.Module):
             emb = emb[:, None]
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, start: int = 0, last_only: bool = False,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for ``input_ids`` (batch, seq) at positions ``start:``; with ``last_only`` just the final one.
@@ -210,6 +209,11 @@ class Model(nn.Module):
         positions too. Padded keys are hidden and rope positions count from each row's first real token, so
         a left-padded row gets the logits it would get alone; a padded position's own logits are meaningless.
         Every stage derives this from the mask itself, so pipeline stages still only pass hidden states.
+
+        Under grad mode, with weights that require a gradient, the TP collectives are autograd's (see
+        ``layers``), so ``backward`` gives each rank the gradient of its local tensors. Replicated
+        tensors whose use is split by head (q/k norms, KV heads shared by several TP ranks) get a
+        partial gradient that still has to be summed; pipeline stages do not pass gradients yet.
         """
         if self.closed:
             raise RuntimeError(f"rank {self.comm.rank}: the model is closed")

@@ -1,0 +1,53 @@
+"""Rank-side half of tests/test_grad.py: a TP model's local gradients against HF's, box by box."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import transformers
+from conftest import PROMPT
+
+from shardwise import Layout, load_model
+
+PARTIAL = ("q_norm", "k_norm")  # replicated, but each rank's heads use them: a partial gradient
+
+
+def loss_of(logits: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), PROMPT[:, 1:].flatten())
+
+
+def hf_gradients(path: str) -> dict[str, torch.Tensor]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    loss_of(model(PROMPT).logits).backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    if model.config.tie_word_embeddings:
+        grads["lm_head.weight"] = grads["model.embed_tokens.weight"]
+    return grads
+
+
+def tp_gradients(path: str, tp: int) -> dict[str, float]:
+    """Every rank's work tensors' largest gradient error relative to HF's largest; q/k norms summed over the TP
+    group."""
+    expected = hf_gradients(path)
+    with load_model(path, Layout(tp=tp), dtype=torch.float32, progress=False) as model:
+        tensors = model.provider.tensors
+        for t in {id(t): t for t in tensors.values()}.values():
+            t.requires_grad_()
+        loss_of(model.forward(PROMPT)).backward()
+        out = {}
+        for name, sharded in model.plan.work.items():
+            if name in model.plan.alias:
+                continue
+            want = torch.zeros(sharded.shape)
+            for box in sharded.boxes:
+                want[box.local_index()] = expected[box.source][box.source_index()]
+            got = tensors[name].grad.clone()
+            if name.endswith(PARTIAL) and dist.is_initialized():
+                dist.all_reduce(got)
+            out[f"rank {model.comm.rank} {name}"] = float((got - want).abs().max() / want.abs().max())
+    if not dist.is_initialized():
+        return out
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, out)
+    return {k: v for ranks in everyone for k, v in ranks.items()}
