@@ -9,8 +9,7 @@ import transformers
 from conftest import PROMPT
 
 from shardwise import Layout, load_model
-
-PARTIAL = ("q_norm", "k_norm")  # replicated, but each rank's heads use them: a partial gradient
+from shardwise.grads import TpGradReducer
 
 
 def loss_of(logits: torch.Tensor) -> torch.Tensor:
@@ -26,15 +25,20 @@ def hf_gradients(path: str) -> dict[str, torch.Tensor]:
     return grads
 
 
-def tp_gradients(path: str, tp: int) -> dict[str, float]:
-    """Every rank's work tensors' largest gradient error relative to HF's largest; q/k norms summed over the TP
-    group."""
+def tp_gradients(path: str, tp: int, reduce: bool = True) -> dict[str, float]:
+    """Every rank's work tensors' largest gradient error relative to HF's largest, after (with ``reduce``) the
+    partial regions the plan finds are summed over the ranks sharing them."""
     expected = hf_gradients(path)
     with load_model(path, Layout(tp=tp), dtype=torch.float32, progress=False) as model:
         tensors = model.provider.tensors
         for t in {id(t): t for t in tensors.values()}.values():
             t.requires_grad_()
         loss_of(model.forward(PROMPT)).backward()
+        grads = {name: t.grad for name, t in tensors.items()}
+        if reduce:
+            reducer = TpGradReducer(model.plan)
+            reducer.reduce(grads)
+            reducer.close()
         out = {}
         for name, sharded in model.plan.work.items():
             if name in model.plan.alias:
@@ -42,9 +46,7 @@ def tp_gradients(path: str, tp: int) -> dict[str, float]:
             want = torch.zeros(sharded.shape)
             for box in sharded.boxes:
                 want[box.local_index()] = expected[box.source][box.source_index()]
-            got = tensors[name].grad.clone()
-            if name.endswith(PARTIAL) and dist.is_initialized():
-                dist.all_reduce(got)
+            got = grads[name]
             out[f"rank {model.comm.rank} {name}"] = float((got - want).abs().max() / want.abs().max())
     if not dist.is_initialized():
         return out

@@ -3,9 +3,9 @@
 The model runs under grad mode with its resident weights requiring a gradient, and the
 loss is HF's next-token cross-entropy on the same ids. TP-sharded tensors and replicated
 ones fed identical inputs (norms, biases of row-parallel layers) come out exact with no
-reduction, because the TP collectives carry their backward; q/k norms are partial per
-rank and match once summed over the TP group. KV heads replicated over TP ranks (more
-ranks than KV heads) are not covered here: their reduction is the next step of issue 11.
+reduction, because the TP collectives carry their backward; the regions the plan finds
+partial (q/k norms, KV heads replicated over TP ranks) match once ``TpGradReducer`` has
+summed them, and do not before.
 """
 
 from __future__ import annotations
@@ -14,17 +14,52 @@ import grad_workers as gw
 import pytest
 from conftest import CHECKPOINTS
 
-from shardwise import launch
+from shardwise import Layout, launch, load_spec, plan_rank
+from shardwise.grads import tp_partials
 
-# (checkpoint, tp): every architecture at tp=2, and tp=3 where it splits the KV heads without replicating them.
-CASES = [(name, 2) for name in CHECKPOINTS] + [(f"{a}-{t}", 3) for a in ("llama", "qwen2") for t in ("tied", "untied")]
+# (checkpoint, tp): every architecture at tp=2; tp=3 splitting 3 KV heads; tp=3 and 4 replicating 2 KV heads
+CASES = ([(n, 1) for n in ("llama-tied", "qwen3-untied")] + [(name, 2) for name in CHECKPOINTS]
+         + [(f"{a}-{t}", 3) for a in ("llama", "qwen2") for t in ("tied", "untied")]
+         + [("mistral-untied", 3), ("mistral-tied", 4), ("qwen3-tied", 3)])
 TOLERANCE = 1e-5
 
 
-@pytest.mark.parametrize("name,tp", [(n, 1) for n in ("llama-tied", "qwen3-untied")] + CASES, ids=str)
+def errors(path: str, tp: int, reduce: bool = True) -> dict[str, float]:
+    return gw.tp_gradients(path, tp, reduce) if tp == 1 else launch(gw.tp_gradients, tp, path, tp, reduce,
+                                                                      timeout=120)
+
+
+@pytest.mark.parametrize("name,tp", CASES, ids=str)
 def test_local_gradients_are_hf_gradient_boxes(checkpoints, name, tp):
-    errors = gw.tp_gradients(str(checkpoints[name]), 1) if tp == 1 else \
-        launch(gw.tp_gradients, tp, str(checkpoints[name]), tp, timeout=120)
-    assert errors, "no tensors compared"
-    bad = {k: v for k, v in errors.items() if not v <= TOLERANCE}
+    found = errors(str(checkpoints[name]), tp)
+    assert found, "no tensors compared"
+    bad = {k: v for k, v in found.items() if not v <= TOLERANCE}
     assert not bad, f"{name} at tp={tp}: {bad}"
+
+
+@pytest.mark.parametrize("name,tp", [("qwen3-untied", 2), ("mistral-untied", 3)], ids=str)
+def test_without_the_reduction_exactly_the_partial_tensors_are_wrong(checkpoints, name, tp):
+    """The reduction is needed, and only where the plan says: unreduced, the tensors with a partial region are
+    the ones off HF's gradient."""
+    path = checkpoints[name]
+    spec, layout = load_spec(path), Layout(tp=tp)
+    partial = {f"rank {r} {p.name}" for r in range(tp) for p in tp_partials(plan_rank(spec, layout, r))}
+    wrong = {k for k, v in errors(str(path), tp, reduce=False).items() if not v <= TOLERANCE}
+    assert partial and wrong == partial
+
+
+def test_partials_follow_the_head_placement(checkpoints):
+    """Mistral's 2 KV heads over 3 TP ranks: KV head 0 sits on ranks 0-1, head 1 on rank 2 alone, so only ranks 0
+    and 1 share k/v rows, and nothing else of theirs is partial (q heads are split, norms act on the hidden state).
+    Qwen3's q/k norms are shared by every TP rank."""
+    spec = load_spec(checkpoints["mistral-untied"])
+    found = {r: tp_partials(plan_rank(spec, Layout(tp=3), r)) for r in range(3)}
+    d = spec.head_dim
+    assert found[2] == ()
+    for r in (0, 1):
+        n_q = plan_rank(spec, Layout(tp=3), r).heads.n_q * d
+        assert {(p.name, p.index[0].start, p.index[0].stop, p.ranks) for p in found[r]} == {
+            (f"layers.{n}.qkv", lo, lo + d, (0, 1)) for n in range(spec.layers) for lo in (n_q, n_q + d)}
+    spec = load_spec(checkpoints["qwen3-tied"])
+    names = {(p.name, p.ranks) for p in tp_partials(plan_rank(spec, Layout(tp=2), 1))}
+    assert names == {(f"layers.{n}.{k}", (0, 1)) for n in range(spec.layers) for k in ("q_norm", "k_norm")}

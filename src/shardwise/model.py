@@ -211,9 +211,9 @@ class Model(nn.Module):
         Every stage derives this from the mask itself, so pipeline stages still only pass hidden states.
 
         Under grad mode, with weights that require a gradient, the TP collectives are autograd's (see
-        ``layers``), so ``backward`` gives each rank the gradient of its local tensors. Replicated
-        tensors whose use is split by head (q/k norms, KV heads shared by several TP ranks) get a
-        partial gradient that still has to be summed; pipeline stages do not pass gradients yet.
+        ``layers``), so ``backward`` gives each rank the gradient of its local tensors, except the
+        regions ``grads.tp_partials`` names (used per head by several TP ranks), which
+        ``grads.TpGradReducer`` sums. Pipeline stages do not pass gradients yet.
         """
         if self.closed:
             raise RuntimeError(f"rank {self.comm.rank}: the model is closed")
