@@ -1,0 +1,61 @@
+"""AdamW on a provider's master tensors, block by block through the provider's update hooks.
+
+The update is torch.optim.AdamW's (decoupled weight decay, bias correction), so a
+shardwise run and a one-process torch run step the same weights the same way. It
+never touches parameters directly: each block's masters come from
+``fetch_master`` / ``master`` and go back with ``release_master``, the next block
+fetched while one is updated, so masters that live off the device (offload) stream
+through two buffers, and ``end_update`` invalidates every work weight derived from them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .provider import Provider
+
+
+class AdamW:
+    """Decoupled-weight-decay Adam over ``provider``'s masters; state is kept per held tensor name, in fp32."""
+
+    def __init__(self, provider: Provider, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2):
+        if not lr > 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or not eps > 0 or weight_decay < 0:
+            raise ValueError(f"AdamW: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}: expected "
+                             "lr > 0, betas in [0, 1), eps > 0, weight_decay >= 0")
+        self.provider, self.lr, self.betas, self.eps, self.weight_decay = provider, lr, betas, eps, weight_decay
+        self.steps = 0
+        self.exp_avg: dict[str, torch.Tensor] = {}
+        self.exp_avg_sq: dict[str, torch.Tensor] = {}
+
+    def step(self, grads: dict[str, torch.Tensor]) -> None:
+        """One update of every master from ``grads`` (held name -> fully reduced gradient of the same shape)."""
+        self.steps += 1
+        provider, blocks = self.provider, list(self.provider.plan.blocks)
+        provider.begin_update()
+        if blocks:
+            provider.fetch_master(blocks[0])
+        for i, block in enumerate(blocks):
+            if i + 1 < len(blocks):
+                provider.fetch_master(blocks[i + 1])  # in flight while this block updates
+            for name, master in provider.master(block).items():
+                self._update(name, master, grads[name])
+            provider.release_master(block)
+        provider.end_update()
+
+    def _update(self, name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+        if param.dtype != torch.float32:
+            raise TypeError(f"AdamW: master {name!r} is {param.dtype}, expected float32 masters "
+                            "(load with dtype=torch.float32; the work dtype may differ)")
+        if grad.shape != param.shape:
+            raise ValueError(f"AdamW: gradient of {name!r} has shape {tuple(grad.shape)}, expected "
+                             f"{tuple(param.shape)}")
+        beta1, beta2 = self.betas
+        m = self.exp_avg.setdefault(name, torch.zeros_like(param))
+        v = self.exp_avg_sq.setdefault(name, torch.zeros_like(param))
+        with torch.no_grad():
+            param.mul_(1 - self.lr * self.weight_decay)
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (v.sqrt() / (1 - beta2**self.steps) ** 0.5).add_(self.eps)
+            param.addcdiv_(m, denom, value=-self.lr / (1 - beta1**self.steps))
