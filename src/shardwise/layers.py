@@ -62,9 +62,12 @@ def vocab_parallel_embedding(comm: Comm, ids: torch.Tensor, weight: torch.Tensor
     return _reduce(comm, out, weight)
 
 
-def parallel_lm_head(comm: Comm, x: torch.Tensor, weight: torch.Tensor, vocab_sizes: list[int]) -> torch.Tensor:
-    """Each rank scores its vocab range; an (uneven) all-gather yields full-vocabulary logits everywhere."""
+def parallel_lm_head(comm: Comm, x: torch.Tensor, weight: torch.Tensor, vocab_sizes: list[int] | None) -> torch.Tensor:
+    """Each rank scores its vocab range; an (uneven) all-gather yields full-vocabulary logits everywhere, unless
+    ``vocab_sizes`` is None (a vocab-parallel loss takes each rank's slice as it is)."""
     local = F.linear(_enter(comm, x, weight), weight)
+    if vocab_sizes is None:
+        return local
     if comm.layout.tp > 1 and needs_grad(local):
         return gather_from(local, vocab_sizes, comm.tp_group)
     return comm.tp_all_gather(local, vocab_sizes)

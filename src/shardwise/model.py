@@ -202,7 +202,7 @@ class Model(nn.Module):
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
     def forward(self, input_ids: torch.Tensor, start: int = 0, last_only: bool = False,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, local_vocab: bool = False) -> torch.Tensor:
         """Logits for ``input_ids`` (batch, seq) at positions ``start:``; with ``last_only`` just the final one.
 
         ``attention_mask`` (batch, start+seq) is HF's: 1 for real tokens, 0 for padding, covering the cached
@@ -213,7 +213,9 @@ class Model(nn.Module):
         Under grad mode, with weights that require a gradient, the TP collectives are autograd's (see
         ``layers``), so ``backward`` gives each rank the gradient of its local tensors, except the
         regions ``grads.tp_partials`` names (used per head by several TP ranks), which
-        ``grads.TpGradReducer`` sums. Pipeline stages do not pass gradients yet.
+        ``grads.TpGradReducer`` sums. Pipeline stages do not pass gradients yet. With ``local_vocab``
+        (pp=1) each TP rank returns only its vocab slice of the logits, ``plan.vocab``, as the
+        vocab-parallel loss takes them.
         """
         if self.closed:
             raise RuntimeError(f"rank {self.comm.rank}: the model is closed")
@@ -238,9 +240,13 @@ class Model(nn.Module):
                 w = next(blocks)
                 h = h[:, -1:] if last_only else h
                 logits = parallel_lm_head(self.comm, rms_norm(h, w["norm"], self.spec.rms_eps), w["lm_head"],
-                                          self.vocab_sizes)
+                                          None if local_vocab else self.vocab_sizes)
             else:
                 self.comm.send_next(h)
+        if local_vocab:
+            if self.plan.layout.pp > 1:
+                raise ValueError(f"rank {self.comm.rank}: local_vocab=True needs pp=1 (stages pass full logits)")
+            return logits
         out_shape = (b, 1 if last_only else t, self.spec.vocab)
         return self.comm.from_last_stage(logits, out_shape, self.dtype, self.device)
 

@@ -1,6 +1,7 @@
 """One training step on any TP x DP layout of the resident provider: forward, backward, reductions, AdamW.
 
-The loss of a step is the mean next-token cross-entropy over the *global* batch: each DP
+The loss of a step is the mean next-token cross-entropy over the *global* batch, computed
+vocab-parallel from each TP rank's slice of the logits (``loss``): each DP
 rank sums its own tokens' losses and divides by the global token count, so summing the
 ranks' gradients over DP gives the gradient of that one mean whatever the split, even
 an uneven one. Within TP, the collectives carry their backward and ``TpGradReducer``
@@ -12,9 +13,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .grads import TpGradReducer
+from .loss import vocab_parallel_cross_entropy
 from .model import Model
 from .optim import AdamW
 
@@ -41,9 +42,10 @@ class Trainer:
         """Train on this DP rank's sequences ``ids`` (batch, seq); ``global_tokens`` counts the predicted tokens of
         the whole step's batch over every DP rank. Returns the global mean loss (the same on every rank)."""
         comm = self.model.comm
-        logits = self.model.forward(ids)
-        total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device),
-                                reduction="sum")
+        logits = self.model.forward(ids, local_vocab=True)  # this rank's vocab slice: never gathered
+        targets = ids[:, 1:].to(logits.device)
+        total = vocab_parallel_cross_entropy(logits[:, :-1], targets, self.model.plan.vocab[0], comm.tp_group,
+                                             reduction="sum").float()
         (total / global_tokens).backward()
         grads = {name: t.grad for name, t in self.tensors.items()}
         self.reducer.reduce(grads)
