@@ -1,8 +1,9 @@
 """Training parity: 8 AdamW steps of shardwise on a TP x DP layout against HF trained in one process.
 
-Fixed data (5 sequences per step, split unevenly over DP), fp32, the resident provider.
-Every step's loss is within 1e-5 relative of HF's, and after the last step every weight
-within 1e-4 of its tensor's max |w|, on every rank.
+Fixed data (5 sequences per step, split unevenly over DP), fp32, the resident and the
+ZeRO-3 provider. Every step's loss and gradient norm is within 1e-5 relative of HF's, and
+after the last step every weight within 1e-4 of its tensor's max |w|, on every rank. One
+more run per provider clips the gradient norm and accumulates micro-batches.
 """
 
 from __future__ import annotations
@@ -16,24 +17,45 @@ MESHES = [(1, 1), (2, 1), (1, 2), (2, 2), (3, 1)]  # (dp, tp)
 CONFIGS = ("qwen3-untied", "qwen2-tied", "mistral-untied", "llama-tied")  # q/k norms, 9/3 heads, odd vocab, ties
 
 
+PROVIDERS = ("resident", "zero3")
+CLIP = 0.5  # below every first-step norm of these models: clipping acts from the first step
+
+
+def run_mesh(paths: list[str], dp: int, tp: int, provider: str, clip: float | None = None, micro: int = 1):
+    if dp * tp == 1:
+        return tw.train_all(paths, 1, 1, provider, clip, micro)
+    return launch(tw.train_all, dp * tp, paths, tp, dp, provider, clip, micro, timeout=600)
+
+
 @pytest.fixture(scope="module")
-def runs(checkpoints) -> dict[tuple[int, int], dict[str, dict]]:
-    """Every config trained on every mesh, one launch per mesh."""
-    out = {}
-    for dp, tp in MESHES:
-        paths = [str(checkpoints[name]) for name in CONFIGS]
-        found = tw.train_all(paths, 1, 1) if dp * tp == 1 else launch(tw.train_all, dp * tp, paths, tp, dp,
-                                                                          timeout=600)
-        out[dp, tp] = dict(zip(CONFIGS, found))
-    return out
+def runs(checkpoints) -> dict[tuple[str, int, int], dict[str, dict]]:
+    """Every config trained on every mesh and provider, one launch per mesh."""
+    paths = [str(checkpoints[name]) for name in CONFIGS]
+    return {(provider, dp, tp): dict(zip(CONFIGS, run_mesh(paths, dp, tp, provider)))
+            for provider in PROVIDERS for dp, tp in MESHES}
 
 
+def check(found: dict, what: str) -> None:
+    for rank, out in found.items():
+        assert out["loss"] <= 1e-5, f"{what} {rank}: losses {out['losses']} vs {out['expected']}"
+        assert out["norm"] <= 1e-5, f"{what} {rank}: gradient norms off by {out['norm']} relative"
+        assert out["weights"] <= 1e-4, f"{what} {rank}: weight error {out['weights']}"
+    losses = found["rank 0"]["losses"]
+    assert losses[-1] < losses[0], f"{what}: the loss did not fall: {losses}"
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dp,tp", MESHES, ids=str)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_training_matches_hf(runs, name, dp, tp):
-    found = runs[dp, tp][name]
-    for rank, out in found.items():
-        assert out["loss"] <= 1e-5, f"{name} dp={dp} tp={tp} {rank}: losses {out['losses']} vs {out['expected']}"
-        assert out["weights"] <= 1e-4, f"{name} dp={dp} tp={tp} {rank}: weight error {out['weights']}"
-    losses = found["rank 0"]["losses"]
-    assert losses[-1] < losses[0], f"the loss did not fall: {losses}"
+def test_training_matches_hf(runs, name, dp, tp, provider):
+    check(runs[provider, dp, tp][name], f"{name} {provider} dp={dp} tp={tp}")
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_clipping_and_accumulation_match_hf(checkpoints, provider):
+    """dp=2 x tp=2, each rank's sequences in 2 micro-batches, the norm clipped to 0.5 as torch's clip_grad_norm_."""
+    names = ("qwen3-untied", "llama-tied")
+    found = run_mesh([str(checkpoints[n]) for n in names], 2, 2, provider, CLIP, micro=2)
+    for name, out in zip(names, found):
+        assert out["rank 0"]["clipped"], f"{name}: the norm never exceeded {CLIP}, so clipping went untested"
+        check(out, f"{name} {provider} clip={CLIP} micro=2")

@@ -28,45 +28,53 @@ def batch(step: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(100))
 
 
-def hf_run(path: str) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """HF's model trained in this one process: its losses, and its weights after the last step."""
+def hf_run(path: str, clip: float | None) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+    """HF's model trained in this one process: its losses and gradient norms, and its weights after the last step."""
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), **HYPER)
-    losses = []
+    losses, norms = [], []
     for step in range(STEPS):
         ids = batch(step)
         logits = model(ids).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))))
         opt.step()
         opt.zero_grad()
         losses.append(float(loss.detach()))
     weights = {name: p.detach() for name, p in model.named_parameters()}
     if model.config.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-    return losses, weights
+    return losses, norms, weights
 
 
-def train_all(paths: list[str], tp: int, dp: int) -> list[dict[str, object]]:
+def train_all(paths: list[str], tp: int, dp: int, provider: str = "resident", clip: float | None = None,
+              micro: int = 1) -> list[dict[str, object]]:
     """``train`` for each checkpoint in one launch (spawning ranks is the slow part)."""
-    return [train(path, tp, dp) for path in paths]
+    return [train(path, tp, dp, provider, clip, micro) for path in paths]
 
 
-def train(path: str, tp: int, dp: int) -> dict[str, object]:
-    """Every step's loss relative error against HF, and each rank's largest weight error relative to max |w|."""
-    expected_losses, expected = hf_run(path)
-    with load_model(path, Layout(tp=tp, dp=dp), dtype=torch.float32, progress=False) as model:
-        trainer = Trainer(model, AdamW(model.provider, **HYPER))
+def train(path: str, tp: int, dp: int, provider: str = "resident", clip: float | None = None,
+          micro: int = 1) -> dict[str, object]:
+    """Every step's loss and gradient-norm relative error against HF, and each rank's largest weight error relative
+    to max |w|; each DP rank's sequences are cut into ``micro`` micro-batches (gradient accumulation)."""
+    expected_losses, expected_norms, expected = hf_run(path, clip)
+    with load_model(path, Layout(tp=tp, dp=dp), dtype=torch.float32, progress=False, provider=provider) as model:
+        trainer = Trainer(model, AdamW(model.provider, **HYPER), max_grad_norm=clip)
         lo, hi = split_evenly(BATCH, dp)[model.plan.dp_rank]
-        losses = [trainer.step(batch(step)[lo:hi], BATCH * (SEQ - 1)) for step in range(STEPS)]
+        cuts = split_evenly(hi - lo, micro)
+        results = [trainer.step([batch(step)[lo:hi][a:b] for a, b in cuts], BATCH * (SEQ - 1))
+                   for step in range(STEPS)]
+        losses, norms = [r.loss for r in results], [r.grad_norm for r in results]
         trainer.close()
         worst = 0.0
-        for name, sharded in model.plan.work.items():
-            got = model.provider.tensors[name].detach()
+        for name, sharded in model.plan.tensors.items():
+            got = model.weights.tensors[name].detach()
             for box in (b for b in sharded.boxes if not b.source.endswith(NOISE_ONLY)):
                 want, scale = expected[box.source][box.source_index()], expected[box.source].abs().max()
                 worst = max(worst, float((got[box.local_index()] - want).abs().max() / scale))
     out = {"loss": max(abs(a - b) / abs(b) for a, b in zip(losses, expected_losses)), "weights": worst,
+           "norm": max(abs(a - b) / abs(b) for a, b in zip(norms, expected_norms)), "clipped": norms[0] > (clip or 1e9),
            "losses": losses, "expected": expected_losses}
     if not dist.is_initialized():
         return {"rank 0": out}

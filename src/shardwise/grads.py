@@ -1,4 +1,4 @@
-"""How each local gradient must be reduced over tensor parallelism, derived from the plan's boxes.
+"""How each local gradient must be reduced, over tensor and data parallelism, derived from the plan.
 
 With the TP collectives carrying their backward (``collectives``, ``layers``), most local
 gradients come out complete: a TP-sharded tensor's gradient is its own, and a tensor
@@ -22,7 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .comm import Comm
+from .flat import View
 from .layout import RankPlan
+from .weights import span
 
 PER_HEAD = ("qkv", "qkv_bias", "q_norm", "k_norm")  # short names of tensors applied head by head
 
@@ -71,8 +74,9 @@ class TpGradReducer:
                     self.groups[ranks] = self.created[-1]
 
     def reduce(self, grads: dict[str, torch.Tensor]) -> None:
-        """Sum each partial region of ``grads`` (local work name -> gradient) in place over the ranks sharing it."""
-        for p in self.partials:
+        """Sum each partial region of ``grads`` (local work name -> gradient, all or one block's) in place over the
+        ranks sharing it."""
+        for p in (p for p in self.partials if p.name in grads):
             region = grads[p.name][p.index]
             summed = region.contiguous()
             dist.all_reduce(summed, group=self.groups[p.ranks])
@@ -83,3 +87,63 @@ class TpGradReducer:
         for group in self.created:
             dist.destroy_process_group(group)
         self.groups, self.created = {}, []
+
+
+class DpGradReducer:
+    """Sums gradients over the DP group into ``flats``, the gradient buffers laid out like the plan's buffers.
+
+    Under the resident provider every replica holds every tensor, so a block's gradient
+    buffers (adjacent in their arena) are all-reduced in one call, started as soon as the
+    block's backward is done so it overlaps the blocks still to run (as DDP's buckets do).
+    Under ZeRO-3 a block's work gradients are packed into the block's flat layout and
+    summed over DP, and this rank keeps only its chunk, added to its master's gradient: a
+    reduce-scatter. On gloo an all-reduce is used for it: there it measured 3x faster
+    than gloo's reduce-scatter for a 50 MB block.
+    """
+
+    def __init__(self, plan: RankPlan, comm: Comm, flats: dict[str, torch.Tensor]):
+        self.plan, self.comm, self.flats = plan, comm, flats
+        self.pending: list[dist.Work] = []
+        self.home = {m.name: (name, m) for name, flat in plan.flats.items() for m in flat.members}
+        if plan.provider == "zero3":
+            largest = max(flat.parts * flat.chunk for flat in plan.flats.values())
+            device = next(iter(flats.values())).device
+            self.full = torch.zeros(largest, dtype=torch.float32, device=device)
+            self.part = torch.zeros(max(flat.chunk for flat in plan.flats.values()), dtype=torch.float32,
+                                    device=device)
+
+    def all_reduce(self, block: str) -> None:
+        """Start summing the gradients of ``block``'s own tensors (not an alias of another block's) over DP."""
+        if self.comm.layout.dp == 1:
+            return
+        grads = span([self.flats[n] for n in self.plan.blocks[block] if n not in self.plan.alias])
+        self.pending.append(dist.all_reduce(grads, group=self.comm.dp_group, async_op=True))
+
+    def wait(self) -> None:
+        """Every started reduction has landed."""
+        for work in self.pending:
+            work.wait()
+        self.pending = []
+
+    def scatter(self, grads: dict[str, torch.Tensor]) -> None:
+        """Add the DP sum of one block's work gradients (by local work name) to this rank's master chunks."""
+        by_flat: dict[str, list[tuple[View, torch.Tensor]]] = {}
+        for name, grad in grads.items():
+            flat, member = self.home[self.plan.alias.get(name, name)]
+            by_flat.setdefault(flat, []).append((member, grad))
+        for name, members in by_flat.items():
+            flat = self.plan.flats[name]
+            full = self.full[: flat.parts * flat.chunk]
+            full.zero_()
+            for m, grad in members:
+                full[m.offset : m.offset + m.numel].copy_(grad.reshape(-1))
+            lo = self.plan.dp_rank * flat.chunk
+            if self.comm.layout.dp == 1:
+                mine = full[: flat.chunk]
+            elif dist.get_backend(self.comm.dp_group) == "gloo":
+                dist.all_reduce(full, group=self.comm.dp_group)
+                mine = full[lo : lo + flat.chunk]
+            else:
+                mine = self.part[: flat.chunk]
+                dist.reduce_scatter_tensor(mine, full, group=self.comm.dp_group)
+            self.flats[name] += mine

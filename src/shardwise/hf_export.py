@@ -63,24 +63,8 @@ def file_plan(spec: ModelSpec, dtypes: dict[str, torch.dtype], max_file_bytes: i
 
 
 def owned_boxes(weights: Weights) -> list[tuple[torch.Tensor, Box]]:
-    """This rank's (tensor, box) pairs whose region no lower rank also holds: every byte is written once.
-
-    A region is a source range, wherever it sits locally: a KV head replicated over TP
-    ranks lands at different offsets of their fused QKV tensors but is the same bytes.
-    """
-    plan = weights.plan
-    owner: dict[tuple, int] = {}
-    for rank in range(plan.layout.world_size):
-        for t in plan.peer(rank).tensors.values():
-            for box in t.boxes:
-                owner.setdefault(box.region, rank)
-    out, seen = [], set()
-    for name, tensor in weights.tensors.items():
-        for box in weights.plan.tensors[name].boxes:
-            if owner[box.region] == plan.rank and box.region not in seen:
-                seen.add(box.region)
-                out.append((tensor, box))
-    return out
+    """This rank's (tensor, box) pairs that it alone writes (``RankPlan.owned``): every byte is written once."""
+    return [(weights.tensors[name], box) for name, box in weights.plan.owned()]
 
 
 def header_digest(files: list[OutFile]) -> str:

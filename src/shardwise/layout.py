@@ -176,6 +176,27 @@ class RankPlan:
         """Another rank's plan under the same layout, provider and series."""
         return plan_rank(self.spec, self.layout, rank, self.provider, self.declared)
 
+    def owned(self) -> list[tuple[str, Box]]:
+        """This rank's (held tensor, box) pairs whose region no lower rank also holds, each region once.
+
+        Every element of the model is owned by exactly one rank: export writes each byte
+        once through it, and a global gradient norm counts each element once. A region is
+        a source range wherever it sits locally (a KV head replicated over TP ranks lands
+        at different offsets of their fused QKV tensors but is the same elements).
+        """
+        owner: dict[tuple, int] = {}
+        for rank in range(self.layout.world_size):
+            for t in self.peer(rank).tensors.values():
+                for box in t.boxes:
+                    owner.setdefault(box.region, rank)
+        out, seen = [], set()
+        for name, t in self.tensors.items():
+            for box in t.boxes:
+                if owner[box.region] == self.rank and box.region not in seen:
+                    seen.add(box.region)
+                    out.append((name, box))
+        return out
+
     def nbytes(self, dtype: torch.dtype) -> int:
         """Bytes this rank holds, counting tensors that share a buffer (tied embeddings) once."""
         return sum(b.numel for b in self.buffers) * dtype.itemsize

@@ -231,7 +231,7 @@ class Model(nn.Module):
         logits = None
         with self.provider.stream(list(self.plan.blocks)) as blocks:
             if self.plan.is_first:
-                h = vocab_parallel_embedding(self.comm, input_ids, next(blocks)["embed"], self.plan.vocab)
+                h = self.embed(input_ids, next(blocks))
             else:
                 h = self.comm.recv_prev(torch.empty(shape, dtype=self.dtype, device=self.device))
             for n, layer in self.layers.items():
@@ -239,8 +239,7 @@ class Model(nn.Module):
             if self.plan.is_last:
                 w = next(blocks)
                 h = h[:, -1:] if last_only else h
-                logits = parallel_lm_head(self.comm, rms_norm(h, w["norm"], self.spec.rms_eps), w["lm_head"],
-                                          None if local_vocab else self.vocab_sizes)
+                logits = self.head(h, w, local_vocab)
             else:
                 self.comm.send_next(h)
         if local_vocab:
@@ -249,6 +248,15 @@ class Model(nn.Module):
             return logits
         out_shape = (b, 1 if last_only else t, self.spec.vocab)
         return self.comm.from_last_stage(logits, out_shape, self.dtype, self.device)
+
+    def embed(self, ids: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The "embed" block: this rank's vocab rows of the embedding, assembled over TP."""
+        return vocab_parallel_embedding(self.comm, ids, w["embed"], self.plan.vocab)
+
+    def head(self, h: torch.Tensor, w: dict[str, torch.Tensor], local_vocab: bool = False) -> torch.Tensor:
+        """The "head" block: final norm and LM head; full-vocabulary logits, or this rank's slice (``local_vocab``)."""
+        return parallel_lm_head(self.comm, rms_norm(h, w["norm"], self.spec.rms_eps), w["lm_head"],
+                                None if local_vocab else self.vocab_sizes)
 
     def _allocate_caches(self, batch: int, max_len: int) -> None:
         heads = self.plan.heads

@@ -95,6 +95,19 @@ def views(plan: RankPlan, flats: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
+def span(buffers: list[torch.Tensor]) -> torch.Tensor:
+    """The arena memory from the first of ``buffers`` to the end of the last, as one tensor of their dtype.
+
+    ``arena`` carves buffers in plan order, so the buffers of one block are adjacent and
+    one collective can move them all (the alignment gaps between them stay zero).
+    """
+    first, last = buffers[0], buffers[-1]
+    storage, size = first.untyped_storage(), first.element_size()
+    offset = (first.data_ptr() - storage.data_ptr()) // size
+    numel = (last.data_ptr() + last.nbytes - first.data_ptr()) // size
+    return first.new_empty(0).set_(storage, offset, (numel,))
+
+
 def allocate(plan: RankPlan, dtypes: list[torch.dtype], device: torch.device
              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The plan's buffers (``dtypes`` in plan order) and every held tensor as a view of them."""
