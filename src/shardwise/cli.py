@@ -313,6 +313,43 @@ def cmd_bench_generate(args) -> None:
     print(f"{_layout(args)} {args.provider}: shardwise {row['shardwise_tok_s']:.2f} tok/s, HF tp_plan {hf}")
 
 
+def _check_train(args):
+    """Every mistake a train job could make, found before any rank is spawned; the token stream it trains on."""
+    from .data import TokenStream, check_batching
+    from .train import TRAINABLE
+
+    if args.pp > 1:
+        raise ValueError(f"--pp {args.pp}: training over pipeline stages is not built yet; use --pp 1")
+    if args.provider not in TRAINABLE:
+        raise ValueError(f"--provider {args.provider}: training runs on {' or '.join(TRAINABLE)}")
+    if args.series:
+        raise ValueError("--series declares layers of --provider series, which training does not run on")
+    _provide(args)
+    spec = _plan_everywhere(args.checkpoint, _layout(args), args.provider)
+    check_target(args.save, args.overwrite, [args.checkpoint])
+    if args.log and not Path(args.log).resolve().parent.is_dir():
+        raise ValueError(f"--log {args.log}: its directory does not exist")
+    check_batching(args.batch, args.dp, args.accumulate)
+    stream = TokenStream.from_file(args.checkpoint, args.data, args.seq, args.batch, args.seed)
+    if int(stream.windows.max()) >= spec.vocab:
+        raise ValueError(f"{args.data}: token id {int(stream.windows.max())}, but the model's vocabulary has "
+                         f"{spec.vocab} (tokenizer and model disagree)")
+    return stream
+
+
+def cmd_train(args) -> None:
+    from .train_run import TrainArgs, train_rank
+
+    stream = _check_train(args)
+    job = TrainArgs(args.checkpoint, _layout(args), _provide(args), stream, args.steps, args.lr, args.save,
+                    args.warmup, args.schedule, args.weight_decay, args.clip or None, args.accumulate,
+                    args.save_every, args.overwrite, args.log)
+    result = launch(train_rank, _world(args), job)
+    _report(f"trained {result['steps']} steps on {len(stream.windows)} windows of {args.seq} tokens "
+            f"({_layout(args)}, {args.provider}): loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}; "
+            f"saved {args.save}")
+
+
 def cmd_import_gguf(args) -> None:
     from .gguf_import import import_gguf
 
@@ -468,6 +505,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample from the smallest set of tokens whose probability reaches p (needs --temperature)")
     g.add_argument("--seed", type=SEED, default=0, help="sampling seed, the same on every rank")
     _provider_args(g)
+
+    t = command(sub, "train", "fine-tune a checkpoint on a text file, on N ranks, and save it sharded", cmd_train)
+    t.add_argument("checkpoint")
+    t.add_argument("--data", required=True, metavar="FILE", help="a text file, tokenized with the checkpoint's "
+                   "tokenizer; paragraphs joined with its EOS")
+    t.add_argument("--steps", type=POSITIVE, required=True, help="optimizer steps in all")
+    t.add_argument("--batch", type=POSITIVE, default=8, help="windows per step, over all DP ranks")
+    t.add_argument("--seq", type=_bounded(int, 2), default=128, help="tokens per window")
+    t.add_argument("--accumulate", type=POSITIVE, default=1, help="micro-batches per step on every DP rank")
+    t.add_argument("--lr", type=_bounded(float, 0.0, low_open=True), default=1e-4, help="peak learning rate")
+    t.add_argument("--warmup", type=_bounded(int, 0), default=0, help="steps of linear warmup")
+    t.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="after warmup: constant, or cosine down to lr/10 at the last step")
+    t.add_argument("--weight-decay", type=_bounded(float, 0.0), default=0.0, help="AdamW decoupled weight decay")
+    t.add_argument("--clip", type=_bounded(float, 0.0), default=1.0, help="max global gradient norm; 0: no clipping")
+    t.add_argument("--seed", type=SEED, default=0, help="the data order follows from it (and the step) alone")
+    _layout_args(t)
+    _provider_args(t)
+    t.set_defaults(dtype=torch.float32)
+    t.add_argument("--save", required=True, metavar="DIR", help="where the trained sharded checkpoint goes")
+    t.add_argument("--save-every", type=POSITIVE, metavar="M", help="also save every M steps (weights only)")
+    _overwrite_arg(t)
+    t.add_argument("--log", metavar="FILE", help="JSON lines, one per step: step, loss, lr, grad_norm, tokens_per_s")
 
     i = command(sub, "import-gguf", "convert a llama.cpp GGUF file to an HF-format checkpoint", cmd_import_gguf)
     i.add_argument("gguf")

@@ -19,3 +19,8 @@ def progress_bar(items: Iterable[T], enabled: bool = True, **kwargs) -> Iterator
     """``items``, with a tqdm bar on stderr when ``enabled`` and stderr is a terminal."""
     show = enabled and sys.stderr.isatty()
     return iter(tqdm(items, disable=not show, leave=False, **kwargs))
+
+
+def progress_meter(enabled: bool = True, **kwargs) -> tqdm:
+    """A tqdm bar on stderr to drive by hand (``update``, ``set_postfix``), drawn as ``progress_bar``'s is."""
+    return tqdm(disable=not (enabled and sys.stderr.isatty()), leave=False, **kwargs)
