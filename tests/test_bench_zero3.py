@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from shardwise.bench import ZERO3_SETTINGS, bench_zero3_rank
 from shardwise.launch import launch
 
@@ -34,3 +36,21 @@ def test_bench_zero3_reports_every_setting(checkpoints):
     assert isinstance(summary["gather_bytes_bf16"], int) and isinstance(summary["gather_bytes_fp8"], int)
     assert 0 < summary["gather_bytes_fp8"] < summary["gather_bytes_bf16"]
     assert by["gather_probe"]["bytes"] > 0 and by["gather_probe"]["all_gather_s"] > 0
+
+
+def test_bench_train_reports_every_setting_training_alike(checkpoints):
+    from shardwise.bench_train import TRAIN_SETTINGS, bench_train_rank
+
+    lines = launch(bench_train_rank, 2, str(checkpoints["llama-untied"]), 8, 1, 1, 1)
+    json.dumps(lines)
+    by = {line["setting"]: line for line in lines}
+    assert list(by) == [*TRAIN_SETTINGS, "summary"]
+    summary = by["summary"]
+    for name in TRAIN_SETTINGS:
+        line = by[name]
+        assert summary[f"{name}_tokens_per_s"] == line["tokens_per_s"] == 2 * 8 / line["step_s"] > 0
+        assert summary[f"{name}_peak_rss_mb"] == max(line["peak_rss_mb"]) >= max(line["train_peak_rss_mb"]) > 0
+        assert len(line["losses"]) == 2
+        # the same weights, data and update: the same first loss, and nearly the same after one step
+        assert line["losses"] == pytest.approx(by["fsdp2"]["losses"], rel=1e-4)
+    assert summary["zero3_over_fsdp2_tokens_per_s"] == summary["zero3_tokens_per_s"] / summary["fsdp2_tokens_per_s"]

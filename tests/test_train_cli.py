@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -14,8 +16,12 @@ from conftest import VOCAB
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shardwise import Layout
 from shardwise.data import TokenStream, check_batching, tokenize_file
-from shardwise.train_run import learning_rate
+from shardwise.loader import Provide
+from shardwise.reader import MANIFEST
+from shardwise.train_run import TrainArgs, learning_rate
+from shardwise.train_state import Record
 
 NO_SPAWN = "import sys, shardwise.cli as cli\ncli.launch = lambda *a, **k: sys.exit('SPAWNED')\ncli.main(sys.argv[1:])"
 
@@ -115,6 +121,7 @@ def test_learning_rate_schedule():
     (["--save", "{other}"], "a checkpoint is already there; pass --overwrite"),
     (["--data", "{tmp}/missing.txt"], "missing.txt: cannot read the training text"),
     (["--log", "{tmp}/nowhere/log.jsonl"], "its directory does not exist"),
+    (["--resume"], "shardwise.json: not a readable shardwise manifest"),
 ])
 def test_bad_arguments_are_one_line_errors_before_any_rank_starts(checkpoints, with_tokenizer, tmp_path, args,
                                                                   error):
@@ -157,3 +164,125 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
         changed = [n for n in before.weights.tensors if not torch.equal(before.weights.tensors[n],
                                                                         after.weights.tensors[n])]
     assert changed, "the saved checkpoint is the untrained one"
+    if provider == "zero3":  # and go on from it, resident at tp 2, two steps more
+        run = subprocess.run([sys.executable, "-m", "shardwise.cli", "train", str(out), "--resume", "--data", str(data),
+                              "--steps", "8", "--tp", "2", "--batch", "4", "--seq", "16", "--lr", "3e-3",
+                              "--save", str(tmp_path / "more"), "--log", str(log)],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [7, 8]
+        assert "trained steps 7..8" in run.stdout, run.stdout
+
+
+# Resume: a run saved at step 2 of 4, continued under other layouts and providers.
+
+RESUMES = {  # name: (layout, provider, the saved run's provider)
+    "same layout": (Layout(dp=2), "resident", "resident"),
+    "same layout, zero3": (Layout(dp=2), "zero3", "zero3"),
+    "dp 2->3": (Layout(dp=3), "resident", "resident"),
+    "tp 1->2": (Layout(tp=2), "resident", "resident"),
+    "resident->zero3": (Layout(dp=2), "zero3", "resident"),
+    "zero3->resident": (Layout(tp=2, dp=1), "resident", "zero3"),
+}
+
+
+def _job(checkpoint, stream, layout, provider, steps, save, log, resume=False) -> TrainArgs:
+    """A constant schedule after warmup: a step's rate must not depend on how many steps the run was told."""
+    return TrainArgs(str(checkpoint), layout, Provide(provider), stream, steps, 3e-3, str(save), warmup=1,
+                     weight_decay=0.1, log=str(log), resume=resume)
+
+
+def _losses(log: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def halfway(with_tokenizer, tmp_path_factory):
+    """Uninterrupted 4-step runs (resident and zero3, dp 2) and training checkpoints of both saved at step 2."""
+    from shardwise.launch import launch
+    from shardwise.train_run import train_rank
+
+    tmp = tmp_path_factory.mktemp("resume")
+    data = tmp / "d.txt"
+    data.write_text("\n\n".join(" ".join(f"t{(i * 7 + j) % 120 + 1}" for j in range(15)) for i in range(20)))
+    stream = TokenStream.from_file(with_tokenizer, data, 16, 6, 3)  # 6 windows a step: even over dp 2 and 3
+    full, saved = {}, {}
+    for provider in ("resident", "zero3"):
+        launch(train_rank, 2, _job(with_tokenizer, stream, Layout(dp=2), provider, 4, tmp / f"full-{provider}",
+                                   tmp / f"full-{provider}.jsonl"))
+        full[provider] = _losses(tmp / f"full-{provider}.jsonl")
+        saved[provider] = tmp / f"half-{provider}"
+        launch(train_rank, 2, _job(with_tokenizer, stream, Layout(dp=2), provider, 2, saved[provider],
+                                   tmp / "half.jsonl"))
+    return stream, data, full, saved
+
+
+@pytest.mark.parametrize("name", RESUMES)
+def test_resume_continues_the_uninterrupted_run(halfway, tmp_path, name):
+    from shardwise.launch import launch
+    from shardwise.train_run import train_rank
+
+    stream, _, full, saved = halfway
+    layout, provider, saved_by = RESUMES[name]
+    job = _job(saved[saved_by], stream, layout, provider, 4, tmp_path / "out", tmp_path / "log.jsonl", resume=True)
+    result = launch(train_rank, layout.world_size, job)
+    assert result["first_step"] == 3
+    resumed, expected = _losses(tmp_path / "log.jsonl"), full[saved_by][2:]
+    if name.startswith("same layout"):
+        assert resumed == expected  # bit for bit
+    else:
+        assert resumed == pytest.approx(expected, abs=1e-5, rel=0)
+    assert Record.read(tmp_path / "out").step == 4
+
+
+def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_intact(halfway, with_tokenizer, tmp_path):
+    from train_workers import die_while_saving
+
+    from shardwise.launch import RankError, launch
+
+    stream = halfway[0]
+    saves = [tmp_path / "kept", tmp_path / "copy"]
+    with pytest.raises(RankError, match="rank 1"):
+        launch(die_while_saving, 2, str(with_tokenizer), stream, [str(s) for s in saves], timeout=60)
+    kept, copy = (sorted(p.name for p in s.iterdir()) for s in saves)
+    assert kept == copy
+    assert all((saves[0] / f).read_bytes() == (saves[1] / f).read_bytes() for f in kept)
+    assert Record.read(saves[0]).step == 1
+    assert not [p for p in tmp_path.iterdir() if p not in saves and (p / MANIFEST).exists()]
+
+
+def test_resume_refuses_other_data_and_no_steps_left(halfway, tmp_path):
+    stream, data, _, saved = halfway
+    record = Record.read(saved["resident"])
+    assert record.step == 2
+    with pytest.raises(ValueError, match="training on seed 3, but this run has 4: --seed must match"):
+        record.check_resumable(saved["resident"], dataclasses.replace(stream, seed=4), 4)
+    other = TokenStream.from_ids(stream.windows.flip(0).flatten().tolist(), 16, 6, 3)
+    with pytest.raises(ValueError, match="the token windows .* must match"):
+        record.check_resumable(saved["resident"], other, 4)
+    with pytest.raises(ValueError, match="--steps 2 leaves nothing to train"):
+        record.check_resumable(saved["resident"], stream, 2)
+
+
+def test_a_weights_only_or_forged_checkpoint_is_not_resumed(halfway, tmp_path):
+    from shardwise.optim import MOMENTS
+    from shardwise.reader import CheckpointError
+    from shardwise.sharded import ShardedCheckpoint
+    from shardwise.spec import load_spec
+
+    saved = halfway[3]["resident"]
+    forged = Path(shutil.copytree(saved, tmp_path / "forged"))
+    manifest = json.loads((forged / MANIFEST).read_text())
+    for record, error in [({}, "no 'train' record: not a training checkpoint"),
+                          ({"step": "2", "data": {}}, "field 'train.step' is str '2', expected an integer >= 1"),
+                          ({"step": 2, "data": {"seed": 1}}, "field 'train.data' is")]:
+        (forged / MANIFEST).write_text(json.dumps({**manifest, "train": record}))
+        with pytest.raises(CheckpointError, match=re.escape(error)):
+            Record.read(forged)
+    kept = [n for n in manifest["tensors"] if not n.startswith("exp_avg_sq/")]
+    stripped = {**manifest, "tensors": {n: manifest["tensors"][n] for n in kept},
+                "files": [{**f, "pieces": [p for p in f["pieces"] if p["source"] in kept]} for f in manifest["files"]]}
+    (forged / MANIFEST).write_text(json.dumps(stripped))
+    with pytest.raises(CheckpointError, match="exp_avg_sq/.*is missing: not a training checkpoint saved with its "
+                                              "optimizer state"):
+        ShardedCheckpoint(forged).check_state(load_spec(forged), MOMENTS)

@@ -81,3 +81,26 @@ def train(path: str, tp: int, dp: int, provider: str = "resident", clip: float |
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, out)
     return {f"rank {r}": o for r, o in enumerate(everyone)}
+
+
+def die_while_saving(checkpoint: str, stream, saves: list[str]) -> None:
+    """Save a training checkpoint twice (to each of ``saves``), train on, then die on rank 1 mid-way through
+    overwriting the first: what it held must survive byte for byte (the test compares it with the second)."""
+    import os
+
+    import shardwise.sharded as sharded
+    from shardwise.train_state import save_training
+
+    model = load_model(checkpoint, Layout(dp=2), dtype=torch.float32, progress=False)
+    optimizer = AdamW(model.provider, **HYPER)
+    trainer = Trainer(model, optimizer)
+    trainer.step(stream.micro_batches(1, model.plan.dp_rank, 2), stream.global_tokens)
+    for out in saves:
+        save_training(model, optimizer, out, stream)
+    trainer.step(stream.micro_batches(2, model.plan.dp_rank, 2), stream.global_tokens)
+    if dist.get_rank() == 1:
+        def half_then_die(tensors, path):
+            path.write_bytes(b"half a rank file")
+            os._exit(9)
+        sharded.save_safetensors = half_then_die
+    save_training(model, optimizer, saves[0], stream, overwrite=True)

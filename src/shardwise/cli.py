@@ -317,6 +317,7 @@ def _check_train(args):
     """Every mistake a train job could make, found before any rank is spawned; the token stream it trains on."""
     from .data import TokenStream, check_batching
     from .train import TRAINABLE
+    from .train_state import Record
 
     if args.pp > 1:
         raise ValueError(f"--pp {args.pp}: training over pipeline stages is not built yet; use --pp 1")
@@ -334,6 +335,8 @@ def _check_train(args):
     if int(stream.windows.max()) >= spec.vocab:
         raise ValueError(f"{args.data}: token id {int(stream.windows.max())}, but the model's vocabulary has "
                          f"{spec.vocab} (tokenizer and model disagree)")
+    if args.resume:
+        Record.read(args.checkpoint).check_resumable(args.checkpoint, stream, args.steps)
     return stream
 
 
@@ -343,11 +346,11 @@ def cmd_train(args) -> None:
     stream = _check_train(args)
     job = TrainArgs(args.checkpoint, _layout(args), _provide(args), stream, args.steps, args.lr, args.save,
                     args.warmup, args.schedule, args.weight_decay, args.clip or None, args.accumulate,
-                    args.save_every, args.overwrite, args.log)
+                    args.save_every, args.overwrite, args.log, args.resume)
     result = launch(train_rank, _world(args), job)
-    _report(f"trained {result['steps']} steps on {len(stream.windows)} windows of {args.seq} tokens "
-            f"({_layout(args)}, {args.provider}): loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}; "
-            f"saved {args.save}")
+    _report(f"trained steps {result['first_step']}..{result['steps']} on {len(stream.windows)} windows of "
+            f"{args.seq} tokens ({_layout(args)}, {args.provider}): loss {result['first_loss']:.4f} -> "
+            f"{result['last_loss']:.4f}; saved {args.save}")
 
 
 def cmd_import_gguf(args) -> None:
@@ -434,6 +437,22 @@ def cmd_bench_zero3(args) -> None:
             print(f"{row['setting']:>13}: {row['s']:.3f} s per forward, peak RSS {row['peak_rss_mb']} MiB")
 
 
+def cmd_bench_train(args) -> None:
+    from .bench_train import bench_train_rank
+
+    _plan_everywhere(args.checkpoint, Layout(dp=args.world), "zero3")
+    warm_page_cache(args.checkpoint)
+    rows = launch(bench_train_rank, args.world, args.checkpoint, args.seq, args.batch, args.steps, args.warmup)
+    for row in rows:
+        if args.json:
+            print(json.dumps(row))
+        elif row["setting"] == "summary":
+            print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        else:
+            print(f"{row['setting']:>8}: {row['tokens_per_s']:.1f} tokens/s, {row['step_s']:.2f} s per step, "
+                  f"peak RSS {row['peak_rss_mb']} MiB (training {row['train_peak_rss_mb']} MiB)")
+
+
 def cmd_bench_series(args) -> None:
     patterns, ks = tuple(args.pattern or PATTERNS), tuple(args.k or (0, 1, 2))
     for k in ks:  # every declaration, checked on every rank before any is spawned
@@ -510,7 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("checkpoint")
     t.add_argument("--data", required=True, metavar="FILE", help="a text file, tokenized with the checkpoint's "
                    "tokenizer; paragraphs joined with its EOS")
-    t.add_argument("--steps", type=POSITIVE, required=True, help="optimizer steps in all")
+    t.add_argument("--steps", type=POSITIVE, required=True, help="optimizer steps in all (with --resume, the saved "
+                   "ones included)")
+    t.add_argument("--resume", action="store_true", help="CHECKPOINT is a training checkpoint saved by shardwise "
+                   "train (at any layout): go on from its step, with its AdamW state and the same data")
     t.add_argument("--batch", type=POSITIVE, default=8, help="windows per step, over all DP ranks")
     t.add_argument("--seq", type=_bounded(int, 2), default=128, help="tokens per window")
     t.add_argument("--accumulate", type=POSITIVE, default=1, help="micro-batches per step on every DP rank")
@@ -525,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     _provider_args(t)
     t.set_defaults(dtype=torch.float32)
     t.add_argument("--save", required=True, metavar="DIR", help="where the trained sharded checkpoint goes")
-    t.add_argument("--save-every", type=POSITIVE, metavar="M", help="also save every M steps (weights only)")
+    t.add_argument("--save-every", type=POSITIVE, metavar="M", help="also save every M steps")
     _overwrite_arg(t)
     t.add_argument("--log", metavar="FILE", help="JSON lines, one per step: step, loss, lr, grad_norm, tokens_per_s")
 
@@ -586,6 +608,15 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--json", action="store_true")
     bg.set_defaults(dtype=torch.float32)
     _provider_args(bg)
+    bt = command(b, "train", "training tokens/s and peak RSS per rank: shardwise zero3 and resident, and torch FSDP2",
+                 cmd_bench_train)
+    bt.add_argument("checkpoint")
+    bt.add_argument("--world", type=POSITIVE, default=2, help="ranks, all in one DP group")
+    bt.add_argument("--seq", type=_bounded(int, 2), default=256, help="tokens per sequence")
+    bt.add_argument("--batch", type=POSITIVE, default=1, help="sequences per rank per step")
+    bt.add_argument("--steps", type=POSITIVE, default=3, help="timed steps per setting (median)")
+    bt.add_argument("--warmup", type=_bounded(int, 0), default=1, help="untimed steps first")
+    bt.add_argument("--json", action="store_true")
     bz = command(b, "zero3", "forward time and memory: DP replicas, ZeRO-3 (bf16, fp8, int8 gathers) and torch FSDP2",
                  cmd_bench_zero3)
     bz.add_argument("checkpoint")

@@ -6,6 +6,12 @@ never touches parameters directly: each block's masters come from
 ``fetch_master`` / ``master`` and go back with ``release_master``, the next block
 fetched while one is updated, so masters that live off the device (offload) stream
 through two buffers, and ``end_update`` invalidates every work weight derived from them.
+
+The moments are laid out as the plan lays out the weights (``weights.allocate``): a
+master a provider names by tensor (resident) or by flat block (ZeRO-3) finds its state
+under the same name, and every held tensor has a view of its moments, with the very
+boxes of its weight. That is what lets a sharded checkpoint save the moments as boxes
+of HF tensors and load them under any other layout.
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ from __future__ import annotations
 import torch
 
 from .provider import Provider
+from .weights import allocate
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 class AdamW:
-    """Decoupled-weight-decay Adam over ``provider``'s masters; state is kept per held tensor name, in fp32."""
+    """Decoupled-weight-decay Adam over ``provider``'s masters; its fp32 moments are laid out like the weights."""
 
     def __init__(self, provider: Provider, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2):
@@ -24,9 +33,18 @@ class AdamW:
             raise ValueError(f"AdamW: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}: expected "
                              "lr > 0, betas in [0, 1), eps > 0, weight_decay >= 0")
         self.provider, self.lr, self.betas, self.eps, self.weight_decay = provider, lr, betas, eps, weight_decay
-        self.steps = 0
-        self.exp_avg: dict[str, torch.Tensor] = {}
-        self.exp_avg_sq: dict[str, torch.Tensor] = {}
+        self.steps = 0  # updates so far, which the bias correction counts
+        plan = provider.plan
+        self.buffers: dict[str, dict[str, torch.Tensor]] = {}  # moment -> plan buffer -> flat state
+        self.moments: dict[str, dict[str, torch.Tensor]] = {}  # moment -> held tensor -> view of it
+        for moment in MOMENTS:
+            self.buffers[moment], self.moments[moment] = allocate(plan, [torch.float32] * len(plan.buffers),
+                                                                  provider.device)
+
+    def _state(self, moment: str, name: str) -> torch.Tensor:
+        """The state of the master called ``name``: a held tensor's view, or a ZeRO-3 block's flat buffer."""
+        views = self.moments[moment]
+        return views[name] if name in views else self.buffers[moment][name]
 
     def step(self, grads: dict[str, torch.Tensor]) -> None:
         """One update of every master from ``grads`` (held name -> fully reduced gradient of the same shape)."""
@@ -51,8 +69,7 @@ class AdamW:
             raise ValueError(f"AdamW: gradient of {name!r} has shape {tuple(grad.shape)}, expected "
                              f"{tuple(param.shape)}")
         beta1, beta2 = self.betas
-        m = self.exp_avg.setdefault(name, torch.zeros_like(param))
-        v = self.exp_avg_sq.setdefault(name, torch.zeros_like(param))
+        m, v = self._state("exp_avg", name), self._state("exp_avg_sq", name)
         with torch.no_grad():
             param.mul_(1 - self.lr * self.weight_decay)
             m.lerp_(grad, 1 - beta1)

@@ -41,6 +41,7 @@ class Provider:
     """
 
     prefetch = 0
+    device: torch.device  # where the masters are updated (an optimizer keeps its state there)
     lockstep = False  # whether the DP ranks must make the same calls (their gathers are collective)
 
     def __init__(self, plan: RankPlan, dtype: torch.dtype):
@@ -199,7 +200,7 @@ class Resident(Provider):
 
     def __init__(self, plan: RankPlan, tensors: dict[str, torch.Tensor]):
         super().__init__(plan, next(iter(tensors.values())).dtype)
-        self.tensors = tensors
+        self.tensors, self.device = tensors, next(iter(tensors.values())).device
 
     def _wait(self, block: str) -> dict[str, torch.Tensor]:
         return self.tensors

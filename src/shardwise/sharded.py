@@ -5,11 +5,17 @@ save can be. The manifest records, for every stored tensor, which box of which H
 tensor it holds. Loading under another layout (any TP, PP or world size) asks for
 boxes of HF tensors; each request is intersected with the stored boxes and becomes
 reads of just the overlapping bytes of the rank files that hold them.
+
+A training checkpoint also stores a ``State``: tensors laid out like the weights (the
+optimizer's moments), saved as boxes of namespaced HF names (``exp_avg/model.norm.weight``)
+so they reshard exactly as the weights do, and a JSON record of where training stands.
+The weights are then the fp32 masters themselves, not a cast back to the source dtype.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -22,7 +28,7 @@ import torch
 
 from .boxes import Box
 from .collective_write import write_checkpoint
-from .layout import PROVIDERS, Layout, LayoutError, plan_rank
+from .layout import PROVIDERS, Layout, LayoutError, RankPlan, plan_rank
 from .publish import copy_side_files
 from .reader import DTYPE_NAMES, DTYPES, MANIFEST, Checkpoint, CheckpointError, check_stored_as, inside
 from .series import Series, SeriesError
@@ -103,6 +109,23 @@ def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.safetensors"
 
 
+def namespaced(namespace: str, name: str) -> str:
+    """The name a state tensor is stored under; no HF tensor name holds a '/'."""
+    return f"{namespace}/{name}"
+
+
+@dataclass(frozen=True)
+class State:
+    """What a training checkpoint stores beside the weights.
+
+    ``tensors[namespace][held name]`` is laid out like the weight of that name (same
+    shape, same boxes); ``record`` is JSON, the same on every rank.
+    """
+
+    tensors: dict[str, dict[str, torch.Tensor]]
+    record: dict
+
+
 class ShardedCheckpoint:
     """A sharded checkpoint, its manifest validated in full before any byte of data is read.
 
@@ -124,6 +147,7 @@ class ShardedCheckpoint:
             raise CheckpointError(f"{self.path}: format {root.get('format')!r}, expected {FORMAT!r}")
         self.layout = self._layout(root.get("layout"))
         self.tensors = self._tensors(root.get("tensors"))
+        self.record = _field(root.get("train", {}), "train", dict, self.path)  # a training checkpoint's; else {}
         self.pieces: dict[str, list[Piece]] = {}
         self.stored: dict[str, list[Piece]] = {}  # every piece of each rank file, replicas included
         seen = set()
@@ -204,6 +228,28 @@ class ShardedCheckpoint:
             raise CheckpointError(f"{self.path}: {len(self.stored)} rank files for a layout of "
                                   f"{self.layout.world_size} ranks")
 
+    def check_state(self, spec: ModelSpec, namespaces: tuple[str, ...]) -> None:
+        """Every namespace stores an fp32 tensor of each model tensor's shape (else this is no training checkpoint)."""
+        for namespace in namespaces:
+            for name, info in spec.tensors().items():
+                stored = namespaced(namespace, name)
+                if stored not in self.tensors or stored not in self.pieces:
+                    raise CheckpointError(f"{self.path}: tensor {stored!r} is missing: not a training checkpoint "
+                                          "saved with its optimizer state")
+                shape, dtype = self.tensors[stored]
+                if shape != info.shape or dtype != torch.float32:
+                    raise CheckpointError(f"{self.path}: tensor {stored!r} is {DTYPE_NAMES[dtype]} {list(shape)}, "
+                                          f"expected F32 {list(info.shape)}")
+
+    def read_state(self, plan: RankPlan, namespace: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Fill ``tensors`` (held name -> tensor laid out like that weight) from the namespace's stored boxes."""
+        done = set()
+        for name, tensor in tensors.items():
+            if id(tensor) not in done:
+                done.add(id(tensor))
+                for box in plan.tensors[name].boxes:
+                    self.read(dataclasses.replace(box, source=namespaced(namespace, box.source)), tensor)
+
     def source_dtype(self, name: str):
         return self.tensors[name][1]
 
@@ -258,9 +304,15 @@ class ShardedCheckpoint:
         self.close()
 
 
-def manifest(weights: Weights) -> dict:
+def _stored_dtypes(weights: Weights, state: State | None) -> dict[str, torch.dtype]:
+    """Each HF tensor's dtype on disk: the source's, or for a training checkpoint the fp32 masters'."""
+    return {name: torch.float32 if state else weights.source_dtypes[name] for name in weights.plan.spec.tensors()}
+
+
+def manifest(weights: Weights, state: State | None = None) -> dict:
     """The manifest of a sharded save, computed from plans alone: every rank could write it."""
     spec, layout = weights.plan.spec, weights.plan.layout
+    namespaces = [""] + list(state.tensors if state else [])
     files = []
     for rank in range(layout.world_size):
         plan = weights.plan.peer(rank)
@@ -268,31 +320,42 @@ def manifest(weights: Weights) -> dict:
         for name, t in plan.tensors.items():
             stored.setdefault((t.shape, t.boxes), (name, t))
         pieces = [{"tensor": name, **box.to_json()} for name, t in stored.values() for box in t.boxes]
+        pieces += [{**p, "tensor": namespaced(ns, p["tensor"]), "source": namespaced(ns, p["source"])}
+                   for ns in namespaces[1:] for p in pieces]
         files.append({"file": rank_file(rank), "rank": rank, "pieces": pieces})
+    dtypes = _stored_dtypes(weights, state)
+    tensors = {name: {"shape": list(info.shape), "dtype": DTYPE_NAMES[dtypes[name]]}
+               for name, info in spec.tensors().items()}
+    tensors |= {namespaced(ns, name): {"shape": list(info.shape), "dtype": "F32"}
+                for ns in namespaces[1:] for name, info in spec.tensors().items()}
     return {
         "format": FORMAT,
         "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "provider": weights.plan.provider,
                    "series": [str(s) for s in weights.plan.declared]},
-        "tensors": {name: {"shape": list(info.shape), "dtype": DTYPE_NAMES[weights.source_dtypes[name]]}
-                    for name, info in spec.tensors().items()},
+        "tensors": tensors,
         "files": files,
+        **({"train": state.record} if state else {}),
     }
 
 
-def save_sharded(weights: Weights, out_dir: str | Path, overwrite: bool = False) -> Path:
+def save_sharded(weights: Weights, out_dir: str | Path, overwrite: bool = False, state: State | None = None
+                 ) -> Path:
     """Collective: each rank writes its own file; rank 0 the manifest; published atomically once all succeeded.
 
     ``out_dir`` must be new, empty, or (with ``overwrite``) a checkpoint holding nothing else.
+    With ``state``, this is a training checkpoint (see the module's docstring).
     """
-    rank = weights.plan.rank
+    rank, dtypes = weights.plan.rank, _stored_dtypes(weights, state)
 
     def write_rank_file(tmp: Path) -> None:
-        local = {name: t.to(weights.source_dtypes[weights.plan.tensors[name].boxes[0].source])
-                 for name, t in weights.unique().items()}
+        unique = weights.unique()
+        local = {name: t.to(dtypes[weights.plan.tensors[name].boxes[0].source]) for name, t in unique.items()}
+        for namespace, tensors in (state.tensors if state else {}).items():
+            local |= {namespaced(namespace, name): tensors[name] for name in unique}
         save_safetensors(local, tmp / rank_file(rank))
 
     def finish(tmp: Path) -> None:
-        (tmp / MANIFEST).write_text(json.dumps(manifest(weights)))
+        (tmp / MANIFEST).write_text(json.dumps(manifest(weights, state)))
         copy_side_files(weights.source_dir, weights.plan.spec.config, tmp)
 
     return write_checkpoint(out_dir, [("writing data", write_rank_file)], finish, rank=rank, overwrite=overwrite,

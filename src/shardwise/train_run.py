@@ -2,7 +2,8 @@
 
 Every rank runs the same loop; the data each DP rank trains on comes from
 ``data.TokenStream`` (so it follows from the seed and the step alone), and rank 0 alone
-draws the progress bar and writes the JSON-lines log.
+draws the progress bar and writes the JSON-lines log. Every save is a training
+checkpoint (``train_state``), which a later run resumes from, under any layout.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import torch
 from .data import TokenStream
 from .layout import Layout
 from .loader import Provide, load_model
+from .model import Model
 from .optim import AdamW
 from .progress import progress_meter
-from .sharded import save_sharded
 from .train import Trainer
+from .train_state import restore, save_training
 
 SCHEDULES = ("constant", "cosine")
 
@@ -42,6 +44,7 @@ class TrainArgs:
     save_every: int | None = None
     overwrite: bool = False
     log: str | None = None
+    resume: bool = False  # ``checkpoint`` is a training checkpoint: go on from its step
 
 
 def learning_rate(step: int, lr: float, steps: int, warmup: int = 0, schedule: str = "constant") -> float:
@@ -55,21 +58,31 @@ def learning_rate(step: int, lr: float, steps: int, warmup: int = 0, schedule: s
     return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
+def _first_step(job: TrainArgs, model: Model, optimizer: AdamW) -> int:
+    """1, or with ``job.resume`` the step after the saved one, the optimizer's state restored from it."""
+    if not job.resume:
+        return 1
+    record = restore(job.checkpoint, model, optimizer)
+    record.check_resumable(job.checkpoint, job.stream, job.steps)
+    return record.step + 1
+
+
 def train_rank(job: TrainArgs) -> dict:
-    """Train ``job.steps`` steps on this rank's part of the layout; rank 0's summary is the launch's result."""
+    """Train up to step ``job.steps`` on this rank's part of the layout; rank 0's summary is the launch's result."""
     p = job.provide
     model = load_model(job.checkpoint, job.layout, dtype=torch.float32, progress=False, provider=p.provider,
                        work_dtype=p.work_dtype, prefetch=p.prefetch, offload=p.offload)
     rank0 = model.plan.rank == 0
     optimizer = AdamW(model.provider, lr=job.lr, weight_decay=job.weight_decay)
     trainer = Trainer(model, optimizer, max_grad_norm=job.clip)
+    first = _first_step(job, model, optimizer)
     stream, dp, dp_rank = job.stream, job.layout.dp, model.plan.dp_rank
     losses: list[float] = []
     saved = False
     out = open(job.log, "w") if rank0 and job.log else None  # noqa: SIM115 - closed in the finally
-    bar = progress_meter(rank0, total=job.steps, desc="training", unit="step")
+    bar = progress_meter(rank0, total=job.steps - first + 1, desc="training", unit="step")
     try:
-        for step in range(1, job.steps + 1):
+        for step in range(first, job.steps + 1):
             optimizer.lr = learning_rate(step, job.lr, job.steps, job.warmup, job.schedule)
             batches = stream.micro_batches(step, dp_rank, dp, job.accumulate)
             start = time.perf_counter()
@@ -83,13 +96,14 @@ def train_rank(job: TrainArgs) -> dict:
             bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
             bar.update()
             if job.save_every and step % job.save_every == 0 and step < job.steps:
-                save_sharded(model.weights, job.save, overwrite=job.overwrite or saved)
+                save_training(model, optimizer, job.save, stream, overwrite=job.overwrite or saved)
                 saved = True
-        save_sharded(model.weights, job.save, overwrite=job.overwrite or saved)
+        save_training(model, optimizer, job.save, stream, overwrite=job.overwrite or saved)
     finally:  # on failure the launcher stops every rank: no collective teardown to wait on here
         bar.close()
         if out is not None:
             out.close()
     trainer.close()
     model.close()
-    return {"steps": job.steps, "first_loss": losses[0], "last_loss": losses[-1], "save": job.save}
+    return {"first_step": first, "steps": job.steps, "first_loss": losses[0], "last_loss": losses[-1],
+            "save": job.save}

@@ -1,0 +1,90 @@
+"""Where a training run stands: saved with its checkpoint, restored under any layout or provider.
+
+A resumed run must go on as if it had never stopped: the same fp32 masters, the same
+AdamW moments and bias-correction count, the same data. The masters and moments are
+boxes of a sharded checkpoint (``sharded.State``), so they reshard like any weight. The
+data order follows from (seed, step) alone (``data.TokenStream``) and nothing else in a
+step draws random numbers, so the record needs no RNG state: only the step and what
+identifies the token stream (seed, batch, seq and a digest of its windows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data import TokenStream
+from .model import Model
+from .optim import MOMENTS, AdamW
+from .reader import CheckpointError
+from .sharded import ShardedCheckpoint, State, save_sharded
+from .untrusted import is_int, shown
+
+
+def stream_identity(stream: TokenStream) -> dict:
+    """What must match for a resumed run to see the very batches an uninterrupted one would."""
+    digest = hashlib.sha256(stream.windows.numpy().tobytes()).hexdigest()
+    return {"seed": stream.seed, "batch": stream.batch, "seq": stream.seq, "windows": digest}
+
+
+@dataclass(frozen=True)
+class Record:
+    """A training checkpoint's record: the optimizer steps taken, and the stream they were taken on."""
+
+    step: int
+    data: dict
+
+    @classmethod
+    def read(cls, directory: str | Path) -> Record:
+        with ShardedCheckpoint(directory) as ckpt:
+            return cls.of(ckpt)
+
+    @classmethod
+    def of(cls, ckpt: ShardedCheckpoint) -> Record:
+        """The validated record of a training checkpoint; a CheckpointError if there is none or it is malformed."""
+        raw, where = ckpt.record, ckpt.path
+        if not raw:
+            raise CheckpointError(f"{where}: no 'train' record: not a training checkpoint (save one with "
+                                  "shardwise train, or save_training)")
+        step, data = raw.get("step"), raw.get("data")
+        if not is_int(step) or step < 1:
+            raise CheckpointError(f"{where}: field 'train.step' is {shown(step)}, expected an integer >= 1")
+        if not isinstance(data, dict) or set(data) != {"seed", "batch", "seq", "windows"} or not all(
+                is_int(data[k]) for k in ("seed", "batch", "seq")) or not isinstance(data["windows"], str):
+            raise CheckpointError(f"{where}: field 'train.data' is {shown(data)}, expected integers 'seed', "
+                                  "'batch', 'seq' and a 'windows' digest")
+        return cls(step, data)
+
+    def check_resumable(self, directory: str | Path, stream: TokenStream, steps: int) -> None:
+        """Refuse a resume that would not continue the saved run: other data, or no steps left to take."""
+        given = stream_identity(stream)
+        for key, saved in self.data.items():
+            if given[key] != saved:
+                what = "the token windows (other text, or another tokenizer)" if key == "windows" else f"--{key}"
+                raise ValueError(f"{directory}: saved at step {self.step} training on {key} {saved}, but this run "
+                                 f"has {given[key]}: {what} must match to resume")
+        if steps <= self.step:
+            raise ValueError(f"{directory}: saved at step {self.step}, so --steps {steps} leaves nothing to train; "
+                             f"--steps counts every step, the saved ones too")
+
+
+def save_training(model: Model, optimizer: AdamW, out_dir: str | Path, stream: TokenStream,
+                  overwrite: bool = False) -> Path:
+    """Collective: a sharded checkpoint of the fp32 masters, the AdamW moments and the record, at any layout."""
+    record = {"step": optimizer.steps, "data": stream_identity(stream)}
+    return save_sharded(model.weights, out_dir, overwrite, State(optimizer.moments, record))
+
+
+def restore(directory: str | Path, model: Model, optimizer: AdamW) -> Record:
+    """Fill ``optimizer`` (over ``model``, loaded from ``directory``) with the saved state; return the record.
+
+    Each rank reads only the boxes of the moments it holds, whatever layout saved them.
+    """
+    with ShardedCheckpoint(directory) as ckpt:
+        record = Record.of(ckpt)
+        ckpt.check_state(model.plan.spec, MOMENTS)
+        for moment in MOMENTS:
+            ckpt.read_state(model.plan, moment, optimizer.moments[moment])
+    optimizer.steps = record.step
+    return record
