@@ -198,9 +198,10 @@ def _losses(log: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def halfway(with_tokenizer, tmp_path_factory):
-    """Uninterrupted 4-step runs (resident and zero3, dp 2) and training checkpoints of both saved at step 2."""
+    """Uninterrupted 4-step runs (resident and zero3, dp 2), each also saving a training checkpoint at step 2."""
+    from train_workers import train_keeping_every_save
+
     from shardwise.launch import launch
-    from shardwise.train_run import train_rank
 
     tmp = tmp_path_factory.mktemp("resume")
     data = tmp / "d.txt"
@@ -208,12 +209,9 @@ def halfway(with_tokenizer, tmp_path_factory):
     stream = TokenStream.from_file(with_tokenizer, data, 16, 6, 3)  # 6 windows a step: even over dp 2 and 3
     full, saved = {}, {}
     for provider in ("resident", "zero3"):
-        launch(train_rank, 2, _job(with_tokenizer, stream, Layout(dp=2), provider, 4, tmp / f"full-{provider}",
-                                   tmp / f"full-{provider}.jsonl"))
-        full[provider] = _losses(tmp / f"full-{provider}.jsonl")
-        saved[provider] = tmp / f"half-{provider}"
-        launch(train_rank, 2, _job(with_tokenizer, stream, Layout(dp=2), provider, 2, saved[provider],
-                                   tmp / "half.jsonl"))
+        job = _job(with_tokenizer, stream, Layout(dp=2), provider, 4, tmp / provider, tmp / f"{provider}.jsonl")
+        launch(train_keeping_every_save, 2, dataclasses.replace(job, save_every=2))
+        full[provider], saved[provider] = _losses(tmp / f"{provider}.jsonl"), tmp / f"{provider}-2"
     return stream, data, full, saved
 
 

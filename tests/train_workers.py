@@ -104,3 +104,15 @@ def die_while_saving(checkpoint: str, stream, saves: list[str]) -> None:
             os._exit(9)
         sharded.save_safetensors = half_then_die
     save_training(model, optimizer, saves[0], stream, overwrite=True)
+
+
+def train_keeping_every_save(job):
+    """``train_rank``, each save going to a directory of its own, ``<save>-<step>``, instead of over the last."""
+    import shardwise.train_run as run
+    from shardwise.train_state import save_training
+
+    def keep(model, optimizer, out, stream, overwrite=False):
+        return save_training(model, optimizer, f"{out}-{optimizer.steps}", stream)
+
+    run.save_training = keep
+    return run.train_rank(job)
