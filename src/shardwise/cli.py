@@ -427,14 +427,20 @@ def cmd_bench_zero3(args) -> None:
     _plan_everywhere(args.checkpoint, Layout(dp=args.world), "zero3")
     warm_page_cache(args.checkpoint)
     rows = launch(bench_zero3_rank, args.world, args.checkpoint, args.tokens, args.repeats, args.prefetch, args.profile)
+    _print_settings(rows, args.json, lambda row: f"{row['setting']:>13}: {row['s']:.3f} s per forward, peak RSS "
+                    f"{row['peak_rss_mb']} MiB" if "s" in row else None)
+
+
+def _print_settings(rows: list[dict], as_json: bool, describe) -> None:
+    """A benchmark's rows: JSON lines, or ``describe(row)`` for each setting (None: skip) and the summary's scalars."""
     for row in rows:
-        if args.json:
+        if as_json:
             print(json.dumps(row))
         elif row["setting"] == "summary":
             print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                            if not isinstance(v, dict)))
-        elif "s" in row:
-            print(f"{row['setting']:>13}: {row['s']:.3f} s per forward, peak RSS {row['peak_rss_mb']} MiB")
+        elif (text := describe(row)) is not None:
+            print(text)
 
 
 def cmd_bench_train(args) -> None:
@@ -443,14 +449,9 @@ def cmd_bench_train(args) -> None:
     _plan_everywhere(args.checkpoint, Layout(dp=args.world), "zero3")
     warm_page_cache(args.checkpoint)
     rows = launch(bench_train_rank, args.world, args.checkpoint, args.seq, args.batch, args.steps, args.warmup)
-    for row in rows:
-        if args.json:
-            print(json.dumps(row))
-        elif row["setting"] == "summary":
-            print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        else:
-            print(f"{row['setting']:>8}: {row['tokens_per_s']:.1f} tokens/s, {row['step_s']:.2f} s per step, "
-                  f"peak RSS {row['peak_rss_mb']} MiB (training {row['train_peak_rss_mb']} MiB)")
+    _print_settings(rows, args.json, lambda row: f"{row['setting']:>8}: {row['tokens_per_s']:.1f} tokens/s, "
+                    f"{row['step_s']:.2f} s per step, peak RSS {row['peak_rss_mb']} MiB (training "
+                    f"{row['train_peak_rss_mb']} MiB)")
 
 
 def cmd_bench_series(args) -> None:
