@@ -28,10 +28,14 @@ NO_SPAWN = "import sys, shardwise.cli as cli\ncli.launch = lambda *a, **k: sys.e
 
 @pytest.fixture(scope="module")
 def with_tokenizer(checkpoints, tmp_path_factory) -> Path:
-    """A tiny checkpoint with a word-level tokenizer (tokens t0..t130) whose EOS is t130."""
+    return _with_tokenizer(checkpoints["qwen2-untied"], tmp_path_factory.mktemp("train") / "ckpt")
+
+
+def _with_tokenizer(checkpoint: Path, path: Path) -> Path:
+    """A copy of a tiny checkpoint with a word-level tokenizer (tokens t0..t130) whose EOS is t130."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    path = Path(shutil.copytree(checkpoints["qwen2-untied"], tmp_path_factory.mktemp("train") / "ckpt"))
+    path = Path(shutil.copytree(checkpoint, path))
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(path / "tokenizer.json"))
@@ -121,7 +125,8 @@ def test_learning_rate_schedule():
     (["--save", "{other}"], "a checkpoint is already there; pass --overwrite"),
     (["--data", "{tmp}/missing.txt"], "missing.txt: cannot read the training text"),
     (["--log", "{tmp}/nowhere/log.jsonl"], "its directory does not exist"),
-    (["--resume"], "shardwise.json: not a readable shardwise manifest"),
+    (["--resume", "{ckpt}"], "shardwise.json: not a readable shardwise manifest"),
+    (["--resume", "{other}"], "its config.json describes another model than"),
 ])
 def test_bad_arguments_are_one_line_errors_before_any_rank_starts(checkpoints, with_tokenizer, tmp_path, args,
                                                                   error):
@@ -165,13 +170,15 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
                                                                         after.weights.tensors[n])]
     assert changed, "the saved checkpoint is the untrained one"
     if provider == "zero3":  # and go on from it, resident at tp 2, two steps more
-        run = subprocess.run([sys.executable, "-m", "shardwise.cli", "train", str(out), "--resume", "--data", str(data),
+        run = subprocess.run([sys.executable, "-m", "shardwise.cli", "train", str(with_tokenizer), "--resume", str(out),
+                              "--data", str(data),
                               "--steps", "8", "--tp", "2", "--batch", "4", "--seq", "16", "--lr", "3e-3",
                               "--save", str(tmp_path / "more"), "--log", str(log)],
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
-        assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [7, 8]
+        assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, 9))  # appended
         assert "trained steps 7..8" in run.stdout, run.stdout
+        assert "--resume" in run.stderr and "this run changes steps 6 -> 8" in run.stderr, run.stderr
 
 
 # Resume: a run saved at step 2 of 4, continued under other layouts and providers.
@@ -186,7 +193,7 @@ RESUMES = {  # name: (layout, provider, the saved run's provider)
 }
 
 
-def _job(checkpoint, stream, layout, provider, steps, save, log, resume=False) -> TrainArgs:
+def _job(checkpoint, stream, layout, provider, steps, save, log, resume=None) -> TrainArgs:
     """A constant schedule after warmup: a step's rate must not depend on how many steps the run was told."""
     return TrainArgs(str(checkpoint), layout, Provide(provider), stream, steps, 3e-3, str(save), warmup=1,
                      weight_decay=0.1, log=str(log), resume=resume)
@@ -199,38 +206,61 @@ def _losses(log: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def halfway(with_tokenizer, tmp_path_factory):
     """Uninterrupted 4-step runs (resident and zero3, dp 2), each also saving a training checkpoint at step 2."""
+    tmp = tmp_path_factory.mktemp("resume")
+    stream = _resume_stream(with_tokenizer, tmp)
+    full, saved = {}, {}
+    for provider in ("resident", "zero3"):
+        full[provider], saved[provider] = _run_keeping_step_2(with_tokenizer, stream, provider, tmp)
+    return stream, full, saved
+
+
+def _resume_stream(checkpoint: Path, tmp: Path) -> TokenStream:
+    data = tmp / "d.txt"
+    data.write_text("\n\n".join(" ".join(f"t{(i * 7 + j) % 120 + 1}" for j in range(15)) for i in range(20)))
+    return TokenStream.from_file(checkpoint, data, 16, 6, 3)  # 6 windows a step: even over dp 2 and 3
+
+
+def _run_keeping_step_2(checkpoint: Path, stream: TokenStream, provider: str, tmp: Path) -> tuple[list[float], Path]:
+    """An uninterrupted 4-step run at dp 2: its losses, and the training checkpoint it saved at step 2."""
     from train_workers import train_keeping_every_save
 
     from shardwise.launch import launch
 
-    tmp = tmp_path_factory.mktemp("resume")
-    data = tmp / "d.txt"
-    data.write_text("\n\n".join(" ".join(f"t{(i * 7 + j) % 120 + 1}" for j in range(15)) for i in range(20)))
-    stream = TokenStream.from_file(with_tokenizer, data, 16, 6, 3)  # 6 windows a step: even over dp 2 and 3
-    full, saved = {}, {}
-    for provider in ("resident", "zero3"):
-        job = _job(with_tokenizer, stream, Layout(dp=2), provider, 4, tmp / provider, tmp / f"{provider}.jsonl")
-        launch(train_keeping_every_save, 2, dataclasses.replace(job, save_every=2))
-        full[provider], saved[provider] = _losses(tmp / f"{provider}.jsonl"), tmp / f"{provider}-2"
-    return stream, data, full, saved
+    job = _job(checkpoint, stream, Layout(dp=2), provider, 4, tmp / provider, tmp / f"{provider}.jsonl")
+    launch(train_keeping_every_save, 2, dataclasses.replace(job, save_every=2))
+    return _losses(tmp / f"{provider}.jsonl"), tmp / f"{provider}-2"
 
 
-@pytest.mark.parametrize("name", RESUMES)
-def test_resume_continues_the_uninterrupted_run(halfway, tmp_path, name):
+def _resume(checkpoint: Path, stream: TokenStream, layout: Layout, provider: str, saved: Path, tmp: Path
+            ) -> list[float]:
+    """Steps 3 and 4 resumed from ``saved`` under ``layout`` and ``provider``: their losses."""
     from shardwise.launch import launch
     from shardwise.train_run import train_rank
 
-    stream, _, full, saved = halfway
+    job = _job(checkpoint, stream, layout, provider, 4, tmp / "out", tmp / "log.jsonl", resume=str(saved))
+    assert launch(train_rank, layout.world_size, job)["first_step"] == 3
+    assert Record.read(tmp / "out").step == 4
+    return _losses(tmp / "log.jsonl")
+
+
+@pytest.mark.parametrize("name", RESUMES)
+def test_resume_continues_the_uninterrupted_run(with_tokenizer, halfway, tmp_path, name):
+    stream, full, saved = halfway
     layout, provider, saved_by = RESUMES[name]
-    job = _job(saved[saved_by], stream, layout, provider, 4, tmp_path / "out", tmp_path / "log.jsonl", resume=True)
-    result = launch(train_rank, layout.world_size, job)
-    assert result["first_step"] == 3
-    resumed, expected = _losses(tmp_path / "log.jsonl"), full[saved_by][2:]
+    resumed, expected = _resume(with_tokenizer, stream, layout, provider, saved[saved_by], tmp_path), full[saved_by][2:]
     if name.startswith("same layout"):
         assert resumed == expected  # bit for bit
     else:
         assert resumed == pytest.approx(expected, abs=1e-5, rel=0)
-    assert Record.read(tmp_path / "out").step == 4
+
+
+def test_resume_of_a_tied_bf16_model_from_resident_to_zero3(checkpoints, tmp_path):
+    """One tensor for the embedding and the head: its moments saved once, and restored into both providers' plans."""
+    checkpoint = _with_tokenizer(checkpoints["qwen2-tied"], tmp_path / "tied")
+    stream = _resume_stream(checkpoint, tmp_path)
+    full, saved = _run_keeping_step_2(checkpoint, stream, "resident", tmp_path)
+    resumed = _resume(checkpoint, stream, Layout(dp=2), "zero3", saved, tmp_path)
+    assert resumed == pytest.approx(full[2:], abs=1e-5, rel=0)
 
 
 def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_intact(halfway, with_tokenizer, tmp_path):
@@ -249,8 +279,15 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_intact(halfway, w
     assert not [p for p in tmp_path.iterdir() if p not in saves and (p / MANIFEST).exists()]
 
 
-def test_resume_refuses_other_data_and_no_steps_left(halfway, tmp_path):
-    stream, data, _, saved = halfway
+def test_resume_refuses_other_data_and_no_steps_left(halfway, with_tokenizer):
+    from shardwise import load_model
+    from shardwise.optim import AdamW
+    from shardwise.train_state import restore
+
+    stream, _, saved = halfway
+    with load_model(with_tokenizer, progress=False) as model, pytest.raises(ValueError, match="the model was loaded "
+                                                                            "from .*load the model from the training"):
+        restore(saved["resident"], model, AdamW(model.provider))
     record = Record.read(saved["resident"])
     assert record.step == 2
     with pytest.raises(ValueError, match="training on seed 3, but this run has 4: --seed must match"):
@@ -268,7 +305,7 @@ def test_a_weights_only_or_forged_checkpoint_is_not_resumed(halfway, tmp_path):
     from shardwise.sharded import ShardedCheckpoint
     from shardwise.spec import load_spec
 
-    saved = halfway[3]["resident"]
+    saved = halfway[2]["resident"]
     forged = Path(shutil.copytree(saved, tmp_path / "forged"))
     manifest = json.loads((forged / MANIFEST).read_text())
     for record, error in [({}, "no 'train' record: not a training checkpoint"),

@@ -111,8 +111,8 @@ def train_keeping_every_save(job):
     import shardwise.train_run as run
     from shardwise.train_state import save_training
 
-    def keep(model, optimizer, out, stream, overwrite=False):
-        return save_training(model, optimizer, f"{out}-{optimizer.steps}", stream)
+    def keep(model, optimizer, out, stream, overwrite=False, settings=None):
+        return save_training(model, optimizer, f"{out}-{optimizer.steps}", stream, settings=settings)
 
     run.save_training = keep
     return run.train_rank(job)

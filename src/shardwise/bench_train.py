@@ -1,12 +1,14 @@
 """``shardwise bench train``: training tokens/s and peak RSS per rank, against torch FSDP2, in one run.
 
-Three settings train the same model on the same data, one after another in the same
-rank processes: shardwise ``zero3`` and ``resident`` (DDP-like) through ``Trainer`` and
-shardwise's AdamW, and HF's model under torch FSDP2 (``fully_shard`` per decoder layer,
-then the root) with ``torch.optim.AdamW``. All keep fp32 parameters and compute in
-fp32, clip the global gradient norm to 1 and take the same AdamW hyperparameters.
-transformers is imported before the first setting, so every setting's RSS carries the
-same baseline.
+The settings train the same model on the same data, one after another in the same
+rank processes: HF's model under torch FSDP2 (``fully_shard`` per decoder layer, then the
+root) with ``torch.optim.AdamW``, as is and with HF's activation checkpointing
+(``fsdp2_recompute``: ZeRO-3 recomputes each block in its backward, so this is the
+like-for-like memory peer), then shardwise ``zero3`` and ``resident`` (DDP-like) through
+``Trainer`` and shardwise's AdamW. All keep fp32 parameters and compute in fp32, clip the
+global gradient norm to 1 and take the same AdamW hyperparameters. transformers is
+imported before the first setting, so each setting's RSS carries that baseline; FSDP2 runs
+first, so whatever heap a setting leaves behind counts against shardwise's, not FSDP2's.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from .optim import AdamW
 from .spec import load_spec
 from .train import Trainer
 
-TRAIN_SETTINGS = ("zero3", "resident", "fsdp2")
-LR, CLIP = 1e-5, 1.0
+TRAIN_SETTINGS = ("fsdp2", "fsdp2_recompute", "zero3", "resident")
+CLIP = 1.0
 
 
-def bench_train_rank(checkpoint: str, seq: int = 256, batch: int = 1, steps: int = 3, warmup: int = 1) -> list[dict]:
+def bench_train_rank(checkpoint: str, seq: int = 256, batch: int = 1, steps: int = 3, warmup: int = 1,
+                     lr: float = 1e-5) -> list[dict]:
     """One line per setting and a summary (on rank 0); runs on every rank of one DP group.
 
     Each rank trains on its own seeded (batch, seq) ids, the same for every setting. A
@@ -47,24 +50,29 @@ def bench_train_rank(checkpoint: str, seq: int = 256, batch: int = 1, steps: int
     rank = dist.get_rank() if dist.is_initialized() else 0
     vocab = load_spec(checkpoint).vocab
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1000 + rank))
-    lines = [_setting(checkpoint, setting, ids, world, steps, warmup) for setting in TRAIN_SETTINGS]
+    lines = [_setting(checkpoint, setting, ids, world, steps, warmup, lr) for setting in TRAIN_SETTINGS]
     summary: dict = {"setting": "summary", "world": world, "batch": batch, "seq": seq, "steps": steps}
     for line in lines:
         summary[f"{line['setting']}_tokens_per_s"] = line["tokens_per_s"]
         summary[f"{line['setting']}_peak_rss_mb"] = max(line["peak_rss_mb"])
         summary[f"{line['setting']}_train_peak_rss_mb"] = max(line["train_peak_rss_mb"])
-    summary["zero3_over_fsdp2_tokens_per_s"] = summary["zero3_tokens_per_s"] / summary["fsdp2_tokens_per_s"]
-    summary["zero3_over_fsdp2_peak_rss"] = summary["zero3_peak_rss_mb"] / summary["fsdp2_peak_rss_mb"]
+    for peer in ("fsdp2", "fsdp2_recompute"):
+        summary[f"zero3_over_{peer}_tokens_per_s"] = summary["zero3_tokens_per_s"] / summary[f"{peer}_tokens_per_s"]
+        summary[f"zero3_over_{peer}_peak_rss"] = summary["zero3_peak_rss_mb"] / summary[f"{peer}_peak_rss_mb"]
     return lines + [summary]
 
 
-def _setting(checkpoint: str, setting: str, ids: torch.Tensor, world: int, steps: int, warmup: int) -> dict:
+def _setting(checkpoint: str, setting: str, ids: torch.Tensor, world: int, steps: int, warmup: int,
+             lr: float) -> dict:
     _release_freed_memory()
     _reset_peak()
-    make = _fsdp2_step if setting == "fsdp2" else lambda c, w: _shardwise_step(c, setting, w)
-    step, close = make(checkpoint, world)
+    if setting.startswith("fsdp2"):
+        step, close = _fsdp2_step(checkpoint, world, lr, recompute=setting == "fsdp2_recompute")
+    else:
+        step, close = _shardwise_step(checkpoint, setting, world, lr)
     losses = [step(ids) for _ in range(warmup)]
     load_peak = _status_kb("VmHWM") * 1024
+    _release_freed_memory()
     _reset_peak()
     times = []
     for _ in range(steps):
@@ -83,10 +91,10 @@ def _setting(checkpoint: str, setting: str, ids: torch.Tensor, world: int, steps
     return line
 
 
-def _shardwise_step(checkpoint: str, provider: str, world: int):
+def _shardwise_step(checkpoint: str, provider: str, world: int, lr: float):
     """A ``Trainer`` step on DP ``world``: the loss is the mean over every rank's predicted tokens."""
     model = load_model(checkpoint, Layout(dp=world), dtype=torch.float32, provider=provider, progress=False)
-    trainer = Trainer(model, AdamW(model.provider, lr=LR), max_grad_norm=CLIP)
+    trainer = Trainer(model, AdamW(model.provider, lr=lr), max_grad_norm=CLIP)
 
     def step(ids: torch.Tensor) -> float:
         return trainer.step([ids], world * ids.shape[0] * (ids.shape[1] - 1)).loss
@@ -98,7 +106,7 @@ def _shardwise_step(checkpoint: str, provider: str, world: int):
     return step, close
 
 
-def _fsdp2_step(checkpoint: str, world: int):
+def _fsdp2_step(checkpoint: str, world: int, lr: float, recompute: bool):
     """HF's model under FSDP2 with torch's AdamW: its loss is this rank's mean, and FSDP2 averages gradients over
     the ranks, which with equal batches is the same global mean (reported as the ranks' mean, as shardwise's is;
     that exchange of one float per step is timed too)."""
@@ -107,11 +115,14 @@ def _fsdp2_step(checkpoint: str, world: int):
     from torch.distributed.fsdp import fully_shard
 
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    if recompute:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
     mesh = init_device_mesh("cpu", (world,))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)  # weight decay 0.01, as shardwise's AdamW
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)  # weight decay 0.01, as shardwise's AdamW
 
     def step(ids: torch.Tensor) -> float:
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -121,7 +132,4 @@ def _fsdp2_step(checkpoint: str, world: int):
         optimizer.zero_grad()
         return statistics.fmean(all_ranks(float(loss.detach())))
 
-    def close() -> None:
-        optimizer.state.clear()
-
-    return step, close
+    return step, lambda: None

@@ -314,7 +314,8 @@ def cmd_bench_generate(args) -> None:
 
 
 def _check_train(args):
-    """Every mistake a train job could make, found before any rank is spawned; the token stream it trains on."""
+    """Every mistake a train job could make, found before any rank is spawned; the token stream it trains on, and
+    with --resume the saved record."""
     from .data import TokenStream, check_batching
     from .train import TRAINABLE
     from .train_state import Record
@@ -327,7 +328,7 @@ def _check_train(args):
         raise ValueError("--series declares layers of --provider series, which training does not run on")
     _provide(args)
     spec = _plan_everywhere(args.checkpoint, _layout(args), args.provider)
-    check_target(args.save, args.overwrite, [args.checkpoint])
+    check_target(args.save, args.overwrite, [args.checkpoint] + ([args.resume] if args.resume else []))
     if args.log and not Path(args.log).resolve().parent.is_dir():
         raise ValueError(f"--log {args.log}: its directory does not exist")
     check_batching(args.batch, args.dp, args.accumulate)
@@ -336,17 +337,27 @@ def _check_train(args):
         raise ValueError(f"{args.data}: token id {int(stream.windows.max())}, but the model's vocabulary has "
                          f"{spec.vocab} (tokenizer and model disagree)")
     if args.resume:
-        Record.read(args.checkpoint).check_resumable(args.checkpoint, stream, args.steps)
-    return stream
+        shapes = {name: info.shape for name, info in spec.tensors().items()}
+        saved = {name: info.shape for name, info in load_spec(args.resume).tensors().items()}
+        if saved != shapes:
+            raise ValueError(f"--resume {args.resume}: its config.json describes another model than "
+                             f"{args.checkpoint}'s ({len(saved)} tensors against {len(shapes)}, or other shapes)")
+        record = Record.read(args.resume)
+        record.check_resumable(args.resume, stream, args.steps)
+        return stream, record
+    return stream, None
 
 
 def cmd_train(args) -> None:
-    from .train_run import TrainArgs, train_rank
+    from .train_run import TrainArgs, settings, train_rank
 
-    stream = _check_train(args)
+    stream, record = _check_train(args)
     job = TrainArgs(args.checkpoint, _layout(args), _provide(args), stream, args.steps, args.lr, args.save,
                     args.warmup, args.schedule, args.weight_decay, args.clip or None, args.accumulate,
                     args.save_every, args.overwrite, args.log, args.resume)
+    if record is not None and record.changed(settings(job)):
+        log.warning("--resume %s: this run changes %s; the steps from %d on differ from the saved run's plan",
+                    args.resume, ", ".join(record.changed(settings(job))), record.step + 1)
     result = launch(train_rank, _world(args), job)
     _report(f"trained steps {result['first_step']}..{result['steps']} on {len(stream.windows)} windows of "
             f"{args.seq} tokens ({_layout(args)}, {args.provider}): loss {result['first_loss']:.4f} -> "
@@ -532,8 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokenizer; paragraphs joined with its EOS")
     t.add_argument("--steps", type=POSITIVE, required=True, help="optimizer steps in all (with --resume, the saved "
                    "ones included)")
-    t.add_argument("--resume", action="store_true", help="CHECKPOINT is a training checkpoint saved by shardwise "
-                   "train (at any layout): go on from its step, with its AdamW state and the same data")
+    t.add_argument("--resume", metavar="DIR", help="a training checkpoint that shardwise train saved (at any layout) "
+                   "from CHECKPOINT: go on from its step, with its weights and AdamW state, on the same data")
     t.add_argument("--batch", type=POSITIVE, default=8, help="windows per step, over all DP ranks")
     t.add_argument("--seq", type=_bounded(int, 2), default=128, help="tokens per window")
     t.add_argument("--accumulate", type=POSITIVE, default=1, help="micro-batches per step on every DP rank")

@@ -42,12 +42,16 @@ class AdamW:
                                                                   provider.device)
 
     def _state(self, moment: str, name: str) -> torch.Tensor:
-        """The state of the master called ``name``: a held tensor's view, or a ZeRO-3 block's flat buffer."""
+        """The state of the master called ``name``: a held tensor's view, or a ZeRO-3 block's flat buffer.
+
+        The names cannot mix up: a ZeRO-3 plan holds its tensors as ``name@start`` chunks, so a
+        block's name is never a held tensor's, and a resident plan's buffers are its tensors."""
         views = self.moments[moment]
         return views[name] if name in views else self.buffers[moment][name]
 
     def step(self, grads: dict[str, torch.Tensor]) -> None:
-        """One update of every master from ``grads`` (held name -> fully reduced gradient of the same shape)."""
+        """One update of every master from ``grads``: by the names ``provider.master`` gives (held tensors for
+        resident, flat blocks for ZeRO-3), each a fully reduced gradient of the master's shape."""
         self.steps += 1
         provider, blocks = self.provider, list(self.provider.plan.blocks)
         provider.begin_update()

@@ -44,7 +44,7 @@ class TrainArgs:
     save_every: int | None = None
     overwrite: bool = False
     log: str | None = None
-    resume: bool = False  # ``checkpoint`` is a training checkpoint: go on from its step
+    resume: str | None = None  # a training checkpoint of ``checkpoint`` to go on from
 
 
 def learning_rate(step: int, lr: float, steps: int, warmup: int = 0, schedule: str = "constant") -> float:
@@ -58,20 +58,26 @@ def learning_rate(step: int, lr: float, steps: int, warmup: int = 0, schedule: s
     return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
+def settings(job: TrainArgs) -> dict:
+    """What a training checkpoint records of the run beyond its data, for a resume to compare."""
+    return {"steps": job.steps, "lr": job.lr, "warmup": job.warmup, "schedule": job.schedule,
+            "weight_decay": job.weight_decay, "clip": job.clip, "accumulate": job.accumulate}
+
+
 def _first_step(job: TrainArgs, model: Model, optimizer: AdamW) -> int:
     """1, or with ``job.resume`` the step after the saved one, the optimizer's state restored from it."""
     if not job.resume:
         return 1
-    record = restore(job.checkpoint, model, optimizer)
-    record.check_resumable(job.checkpoint, job.stream, job.steps)
+    record = restore(job.resume, model, optimizer)
+    record.check_resumable(job.resume, job.stream, job.steps)
     return record.step + 1
 
 
 def train_rank(job: TrainArgs) -> dict:
     """Train up to step ``job.steps`` on this rank's part of the layout; rank 0's summary is the launch's result."""
     p = job.provide
-    model = load_model(job.checkpoint, job.layout, dtype=torch.float32, progress=False, provider=p.provider,
-                       work_dtype=p.work_dtype, prefetch=p.prefetch, offload=p.offload)
+    model = load_model(job.resume or job.checkpoint, job.layout, dtype=torch.float32, progress=False,
+                       provider=p.provider, work_dtype=p.work_dtype, prefetch=p.prefetch, offload=p.offload)
     rank0 = model.plan.rank == 0
     optimizer = AdamW(model.provider, lr=job.lr, weight_decay=job.weight_decay)
     trainer = Trainer(model, optimizer, max_grad_norm=job.clip)
@@ -79,7 +85,7 @@ def train_rank(job: TrainArgs) -> dict:
     stream, dp, dp_rank = job.stream, job.layout.dp, model.plan.dp_rank
     losses: list[float] = []
     saved = False
-    out = open(job.log, "w") if rank0 and job.log else None  # noqa: SIM115 - closed in the finally
+    out = open(job.log, "a" if job.resume else "w") if rank0 and job.log else None  # noqa: SIM115 - closed in the finally
     bar = progress_meter(rank0, total=job.steps - first + 1, desc="training", unit="step")
     try:
         for step in range(first, job.steps + 1):
@@ -96,9 +102,9 @@ def train_rank(job: TrainArgs) -> dict:
             bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
             bar.update()
             if job.save_every and step % job.save_every == 0 and step < job.steps:
-                save_training(model, optimizer, job.save, stream, overwrite=job.overwrite or saved)
+                save_training(model, optimizer, job.save, stream, job.overwrite or saved, settings(job))
                 saved = True
-        save_training(model, optimizer, job.save, stream, overwrite=job.overwrite or saved)
+        save_training(model, optimizer, job.save, stream, job.overwrite or saved, settings(job))
     finally:  # on failure the launcher stops every rank: no collective teardown to wait on here
         bar.close()
         if out is not None:

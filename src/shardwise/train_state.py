@@ -5,7 +5,9 @@ AdamW moments and bias-correction count, the same data. The masters and moments 
 boxes of a sharded checkpoint (``sharded.State``), so they reshard like any weight. The
 data order follows from (seed, step) alone (``data.TokenStream``) and nothing else in a
 step draws random numbers, so the record needs no RNG state: only the step and what
-identifies the token stream (seed, batch, seq and a digest of its windows).
+identifies the token stream (seed, batch, seq and a digest of its windows). It also keeps
+the run's settings (rate, schedule, clipping, ...), which a resume may change on purpose
+(a lower rate, more steps) but is told about.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ def stream_identity(stream: TokenStream) -> dict:
 
 @dataclass(frozen=True)
 class Record:
-    """A training checkpoint's record: the optimizer steps taken, and the stream they were taken on."""
+    """A training checkpoint's record: the optimizer steps taken, the stream they were taken on, the run's settings."""
 
     step: int
     data: dict
+    settings: dict
 
     @classmethod
     def read(cls, directory: str | Path) -> Record:
@@ -54,7 +57,17 @@ class Record:
                 is_int(data[k]) for k in ("seed", "batch", "seq")) or not isinstance(data["windows"], str):
             raise CheckpointError(f"{where}: field 'train.data' is {shown(data)}, expected integers 'seed', "
                                   "'batch', 'seq' and a 'windows' digest")
-        return cls(step, data)
+        settings = raw.get("settings", {})
+        if not isinstance(settings, dict) or not all(
+                v is None or isinstance(v, (int, float, str)) for v in settings.values()):
+            raise CheckpointError(f"{where}: field 'train.settings' is {shown(settings)}, expected an object of "
+                                  "numbers, strings and nulls")
+        return cls(step, data, settings)
+
+    def changed(self, settings: dict) -> list[str]:
+        """The settings this run gives otherwise than the saved run, each as 'name saved -> given'."""
+        return [f"{k} {self.settings[k]} -> {v}" for k, v in settings.items()
+                if k in self.settings and self.settings[k] != v]
 
     def check_resumable(self, directory: str | Path, stream: TokenStream, steps: int) -> None:
         """Refuse a resume that would not continue the saved run: other data, or no steps left to take."""
@@ -70,9 +83,11 @@ class Record:
 
 
 def save_training(model: Model, optimizer: AdamW, out_dir: str | Path, stream: TokenStream,
-                  overwrite: bool = False) -> Path:
-    """Collective: a sharded checkpoint of the fp32 masters, the AdamW moments and the record, at any layout."""
-    record = {"step": optimizer.steps, "data": stream_identity(stream)}
+                  overwrite: bool = False, settings: dict | None = None) -> Path:
+    """Collective: a sharded checkpoint of the fp32 masters, the AdamW moments and the record, at any layout.
+
+    ``settings`` (JSON scalars: the rate, schedule, ...) are kept for ``Record.changed``."""
+    record = {"step": optimizer.steps, "data": stream_identity(stream), "settings": settings or {}}
     return save_sharded(model.weights, out_dir, overwrite, State(optimizer.moments, record))
 
 
@@ -81,6 +96,10 @@ def restore(directory: str | Path, model: Model, optimizer: AdamW) -> Record:
 
     Each rank reads only the boxes of the moments it holds, whatever layout saved them.
     """
+    if model.weights.source_dir is None or Path(model.weights.source_dir).resolve() != Path(directory).resolve():
+        raise ValueError(f"rank {model.plan.rank}: restore({directory!r}): the model was loaded from "
+                         f"{model.weights.source_dir}, so its masters are not the ones this state belongs to; "
+                         "load the model from the training checkpoint itself")
     with ShardedCheckpoint(directory) as ckpt:
         record = Record.of(ckpt)
         ckpt.check_state(model.plan.spec, MOMENTS)
