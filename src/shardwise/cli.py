@@ -356,7 +356,7 @@ def cmd_train(args) -> None:
                     args.warmup, args.schedule, args.weight_decay, args.clip or None, args.accumulate,
                     args.save_every, args.overwrite, args.log, args.resume)
     if record is not None and record.changed(settings(job)):
-        log.warning("--resume %s: this run changes %s; the steps from %d on differ from the saved run's plan",
+        log.warning("--resume %s: this run changes %s (steps %d on follow this run's settings, not the saved run's)",
                     args.resume, ", ".join(record.changed(settings(job))), record.step + 1)
     result = launch(train_rank, _world(args), job)
     _report(f"trained steps {result['first_step']}..{result['steps']} on {len(stream.windows)} windows of "
