@@ -39,10 +39,11 @@ def test_bench_zero3_reports_every_setting(checkpoints):
 
 
 def test_bench_train_reports_every_setting_training_alike(checkpoints):
-    from shardwise.bench_train import TRAIN_SETTINGS, bench_train_rank
+    from shardwise.bench_train import TRAIN_SETTINGS, bench_train_rank, train_summary
 
     # a rate large enough that clipping, weight decay and the moments all shape the later losses
     lines = launch(bench_train_rank, 2, str(checkpoints["llama-untied"]), 8, 1, 2, 1, 3e-2)
+    lines.append(train_summary(lines, 2, 1, 8, 2))
     json.dumps(lines)
     by = {line["setting"]: line for line in lines}
     assert list(by) == [*TRAIN_SETTINGS, "summary"]

@@ -6,9 +6,10 @@ root) with ``torch.optim.AdamW``, as is and with HF's activation checkpointing
 (``fsdp2_recompute``: ZeRO-3 recomputes each block in its backward, so this is the
 like-for-like memory peer), then shardwise ``zero3`` and ``resident`` (DDP-like) through
 ``Trainer`` and shardwise's AdamW. All keep fp32 parameters and compute in fp32, clip the
-global gradient norm to 1 and take the same AdamW hyperparameters. transformers is
-imported before the first setting, so each setting's RSS carries that baseline; FSDP2 runs
-first, so whatever heap a setting leaves behind counts against shardwise's, not FSDP2's.
+global gradient norm to 1 and take the same AdamW hyperparameters. ``shardwise bench
+train`` launches each setting in fresh rank processes (a setting run after another
+inherits heap the allocator has not returned: 0.7 GB per rank after FSDP2's, measured),
+all with transformers imported, so every setting's RSS carries the same baseline.
 """
 
 from __future__ import annotations
@@ -31,26 +32,31 @@ CLIP = 1.0
 
 
 def bench_train_rank(checkpoint: str, seq: int = 256, batch: int = 1, steps: int = 3, warmup: int = 1,
-                     lr: float = 1e-5) -> list[dict]:
-    """One line per setting and a summary (on rank 0); runs on every rank of one DP group.
+                     lr: float = 1e-5, settings: tuple[str, ...] = TRAIN_SETTINGS) -> list[dict]:
+    """One line per setting (on rank 0); runs on every rank of one DP group.
 
     Each rank trains on its own seeded (batch, seq) ids, the same for every setting. A
     setting's step time is the largest of the ranks' median over ``steps`` timed steps
     (each after a barrier, following ``warmup`` untimed ones); tokens/s counts every
     rank's tokens. ``losses`` (every step's global mean) show that the settings train
-    alike: the first is the same for all, the later ones close. ``peak_rss_mb`` is each
-    rank's high-water mark over the whole setting (loading included),
-    ``train_peak_rss_mb`` over the timed steps alone.
+    alike. ``peak_rss_mb`` is each rank's high-water mark over the whole setting (loading
+    included), ``train_peak_rss_mb`` over the timed steps alone. The command runs each
+    setting in processes of its own, so no setting inherits another's heap.
     """
     import transformers  # noqa: F401 - the same import baseline under every setting
 
-    if seq < 2 or batch < 1 or steps < 1 or warmup < 0:
-        raise ValueError(f"seq {seq} must be >= 2, batch {batch} and steps {steps} >= 1, warmup {warmup} >= 0")
+    if seq < 2 or batch < 1 or steps < 1 or warmup < 0 or not set(settings) <= set(TRAIN_SETTINGS):
+        raise ValueError(f"seq {seq} must be >= 2, batch {batch} and steps {steps} >= 1, warmup {warmup} >= 0, "
+                         f"settings {settings} among {TRAIN_SETTINGS}")
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     vocab = load_spec(checkpoint).vocab
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1000 + rank))
-    lines = [_setting(checkpoint, setting, ids, world, steps, warmup, lr) for setting in TRAIN_SETTINGS]
+    return [_setting(checkpoint, setting, ids, world, steps, warmup, lr) for setting in settings]
+
+
+def train_summary(lines: list[dict], world: int, batch: int, seq: int, steps: int) -> dict:
+    """The headline figures of every setting's line, and zero3's against both FSDP2 settings."""
     summary: dict = {"setting": "summary", "world": world, "batch": batch, "seq": seq, "steps": steps}
     for line in lines:
         summary[f"{line['setting']}_tokens_per_s"] = line["tokens_per_s"]
@@ -59,7 +65,7 @@ def bench_train_rank(checkpoint: str, seq: int = 256, batch: int = 1, steps: int
     for peer in ("fsdp2", "fsdp2_recompute"):
         summary[f"zero3_over_{peer}_tokens_per_s"] = summary["zero3_tokens_per_s"] / summary[f"{peer}_tokens_per_s"]
         summary[f"zero3_over_{peer}_peak_rss"] = summary["zero3_peak_rss_mb"] / summary[f"{peer}_peak_rss_mb"]
-    return lines + [summary]
+    return summary
 
 
 def _setting(checkpoint: str, setting: str, ids: torch.Tensor, world: int, steps: int, warmup: int,

@@ -455,12 +455,14 @@ def _print_settings(rows: list[dict], as_json: bool, describe) -> None:
 
 
 def cmd_bench_train(args) -> None:
-    from .bench_train import bench_train_rank
+    from .bench_train import TRAIN_SETTINGS, bench_train_rank, train_summary
 
     _plan_everywhere(args.checkpoint, Layout(dp=args.world), "zero3")
     warm_page_cache(args.checkpoint)
-    rows = launch(bench_train_rank, args.world, args.checkpoint, args.seq, args.batch, args.steps, args.warmup)
-    _print_settings(rows, args.json, lambda row: f"{row['setting']:>8}: {row['tokens_per_s']:.1f} tokens/s, "
+    rows = [launch(bench_train_rank, args.world, args.checkpoint, args.seq, args.batch, args.steps, args.warmup,
+                   1e-5, (setting,))[0] for setting in TRAIN_SETTINGS]  # fresh processes each: no inherited heap
+    rows.append(train_summary(rows, args.world, args.batch, args.seq, args.steps))
+    _print_settings(rows, args.json, lambda row: f"{row['setting']:>15}: {row['tokens_per_s']:.1f} tokens/s, "
                     f"{row['step_s']:.2f} s per step, peak RSS {row['peak_rss_mb']} MiB (training "
                     f"{row['train_peak_rss_mb']} MiB)")
 
