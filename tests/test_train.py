@@ -59,3 +59,15 @@ def test_clipping_and_accumulation_match_hf(checkpoints, provider):
     for name, out in zip(names, found):
         assert out["rank 0"]["clipped"], f"{name}: the norm never exceeded {CLIP}, so clipping went untested"
         check(out, f"{name} {provider} clip={CLIP} micro=2")
+
+
+def test_zero3_trains_in_any_work_dtype(checkpoints):
+    """fp32 masters, gathered and computed in bf16 (or gathered as fp8 / int8): the same descent as fp32 work, to
+    the work dtype's precision; the quantized gathers re-derive their scales from the updated masters each step."""
+    import torch
+
+    dtypes = [None, torch.bfloat16, torch.float8_e4m3fn, torch.int8]
+    fp32, *others = launch(tw.zero3_losses_by_work_dtype, 2, str(checkpoints["qwen3-untied"]), dtypes)
+    assert fp32[-1] < fp32[0] - 1, fp32
+    for dtype, losses in zip(dtypes[1:], others):
+        assert losses == pytest.approx(fp32, rel=2e-2), f"{dtype}: {losses} against fp32 work {fp32}"

@@ -169,6 +169,17 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
         changed = [n for n in before.weights.tensors if not torch.equal(before.weights.tensors[n],
                                                                         after.weights.tensors[n])]
     assert changed, "the saved checkpoint is the untrained one"
+    if provider == "resident":  # the training checkpoint exports to HF, which transformers loads as trained
+        import transformers
+
+        hf = tmp_path / "hf"
+        run = subprocess.run([sys.executable, "-m", "shardwise.cli", "export", str(out), str(hf)],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+        ids = torch.arange(1, 17).reshape(2, 8)
+        with load_model(out, progress=False) as trained, torch.no_grad():
+            torch.testing.assert_close(hf_model(input_ids=ids).logits, trained(ids), rtol=1e-5, atol=1e-5)
     if provider == "zero3":  # and go on from it, resident at tp 2, two steps more
         run = subprocess.run([sys.executable, "-m", "shardwise.cli", "train", str(with_tokenizer), "--resume", str(out),
                               "--data", str(data),

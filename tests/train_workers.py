@@ -116,3 +116,15 @@ def train_keeping_every_save(job):
 
     run.save_training = keep
     return run.train_rank(job)
+
+
+def zero3_losses_by_work_dtype(checkpoint: str, work_dtypes: list) -> list[list[float]]:
+    """4 zero3 steps at dp 2 from the same fp32 masters for each work dtype (None: the masters' own)."""
+    out = []
+    for work_dtype in work_dtypes:
+        with load_model(checkpoint, Layout(dp=2), dtype=torch.float32, provider="zero3", work_dtype=work_dtype,
+                        progress=False) as model:
+            trainer = Trainer(model, AdamW(model.provider, **HYPER), max_grad_norm=1.0)
+            out.append([trainer.step([batch(0)[dist.get_rank()::2]], BATCH * (SEQ - 1)).loss for _ in range(4)])
+            trainer.close()
+    return out
