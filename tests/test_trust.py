@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,25 @@ def test_stale_temporary_directories_of_dead_writers_are_removed(tmp_path):
     assert not stale.exists(), "the temporary directory of a dead writer was left behind"
     assert live.exists(), "the temporary directory of a live writer was removed"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json"]
+
+
+def test_a_write_killed_while_removing_the_checkpoint_it_replaced_leaves_it_to_the_next_write(tmp_path):
+    out = tmp_path / "out"
+    killed = (
+        "import os, sys\nfrom pathlib import Path\nimport shardwise.publish as pub\n"
+        "from shardwise.collective_write import write_checkpoint\n"
+        "def write(text):\n"
+        "    return [('writing data', lambda tmp: (tmp / 'config.json').write_text(text)),\n"
+        "            ('writing weights', lambda tmp: (tmp / 'model.safetensors').write_bytes(b'x'))]\n"
+        "out = Path(sys.argv[1])\nwrite_checkpoint(out, write('{\"old\": 1}'))\n"
+        "pub.remove_checkpoint = lambda old: os._exit(9)  # killed just as the old checkpoint's removal starts\n"
+        "write_checkpoint(out, write('{}'), overwrite=True)\n")
+    assert subprocess.run([sys.executable, "-c", killed, str(out)], timeout=120).returncode == 9
+    (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
+    assert (left / OWNER_FILE).exists() and (out / "config.json").read_text() == "{}"
+    write_checkpoint(out, [("writing data", lambda tmp: (tmp / "model.safetensors").write_bytes(b"x"))],
+                     overwrite=True)
+    assert not left.exists(), "the replaced checkpoint a killed write was removing was left behind"
 
 
 def _fault_cases() -> list[tuple[str, str, int, str]]:

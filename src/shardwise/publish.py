@@ -19,6 +19,7 @@ data safe:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import glob
@@ -163,6 +164,8 @@ def publish(tmp: Path, out: Path, mode: Mode) -> None:
         log.warning("%s: published, but its directory entry could not be synced (%s)", out, e)
     (out / OWNER_FILE).unlink(missing_ok=True)  # kept until now, so a crash never leaves an unowned temp dir
     if old is not None:
+        with contextlib.suppress(OSError):  # owned like a temp dir while removed: a kill leaves it to the next write
+            (old / OWNER_FILE).write_text(json.dumps(_owner(out)))
         remove_checkpoint(old)
 
 
@@ -177,7 +180,7 @@ def remove_checkpoint(directory: Path) -> None:
         log.warning("%s: the replaced target is not a plain directory any more; left as it is", directory)
         return
     try:
-        for p in directory.iterdir():
+        for p in sorted(directory.iterdir(), key=lambda p: p.name == OWNER_FILE):  # the owner file last
             if is_checkpoint_file(p):
                 p.unlink()
         directory.rmdir()
