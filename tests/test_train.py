@@ -9,6 +9,7 @@ more run per provider clips the gradient norm and accumulates micro-batches.
 from __future__ import annotations
 
 import pytest
+import torch
 import train_workers as tw
 
 from shardwise import launch
@@ -61,11 +62,30 @@ def test_clipping_and_accumulation_match_hf(checkpoints, provider):
         check(out, f"{name} {provider} clip={CLIP} micro=2")
 
 
+def test_clipped_norm_counts_a_kv_head_replicated_over_tp_once(tmp_path):
+    """2 query heads over 1 KV head at tp 2: both TP ranks hold the KV head, and ZeRO-3 at dp 3 cuts their flat
+    blocks (of different sizes: the odd ffn splits 51/50) at different edges, so the same k/v_proj elements sit
+    in overlapping, unequal boxes (4096 elements owned twice by a per-region rule). The gradient norm
+    must count them once: equal to resident dp 1's and to torch's clip_grad_norm_ on HF's gradients."""
+    import transformers
+    from conftest import VOCAB
+
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
+                                      intermediate_size=101, num_hidden_layers=2, initializer_range=0.1)
+    torch.manual_seed(7)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mqa")
+    path = str(tmp_path / "mqa")
+    single = tw.train(path, 1, 1, "resident", CLIP)["rank 0"]
+    sharded = launch(tw.train_all, 6, [path], 2, 3, "zero3", CLIP, timeout=600)[0]
+    for what, found in (("resident dp=1", {"rank 0": single}), ("zero3 tp=2 dp=3", sharded)):
+        assert found["rank 0"]["clipped"], f"{what}: the norm never exceeded {CLIP}, so clipping went untested"
+        check(found, what)
+    assert sharded["rank 0"]["norms"] == pytest.approx(single["norms"], rel=1e-5)
+
+
 def test_zero3_trains_in_any_work_dtype(checkpoints):
     """fp32 masters, gathered and computed in bf16 (or gathered as fp8 / int8): the same descent as fp32 work, to
     the work dtype's precision; the quantized gathers re-derive their scales from the updated masters each step."""
-    import torch
-
     dtypes = [None, torch.bfloat16, torch.float8_e4m3fn, torch.int8]
     fp32, *others = launch(tw.zero3_losses_by_work_dtype, 2, str(checkpoints["qwen3-untied"]), dtypes)
     assert fp32[-1] < fp32[0] - 1, fp32

@@ -199,31 +199,6 @@ def test_quantized_gathers_compute_the_documented_quantization(worlds, mesh, dty
     assert not bad, bad
 
 
-def divergences(worlds: Worlds, mesh: Mesh, dtype: torch.dtype) -> list[str]:
-    """Where quantized greedy tokens leave the fp32 ones: checkpoint, row, step, and fp32's top-2 logit margin."""
-    out = []
-    for name, o in exact(worlds, mesh)[0].items():
-        prompt, ref, got = o["ids"].shape[1], o["resident"][1], o[f"quantized {dtype}"][1]
-        for row in range(ref.shape[0]):
-            steps = (ref[row, prompt:] != got[row, prompt:]).nonzero()
-            if len(steps):
-                step = int(steps[0])
-                margin = o["margins"][row, step].item()
-                spread = o["resident"][0][row].std().item()
-                out.append(f"{name} row {row} step {step}: fp32 top-2 margin {margin:.4f} (logit std {spread:.2f})")
-    return out
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "not a shardwise bug: on these tiny random checkpoints the fp8/int8 weight error flips near-tied greedy "
-    "choices (fp8 on ~all of them, int8 on ~60%); the gathers themselves are exact, as "
-    "test_quantized_gathers_compute_the_documented_quantization proves. Run with --runxfail for the margins."))
-def test_quantized_greedy_tokens_match_fp32(worlds):
-    """16 greedy steps with fp8 and with int8 gathers pick the fp32 resident model's tokens on every checkpoint."""
-    bad = [f"{dtype}: {where}" for dtype in zw.QUANTIZED for where in divergences(worlds, (1, 1, 1), dtype)]
-    assert not bad, "greedy tokens leave fp32's:\n" + "\n".join(bad)
-
-
 # 3. Round trip through master-shard boxes.
 
 

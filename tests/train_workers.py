@@ -75,7 +75,7 @@ def train(path: str, tp: int, dp: int, provider: str = "resident", clip: float |
                 worst = max(worst, float((got[box.local_index()] - want).abs().max() / scale))
     out = {"loss": max(abs(a - b) / abs(b) for a, b in zip(losses, expected_losses)), "weights": worst,
            "norm": max(abs(a - b) / abs(b) for a, b in zip(norms, expected_norms)), "clipped": norms[0] > (clip or 1e9),
-           "losses": losses, "expected": expected_losses}
+           "losses": losses, "expected": expected_losses, "norms": norms}
     if not dist.is_initialized():
         return {"rank 0": out}
     everyone: list = [None] * dist.get_world_size()

@@ -134,8 +134,11 @@ def scales(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def documented_bound(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """quant.py's elementwise error bound, plus the slack of the two fp32 roundings it documents."""
+    """quant.py's elementwise error bound, plus the slack of the two fp32 roundings it documents; 1-D tensors travel
+    unquantized (only a zero-width bound, against a zero error)."""
     x = x.float()
+    if x.dim() == 1:
+        return torch.full_like(x, 1e-300, dtype=torch.float64)
     s = scales(x, dtype).expand_as(x)
     bound = s / 2 if dtype == torch.int8 else torch.maximum(x.abs() / 16, s / 512)
     return bound.double() + ROUNDING * (x.abs() + s).double()
@@ -156,18 +159,13 @@ def worst_error(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], dtyp
 
 
 def emulated(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x quantized and dequantized exactly as quant.py documents: ``q * s`` formed in fp32."""
+    """x quantized and dequantized exactly as quant.py documents: ``q * s`` formed in fp32; 1-D tensors as they are."""
+    if x.dim() == 1:
+        return x
     s = scales(x, dtype)
     q = (x.float() / s).clamp(-LIMITS[dtype], LIMITS[dtype])
     q = q.round() if dtype == torch.int8 else q.to(dtype).float()
     return (q * s).to(x.dtype)
-
-
-def top2_margins(model: Model, tokens: torch.Tensor, prompt: int) -> torch.Tensor:
-    """(batch, steps): top-1 minus top-2 logit where each greedy token was chosen, recomputed without a cache."""
-    logits = model(tokens[:, :-1])[:, prompt - 1:]
-    top = logits.topk(2, dim=-1).values
-    return top[..., 0] - top[..., 1]
 
 
 def compare_checkpoint(path: str, layout: Layout, ids: torch.Tensor, steps: int, quantized: bool) -> dict[str, Any]:
@@ -177,8 +175,6 @@ def compare_checkpoint(path: str, layout: Layout, ids: torch.Tensor, steps: int,
         ids = replica_ids(ids, layout, resident.spec.vocab)
         out["ids"] = ids
         out["resident"] = outputs(resident, ids, steps)
-        if quantized:
-            out["margins"] = top2_margins(resident, out["resident"][1], ids.shape[1])
         reference = work_tensors(resident)
         with counting_reads() as reads:
             zero3 = load_model(path, layout, provider="zero3", progress=False)
@@ -330,3 +326,12 @@ def zero3_matches_resident(path: str, layout: Layout, ids: torch.Tensor) -> tupl
     with load_model(path, layout, dtype=torch.bfloat16, progress=False) as resident:
         want = resident(ids)
     return bool(torch.equal(got, want)), transfer
+
+
+def logits_by_work_dtype(path: str, dp: int, ids: torch.Tensor, work_dtypes: list) -> list[torch.Tensor]:
+    """fp32 masters sharded over ``dp`` ranks, the logits of ``ids`` with each work dtype's gathers (None: fp32)."""
+    out = []
+    for work_dtype in work_dtypes:
+        with load_model(path, Layout(dp=dp), provider="zero3", work_dtype=work_dtype, progress=False) as model:
+            out.append(model(ids))
+    return out

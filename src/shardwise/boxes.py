@@ -48,6 +48,25 @@ class Box:
         offset = tuple(o + a - s for o, a, s in zip(self.offset, lo, self.start))
         return Box(self.source, lo, hi, offset)
 
+    def minus(self, start: tuple[int, ...], stop: tuple[int, ...]) -> list[Box]:
+        """The parts of this box outside the source range ``start:stop``: disjoint boxes, placed where they land.
+
+        Peeling one dimension at a time (the slab below the range, the slab above, then
+        narrowing to the range in that dimension) gives at most two boxes per dimension.
+        """
+        if self.intersect(start, stop) is None:
+            return [self]
+        out: list[Box] = []
+        lo, hi = list(self.start), list(self.stop)
+        for d in range(len(lo)):
+            if lo[d] < start[d]:
+                out.append(self.intersect(tuple(lo), (*hi[:d], start[d], *hi[d + 1 :])))
+                lo[d] = start[d]
+            if hi[d] > stop[d]:
+                out.append(self.intersect((*lo[:d], stop[d], *lo[d + 1 :]), tuple(hi)))
+                hi[d] = stop[d]
+        return out
+
     def placed_within(self, lo: tuple[int, ...], hi: tuple[int, ...]) -> Box | None:
         """The part of this box that lands inside the *local* range ``lo:hi``, placed relative to ``lo``.
 

@@ -12,6 +12,7 @@ re-derives a split.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -177,24 +178,29 @@ class RankPlan:
         return plan_rank(self.spec, self.layout, rank, self.provider, self.declared)
 
     def owned(self) -> list[tuple[str, Box]]:
-        """This rank's (held tensor, box) pairs whose region no lower rank also holds, each region once.
+        """This rank's (held tensor, box) pairs covering the elements it owns: every element has one owner.
 
-        Every element of the model is owned by exactly one rank: export writes each byte
-        once through it, and a global gradient norm counts each element once. A region is
-        a source range wherever it sits locally (a KV head replicated over TP ranks lands
-        at different offsets of their fused QKV tensors but is the same elements).
+        The owner of an element is the lowest rank that holds it. Ownership is decided per
+        element, not per box: ZeRO-3 cuts each TP rank's flat block at its own chunk edges, so a
+        KV head replicated over TP ranks sits in boxes that overlap without being equal, and
+        a tied embedding sits on the first and the last stage. Each held box less every box
+        of the same tensor that a lower rank (or this rank, earlier) holds is what this rank
+        owns. Export writes each byte once through it, a sharded save stores each element once,
+        and a global gradient norm counts each element once.
         """
-        owner: dict[tuple, int] = {}
-        for rank in range(self.layout.world_size):
+        before: dict[str, list[Box]] = {}
+        for rank in range(self.rank):
             for t in self.peer(rank).tensors.values():
                 for box in t.boxes:
-                    owner.setdefault(box.region, rank)
-        out, seen = [], set()
+                    before.setdefault(box.source, []).append(box)
+        out = []
         for name, t in self.tensors.items():
             for box in t.boxes:
-                if owner[box.region] == self.rank and box.region not in seen:
-                    seen.add(box.region)
-                    out.append((name, box))
+                rest = [box]
+                for other in before.get(box.source, ()):
+                    rest = [part for piece in rest for part in piece.minus(other.start, other.stop)]
+                out += [(name, piece) for piece in rest]
+                before.setdefault(box.source, []).append(box)
         return out
 
     def nbytes(self, dtype: torch.dtype) -> int:
@@ -257,7 +263,13 @@ def plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str = "resid
     """The box lists of every tensor ``rank`` computes with and holds under ``layout`` and ``provider``.
 
     ``series`` declares the layer-sharded series of the ``"series"`` provider, which needs at least one.
+    Plans are cached (they are immutable): ownership and the reductions consult every peer's plan.
     """
+    return _plan_rank(spec, layout, rank, provider, tuple(series))
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str, series: tuple[Series, ...]) -> RankPlan:
     if provider not in PROVIDERS:
         raise LayoutError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDERS)})")
     if (provider == "series") != bool(series):

@@ -1,8 +1,9 @@
 """The sharded checkpoint: one safetensors file per rank, plus a manifest of boxes.
 
-Saving is each rank writing its own tensors in one sequential file, the fastest a
-save can be. The manifest records, for every stored tensor, which box of which HF
-tensor it holds. Loading under another layout (any TP, PP or world size) asks for
+Saving is each rank writing the boxes it owns (``RankPlan.owned``: every element of the
+model is owned by one rank, so replicas are stored once) in one sequential file, the
+fastest a save can be. The manifest records, for every stored tensor, which box of which
+HF tensor it holds. Loading under another layout (any TP, PP or world size) asks for
 boxes of HF tensors; each request is intersected with the stored boxes and becomes
 reads of just the overlapping bytes of the rank files that hold them.
 
@@ -107,6 +108,13 @@ def _check_disjoint(path: Path, name: str, shape: tuple[int, ...], boxes: list[B
 
 def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.safetensors"
+
+
+def stored_name(box: Box) -> str:
+    """The name a rank file stores an owned box under: its HF tensor and where the box starts in it.
+
+    Owned boxes are disjoint, so no two of one rank share a start."""
+    return f"{box.source}@{','.join(map(str, box.start))}"
 
 
 def namespaced(namespace: str, name: str) -> str:
@@ -315,11 +323,8 @@ def manifest(weights: Weights, state: State | None = None) -> dict:
     namespaces = [""] + list(state.tensors if state else [])
     files = []
     for rank in range(layout.world_size):
-        plan = weights.plan.peer(rank)
-        stored = {}
-        for name, t in plan.tensors.items():
-            stored.setdefault((t.shape, t.boxes), (name, t))
-        pieces = [{"tensor": name, **box.to_json()} for name, t in stored.values() for box in t.boxes]
+        pieces = [{"tensor": stored_name(box), **dataclasses.replace(box, offset=(0,) * len(box.offset)).to_json()}
+                  for _, box in weights.plan.peer(rank).owned()]
         pieces += [{**p, "tensor": namespaced(ns, p["tensor"]), "source": namespaced(ns, p["source"])}
                    for ns in namespaces[1:] for p in pieces]
         files.append({"file": rank_file(rank), "rank": rank, "pieces": pieces})
@@ -348,10 +353,12 @@ def save_sharded(weights: Weights, out_dir: str | Path, overwrite: bool = False,
     rank, dtypes = weights.plan.rank, _stored_dtypes(weights, state)
 
     def write_rank_file(tmp: Path) -> None:
-        unique = weights.unique()
-        local = {name: t.to(dtypes[weights.plan.tensors[name].boxes[0].source]) for name, t in unique.items()}
-        for namespace, tensors in (state.tensors if state else {}).items():
-            local |= {namespaced(namespace, name): tensors[name] for name in unique}
+        local = {}
+        for name, box in weights.plan.owned():
+            key, index = stored_name(box), box.local_index()
+            local[key] = weights.tensors[name][index].to(dtypes[box.source])
+            for namespace, tensors in (state.tensors if state else {}).items():
+                local[namespaced(namespace, key)] = tensors[name][index]
         save_safetensors(local, tmp / rank_file(rank))
 
     def finish(tmp: Path) -> None:

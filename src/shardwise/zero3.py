@@ -27,7 +27,7 @@ from .flat import FlatBlock
 from .gather import make_gather
 from .layout import RankPlan
 from .provider import Provider
-from .quant import Quantizer, is_quantized
+from .quant import Quantizer, chunk_bytes, is_quantized
 
 OWN_SLOTS = ("embed", "head")  # gathered into a slot of their own, outside the rotation of the layers
 
@@ -41,11 +41,17 @@ class Sizes:
     work: int
 
 
+def wire_chunk(flat: FlatBlock, master: torch.dtype, work: torch.dtype) -> int:
+    """Bytes each DP rank sends of ``flat``: its chunk in the work dtype, or quantized (``quant``: matrices only)."""
+    return chunk_bytes(flat, master) if is_quantized(work) else flat.chunk * work.itemsize
+
+
 def slot_sizes(flat: FlatBlock, master: torch.dtype, work: torch.dtype, shared: bool) -> Sizes:
     """What gathering ``flat`` needs: a send buffer only when the chunk must be cast or quantized first, and the
     slot is not ``shared`` memory that takes the converted chunk in place."""
-    wire = flat.parts * flat.chunk * work.itemsize
-    send = flat.chunk * work.itemsize if work != master and not shared else 0
+    chunk = wire_chunk(flat, master, work)
+    wire = flat.parts * chunk
+    send = chunk if work != master and not shared else 0
     dequantized = flat.numel * master.itemsize if is_quantized(work) else 0
     return Sizes(wire, send, dequantized)
 
@@ -116,8 +122,8 @@ class Zero3(Provider):
                       for i, (name, s) in enumerate(sizes.items())}
         self.home = {m.name: name for name, flat in plan.flats.items() for m in flat.members}
         self.versions = dict.fromkeys(plan.flats, 0)
-        self.quantizers = ({name: Quantizer(flat, plan.dp_rank, self.wire_dtype) for name, flat in plan.flats.items()}
-                           if is_quantized(self.wire_dtype) else {})
+        self.quantizers = ({name: Quantizer(flat, plan.dp_rank, self.wire_dtype, self.compute)
+                            for name, flat in plan.flats.items()} if is_quantized(self.wire_dtype) else {})
         self.scales: dict[str, tuple[int, torch.Tensor]] = {}
         largest = max((t.numel() for t in masters.values()), default=0)
         self.fetch_buffers = [torch.empty(largest, dtype=self.master_dtype, device=device) for _ in range(2)] \
@@ -167,12 +173,12 @@ class Zero3(Provider):
     def _fill(self, slot: Slot, flat: str) -> None:
         """Start gathering the current version of ``flat`` into ``slot``."""
         slot.flat, slot.version, slot.ready = flat, self.versions[flat], False
-        nbytes = self.plan.flats[flat].chunk * self.wire_dtype.itemsize
+        nbytes = wire_chunk(self.plan.flats[flat], self.master_dtype, self.wire_dtype)
         region = self.transfer.claim(slot.index, nbytes)
         tag = list(self.plan.flats).index(flat) << 32 | self.versions[flat]
         self.transfer.fill(slot.index, self._outgoing(flat, slot.send if region is None else region), tag)
         self.counts["gathers"] += 1
-        self.counts["bytes"] += self.plan.flats[flat].parts * self.plan.flats[flat].chunk * self.wire_dtype.itemsize
+        self.counts["bytes"] += self.plan.flats[flat].parts * nbytes
 
     def _outgoing(self, flat: str, send: torch.Tensor) -> torch.Tensor:
         """This rank's chunk as the gather sends it: the master itself, or cast or quantized into ``send``."""
@@ -181,9 +187,9 @@ class Zero3(Provider):
             master = master.to(self.device, non_blocking=True)
         if self.wire_dtype == self.master_dtype:
             return master
-        send = send[: master.numel() * self.wire_dtype.itemsize]
         if flat in self.quantizers:
             return self.quantizers[flat].quantize(master, self._scales(flat, master), send)
+        send = send[: master.numel() * self.wire_dtype.itemsize]
         send.view(self.wire_dtype).copy_(master)
         return send
 
