@@ -20,6 +20,7 @@ import zero3_workers as zw
 import shardwise.reader as reader
 from shardwise import Layout, Model, ProviderError, RankPlan, export, load_model, load_weights, save_sharded
 from shardwise.series import Series
+from shardwise.sharded import stored_name
 
 Job = zw.Job
 
@@ -262,4 +263,6 @@ def round_trip(src: str, layout: Layout, declared: tuple[str, ...], dirs: dict[s
             load_model(src, layout, progress=False, provider="series", series=series) as hf:
         ids = zw.replica_ids(ids, layout, hf.spec.vocab)
         same = bool(torch.equal(back(ids), hf(ids)))
-    return {"held": sorted(weights.unique()), "same logits": same}
+    plan = weights.plan
+    return {"owned": sorted(stored_name(box) for _, box in plan.owned()), "same logits": same,
+            "sources": {name: sorted({box.source for box in t.boxes}) for name, t in plan.work.items()}}
