@@ -71,3 +71,36 @@ def test_zero3_trains_in_any_work_dtype(checkpoints):
     assert fp32[-1] < fp32[0] - 1, fp32
     for dtype, losses in zip(dtypes[1:], others):
         assert losses == pytest.approx(fp32, rel=2e-2), f"{dtype}: {losses} against fp32 work {fp32}"
+
+
+def test_a_bf16_step_takes_its_loss_in_fp32(checkpoints):
+    """bf16 work weights: the step's loss is the fp32 cross-entropy of the very bf16 logits it computed, summed in
+    fp32 (HF upcasts its logits before the loss); each token's loss rounded to bf16 would be off by far more."""
+    import torch
+    import torch.nn.functional as F
+
+    from shardwise import load_model
+    from shardwise.optim import AdamW
+    from shardwise.train import Trainer
+
+    ids = tw.batch(0)
+    tokens = ids[:, 1:].numel()
+    logits = []
+    with load_model(checkpoints["qwen3-untied"], provider="zero3", work_dtype=torch.bfloat16, progress=False) as model:
+        head = model.head
+
+        def spy(*args, **kwargs):
+            out = head(*args, **kwargs)
+            logits.append(out.detach())
+            return out
+
+        model.head = spy
+        trainer = Trainer(model, AdamW(model.provider, **tw.HYPER))
+        loss = trainer.step([ids], tokens).loss
+        trainer.close()
+    assert len(logits) == 1 and logits[0].dtype == torch.bfloat16
+    per_token = F.cross_entropy(logits[0].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    exact = float(per_token.sum() / tokens)
+    rounded = float(per_token.bfloat16().float().sum() / tokens)
+    assert loss == pytest.approx(exact, rel=1e-6, abs=0)
+    assert abs(rounded - exact) > 100 * 1e-6 * exact, "the data cannot tell fp32 from bf16-rounded losses"
