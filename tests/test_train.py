@@ -104,3 +104,54 @@ def test_a_bf16_step_takes_its_loss_in_fp32(checkpoints):
     rounded = float(per_token.bfloat16().float().sum() / tokens)
     assert loss == pytest.approx(exact, rel=1e-6, abs=0)
     assert abs(rounded - exact) > 100 * 1e-6 * exact, "the data cannot tell fp32 from bf16-rounded losses"
+
+
+def test_a_refused_step_changes_nothing(checkpoints):
+    """AdamW refuses a step it could not finish (a missing gradient or one of another shape, a master not in fp32, a
+    provider that cannot begin an update) before anything changes: the step count its bias correction uses, every
+    master and every moment stay as they were, and the next good step counts as the next one."""
+    import re
+
+    import torch
+
+    from shardwise import load_model
+    from shardwise.optim import AdamW
+    from shardwise.provider import ProviderError
+    from shardwise.train import Trainer
+
+    with load_model(checkpoints["qwen2-untied"], progress=False) as model:
+        provider = model.provider
+        optimizer = AdamW(provider, **tw.HYPER)
+        trainer = Trainer(model, optimizer)
+        trainer.step([tw.batch(0)], tw.BATCH * (tw.SEQ - 1))
+        last = next(iter(provider.masters_at_rest("head")))  # updated last: checked per block, it is found too late
+        good = {name: torch.ones_like(t) for name, t in trainer.grads.items()}
+
+        def state() -> list[dict[str, torch.Tensor]]:
+            held = (provider.tensors, *optimizer.moments.values())
+            return [{n: t.clone() for n, t in tensors.items()} for tensors in held]
+
+        def refused(error: type, message: str, grads: dict[str, torch.Tensor]) -> None:
+            before = state()
+            with pytest.raises(error, match=f"^rank 0: .*{re.escape(message)}"):
+                optimizer.step(grads)
+            assert optimizer.steps == 1, f"{message}: the refused step was counted"
+            for kept, now in zip(before, state()):
+                changed = [n for n in kept if not torch.equal(kept[n], now[n])]
+                assert not changed, f"{message}: a refused step changed {changed}"
+
+        refused(ValueError, f"block 'head': master {last!r}: its gradient is (3,)", good | {last: torch.ones(3)})
+        refused(ValueError, f"block 'head': master {last!r} has no gradient",
+                {n: g for n, g in good.items() if n != last})
+        master = provider.tensors[last]
+        provider.tensors[last] = master.bfloat16()
+        refused(TypeError, f"block 'head': master {last!r} is torch.bfloat16, expected float32", good)
+        provider.tensors[last] = master
+        provider.gather("layers.1")
+        refused(ProviderError, "begin_update() while layers.1 are gathered", good)
+        provider.release("layers.1")
+        before = state()[0]
+        optimizer.step(good)
+        assert optimizer.steps == 2
+        assert all(not torch.equal(before[n], t) for n, t in provider.tensors.items()), "a good step left a master"
+        trainer.close()

@@ -125,6 +125,8 @@ class Provider:
     # The update hooks an optimizer step calls, in this order, for every block it updates.
 
     def begin_update(self) -> None:
+        if self.closed:
+            raise self._fail("begin_update() after close()")
         if self.fetched is not None:
             raise self._fail("begin_update() twice without end_update()")
         if self.held:
@@ -137,6 +139,12 @@ class Provider:
             raise self._fail(f"fetch_master({block!r}) twice without release_master({block!r})")
         self._fetch(block)
         self.fetched.add(block)
+
+    def masters_at_rest(self, block: str) -> dict[str, torch.Tensor]:
+        """The block's master tensors where they live, by the names ``master`` gives them: what an update of the
+        block will change, for checking it before it starts (with offload they are not the ones to update)."""
+        self._block("masters_at_rest", block)
+        return self._at_rest(block)
 
     def master(self, block: str) -> dict[str, torch.Tensor]:
         """The block's master tensors to update in place, by held name (fetched first)."""
@@ -170,8 +178,12 @@ class Provider:
     def _fetch(self, block: str) -> None:
         """Start bringing the block's masters to the device."""
 
-    def _master(self, block: str) -> dict[str, torch.Tensor]:
+    def _at_rest(self, block: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def _master(self, block: str) -> dict[str, torch.Tensor]:
+        """Where the fetched masters are updated: by default where they live."""
+        return self._at_rest(block)
 
     def _write_back(self, block: str) -> None:
         """Start returning the block's updated masters to where they live."""
@@ -205,7 +217,7 @@ class Resident(Provider):
     def _wait(self, block: str) -> dict[str, torch.Tensor]:
         return self.tensors
 
-    def _master(self, block: str) -> dict[str, torch.Tensor]:
+    def _at_rest(self, block: str) -> dict[str, torch.Tensor]:
         """The block's own tensors: an alias (a tied LM head) is updated once, with the block that owns it, and a
         series layer by the rank that stores it."""
         return {n: self.tensors[n] for n in self.plan.blocks[block] if n not in self.plan.alias and n in self.tensors}

@@ -235,9 +235,12 @@ class Zero3(Provider):
         self.fetch_buffers[free[0]][: master.numel()].copy_(master, non_blocking=True)
         self.fetch_slots[block] = free[0]
 
+    def _at_rest(self, block: str) -> dict[str, torch.Tensor]:
+        return {block: self.masters[block]}
+
     def _master(self, block: str) -> dict[str, torch.Tensor]:
         if not self.offload:
-            return {block: self.masters[block]}
+            return self._at_rest(block)
         return {block: self.fetch_buffers[self.fetch_slots[block]][: self.masters[block].numel()]}
 
     def _write_back(self, block: str) -> None:
