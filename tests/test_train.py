@@ -155,3 +155,46 @@ def test_a_refused_step_changes_nothing(checkpoints):
         assert optimizer.steps == 2
         assert all(not torch.equal(before[n], t) for n, t in provider.tensors.items()), "a good step left a master"
         trainer.close()
+
+
+def test_offload_keeps_what_scales_with_the_masters_in_host_memory(checkpoints, monkeypatch):
+    """With offload the fp32 masters, AdamW's moments and the gradient sums live in page-locked host memory; the
+    device keeps the two fetch buffers, one block's moments and gradient, and the per-block gradient buffers. The
+    meta device stands in for an accelerator: its tensors say where they would be, holding no bytes."""
+    import torch
+
+    import shardwise.weights as weights
+    from shardwise import Layout, load_weights
+    from shardwise.comm import Comm
+    from shardwise.model import Model
+    from shardwise.optim import AdamW
+    from shardwise.train import Trainer
+    from shardwise.zero3 import Zero3
+
+    locked: list[torch.Tensor] = []
+
+    def page_locked(nbytes: int) -> torch.Tensor:  # no accelerator here to lock pages for: note what would be
+        locked.append(torch.zeros(nbytes, dtype=torch.uint8))
+        return locked[-1]
+
+    monkeypatch.setattr(weights, "page_locked", page_locked)
+    w = load_weights(checkpoints["llama-tied"], dtype=torch.float32, progress=False, provider="zero3")
+    meta = torch.device("meta")
+    for offload in (False, True):
+        locked.clear()
+        provider = Zero3(w.plan, Comm(Layout(), 0), dict(w.buffers), None, 1, offload, meta)
+        trainer = Trainer(Model(w, Comm(Layout(), 0), provider, meta), AdamW(provider))
+        home = torch.device("cpu") if offload else meta
+        assert (provider.state_device, provider.state_pinned) == (home, offload)
+        scaled = {"gradient sums": trainer.flats, **trainer.optimizer.buffers}
+        arenas = {t.untyped_storage().data_ptr() for t in locked}
+        for role, tensors in scaled.items():
+            assert {t.device for t in tensors.values()} == {home}, f"offload={offload}: {role}"
+            pinned = {t.untyped_storage().data_ptr() in arenas for t in tensors.values()}
+            assert pinned == {offload}, f"offload={offload}: {role} page-locked: {pinned}"
+        assert len(locked) == (3 if offload else 0)
+        on_device = [trainer.dp.full, trainer.dp.part, *provider.fetch_buffers]
+        on_device += [trainer.optimizer.staging] if offload else []
+        assert {t.device for t in on_device} == {meta}
+        assert trainer.optimizer.staging is None or trainer.optimizer.staging.shape == (3, max(
+            t.numel() for t in w.buffers.values()))

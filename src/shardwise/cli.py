@@ -97,7 +97,8 @@ def _provider_args(p: argparse.ArgumentParser) -> None:
                    help="zero3: dtype gathered and computed in (float8_e4m3fn, int8: quantized gathers computed "
                         "in --dtype); default --dtype")
     p.add_argument("--prefetch", type=_bounded(int, 0), default=1, help="zero3: blocks gathered ahead")
-    p.add_argument("--offload", action="store_true", help="zero3: keep the master shards in host memory")
+    p.add_argument("--offload", action="store_true", help="zero3: keep the master shards in host memory (in "
+                   "training, AdamW's moments and the gradient sums too)")
 
 
 def _layout(args) -> Layout:

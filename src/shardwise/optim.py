@@ -6,6 +6,9 @@ never touches parameters directly: each block's masters come from
 ``fetch_master`` / ``master`` and go back with ``release_master``, the next block
 fetched while one is updated, so masters that live off the device (offload) stream
 through two buffers, and ``end_update`` invalidates every work weight derived from them.
+With offload the moments live where the masters do (``provider.state_device``), and so
+do the gradients handed in: each block's moments and gradient visit the device with its
+master, in one set of buffers, and the moments go back.
 
 The moments are laid out as the plan lays out the weights (``weights.allocate``): a
 master a provider names by tensor (resident) or by flat block (ZeRO-3) finds its state
@@ -39,7 +42,10 @@ class AdamW:
         self.moments: dict[str, dict[str, torch.Tensor]] = {}  # moment -> held tensor -> view of it
         for moment in MOMENTS:
             self.buffers[moment], self.moments[moment] = allocate(plan, [torch.float32] * len(plan.buffers),
-                                                                  provider.device)
+                                                                  provider.state_device, provider.state_pinned)
+        largest = max((b.numel for b in plan.buffers), default=0)
+        self.staging = torch.zeros(3, largest, dtype=torch.float32, device=provider.device) if provider.offload \
+            else None  # a block's exp_avg, exp_avg_sq and gradient on the device
 
     def _state(self, moment: str, name: str) -> torch.Tensor:
         """The state of the master called ``name``: a held tensor's view, or a ZeRO-3 block's flat buffer.
@@ -89,8 +95,19 @@ class AdamW:
                                      f"{tuple(master.shape)} torch.float32")
 
     def _update(self, name: str, param: torch.Tensor, grad: torch.Tensor, step: int) -> None:
-        beta1, beta2 = self.betas
         m, v = self._state("exp_avg", name), self._state("exp_avg_sq", name)
+        if self.staging is None:
+            self._adamw(param, m, v, grad, step)
+            return
+        staged = [row[: param.numel()].view(param.shape) for row in self.staging]
+        for row, held in zip(staged, (m, v, grad)):
+            row.copy_(held, non_blocking=True)
+        self._adamw(param, *staged, step)
+        m.copy_(staged[0], non_blocking=True)  # end_update waits for these
+        v.copy_(staged[1], non_blocking=True)
+
+    def _adamw(self, param: torch.Tensor, m: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, step: int) -> None:
+        beta1, beta2 = self.betas
         with torch.no_grad():
             param.mul_(1 - self.lr * self.weight_decay)
             m.lerp_(grad, 1 - beta1)

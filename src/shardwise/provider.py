@@ -41,8 +41,9 @@ class Provider:
     """
 
     prefetch = 0
-    device: torch.device  # where the masters are updated (an optimizer keeps its state there)
+    device: torch.device  # where the masters are updated
     lockstep = False  # whether the DP ranks must make the same calls (their gathers are collective)
+    offload = False  # whether the masters live in host memory, reaching the device only to be updated
 
     def __init__(self, plan: RankPlan, dtype: torch.dtype):
         self.plan, self.dtype = plan, dtype  # dtype: what the work tensors are computed in
@@ -50,6 +51,20 @@ class Provider:
         self.closed = False
         self.fetched: set[str] | None = None  # blocks whose masters an update has fetched; None outside an update
         self.trace: list[tuple[str, str]] | None = None
+
+    @property
+    def state_device(self) -> torch.device:
+        """Where what scales with the masters lives: the masters, and an optimizer's moments and gradient sums.
+
+        Host memory with ``offload``, so the device keeps only what a block needs while it
+        is gathered, computed or updated; else the device.
+        """
+        return torch.device("cpu") if self.offload else self.device
+
+    @property
+    def state_pinned(self) -> bool:
+        """Whether that host memory is page-locked, as an accelerator's asynchronous copies need."""
+        return self.offload and self.device.type != "cpu"
 
     def _fail(self, message: str) -> ProviderError:
         return ProviderError(f"rank {self.plan.rank}: {type(self).__name__}: {message}")

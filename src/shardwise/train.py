@@ -64,14 +64,16 @@ class Trainer:
         self.model, self.optimizer, self.max_grad_norm = model, optimizer, max_grad_norm
         self.recompute = plan.provider == "zero3"
         self.layers = {f"layers.{n}": layer for n, layer in model.layers.items()}
-        self.flats, self.grads = allocate(plan, [torch.float32] * len(plan.buffers), model.device)
+        provider = model.provider  # the gradient sums scale with the masters: they live where those do
+        self.flats, self.grads = allocate(plan, [torch.float32] * len(plan.buffers), provider.state_device,
+                                          provider.state_pinned)
         if not self.recompute:
-            for name, t in model.provider.tensors.items():
+            for name, t in provider.tensors.items():
                 if t.grad is None:
                     t.requires_grad_()
                     t.grad = self.grads[name]
         self.tp = TpGradReducer(plan)
-        self.dp = DpGradReducer(plan, model.comm, self.flats)
+        self.dp = DpGradReducer(plan, model.comm, self.flats, model.device)
         self.owned = [(self.grads[name], box.local_index()) for name, box in plan.owned()]
 
     def step(self, batches: list[torch.Tensor], global_tokens: int) -> StepResult:
