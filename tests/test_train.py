@@ -198,3 +198,43 @@ def test_offload_keeps_what_scales_with_the_masters_in_host_memory(checkpoints, 
         assert {t.device for t in on_device} == {meta}
         assert trainer.optimizer.staging is None or trainer.optimizer.staging.shape == (3, max(
             t.numel() for t in w.buffers.values()))
+
+
+MEMORY = [  # (tp, dp, provider, work dtype, prefetch, offload): replicas, TP, zero3 as it is and offloaded
+    (1, 2, "resident", None, 1, False),
+    (2, 1, "resident", None, 1, False),
+    (1, 2, "zero3", None, 1, False),
+    (1, 2, "zero3", "bfloat16", 2, True),
+]
+
+
+def test_plan_train_is_what_a_step_allocates(checkpoints, monkeypatch, capsys):
+    """`shardwise plan --train` prints, per rank and role, the bytes a Trainer holds after a step; the plan behind it
+    (``training_memory``) equals them to the byte. Gathers through gloo, whose work buffers and staging the plan
+    gives (through shared memory the DP ranks share them)."""
+    import re
+
+    import torch
+
+    from shardwise import Layout, load_spec, plan_rank
+    from shardwise.cli import main
+    from shardwise.train import training_memory
+
+    monkeypatch.setenv("SHARDWISE_SHM", "0")
+    path = str(checkpoints["llama-tied"])  # a tied head: one tensor, counted once
+    measured = launch(tw.step_memory, 2, path, MEMORY, timeout=300)
+    for (tp, dp, provider, work, prefetch, offload), per_rank in zip(MEMORY, measured):
+        argv = ["plan", path, "--tp", str(tp), "--dp", str(dp), "--provider", provider, "--prefetch", str(prefetch),
+                "--train", *(["--work-dtype", work] if work else []), *(["--offload"] if offload else [])]
+        main(argv)
+        lines = capsys.readouterr().out.splitlines()
+        columns = lines[1].split("q/kv heads")[1].split()
+        for rank, got in enumerate(per_rank):
+            what = f"{' '.join(argv[2:])}, rank {rank}"
+            assert min(got.values()) > 0 or provider == "resident", f"{what}: {got}"
+            plan = plan_rank(load_spec(path), Layout(tp=tp, dp=dp), rank, provider)
+            assert training_memory(plan, work and getattr(torch, work), prefetch, offload) == got, what
+            printed = dict(zip(columns, re.findall(r"([\d.]+) MB", lines[2 + rank])))
+            shown = {role: f"{got[role] / 1e6:.2f}" for role in ("gradients", "moments", "work", "staging")}
+            assert {role: printed[role] for role in shown} == shown, what
+            assert printed["total"] == f"{sum(got.values()) / 1e6:.2f}", what

@@ -112,6 +112,10 @@ class DpGradReducer:
             self.part = torch.zeros(max(flat.chunk for flat in plan.flats.values()), dtype=torch.float32,
                                     device=device)
 
+    def nbytes(self) -> int:
+        """Bytes of the buffers a ZeRO-3 block's gradients are summed in: a whole block, and this rank's chunk."""
+        return self.full.nbytes + self.part.nbytes if self.plan.provider == "zero3" else 0
+
     def all_reduce(self, block: str) -> None:
         """Start summing the gradients of ``block``'s own tensors (not an alias of another block's) over DP."""
         if self.comm.layout.dp == 1:

@@ -44,8 +44,13 @@ class AdamW:
             self.buffers[moment], self.moments[moment] = allocate(plan, [torch.float32] * len(plan.buffers),
                                                                   provider.state_device, provider.state_pinned)
         largest = max((b.numel for b in plan.buffers), default=0)
-        self.staging = torch.zeros(3, largest, dtype=torch.float32, device=provider.device) if provider.offload \
-            else None  # a block's exp_avg, exp_avg_sq and gradient on the device
+        self.staging = torch.zeros(len(MOMENTS) + 1, largest, dtype=torch.float32, device=provider.device) \
+            if provider.offload else None  # a block's exp_avg, exp_avg_sq and gradient on the device
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes of the moments, and of the device's copy of one block's state (offload)."""
+        moments = sum(t.nbytes for buffers in self.buffers.values() for t in buffers.values())
+        return {"moments": moments, "staging": 0 if self.staging is None else self.staging.nbytes}
 
     def _state(self, moment: str, name: str) -> torch.Tensor:
         """The state of the master called ``name``: a held tensor's view, or a ZeRO-3 block's flat buffer.

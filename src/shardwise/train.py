@@ -31,13 +31,37 @@ import torch
 import torch.distributed as dist
 
 from .grads import DpGradReducer, TpGradReducer
+from .layout import RankPlan
 from .loss import vocab_parallel_cross_entropy
 from .model import Model
-from .optim import AdamW
+from .optim import MOMENTS, AdamW
 from .provider import short_names
 from .weights import allocate
+from .zero3 import memory_plan
 
 TRAINABLE = ("resident", "zero3")
+FP32 = torch.float32.itemsize
+
+
+def training_memory(plan: RankPlan, work_dtype: torch.dtype | None = None, prefetch: int = 1,
+                    offload: bool = False) -> dict[str, int]:
+    """Bytes a rank's training holds by role, what ``Trainer.nbytes`` measures after a step (activations aside).
+
+    The fp32 masters, their gradient sums and AdamW's moments are each laid out like the
+    masters; under ZeRO-3 come its work buffers and staging (``memory_plan``, as for gloo
+    gathers), the two buffers a block's gradients are summed in over DP (a whole block, and
+    this rank's chunk) and, with offload, the device's copy of one block's moments and gradient.
+    """
+    numel = [b.numel for b in plan.buffers]
+    held = sum(numel) * FP32
+    out = {"masters": held, "gradients": held, "moments": len(MOMENTS) * held, "work": 0, "staging": 0}
+    if plan.provider == "zero3":
+        memory = memory_plan(plan, torch.float32, work_dtype, prefetch, offload)
+        flats = plan.flats.values()
+        summed = (max(f.parts * f.chunk for f in flats) + max(f.chunk for f in flats)) * FP32
+        staged = (len(MOMENTS) + 1) * max(numel) * FP32 if offload else 0
+        out |= {"work": memory["work"], "staging": memory["staging"] + summed + staged}
+    return out
 
 
 @dataclass(frozen=True)
@@ -94,6 +118,13 @@ class Trainer:
         for flat in self.flats.values():
             flat.zero_()
         return StepResult(float(loss), norm)
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes this training holds by role, as ``training_memory`` plans them."""
+        held, optimizer = self.model.provider.nbytes(), self.optimizer.nbytes()
+        return {"masters": held["masters"], "gradients": sum(t.nbytes for t in self.flats.values()),
+                "moments": optimizer["moments"], "work": held["work"],
+                "staging": held["staging"] + self.dp.nbytes() + optimizer["staging"]}
 
     def _micro_batch(self, ids: torch.Tensor, global_tokens: int, last: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch; its share of the global mean loss (detached)."""
