@@ -16,6 +16,9 @@ The step walks the provider's blocks, as the forward does, and then walks them b
   its gathered tensors as leaves, and sums their gradients over DP into this rank's
   master chunk (``grads.DpGradReducer``): ZeRO-3's reduce-scatter.
 
+With offload the gradient sums, like the masters and AdamW's moments, live in host memory
+(``Provider.state_device``), so the device holds only what the block at hand needs.
+
 Within TP the collectives carry their backward and ``TpGradReducer`` sums the regions the
 plan finds partial. The global gradient norm counts each element once, on the rank that
 owns it (``RankPlan.owned``), and clipping scales by ``max_grad_norm / norm`` as torch's
