@@ -91,3 +91,170 @@ def test_zero3_trains_in_any_work_dtype(checkpoints):
     assert fp32[-1] < fp32[0] - 1, fp32
     for dtype, losses in zip(dtypes[1:], others):
         assert losses == pytest.approx(fp32, rel=2e-2), f"{dtype}: {losses} against fp32 work {fp32}"
+
+
+def test_a_bf16_step_takes_its_loss_in_fp32(checkpoints):
+    """bf16 work weights: the step's loss is the fp32 cross-entropy of the very bf16 logits it computed, summed in
+    fp32 (HF upcasts its logits before the loss); each token's loss rounded to bf16 would be off by far more."""
+    import torch
+    import torch.nn.functional as F
+
+    from shardwise import load_model
+    from shardwise.optim import AdamW
+    from shardwise.train import Trainer
+
+    ids = tw.batch(0)
+    tokens = ids[:, 1:].numel()
+    logits = []
+    with load_model(checkpoints["qwen3-untied"], provider="zero3", work_dtype=torch.bfloat16, progress=False) as model:
+        head = model.head
+
+        def spy(*args, **kwargs):
+            out = head(*args, **kwargs)
+            logits.append(out.detach())
+            return out
+
+        model.head = spy
+        trainer = Trainer(model, AdamW(model.provider, **tw.HYPER))
+        loss = trainer.step([ids], tokens).loss
+        trainer.close()
+    assert len(logits) == 1 and logits[0].dtype == torch.bfloat16
+    per_token = F.cross_entropy(logits[0].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    exact = float(per_token.sum() / tokens)
+    rounded = float(per_token.bfloat16().float().sum() / tokens)
+    assert loss == pytest.approx(exact, rel=1e-6, abs=0)
+    assert abs(rounded - exact) > 100 * 1e-6 * exact, "the data cannot tell fp32 from bf16-rounded losses"
+
+
+def test_a_refused_step_changes_nothing(checkpoints):
+    """AdamW refuses a step it could not finish (a missing gradient or one of another shape, a master not in fp32, a
+    provider that cannot begin an update) before anything changes: the step count its bias correction uses, every
+    master and every moment stay as they were, and the next good step counts as the next one."""
+    import re
+
+    import torch
+
+    from shardwise import load_model
+    from shardwise.optim import AdamW
+    from shardwise.provider import ProviderError
+    from shardwise.train import Trainer
+
+    with load_model(checkpoints["qwen2-untied"], progress=False) as model:
+        provider = model.provider
+        optimizer = AdamW(provider, **tw.HYPER)
+        trainer = Trainer(model, optimizer)
+        trainer.step([tw.batch(0)], tw.BATCH * (tw.SEQ - 1))
+        last = next(iter(provider.masters_at_rest("head")))  # updated last: checked per block, it is found too late
+        good = {name: torch.ones_like(t) for name, t in trainer.grads.items()}
+
+        def state() -> list[dict[str, torch.Tensor]]:
+            held = (provider.tensors, *optimizer.moments.values())
+            return [{n: t.clone() for n, t in tensors.items()} for tensors in held]
+
+        def refused(error: type, message: str, grads: dict[str, torch.Tensor]) -> None:
+            before = state()
+            with pytest.raises(error, match=f"^rank 0: .*{re.escape(message)}"):
+                optimizer.step(grads)
+            assert optimizer.steps == 1, f"{message}: the refused step was counted"
+            for kept, now in zip(before, state()):
+                changed = [n for n in kept if not torch.equal(kept[n], now[n])]
+                assert not changed, f"{message}: a refused step changed {changed}"
+
+        refused(ValueError, f"block 'head': master {last!r}: its gradient is (3,)", good | {last: torch.ones(3)})
+        refused(ValueError, f"block 'head': master {last!r} has no gradient",
+                {n: g for n, g in good.items() if n != last})
+        master = provider.tensors[last]
+        provider.tensors[last] = master.bfloat16()
+        refused(TypeError, f"block 'head': master {last!r} is torch.bfloat16, expected float32", good)
+        provider.tensors[last] = master
+        provider.gather("layers.1")
+        refused(ProviderError, "begin_update() while layers.1 are gathered", good)
+        provider.release("layers.1")
+        before = state()[0]
+        optimizer.step(good)
+        assert optimizer.steps == 2
+        assert all(not torch.equal(before[n], t) for n, t in provider.tensors.items()), "a good step left a master"
+        trainer.close()
+
+
+def test_offload_keeps_what_scales_with_the_masters_in_host_memory(checkpoints, monkeypatch):
+    """With offload the fp32 masters, AdamW's moments and the gradient sums live in page-locked host memory; the
+    device keeps the two fetch buffers, one block's moments and gradient, and the per-block gradient buffers. The
+    meta device stands in for an accelerator: its tensors say where they would be, holding no bytes."""
+    import torch
+
+    import shardwise.weights as weights
+    from shardwise import Layout, load_weights
+    from shardwise.comm import Comm
+    from shardwise.model import Model
+    from shardwise.optim import AdamW
+    from shardwise.train import Trainer
+    from shardwise.zero3 import Zero3
+
+    locked: list[torch.Tensor] = []
+
+    def page_locked(nbytes: int) -> torch.Tensor:  # no accelerator here to lock pages for: note what would be
+        locked.append(torch.zeros(nbytes, dtype=torch.uint8))
+        return locked[-1]
+
+    monkeypatch.setattr(weights, "page_locked", page_locked)
+    w = load_weights(checkpoints["llama-tied"], dtype=torch.float32, progress=False, provider="zero3")
+    meta = torch.device("meta")
+    for offload in (False, True):
+        locked.clear()
+        provider = Zero3(w.plan, Comm(Layout(), 0), dict(w.buffers), None, 1, offload, meta)
+        trainer = Trainer(Model(w, Comm(Layout(), 0), provider, meta), AdamW(provider))
+        home = torch.device("cpu") if offload else meta
+        assert (provider.state_device, provider.state_pinned) == (home, offload)
+        scaled = {"gradient sums": trainer.flats, **trainer.optimizer.buffers}
+        arenas = {t.untyped_storage().data_ptr() for t in locked}
+        for role, tensors in scaled.items():
+            assert {t.device for t in tensors.values()} == {home}, f"offload={offload}: {role}"
+            pinned = {t.untyped_storage().data_ptr() in arenas for t in tensors.values()}
+            assert pinned == {offload}, f"offload={offload}: {role} page-locked: {pinned}"
+        assert len(locked) == (3 if offload else 0)
+        on_device = [trainer.dp.full, trainer.dp.part, *provider.fetch_buffers]
+        on_device += [trainer.optimizer.staging] if offload else []
+        assert {t.device for t in on_device} == {meta}
+        assert trainer.optimizer.staging is None or trainer.optimizer.staging.shape == (3, max(
+            t.numel() for t in w.buffers.values()))
+
+
+MEMORY = [  # (tp, dp, provider, work dtype, prefetch, offload): replicas, TP, zero3 as it is and offloaded
+    (1, 2, "resident", None, 1, False),
+    (2, 1, "resident", None, 1, False),
+    (1, 2, "zero3", None, 1, False),
+    (1, 2, "zero3", "bfloat16", 2, True),
+]
+
+
+def test_plan_train_is_what_a_step_allocates(checkpoints, monkeypatch, capsys):
+    """`shardwise plan --train` prints, per rank and role, the bytes a Trainer holds after a step; the plan behind it
+    (``training_memory``) equals them to the byte. Gathers through gloo, whose work buffers and staging the plan
+    gives (through shared memory the DP ranks share them)."""
+    import re
+
+    import torch
+
+    from shardwise import Layout, load_spec, plan_rank
+    from shardwise.cli import main
+    from shardwise.train import training_memory
+
+    monkeypatch.setenv("SHARDWISE_SHM", "0")
+    path = str(checkpoints["llama-tied"])  # a tied head: one tensor, counted once
+    measured = launch(tw.step_memory, 2, path, MEMORY, timeout=300)
+    for (tp, dp, provider, work, prefetch, offload), per_rank in zip(MEMORY, measured):
+        argv = ["plan", path, "--tp", str(tp), "--dp", str(dp), "--provider", provider, "--prefetch", str(prefetch),
+                "--train", *(["--work-dtype", work] if work else []), *(["--offload"] if offload else [])]
+        main(argv)
+        lines = capsys.readouterr().out.splitlines()
+        columns = lines[1].split("q/kv heads")[1].split()
+        for rank, got in enumerate(per_rank):
+            what = f"{' '.join(argv[2:])}, rank {rank}"
+            assert min(got.values()) > 0 or provider == "resident", f"{what}: {got}"
+            plan = plan_rank(load_spec(path), Layout(tp=tp, dp=dp), rank, provider)
+            assert training_memory(plan, work and getattr(torch, work), prefetch, offload) == got, what
+            printed = dict(zip(columns, re.findall(r"([\d.]+) MB", lines[2 + rank])))
+            shown = {role: f"{got[role] / 1e6:.2f}" for role in ("gradients", "moments", "work", "staging")}
+            assert {role: printed[role] for role in shown} == shown, what
+            assert printed["total"] == f"{sum(got.values()) / 1e6:.2f}", what

@@ -24,6 +24,8 @@ from shardwise.train_run import TrainArgs, learning_rate
 from shardwise.train_state import Record
 
 NO_SPAWN = "import sys, shardwise.cli as cli\ncli.launch = lambda *a, **k: sys.exit('SPAWNED')\ncli.main(sys.argv[1:])"
+OTHER_RANDPERM = ("import shardwise.data as data\norder = data.TokenStream.order\n"  # as another torch version might
+                  "data.TokenStream.order = lambda stream, epoch: order(stream, epoch).flip(0)\n")
 
 
 @pytest.fixture(scope="module")
@@ -151,11 +153,10 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
     data = tmp_path / "d.txt"
     data.write_text("\n\n".join(" ".join(f"t{i}" for i in range(1, 16)) for _ in range(20)))
     log, out = tmp_path / "log.jsonl", tmp_path / "trained"
-    run = subprocess.run([sys.executable, "-m", "shardwise.cli", "train", str(with_tokenizer), "--data", str(data),
-                          "--steps", "6", "--dp", "2", "--provider", provider, "--batch", "4", "--seq", "16",
-                          "--accumulate", "2", "--lr", "3e-3", "--warmup", "1", "--save", str(out), "--save-every", "2",
-                          "--log", str(log)],
-                         capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "shardwise.cli", "train", str(with_tokenizer), "--data", str(data), "--steps", "6",
+               "--dp", "2", "--provider", provider, "--batch", "4", "--seq", "16", "--accumulate", "2", "--lr", "3e-3",
+               "--warmup", "1", "--save-every", "2"]
+    run = subprocess.run([*command, "--save", str(out), "--log", str(log)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -180,6 +181,15 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
         ids = torch.arange(1, 17).reshape(2, 8)
         with load_model(out, progress=False) as trained, torch.no_grad():
             torch.testing.assert_close(hf_model(input_ids=ids).logits, trained(ids), rtol=1e-5, atol=1e-5)
+    if provider == "zero3":  # --offload: masters, moments and gradient sums in host memory train the same numbers
+        offloaded = tmp_path / "offloaded"
+        run = subprocess.run([*command, "--offload", "--save", str(offloaded), "--log", str(tmp_path / "off.jsonl")],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert [json.loads(line)["loss"] for line in (tmp_path / "off.jsonl").read_text().splitlines()] == losses
+        files = sorted(f.name for f in out.iterdir())
+        assert sorted(f.name for f in offloaded.iterdir()) == files
+        assert not [f for f in files if (out / f).read_bytes() != (offloaded / f).read_bytes()]
     if provider == "zero3":  # and go on from it, resident at tp 2, two steps more
         run = subprocess.run([sys.executable, "-m", "shardwise.cli", "train", str(with_tokenizer), "--resume", str(out),
                               "--data", str(data),
@@ -321,7 +331,8 @@ def test_a_weights_only_or_forged_checkpoint_is_not_resumed(halfway, tmp_path):
     manifest = json.loads((forged / MANIFEST).read_text())
     for record, error in [({}, "no 'train' record: not a training checkpoint"),
                           ({"step": "2", "data": {}}, "field 'train.step' is str '2', expected an integer >= 1"),
-                          ({"step": 2, "data": {"seed": 1}}, "field 'train.data' is")]:
+                          ({"step": 2, "data": {"seed": 1}}, "field 'train.data' is"),
+                          ({"step": 2, "data": {**manifest["train"]["data"], "order": 7}}, "field 'train.data' is")]:
         (forged / MANIFEST).write_text(json.dumps({**manifest, "train": record}))
         with pytest.raises(CheckpointError, match=re.escape(error)):
             Record.read(forged)
@@ -332,3 +343,22 @@ def test_a_weights_only_or_forged_checkpoint_is_not_resumed(halfway, tmp_path):
     with pytest.raises(CheckpointError, match="exp_avg_sq/.*is missing: not a training checkpoint saved with its "
                                               "optimizer state"):
         ShardedCheckpoint(forged).check_state(load_spec(forged), MOMENTS)
+
+
+def test_resume_refuses_a_randperm_that_orders_the_windows_otherwise(halfway, with_tokenizer, tmp_path):
+    """The record keeps a digest of the order the windows are drawn in: where torch.randperm shuffles otherwise (here
+    reversed), `shardwise train --resume` is refused in one line before any rank starts, instead of training on
+    other batches; with the saving run's order the same command goes ahead."""
+    saved = halfway[2]["resident"]
+    argv = ["train", str(with_tokenizer), "--resume", str(saved), "--data", str(saved.parent / "d.txt"), "--steps",
+            "4", "--dp", "2", "--batch", "6", "--seq", "16", "--seed", "3", "--save", str(tmp_path / "out")]
+    same = subprocess.run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
+    assert same.stderr.splitlines()[-1] == "SPAWNED", same.stderr
+    other = subprocess.run([sys.executable, "-c", OTHER_RANDPERM + NO_SPAWN, *argv], capture_output=True, text=True,
+                           timeout=120)
+    assert other.returncode != 0 and other.stdout == "", other.stderr
+    assert len(other.stderr.splitlines()) == 1, other.stderr
+    assert re.fullmatch(rf"shardwise: ValueError: {re.escape(str(saved))}: saved at step 2 training on order \w+, but "
+                        r"this run has \w+: the order the windows are drawn in \(torch.randperm shuffles them "
+                        r"otherwise here than in the saving run: another torch version\?\) must match to resume\n",
+                        other.stderr), other.stderr

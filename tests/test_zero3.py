@@ -78,6 +78,7 @@ class Worlds:
                 args = (self.paths[name], 1, 1, world, True, PROMPT, ("embed", "layers.1"))
                 jobs["update", world, name] = (zw.update_round_trip, args)
         if world == 2:  # last: a lockstep bug hangs the launch
+            jobs["fail",] = (zw.fail_mid_gather, (self.paths["qwen2-untied"], PROMPT))
             jobs["eos",] = (zw.eos_lockstep, (self.paths, PROMPT, STEPS))
         return jobs
 
@@ -173,6 +174,19 @@ def test_replicas_finishing_at_different_steps_stay_in_lockstep(worlds):
     assert stop < early["together"].shape[1], "replica 0 should have stopped before replica 1"
     assert torch.equal(early["together"][:, :stop], early["alone"])
     assert (early["together"][:, stop:] == eos).all()
+
+
+def test_a_gather_failing_on_one_rank_stops_its_peer_in_seconds(worlds):
+    """Rank 1's part of a shared-memory gather fails as it is filled: rank 0, whose timeout is the launch's, gets an
+    error naming rank 1 within seconds, and rank 1 has given back the slot and counters it took, holding nothing."""
+    peer, failing = worlds.result(2, "fail")
+    assert failing["transfer"] == "ShmGather"
+    assert failing["error"] == "injected failure of rank 1's fill"
+    assert peer["error"] and "ranks [1] failed part-way through a transfer" in peer["error"], peer["error"]
+    assert peer["seconds"] < 10 < TIMEOUT, f"rank 0 waited {peer['seconds']:.1f}s for the rank that failed"
+    assert sum(failing["acquired"]) == 1 and failing["released"] == failing["acquired"], failing
+    assert failing["held"] == [] and not any(failing["users"]) and not any(failing["taken"]), failing
+    assert failing["holding"] == [None] * len(failing["holding"]), "a slot claims the bytes its failed fill never made"
 
 
 # 2. Quantized gathers.

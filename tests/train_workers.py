@@ -128,3 +128,21 @@ def zero3_losses_by_work_dtype(checkpoint: str, work_dtypes: list) -> list[list[
             out.append([trainer.step([batch(0)[dist.get_rank()::2]], BATCH * (SEQ - 1)).loss for _ in range(4)])
             trainer.close()
     return out
+
+
+def step_memory(path: str, settings: list[tuple]) -> list[list[dict[str, int]]]:
+    """For each setting (tp, dp, provider, work dtype name, prefetch, offload): one Trainer step, then every rank's
+    ``Trainer.nbytes()``."""
+    out = []
+    for tp, dp, provider, work, prefetch, offload in settings:
+        with load_model(path, Layout(tp=tp, dp=dp), dtype=torch.float32, progress=False, provider=provider,
+                        work_dtype=work and getattr(torch, work), prefetch=prefetch, offload=offload) as model:
+            trainer = Trainer(model, AdamW(model.provider, **HYPER))
+            lo, hi = split_evenly(BATCH, dp)[model.plan.dp_rank]
+            trainer.step([batch(0)[lo:hi]], BATCH * (SEQ - 1))
+            nbytes = trainer.nbytes()
+            trainer.close()
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, nbytes)
+        out.append(everyone)
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -316,6 +317,28 @@ def update_round_trip(path: str, tp: int, pp: int, dp: int, offload: bool, ids: 
         out["logits after"], out["resident after"] = zero3(ids), resident(ids)
         out["gathers after"] = provider.stats()["gathers"] - before
     return out
+
+
+def fail_mid_gather(path: str, ids: torch.Tensor) -> dict[str, Any]:
+    """ZeRO-3 at dp=2 through shared memory, rank 1's part of the first gather failing as it is filled: each rank's
+    error and how long it took to come, and afterwards the slots and counters of rank 1's transfer."""
+    with load_model(path, Layout(dp=2), provider="zero3", progress=False) as model:
+        provider, transfer = model.provider, model.provider.transfer
+        if rank() == 1:
+            def broken(*args) -> None:
+                raise RuntimeError("injected failure of rank 1's fill")
+
+            transfer.fill = broken
+        start = time.monotonic()
+        try:
+            model(ids)
+            error = None
+        except RuntimeError as e:
+            error = str(e)
+        return {"error": error, "seconds": time.monotonic() - start, "transfer": type(transfer).__name__,
+                "held": sorted(provider.held), "users": [s.users for s in provider.slots.values()],
+                "holding": [s.flat for s in provider.slots.values()], "taken": list(transfer.held),
+                "acquired": list(transfer.acquired), "released": transfer.flags[:, 0, transfer.me].tolist()}
 
 
 def zero3_matches_resident(path: str, layout: Layout, ids: torch.Tensor) -> tuple[bool, str]:

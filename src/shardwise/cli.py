@@ -97,7 +97,8 @@ def _provider_args(p: argparse.ArgumentParser) -> None:
                    help="zero3: dtype gathered and computed in (float8_e4m3fn, int8: quantized gathers computed "
                         "in --dtype); default --dtype")
     p.add_argument("--prefetch", type=_bounded(int, 0), default=1, help="zero3: blocks gathered ahead")
-    p.add_argument("--offload", action="store_true", help="zero3: keep the master shards in host memory")
+    p.add_argument("--offload", action="store_true", help="zero3: keep the master shards in host memory (in "
+                   "training, AdamW's moments and the gradient sums too)")
 
 
 def _layout(args) -> Layout:
@@ -223,19 +224,29 @@ KINDS = {
 }
 
 
-def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Provide | None = None) -> str:
+def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Provide | None = None,
+               train: bool = False) -> str:
     """Bytes each rank will hold, by tensor kind (its masters, under ZeRO-3), plus ZeRO-3's buffers or a series'
-    windows, as a table; under a series, what each series saves."""
+    windows, as a table; under a series, what each series saves. With ``train``, what ``shardwise train`` holds:
+    fp32 masters, their gradient sums, AdamW's moments, and a step's work buffers and staging."""
+    from .train import TRAINABLE, training_memory
+
     spec = load_spec(path)
-    dtype = dtype or spec.dtype
+    dtype = dtype or (torch.float32 if train else spec.dtype)
     provide = provide or Provide()
+    if train and (provide.provider not in TRAINABLE or layout.pp > 1 or dtype != torch.float32):
+        raise ValueError(f"--train plans what shardwise train holds: --provider {' or '.join(TRAINABLE)}, --pp 1 and "
+                         f"float32 masters, not --provider {provide.provider} --pp {layout.pp} --dtype "
+                         f"{str(dtype).removeprefix('torch.')}")
     zero3, series = provide.provider == "zero3", provide.provider == "series"
     columns = ["embedding", "attention", "mlp", "norms", "lm_head"]
-    columns += ["work", "staging"] if zero3 else ["windows"] if series else []
+    columns += ["gradients", "moments", "work", "staging"] if train else ["work", "staging"] if zero3 else \
+        ["windows"] if series else []
     how = provide.provider
     if zero3:
         work = str(provide.work_dtype or dtype).removeprefix("torch.")
         how += f" (work {work}, prefetch {provide.prefetch}{', offload' if provide.offload else ''})"
+    how += ", training" if train else ""
     lines = [f"{spec.arch}: {spec.layers} layers, {spec.heads} heads / {spec.kv_heads} KV heads, vocab {spec.vocab}, "
              f"{layout}, {str(dtype).removeprefix('torch.')}, {how}",
              f"{'rank':>4} {'stage':>5} {'dp':>3} {'tp':>3} {'layers':>9} {'q/kv heads':>10} "
@@ -251,7 +262,11 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
             for (_, shape), name in placed.items():
                 kinds[KINDS[name.split(".")[-1]]] += math.prod(shape) * dtype.itemsize
         total = plan.nbytes(dtype)
-        if zero3:
+        if train:
+            memory = training_memory(plan, provide.work_dtype, provide.prefetch, provide.offload)
+            kinds |= {role: memory[role] for role in ("gradients", "moments", "work", "staging")}
+            total = sum(memory.values())
+        elif zero3:
             memory = memory_plan(plan, dtype, provide.work_dtype, provide.prefetch, provide.offload)
             kinds["work"], kinds["staging"] = memory["work"], memory["staging"]
             total = sum(memory.values())
@@ -264,6 +279,12 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
         heads = f"{plan.heads.n_q}/{plan.heads.n_kv}"
         lines.append(f"{rank:>4} {plan.stage:>5} {plan.dp_rank:>3} {plan.tp_rank:>3} {layers:>9} {heads:>10} "
                      + " ".join(f"{_mb(kinds[c]):>11}" for c in columns) + f" {_mb(total):>11}")
+    if train:
+        lines.append("training: fp32 masters by kind, their gradient sums and AdamW's two moments; work and staging as "
+                     "a step allocates them (zero3: gathered blocks; cast chunks, the per-block DP gradient buffers, "
+                     "offload's fetch and optimizer buffers); activations not counted")
+    if train and provide.offload:
+        lines.append("--offload: masters, gradients and moments are in host memory; the device holds work and staging")
     if zero3 and layout.dp > 1:
         lines.append("work and staging as for gloo gathers; DP ranks on one host share the work buffers in shared "
                      "memory and cast in place, with no staging")
@@ -276,7 +297,7 @@ def _mb(n: int) -> str:
 
 
 def cmd_plan(args) -> None:
-    print(plan_table(args.path, _layout(args), args.dtype, _provide(args)))
+    print(plan_table(args.path, _layout(args), args.dtype, _provide(args), args.train))
 
 
 def _report(message: str) -> None:
@@ -603,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     _layout_args(p)
     p.add_argument("--dtype", type=_dtype, default="float32", help="dtype the ranks will hold, as generate's")
     _provider_args(p)
+    p.add_argument("--train", action="store_true", help="add what shardwise train holds: gradient sums, AdamW "
+                   "moments, a step's work buffers and staging (resident or zero3, float32)")
 
     b = command(sub, "bench", "benchmarks", None).add_subparsers(dest="bench", required=True)
     bl = command(b, "load", "per-rank load time, bytes and peak RSS, against a read floor and HF", cmd_bench_load)

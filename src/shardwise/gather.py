@@ -14,7 +14,9 @@ A shared slot may be overwritten only once every rank is done with what it held.
 make the same calls in the same order (their transfers are collective), so each slot
 counts its acquisitions, releases and fills alike on every rank: a fill waits until
 every peer has released all earlier uses of the slot, and a wait until every peer has
-made the same fill.
+made the same fill. A rank that fails part-way through a transfer gives back what it took
+and raises its failure flag, so its peers stop waiting for it within milliseconds instead
+of at the timeout.
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ class Gather:
     def release(self, slot: int) -> None:
         """A block is done with the slot."""
 
+    def fail(self) -> None:
+        """This rank gave up part-way through a transfer. gloo has no way to say so: a peer's collective waits for
+        its timeout (under ``launch`` the failing rank's error stops every rank at once)."""
+
     def close(self) -> None:
         self.buffers = []
 
@@ -92,8 +98,11 @@ class ShmGather(Gather):
         self.comm, self.mem, self.me, self.timeout, self.what = comm, mem, me, timeout, what
         size, count = comm.layout.dp, len(slot_bytes)
         # Per slot and rank, each on a cache line of its own: uses released, fills made, and what the last fill
-        # holds (a tag), so a rank that left the lockstep is caught instead of reading another block's bytes.
+        # holds (a tag), so a rank that left the lockstep is caught instead of reading another block's bytes;
+        # then per rank, whether it failed part-way through a transfer.
         self.flags = np.ndarray((count, 3, size, FLAG_STRIDE), dtype=np.int64, buffer=mem)[..., 0]
+        self.failed = np.ndarray((size, FLAG_STRIDE), dtype=np.int64, buffer=mem,
+                                 offset=count * 3 * size * FLAG_STRIDE * 8)[:, 0]
         offset = flag_bytes(count, size)
         self.buffers = []
         for n in slot_bytes:
@@ -111,11 +120,16 @@ class ShmGather(Gather):
     def _who(self, slot: int) -> str:
         return f"rank {self.comm.rank}: {self.what}, slot {slot}"
 
+    def _gone(self) -> list[int]:
+        """The ranks that failed part-way through a transfer."""
+        return [self.comm.dp_ranks[r] for r in np.flatnonzero(self.failed)] if self.failed.any() else []
+
+    def _wait_for(self, flags: np.ndarray, target: int, slot: int, ranks: list[int], nap: float = 0.0) -> None:
+        wait_for(flags, target, self.timeout, f"{self._who(slot)}: ranks", ranks, nap, self._gone)
+
     def _free(self, slot: int) -> torch.Tensor:
         """The slot, once no peer still reads what it held."""
-        released = self.flags[slot, 0]
-        wait_for(released, self.acquired[slot] - self.held[slot], self.timeout, f"{self._who(slot)}: ranks",
-                 self.comm.dp_ranks)
+        self._wait_for(self.flags[slot, 0], self.acquired[slot] - self.held[slot], slot, self.comm.dp_ranks)
         return self.buffers[slot]
 
     def _raise(self, slot: int, tag: int) -> None:
@@ -138,7 +152,7 @@ class ShmGather(Gather):
 
     def wait(self, slot: int) -> None:
         """Wait for every rank's fill; a peer that filled the slot with something else is out of lockstep."""
-        wait_for(self.flags[slot, 1], self.fills[slot], self.timeout, f"{self._who(slot)}: ranks", self.comm.dp_ranks)
+        self._wait_for(self.flags[slot, 1], self.fills[slot], slot, self.comm.dp_ranks)
         tags = self.flags[slot, 2]
         if (tags != tags[self.me]).any():
             odd = [self.comm.dp_ranks[r] for r in range(len(tags)) if tags[r] != tags[self.me]]
@@ -149,9 +163,13 @@ class ShmGather(Gather):
         self.held[slot] -= 1
         self.flags[slot, 0, self.me] += 1
 
+    def fail(self) -> None:
+        """Tell the peers this rank gave up part-way through a transfer: their waits end with an error naming it."""
+        self.failed[self.me] = 1
+
     def close(self) -> None:
         """Drop the segment: it is unmapped when the last view of it dies, never under a tensor still in use."""
-        self.buffers, self.flags, self.mem = [], None, None
+        self.buffers, self.flags, self.failed, self.mem = [], None, None, None
 
 
 class ShmBroadcast(ShmGather):
@@ -190,8 +208,7 @@ class ShmBroadcast(ShmGather):
         while (job := self.jobs.get()) is not None:
             slot, done, tensor, nbytes, tag, fill = job
             try:
-                wait_for(self.flags[slot, 0], done, self.timeout, f"{self._who(slot)}: ranks", self.comm.dp_ranks,
-                         nap=self.NAP)
+                self._wait_for(self.flags[slot, 0], done, slot, self.comm.dp_ranks, nap=self.NAP)
                 self.buffers[slot][:nbytes].copy_(tensor.reshape(-1).view(torch.uint8))
             except BaseException as e:  # noqa: BLE001 - handed to the compute thread, which raises it
                 self.failure = e
@@ -210,8 +227,7 @@ class ShmBroadcast(ShmGather):
         source, tag = self.expected[slot]
         if source == self.me:
             return
-        wait_for(self.flags[slot, 1, source : source + 1], self.fills[slot], self.timeout,
-                 f"{self._who(slot)}: ranks", [self.comm.dp_ranks[source]])
+        self._wait_for(self.flags[slot, 1, source : source + 1], self.fills[slot], slot, [self.comm.dp_ranks[source]])
         if self.flags[slot, 2, source] != tag:
             raise RuntimeError(f"{self._who(slot)}: rank {self.comm.dp_ranks[source]} filled it with something else "
                                f"(tag {int(self.flags[slot, 2, source])}, expected {tag}): DP ranks must make the "
@@ -232,7 +248,7 @@ def _aligned(n: int) -> int:
 
 
 def flag_bytes(slots: int, ranks: int) -> int:
-    return _aligned(slots * 3 * ranks * FLAG_STRIDE * 8)
+    return _aligned((slots * 3 + 1) * ranks * FLAG_STRIDE * 8)
 
 
 def make_gather(comm: Comm, slot_bytes: list[int], device: torch.device, what: str,

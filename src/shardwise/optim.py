@@ -6,6 +6,9 @@ never touches parameters directly: each block's masters come from
 ``fetch_master`` / ``master`` and go back with ``release_master``, the next block
 fetched while one is updated, so masters that live off the device (offload) stream
 through two buffers, and ``end_update`` invalidates every work weight derived from them.
+With offload the moments live where the masters do (``provider.state_device``), and so
+do the gradients handed in: each block's moments and gradient visit the device with its
+master, in one set of buffers, and the moments go back.
 
 The moments are laid out as the plan lays out the weights (``weights.allocate``): a
 master a provider names by tensor (resident) or by flat block (ZeRO-3) finds its state
@@ -39,7 +42,15 @@ class AdamW:
         self.moments: dict[str, dict[str, torch.Tensor]] = {}  # moment -> held tensor -> view of it
         for moment in MOMENTS:
             self.buffers[moment], self.moments[moment] = allocate(plan, [torch.float32] * len(plan.buffers),
-                                                                  provider.device)
+                                                                  provider.state_device, provider.state_pinned)
+        largest = max((b.numel for b in plan.buffers), default=0)
+        self.staging = torch.zeros(len(MOMENTS) + 1, largest, dtype=torch.float32, device=provider.device) \
+            if provider.offload else None  # a block's exp_avg, exp_avg_sq and gradient on the device
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes of the moments, and of the device's copy of one block's state (offload)."""
+        moments = sum(t.nbytes for buffers in self.buffers.values() for t in buffers.values())
+        return {"moments": moments, "staging": 0 if self.staging is None else self.staging.nbytes}
 
     def _state(self, moment: str, name: str) -> torch.Tensor:
         """The state of the master called ``name``: a held tensor's view, or a ZeRO-3 block's flat buffer.
@@ -51,8 +62,13 @@ class AdamW:
 
     def step(self, grads: dict[str, torch.Tensor]) -> None:
         """One update of every master from ``grads``: by the names ``provider.master`` gives (held tensors for
-        resident, flat blocks for ZeRO-3), each a fully reduced gradient of the master's shape."""
-        self.steps += 1
+        resident, flat blocks for ZeRO-3), each a fully reduced fp32 gradient of the master's shape.
+
+        A step that cannot finish is refused before anything changes: ``steps``, which the bias
+        correction counts, every master and every moment stay as they were.
+        """
+        self._check(grads)
+        step = self.steps + 1
         provider, blocks = self.provider, list(self.provider.plan.blocks)
         provider.begin_update()
         if blocks:
@@ -61,22 +77,45 @@ class AdamW:
             if i + 1 < len(blocks):
                 provider.fetch_master(blocks[i + 1])  # in flight while this block updates
             for name, master in provider.master(block).items():
-                self._update(name, master, grads[name])
+                self._update(name, master, grads[name], step)
             provider.release_master(block)
         provider.end_update()
+        self.steps = step
 
-    def _update(self, name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
-        if param.dtype != torch.float32:
-            raise TypeError(f"AdamW: master {name!r} is {param.dtype}, expected float32 masters "
-                            "(load with dtype=torch.float32; the work dtype may differ)")
-        if grad.shape != param.shape:
-            raise ValueError(f"AdamW: gradient of {name!r} has shape {tuple(grad.shape)}, expected "
-                             f"{tuple(param.shape)}")
-        beta1, beta2 = self.betas
+    def _check(self, grads: dict[str, torch.Tensor]) -> None:
+        """Every reason an update would stop part-way (a master or a gradient it cannot take), found before it starts;
+        the provider's own refusals come at ``begin_update``, before any master is fetched."""
+        provider = self.provider
+        for block in provider.plan.blocks:
+            for name, master in provider.masters_at_rest(block).items():
+                where = f"rank {provider.plan.rank}: AdamW: block {block!r}: master {name!r}"
+                if master.dtype != torch.float32:
+                    raise TypeError(f"{where} is {master.dtype}, expected float32 masters (load with "
+                                    "dtype=torch.float32; the work dtype may differ)")
+                grad = grads.get(name)
+                if grad is None:
+                    raise ValueError(f"{where} has no gradient")
+                if grad.shape != master.shape or grad.dtype != torch.float32:
+                    raise ValueError(f"{where}: its gradient is {tuple(grad.shape)} {grad.dtype}, expected "
+                                     f"{tuple(master.shape)} torch.float32")
+
+    def _update(self, name: str, param: torch.Tensor, grad: torch.Tensor, step: int) -> None:
         m, v = self._state("exp_avg", name), self._state("exp_avg_sq", name)
+        if self.staging is None:
+            self._adamw(param, m, v, grad, step)
+            return
+        staged = [row[: param.numel()].view(param.shape) for row in self.staging]
+        for row, held in zip(staged, (m, v, grad)):
+            row.copy_(held, non_blocking=True)
+        self._adamw(param, *staged, step)
+        m.copy_(staged[0], non_blocking=True)  # end_update waits for these
+        v.copy_(staged[1], non_blocking=True)
+
+    def _adamw(self, param: torch.Tensor, m: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, step: int) -> None:
+        beta1, beta2 = self.betas
         with torch.no_grad():
             param.mul_(1 - self.lr * self.weight_decay)
             m.lerp_(grad, 1 - beta1)
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (v.sqrt() / (1 - beta2**self.steps) ** 0.5).add_(self.eps)
-            param.addcdiv_(m, denom, value=-self.lr / (1 - beta1**self.steps))
+            denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(self.eps)
+            param.addcdiv_(m, denom, value=-self.lr / (1 - beta1**step))

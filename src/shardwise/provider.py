@@ -41,8 +41,9 @@ class Provider:
     """
 
     prefetch = 0
-    device: torch.device  # where the masters are updated (an optimizer keeps its state there)
+    device: torch.device  # where the masters are updated
     lockstep = False  # whether the DP ranks must make the same calls (their gathers are collective)
+    offload = False  # whether the masters live in host memory, reaching the device only to be updated
 
     def __init__(self, plan: RankPlan, dtype: torch.dtype):
         self.plan, self.dtype = plan, dtype  # dtype: what the work tensors are computed in
@@ -50,6 +51,20 @@ class Provider:
         self.closed = False
         self.fetched: set[str] | None = None  # blocks whose masters an update has fetched; None outside an update
         self.trace: list[tuple[str, str]] | None = None
+
+    @property
+    def state_device(self) -> torch.device:
+        """Where what scales with the masters lives: the masters, and an optimizer's moments and gradient sums.
+
+        Host memory with ``offload``, so the device keeps only what a block needs while it
+        is gathered, computed or updated; else the device.
+        """
+        return torch.device("cpu") if self.offload else self.device
+
+    @property
+    def state_pinned(self) -> bool:
+        """Whether that host memory is page-locked, as an accelerator's asynchronous copies need."""
+        return self.offload and self.device.type != "cpu"
 
     def _fail(self, message: str) -> ProviderError:
         return ProviderError(f"rank {self.plan.rank}: {type(self).__name__}: {message}")
@@ -125,6 +140,8 @@ class Provider:
     # The update hooks an optimizer step calls, in this order, for every block it updates.
 
     def begin_update(self) -> None:
+        if self.closed:
+            raise self._fail("begin_update() after close()")
         if self.fetched is not None:
             raise self._fail("begin_update() twice without end_update()")
         if self.held:
@@ -137,6 +154,12 @@ class Provider:
             raise self._fail(f"fetch_master({block!r}) twice without release_master({block!r})")
         self._fetch(block)
         self.fetched.add(block)
+
+    def masters_at_rest(self, block: str) -> dict[str, torch.Tensor]:
+        """The block's master tensors where they live, by the names ``master`` gives them: what an update of the
+        block will change, for checking it before it starts (with offload they are not the ones to update)."""
+        self._block("masters_at_rest", block)
+        return self._at_rest(block)
 
     def master(self, block: str) -> dict[str, torch.Tensor]:
         """The block's master tensors to update in place, by held name (fetched first)."""
@@ -170,8 +193,12 @@ class Provider:
     def _fetch(self, block: str) -> None:
         """Start bringing the block's masters to the device."""
 
-    def _master(self, block: str) -> dict[str, torch.Tensor]:
+    def _at_rest(self, block: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def _master(self, block: str) -> dict[str, torch.Tensor]:
+        """Where the fetched masters are updated: by default where they live."""
+        return self._at_rest(block)
 
     def _write_back(self, block: str) -> None:
         """Start returning the block's updated masters to where they live."""
@@ -205,7 +232,7 @@ class Resident(Provider):
     def _wait(self, block: str) -> dict[str, torch.Tensor]:
         return self.tensors
 
-    def _master(self, block: str) -> dict[str, torch.Tensor]:
+    def _at_rest(self, block: str) -> dict[str, torch.Tensor]:
         """The block's own tensors: an alias (a tied LM head) is updated once, with the block that owns it, and a
         series layer by the rank that stores it."""
         return {n: self.tensors[n] for n in self.plan.blocks[block] if n not in self.plan.alias and n in self.tensors}

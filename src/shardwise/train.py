@@ -16,6 +16,9 @@ The step walks the provider's blocks, as the forward does, and then walks them b
   its gathered tensors as leaves, and sums their gradients over DP into this rank's
   master chunk (``grads.DpGradReducer``): ZeRO-3's reduce-scatter.
 
+With offload the gradient sums, like the masters and AdamW's moments, live in host memory
+(``Provider.state_device``), so the device holds only what the block at hand needs.
+
 Within TP the collectives carry their backward and ``TpGradReducer`` sums the regions the
 plan finds partial. The global gradient norm counts each element once, on the rank that
 owns it (``RankPlan.owned``), and clipping scales by ``max_grad_norm / norm`` as torch's
@@ -31,13 +34,37 @@ import torch
 import torch.distributed as dist
 
 from .grads import DpGradReducer, TpGradReducer
+from .layout import RankPlan
 from .loss import vocab_parallel_cross_entropy
 from .model import Model
-from .optim import AdamW
+from .optim import MOMENTS, AdamW
 from .provider import short_names
 from .weights import allocate
+from .zero3 import memory_plan
 
 TRAINABLE = ("resident", "zero3")
+FP32 = torch.float32.itemsize
+
+
+def training_memory(plan: RankPlan, work_dtype: torch.dtype | None = None, prefetch: int = 1,
+                    offload: bool = False) -> dict[str, int]:
+    """Bytes a rank's training holds by role, what ``Trainer.nbytes`` measures after a step (activations aside).
+
+    The fp32 masters, their gradient sums and AdamW's moments are each laid out like the
+    masters; under ZeRO-3 come its work buffers and staging (``memory_plan``, as for gloo
+    gathers), the two buffers a block's gradients are summed in over DP (a whole block, and
+    this rank's chunk) and, with offload, the device's copy of one block's moments and gradient.
+    """
+    numel = [b.numel for b in plan.buffers]
+    held = sum(numel) * FP32
+    out = {"masters": held, "gradients": held, "moments": len(MOMENTS) * held, "work": 0, "staging": 0}
+    if plan.provider == "zero3":
+        memory = memory_plan(plan, torch.float32, work_dtype, prefetch, offload)
+        flats = plan.flats.values()
+        summed = (max(f.parts * f.chunk for f in flats) + max(f.chunk for f in flats)) * FP32
+        staged = (len(MOMENTS) + 1) * max(numel) * FP32 if offload else 0
+        out |= {"work": memory["work"], "staging": memory["staging"] + summed + staged}
+    return out
 
 
 @dataclass(frozen=True)
@@ -64,14 +91,16 @@ class Trainer:
         self.model, self.optimizer, self.max_grad_norm = model, optimizer, max_grad_norm
         self.recompute = plan.provider == "zero3"
         self.layers = {f"layers.{n}": layer for n, layer in model.layers.items()}
-        self.flats, self.grads = allocate(plan, [torch.float32] * len(plan.buffers), model.device)
+        provider = model.provider  # the gradient sums scale with the masters: they live where those do
+        self.flats, self.grads = allocate(plan, [torch.float32] * len(plan.buffers), provider.state_device,
+                                          provider.state_pinned)
         if not self.recompute:
-            for name, t in model.provider.tensors.items():
+            for name, t in provider.tensors.items():
                 if t.grad is None:
                     t.requires_grad_()
                     t.grad = self.grads[name]
         self.tp = TpGradReducer(plan)
-        self.dp = DpGradReducer(plan, model.comm, self.flats)
+        self.dp = DpGradReducer(plan, model.comm, self.flats, model.device)
         self.owned = [(self.grads[name], box.local_index()) for name, box in plan.owned()]
 
     def step(self, batches: list[torch.Tensor], global_tokens: int) -> StepResult:
@@ -93,6 +122,13 @@ class Trainer:
             flat.zero_()
         return StepResult(float(loss), norm)
 
+    def nbytes(self) -> dict[str, int]:
+        """Bytes this training holds by role, as ``training_memory`` plans them."""
+        held, optimizer = self.model.provider.nbytes(), self.optimizer.nbytes()
+        return {"masters": held["masters"], "gradients": sum(t.nbytes for t in self.flats.values()),
+                "moments": optimizer["moments"], "work": held["work"],
+                "staging": held["staging"] + self.dp.nbytes() + optimizer["staging"]}
+
     def _micro_batch(self, ids: torch.Tensor, global_tokens: int, last: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch; its share of the global mean loss (detached)."""
         model, provider, keep = self.model, self.model.provider, not self.recompute
@@ -105,7 +141,7 @@ class Trainer:
             if block == "head":  # the last position predicts nothing: leave it out before the LM head
                 logits = model.head(x[:, :-1], w, local_vocab=True)
                 return vocab_parallel_cross_entropy(logits, ids[:, 1:], model.plan.vocab[0], model.comm.tp_group,
-                                                    reduction="sum").float() / global_tokens
+                                                    reduction="sum") / global_tokens  # fp32, whatever the work dtype
             return self.layers[block](x, w, cos, sin, 0, None)
 
         blocks = list(model.plan.blocks)

@@ -5,7 +5,8 @@ AdamW moments and bias-correction count, the same data. The masters and moments 
 boxes of a sharded checkpoint (``sharded.State``), so they reshard like any weight. The
 data order follows from (seed, step) alone (``data.TokenStream``) and nothing else in a
 step draws random numbers, so the record needs no RNG state: only the step and what
-identifies the token stream (seed, batch, seq and a digest of its windows). It also keeps
+identifies the token stream (seed, batch, seq, a digest of its windows and one of the order
+torch's ``randperm`` draws them in, which a torch version may change). It also keeps
 the run's settings (rate, schedule, clipping, ...), which a resume may change on purpose
 (a lower rate, more steps) but is told about.
 """
@@ -16,6 +17,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .data import TokenStream
 from .model import Model
 from .optim import MOMENTS, AdamW
@@ -23,11 +26,22 @@ from .reader import CheckpointError
 from .sharded import ShardedCheckpoint, State, save_sharded
 from .untrusted import is_int, shown
 
+ORDER_EPOCHS = 4  # epochs whose order the digest covers: one randperm told from another even with 2 windows
+MATCHING = {"windows": "the token windows (other text, or another tokenizer)",
+            "order": "the order the windows are drawn in (torch.randperm shuffles them otherwise here than in the "
+                     "saving run: another torch version?)"}
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()
+
 
 def stream_identity(stream: TokenStream) -> dict:
-    """What must match for a resumed run to see the very batches an uninterrupted one would."""
-    digest = hashlib.sha256(stream.windows.numpy().tobytes()).hexdigest()
-    return {"seed": stream.seed, "batch": stream.batch, "seq": stream.seq, "windows": digest}
+    """What must match for a resumed run to see the very batches an uninterrupted one would: the stream's settings,
+    its windows, and the order it draws them in."""
+    order = torch.cat([stream.order(epoch) for epoch in range(ORDER_EPOCHS)])
+    return {"seed": stream.seed, "batch": stream.batch, "seq": stream.seq, "windows": _digest(stream.windows),
+            "order": _digest(order)}
 
 
 @dataclass(frozen=True)
@@ -53,10 +67,12 @@ class Record:
         step, data = raw.get("step"), raw.get("data")
         if not is_int(step) or step < 1:
             raise CheckpointError(f"{where}: field 'train.step' is {shown(step)}, expected an integer >= 1")
-        if not isinstance(data, dict) or set(data) != {"seed", "batch", "seq", "windows"} or not all(
-                is_int(data[k]) for k in ("seed", "batch", "seq")) or not isinstance(data["windows"], str):
+        numbers, digests = ("seed", "batch", "seq"), ("windows", "order")
+        if not isinstance(data, dict) or not {*numbers, "windows"} <= set(data) <= {*numbers, *digests} or not all(
+                is_int(data[k]) for k in numbers) or not all(isinstance(data.get(k, ""), str) for k in digests):
             raise CheckpointError(f"{where}: field 'train.data' is {shown(data)}, expected integers 'seed', "
-                                  "'batch', 'seq' and a 'windows' digest")
+                                  "'batch', 'seq', a 'windows' digest and an 'order' digest (which checkpoints "
+                                  "saved before it was kept lack)")
         settings = raw.get("settings", {})
         if not isinstance(settings, dict) or not all(
                 v is None or isinstance(v, (int, float, str)) for v in settings.values()):
@@ -70,11 +86,12 @@ class Record:
                 if k in self.settings and self.settings[k] != v]
 
     def check_resumable(self, directory: str | Path, stream: TokenStream, steps: int) -> None:
-        """Refuse a resume that would not continue the saved run: other data, or no steps left to take."""
+        """Refuse a resume that would not continue the saved run: other data, in another order, or no steps left to
+        take. (A record saved before the order was kept cannot say what order it trained in.)"""
         given = stream_identity(stream)
         for key, saved in self.data.items():
             if given[key] != saved:
-                what = "the token windows (other text, or another tokenizer)" if key == "windows" else f"--{key}"
+                what = MATCHING.get(key, f"--{key}")
                 raise ValueError(f"{directory}: saved at step {self.step} training on {key} {saved}, but this run "
                                  f"has {given[key]}: {what} must match to resume")
         if steps <= self.step:

@@ -56,8 +56,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def arena(sizes: list[int], dtypes: list[torch.dtype], device: torch.device) -> list[torch.Tensor]:
-    """Zeroed flat buffers of ``sizes`` elements, carved out of one allocation.
+def page_locked(nbytes: int) -> torch.Tensor:
+    """Zeroed page-locked host memory, which an accelerator copies to and from asynchronously."""
+    return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def arena(sizes: list[int], dtypes: list[torch.dtype], device: torch.device, pinned: bool = False
+          ) -> list[torch.Tensor]:
+    """Zeroed flat buffers of ``sizes`` elements, carved out of one allocation (``page_locked`` if ``pinned``).
 
     On CPU the allocation is an anonymous mapping with MAP_POPULATE: the kernel faults in
     every page in one call instead of one fault per 4 KiB page on first write, which
@@ -68,7 +74,11 @@ def arena(sizes: list[int], dtypes: list[torch.dtype], device: torch.device) -> 
     for n in nbytes:
         offsets.append(offsets[-1] + round_up(n, ALIGN))
     total = max(offsets[-1], ALIGN)
-    if device.type == "cpu":
+    if pinned:
+        if device.type != "cpu":
+            raise ValueError(f"page-locked memory is host memory: asked for on {device}")
+        flat = page_locked(total)
+    elif device.type == "cpu":
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
         flat = torch.frombuffer(mmap.mmap(-1, total, flags=flags), dtype=torch.uint8)
     else:
@@ -108,10 +118,12 @@ def span(buffers: list[torch.Tensor]) -> torch.Tensor:
     return first.new_empty(0).set_(storage, offset, (numel,))
 
 
-def allocate(plan: RankPlan, dtypes: list[torch.dtype], device: torch.device
+def allocate(plan: RankPlan, dtypes: list[torch.dtype], device: torch.device, pinned: bool = False
              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The plan's buffers (``dtypes`` in plan order) and every held tensor as a view of them."""
-    flats = dict(zip((b.name for b in plan.buffers), arena([b.numel for b in plan.buffers], dtypes, device)))
+    """The plan's buffers (``dtypes`` in plan order, page-locked host memory if ``pinned``) and every held tensor as
+    a view of them."""
+    sizes = [b.numel for b in plan.buffers]
+    flats = dict(zip((b.name for b in plan.buffers), arena(sizes, dtypes, device, pinned)))
     return flats, views(plan, flats)
 
 

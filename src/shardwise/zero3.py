@@ -155,20 +155,42 @@ class Zero3(Provider):
         return min(free, key=lambda s: s.used)
 
     def _start(self, block: str) -> None:
-        """Take a slot for each flat the block needs (all chosen before any is touched), and fill the stale ones."""
+        """Take a slot for each flat the block needs (all chosen before any is touched), and fill the stale ones.
+
+        A fill that fails gives back every slot this call took: the block holds nothing, as if
+        never gathered, and the peers are told (``_refill``).
+        """
         chosen = [(flat, self._holding(flat)) for flat in self._flats(block)]
         chosen = [(flat, slot, slot is not None) if slot else (flat, self._free_slot(flat), False)
                   for flat, slot in chosen]
-        for flat, slot, hit in chosen:
-            self.clock += 1
-            self.transfer.acquire(slot.index)
-            if hit:
-                self.counts["hits"] += 1
-            else:
-                self._fill(slot, flat)
-            slot.users += 1
-            slot.used = self.clock
-        self.taken[block] = [slot for _, slot, _ in chosen]
+        taken: list[Slot] = []
+        try:
+            for flat, slot, hit in chosen:
+                self.clock += 1
+                self.transfer.acquire(slot.index)
+                slot.users += 1
+                slot.used = self.clock
+                taken.append(slot)
+                if hit:
+                    self.counts["hits"] += 1
+                else:
+                    self._refill(slot, flat)
+        except BaseException:
+            for slot in taken:
+                slot.users -= 1
+                self.transfer.release(slot.index)
+            raise
+        self.taken[block] = taken
+
+    def _refill(self, slot: Slot, flat: str) -> None:
+        """``_fill``; one that fails leaves the slot holding nothing, and tells the peers, whose wait for this rank's
+        part would otherwise last until the timeout."""
+        try:
+            self._fill(slot, flat)
+        except BaseException:
+            slot.flat, slot.version = None, -1
+            self.transfer.fail()
+            raise
 
     def _fill(self, slot: Slot, flat: str) -> None:
         """Start gathering the current version of ``flat`` into ``slot``."""
@@ -210,7 +232,7 @@ class Zero3(Provider):
                 if slot.users > 1:  # the tied embedding's slot, also held by the other block
                     raise self._fail(f"get({block!r}): {flat!r} changed since it was gathered, and another block "
                                      "still holds it; release both before updating the masters")
-                self._fill(slot, flat)
+                self._refill(slot, flat)
             self.transfer.wait(slot.index)
             views = slot.views(self.plan.flats[flat])
             if not slot.ready and flat in self.quantizers:
@@ -241,9 +263,12 @@ class Zero3(Provider):
         self.fetch_buffers[free[0]][: master.numel()].copy_(master, non_blocking=True)
         self.fetch_slots[block] = free[0]
 
+    def _at_rest(self, block: str) -> dict[str, torch.Tensor]:
+        return {block: self.masters[block]}
+
     def _master(self, block: str) -> dict[str, torch.Tensor]:
         if not self.offload:
-            return {block: self.masters[block]}
+            return self._at_rest(block)
         return {block: self.fetch_buffers[self.fetch_slots[block]][: self.masters[block].numel()]}
 
     def _write_back(self, block: str) -> None:
