@@ -181,12 +181,11 @@ def _check_device(device: str, world: int) -> None:
                          f"{torch.cuda.device_count()}")
 
 
-def _prompt_ids(text, prompts: tuple[str, ...], chat: bool, vocab: int, labels: tuple[str, ...] = ("1",)
-                ) -> list[list[int]]:
+def _prompt_ids(text, prompts: tuple[str, ...], chat: bool, vocab: int, labels: tuple[str, ...]) -> list[list[int]]:
     """Each prompt's ids, refusing one that comes out empty or names tokens the model has no embedding for (named
     by its label, as its answer would be)."""
     out = []
-    for n, prompt in zip(labels, prompts):
+    for n, prompt in zip(labels, prompts, strict=True):
         ids = text.prompt_ids(prompt, chat)
         if not ids:
             raise ValueError(f"prompt {n} ({prompt!r}) has no tokens; give the text to continue")
@@ -330,7 +329,7 @@ def cmd_bench_generate(args) -> None:
 
     provide = _provide(args)
     spec = _plan_everywhere(args.checkpoint, _layout(args), args.provider, provide.series)
-    _prompt_ids(Text(args.checkpoint), (args.prompt,), False, spec.vocab)
+    _prompt_ids(Text(args.checkpoint), (args.prompt,), False, spec.vocab, ("1",))
     row = launch(bench_generate_rank, _world(args), args.checkpoint, _layout(args), args.prompt,
                  args.max_new_tokens, not args.no_hf, provide)
     if args.json:

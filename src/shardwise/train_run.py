@@ -80,7 +80,7 @@ def check_log(path: str | Path, checkpoint: str | Path) -> None:
     if not path.is_file() or path.stat().st_size == 0:
         return
     with open(path, "rb") as f:
-        first = f.readline()
+        first = f.readline(1 << 16)  # a header is one short line; a large file without newlines is not one
     try:
         header = json.loads(first)
     except ValueError:
