@@ -124,7 +124,7 @@ def test_rank_that_dies():
 
 
 def test_rank_that_stalls_times_out():
-    with pytest.raises(LaunchTimeout, match=r"ranks \[.*1.*\] did not finish within 8s"):
+    with pytest.raises(LaunchTimeout, match=r"^(rank 1|ranks 0, 1) did not finish within 8s$"):  # rank 0 may lag
         launch(fail_on_rank, 2, 1, "stall", timeout=8)
 
 

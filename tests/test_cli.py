@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -83,6 +85,7 @@ def test_generate(with_tokenizer, torchrun):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == _expected_text(with_tokenizer, ids, 6)
     assert "tok/s" in out.stderr and "load" in out.stderr
+    assert re.search(r"^\[shardwise\] rank 0 loading \d+ tensors in [\d.]+s$", out.stderr, re.M), out.stderr
 
 
 def test_generate_rejects_world_mismatch_under_torchrun(with_tokenizer):
@@ -123,6 +126,11 @@ NO_SPAWN = "import sys, shardwise.cli as cli\ncli.launch = lambda *a, **k: sys.e
     (["reshard", "{llama}", "{tmp}/out", "--tp", "0"], "argument --tp: 0 must be >= 1"),
     (["reshard", "{llama}", "{tmp}/out", "--pp", "4"], "LayoutError: pp=4 exceeds the 3 layers"),
     (["export", "{llama}", "{tmp}/out"], "export takes a sharded checkpoint"),
+    (["generate", "{tok}/config.json", "--prompt", "t1"], "config.json: is a file; give the checkpoint directory, "
+                                                          "not a file"),
+    (["export", "{llama}/config.json", "{tmp}/out"], "config.json: is a file; give the checkpoint directory"),
+    (["reshard", "{tok}/tokenizer.json", "{tmp}/out"], "tokenizer.json: is a file; give the checkpoint directory"),
+    (["generate", "{tok}", "--prompt", "t1", "--offload"], "--work-dtype and --offload need --provider zero3"),
 ])
 def test_bad_arguments_are_one_line_errors_before_any_rank_starts(checkpoints, with_tokenizer, tmp_path, args, error):
     names = {"llama": checkpoints["llama-untied"], "tok": with_tokenizer, "tmp": tmp_path}
@@ -138,7 +146,7 @@ def test_cuda_without_a_gpu_is_refused_before_spawning(with_tokenizer):
         pytest.skip("this machine has a GPU")
     out = subprocess.run([sys.executable, "-c", NO_SPAWN, "generate", str(with_tokenizer), "--prompt", "t1",
                           "--device", "cuda"], capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "--device cuda needs 1 GPUs, this machine has 0" in out.stderr, out.stderr
+    assert out.returncode != 0 and "--device cuda needs 1 GPU, this machine has 0" in out.stderr, out.stderr
 
 
 def test_version_help_defaults_and_verbose_anywhere(checkpoints):
@@ -165,13 +173,23 @@ def shardwise_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_generate_a_batch_of_prompts_of_different_lengths(with_tokenizer, tmp_path):
+    """Answers are labelled with their prompt's line in the file, blank lines counted."""
     prompts = [PROMPT[0, :3].tolist(), PROMPT[1].tolist()]
-    (tmp_path / "prompts.txt").write_text(" ".join(f"t{i}" for i in prompts[1]) + "\n")
+    (tmp_path / "prompts.txt").write_text("\n".join(["", *(" ".join(f"t{i}" for i in p) + "\n  " for p in prompts)]))
     out = shardwise("generate", str(with_tokenizer), "--tp", "2", "--max-new-tokens", "6",
-                    "--prompt", " ".join(f"t{i}" for i in prompts[0]), "--prompts", str(tmp_path / "prompts.txt"))
+                    "--prompts", str(tmp_path / "prompts.txt"))
     assert out.returncode == 0, out.stderr
-    expected = [f"[{n}] {_expected_text(with_tokenizer, ids, 6)}" for n, ids in enumerate(prompts, 1)]
-    assert out.stdout.strip().splitlines() == expected
+    expected = [f"[{line}] {_expected_text(with_tokenizer, ids, 6)}" for line, ids in zip((2, 4), prompts)]
+    assert sorted(out.stdout.strip().splitlines()) == expected  # each prints as it completes, in any order
+
+
+def test_answers_of_prompt_and_prompts_file_are_labelled_apart(tmp_path):
+    from shardwise.cli import _prompts
+
+    (tmp_path / "p.txt").write_text("a\n\n  \nb\n")
+    args = argparse.Namespace(prompt=["x", "y"], prompts_file=str(tmp_path / "p.txt"))
+    assert _prompts(args) == (("x", "y", "a", "b"), ("1", "2", f"{tmp_path}/p.txt:1", f"{tmp_path}/p.txt:4"))
+    assert _prompts(argparse.Namespace(prompt=None, prompts_file=str(tmp_path / "p.txt"))) == (("a", "b"), ("1", "4"))
 
 
 def test_batch_answers_are_printed_labelled_as_each_completes():
@@ -187,13 +205,37 @@ def test_batch_answers_are_printed_labelled_as_each_completes():
             return " ".join(f"t{i}" for i in ids if i)
 
     out = io.StringIO()
-    answers = LabelledAnswers(Words(), out, 2)
+    answers = LabelledAnswers(Words(), out, ("3", "5"))
     for step in ([5, 7], [6, 0], [8, 0]):  # row 2 ends at step 2; row 1 runs to the end
         answers(torch.tensor(step))
         if step == [6, 0]:
-            assert out.getvalue() == "[2] t7\n", "a finished answer waits for the whole batch"
+            assert out.getvalue() == "[5] t7\n", "a finished answer waits for the whole batch"
     answers.finish()
-    assert out.getvalue() == "[2] t7\n[1] t5 t6 t8\n"
+    assert out.getvalue() == "[5] t7\n[3] t5 t6 t8\n"
+
+
+NO_START = ("import importlib, os, sys, shardwise.cli as cli\n"
+            "os.sched_getaffinity = lambda pid: set(range(int(os.environ['CORES'])))  # the cores we may run on\n"
+            "importlib.import_module('shardwise.launch')._start = lambda procs: sys.exit('STARTING')\n"
+            "cli.main(sys.argv[1:])")
+
+
+@pytest.mark.parametrize("tp,pp,cores,warning", [
+    (9, 2, 2, "18 ranks on 2 CPU cores: the ranks take turns on the cores and every collective waits for the ranks "
+              "that are not running, so this runs slower than with at most 2 ranks, and each rank adds the memory of "
+              "its own Python and torch"),
+    (2, 1, 1, "2 ranks on 1 CPU core: the ranks take turns"),  # a taskset or cpuset of one core on a bigger machine
+    (2, 1, 2, None),
+])
+def test_more_ranks_than_cores_is_one_warning_saying_what_it_costs(with_tokenizer, tp, pp, cores, warning):
+    argv = ["generate", str(with_tokenizer), "--tp", str(tp), "--pp", str(pp), "--prompt", "t1", "--max-new-tokens",
+            "8"]
+    out = subprocess.run([sys.executable, "-c", NO_START, *argv], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CORES": str(cores)})
+    *said, last = out.stderr.splitlines()
+    assert last == "STARTING" and len(said) == (warning is not None), out.stderr
+    if warning:
+        assert said[0].split(" shardwise.launch: ", 1)[1].startswith(warning), out.stderr
 
 
 def test_under_torchrun_one_rank_reports(checkpoints, tmp_path):

@@ -4,14 +4,18 @@ Each job runs the real CLI in a driver process whose ranks pause right after the
 first write, so the signal always lands mid-job. Orphaned ranks would finish that job
 and publish the checkpoint a few seconds later; so after the signal every process of
 the job must be gone within seconds, and nothing may appear for a while after that.
+A launcher that outlives its ranks (SIGTERM, SIGINT, a rank SIGKILLed as the OOM killer
+would) removes the temporary directory of the write they did not finish, and says so.
 All jobs run at once: they spend most of their time waiting.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import multiprocessing as mp
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,30 +31,33 @@ from workers import fail_on_rank, reshard_all
 
 from shardwise import launch
 from shardwise.launch import LaunchInterrupted
+from shardwise.publish import TMP_PREFIX
 
 PAUSE = 6.0  # seconds each rank pauses after its first write: longer than the test takes to stop it
 GONE_WITHIN = 5.0  # seconds after the signal by which every process of the job must have ended
 WATCH = 10.0  # seconds after the signal during which nothing may be published
 
 DRIVER = """
-import functools, signal, sys
+import functools, importlib, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's foreground job, whoever started us
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 sys.path.insert(0, {tests!r})
 import test_signals
 from shardwise import cli
-cli.{rank_fn} = functools.partial(test_signals.pausing, {rank_fn!r}, {marks!r})
+setattr(importlib.import_module({module!r}), {fn!r}, functools.partial(test_signals.pausing, {rank_fn!r}, {marks!r}))
 cli.main({argv!r})
 """
 
 
 def pausing(rank_fn: str, marks: str, *args):
-    """In a rank: the CLI's own ``rank_fn``, pausing after this rank's first write (marked by a file, its pid)."""
-    from shardwise import cli, hf_export, sharded
+    """In a rank: the CLI's own ``rank_fn`` (module.function), pausing after this rank's first write (marked by a
+    file, its pid)."""
+    from shardwise import hf_export, sharded
 
     for module, name in ((sharded, "save_safetensors"), (hf_export, "_write_box")):
         setattr(module, name, _pause_after_first(getattr(module, name), Path(marks)))
-    return getattr(cli, rank_fn)(*args)
+    module, fn = rank_fn.rsplit(".", 1)
+    return getattr(importlib.import_module(module), fn)(*args)
 
 
 def _pause_after_first(write: Callable, marks: Path) -> Callable:
@@ -105,6 +112,10 @@ def published(out: Path) -> list[Path]:
         (d / f).exists() for f in ("model.safetensors.index.json", "shardwise.json"))]
 
 
+def temporaries(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f"{TMP_PREFIX}*"))
+
+
 def wait_until(done: Callable[[], bool], seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while not done() and time.monotonic() < deadline:
@@ -118,16 +129,20 @@ class Outcome:
     stderr: str
     survivors: set[Proc]  # processes of the job still alive GONE_WITHIN seconds after the signal
     published: list[Path]  # checkpoints that appeared within WATCH seconds of the signal
+    left: list[Path]  # temporary directories beside the target, WATCH seconds after the signal
+    temps: list[Path]  # the temporary directories there when the signal was sent
 
 
-def run_stopped(work: Path, argv: list[str], rank_fn: str, world: int, sig: signal.Signals,
-                to_group: bool) -> Outcome:
-    """Run the CLI until all ``world`` ranks are mid-write, send ``sig`` (to the process group, as a terminal's
-    Ctrl-C does, if ``to_group``), and report what is left of the job."""
+def run_stopped(work: Path, argv: list[str], rank_fn: str, world: int, sig: signal.Signals, to: str) -> Outcome:
+    """Run the CLI until all ``world`` ranks are mid-write in its ``rank_fn`` (module.function), send ``sig`` to the
+    launching process, to its process group (as a terminal's Ctrl-C does) or to one rank, as ``to`` says, and report
+    what is left of the job."""
     marks, out = work / "marks", work / "out" / "ckpt"
     marks.mkdir(parents=True)
     out.parent.mkdir()
-    driver = DRIVER.format(tests=str(Path(__file__).parent), rank_fn=rank_fn, marks=str(marks), argv=[*argv, str(out)])
+    module, fn = rank_fn.rsplit(".", 1)
+    driver = DRIVER.format(tests=str(Path(__file__).parent), module=module, fn=fn, rank_fn=rank_fn, marks=str(marks),
+                           argv=[*argv, str(out)])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "TORCHELASTIC_RUN_ID")}
     with open(work / "stderr", "w+") as err:
         proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.DEVNULL, stderr=err, env=env,
@@ -139,13 +154,14 @@ def run_stopped(work: Path, argv: list[str], rank_fn: str, world: int, sig: sign
             writing = {int(m.name) for m in marks.iterdir()}
             assert proc.poll() is None and len(writing) == world and writing <= {p.pid for p in job}, \
                 f"the job did not get to writing:\n{Path(err.name).read_text()}"
-            (os.killpg if to_group else os.kill)(proc.pid, sig)
+            temps = temporaries(out)
+            {"launcher": os.kill, "group": os.killpg, "rank": lambda _, s: os.kill(min(writing), s)}[to](proc.pid, sig)
             signalled = time.monotonic()
             wait_until(lambda: proc.poll() is not None and not any(p.alive() for p in job), GONE_WITHIN)
             survivors = {p for p in job if p.alive()}
             time.sleep(max(0.0, signalled + WATCH - time.monotonic()))
             err.seek(0)
-            return Outcome(proc.wait(), err.read(), survivors, published(out))
+            return Outcome(proc.wait(), err.read(), survivors, published(out), temporaries(out), temps)
         finally:
             for p in job:
                 if p.alive():
@@ -155,25 +171,45 @@ def run_stopped(work: Path, argv: list[str], rank_fn: str, world: int, sig: sign
             proc.wait()
 
 
+WRITE_RANK, TRAIN_RANK = "shardwise.cli.write_rank", "shardwise.train_run.train_rank"
+
+
 @pytest.fixture(scope="module")
 def stopped(checkpoints, tmp_path_factory) -> Iterator[dict[str, Future[Outcome]]]:
+    from test_train_cli import _with_tokenizer
+
     root = tmp_path_factory.mktemp("signals")
     hf = str(checkpoints["llama-untied"])
     sharded = str(root / "sharded-tp2")
-    with ThreadPoolExecutor(4) as pool:
+    tokenized = str(_with_tokenizer(checkpoints["qwen2-untied"], root / "tokenized"))
+    (root / "d.txt").write_text(" ".join(f"t{i}" for i in range(1, 40)))
+    with ThreadPoolExecutor(5) as pool:
         def start(name: str, *job) -> Future[Outcome]:
             return pool.submit(run_stopped, root / name, *job)
 
         jobs = {
-            "reshard-SIGTERM": start("reshard-SIGTERM", ["reshard", "--tp", "3", "--pp", "2", hf], "write_rank", 6,
-                                     signal.SIGTERM, False),
-            "reshard-SIGINT": start("reshard-SIGINT", ["reshard", "--tp", "2", hf], "write_rank", 2, signal.SIGINT,
-                                    True),
+            "reshard-SIGTERM": start("reshard-SIGTERM", ["reshard", "--tp", "3", "--pp", "2", hf], WRITE_RANK, 6,
+                                     signal.SIGTERM, "launcher"),
+            "reshard-SIGINT": start("reshard-SIGINT", ["reshard", "--tp", "2", hf], WRITE_RANK, 2, signal.SIGINT,
+                                    "group"),
+            "train-rank-SIGKILL": start("train-rank-SIGKILL", ["train", tokenized, "--data", str(root / "d.txt"),
+                                                               "--steps", "3", "--dp", "2", "--batch", "2", "--seq",
+                                                               "8", "--save-every", "1", "--save"], TRAIN_RANK, 2,
+                                        signal.SIGKILL, "rank"),
         }
         launch(reshard_all, 2, {"m": hf}, {"m": sharded}, 2, 1, timeout=300)  # for the exports, while those start
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            jobs[f"export-{sig.name}"] = start(f"export-{sig.name}", ["export", sharded], "write_rank", 2, sig, False)
+            jobs[f"export-{sig.name}"] = start(f"export-{sig.name}", ["export", sharded], WRITE_RANK, 2, sig,
+                                               "launcher")
         yield jobs
+
+
+def _removal_said(outcome: Outcome) -> None:
+    """The write's temporary directory was there when the signal came; the launcher removed it, saying so."""
+    assert len(outcome.temps) == 1, outcome.temps
+    assert not outcome.left, f"left beside the target: {outcome.left}"
+    assert f"shardwise.launch: removed {outcome.temps[0]}, left by an interrupted write (pid " in outcome.stderr, \
+        outcome.stderr
 
 
 @pytest.mark.parametrize("job", ["export-SIGTERM", "reshard-SIGTERM", "reshard-SIGINT"])
@@ -184,9 +220,21 @@ def test_stop_signal_stops_every_rank_with_one_line(stopped, job):
     assert not outcome.published, f"published after {sig.name}: {outcome.published}"
     for noise in ("Traceback", "resource_tracker", "leaked"):
         assert noise not in outcome.stderr, outcome.stderr
-    lines = outcome.stderr.strip().splitlines()
-    assert len(lines) == 1 and sig.name in lines[0], outcome.stderr
+    errors = [line for line in outcome.stderr.splitlines() if line.startswith("shardwise:")]
+    assert errors == [f"shardwise: interrupted by {sig.name}; all ranks were stopped"], outcome.stderr
     assert outcome.returncode == 128 + sig, outcome.stderr
+    _removal_said(outcome)
+
+
+def test_a_rank_killed_during_a_training_save_leaves_nothing_behind(stopped):
+    """The OOM killer's way: one rank SIGKILLed mid-save; the launcher stops the other and removes the save's
+    temporary directory before it exits, with one line of error naming the rank."""
+    outcome = stopped["train-rank-SIGKILL"].result()
+    assert not outcome.survivors and not outcome.published, outcome
+    errors = [line for line in outcome.stderr.splitlines() if line.startswith("shardwise:")]
+    assert len(errors) == 1 and re.fullmatch(r"shardwise: rank \d died with exit code -9", errors[0]), outcome.stderr
+    assert "Traceback" not in outcome.stderr and outcome.returncode == 1, outcome.stderr
+    _removal_said(outcome)
 
 
 def test_killed_parent_takes_its_ranks_with_it(stopped):

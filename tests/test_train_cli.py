@@ -20,7 +20,7 @@ from shardwise import Layout
 from shardwise.data import TokenStream, check_batching, tokenize_file
 from shardwise.loader import Provide
 from shardwise.reader import MANIFEST
-from shardwise.train_run import TrainArgs, learning_rate
+from shardwise.train_run import TrainArgs, learning_rate, log_header
 from shardwise.train_state import Record
 
 NO_SPAWN = "import sys, shardwise.cli as cli\ncli.launch = lambda *a, **k: sys.exit('SPAWNED')\ncli.main(sys.argv[1:])"
@@ -112,6 +112,28 @@ def test_learning_rate_schedule():
     assert all(a > b for a, b in zip(cosine[1:], cosine[2:]))
 
 
+def test_without_a_terminal_training_says_where_it_stands_every_10_steps_and_at_least_every_30_s(monkeypatch,
+                                                                                                capsys):
+    """Steps 5..25 of a resumed run, each a second long but step 7, which takes 40 s: a line after step 7 (30 s
+    since the last), 10, 20 and the last, each with the time gone and the time left at the mean pace so far."""
+    import types
+
+    import shardwise.progress as progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    meter = progress.StepProgress(True, 5, 25)
+    for step in range(5, 26):
+        now[0] += 40 if step == 7 else 1
+        meter.update(step, {"loss": f"{1 / step:.3f}"})
+    meter.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "[shardwise] step 7/25 loss 0.143 elapsed 00:42 remaining 04:12",
+        "[shardwise] step 10/25 loss 0.100 elapsed 00:45 remaining 01:52",
+        "[shardwise] step 20/25 loss 0.050 elapsed 00:55 remaining 00:17",
+        "[shardwise] step 25/25 loss 0.040 elapsed 01:00 remaining 00:00"]
+
+
 @pytest.mark.parametrize("args,error", [
     (["--pp", "2"], "--pp 2: training over pipeline stages is not built yet; use --pp 1"),
     (["--provider", "series", "--dp", "2"], "--provider series: training runs on resident or zero3"),
@@ -120,15 +142,20 @@ def test_learning_rate_schedule():
     (["--seq", "64"], "d.txt: 20 tokens, too few for one window of --seq 64"),
     (["--seq", "1"], "argument --seq: 1 must be >= 2"),
     (["--lr", "0"], "argument --lr: 0 must be > 0.0"),
-    (["--work-dtype", "bfloat16"], "work_dtype and offload need provider='zero3'"),
+    (["--work-dtype", "bfloat16"], "--work-dtype and --offload need --provider zero3: resident weights"),
     (["--tp", "10"], "LayoutError: tp=10 exceeds the 9 query heads"),
     (["--save", "{tmp}/foreign"], "holds files that are not part of a checkpoint (notes.txt)"),
     (["--save", "{ckpt}"], "is the source checkpoint itself"),
     (["--save", "{other}"], "a checkpoint is already there; pass --overwrite"),
     (["--data", "{tmp}/missing.txt"], "missing.txt: cannot read the training text"),
     (["--log", "{tmp}/nowhere/log.jsonl"], "its directory does not exist"),
+    (["--log", "{tmp}"], "is a directory; give a file for the JSON lines"),
+    (["--log", "{tmp}/d.txt"], "d.txt: exists and is not a shardwise training log; shardwise never overwrites or "
+                               "appends to a file it did not write: give another file"),
+    (["--log", "{tmp}/other.jsonl", "--resume", "{ckpt}"], "other.jsonl: is the training log of another model"),
     (["--resume", "{ckpt}"], "shardwise.json: not a readable shardwise manifest"),
     (["--resume", "{other}"], "its config.json describes another model than"),
+    (["--resume", "{ckpt}/config.json"], "config.json: is a file; give the checkpoint directory, not a file"),
 ])
 def test_bad_arguments_are_one_line_errors_before_any_rank_starts(checkpoints, with_tokenizer, tmp_path, args,
                                                                   error):
@@ -136,6 +163,8 @@ def test_bad_arguments_are_one_line_errors_before_any_rank_starts(checkpoints, w
     data.write_text(" ".join(f"t{i}" for i in range(1, 20)))  # 19 words + EOS
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    (tmp_path / "other.jsonl").write_text(json.dumps(log_header(checkpoints["llama-untied"])) + "\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     names = {"tmp": tmp_path, "ckpt": with_tokenizer, "other": checkpoints["llama-untied"]}
     base = ["train", str(with_tokenizer), "--data", str(data), "--steps", "2", "--batch", "2", "--seq", "4",
             "--save", str(tmp_path / "out")]
@@ -144,6 +173,27 @@ def test_bad_arguments_are_one_line_errors_before_any_rank_starts(checkpoints, w
     assert out.returncode != 0 and "SPAWNED" not in out.stderr, out.stderr
     assert error in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not out.stderr.splitlines()[-1].startswith("shardwise: rank "), out.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before, "a refusal changed a file"
+
+
+@pytest.mark.parametrize("words,batch,warnings", [
+    (5, 2, ["6 tokens make 1 window of --seq 4, fewer than --batch 2: every step repeats windows",
+            "the last 2 tokens of 6 (33%) fill no window of --seq 4 and are never trained on"]),
+    (8, 3, ["9 tokens make 2 windows of --seq 4, fewer than --batch 3: every step repeats windows",
+            "the last 1 token of 9 (11%) fill no window"]),
+    (402, 3, []),  # 100 windows and a tail of 3 tokens, under 1 % of the text: nothing to say
+])
+def test_a_short_text_is_trained_on_with_a_warning_that_gives_the_numbers(with_tokenizer, tmp_path, words, batch,
+                                                                          warnings):
+    data = tmp_path / "d.txt"
+    data.write_text(" ".join(f"t{i % 100 + 1}" for i in range(words)))  # + EOS
+    argv = ["train", str(with_tokenizer), "--data", str(data), "--steps", "2", "--batch", str(batch), "--seq", "4",
+            "--save", str(tmp_path / "out")]
+    out = subprocess.run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
+    lines = out.stderr.splitlines()
+    assert lines[-1] == "SPAWNED" and len(lines) == len(warnings) + 1, out.stderr
+    for warning, line in zip(warnings, lines):
+        assert f" shardwise: {data}: {warning}" in line, out.stderr
 
 
 @pytest.mark.parametrize("provider", ["resident", "zero3"])
@@ -153,18 +203,27 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
     data = tmp_path / "d.txt"
     data.write_text("\n\n".join(" ".join(f"t{i}" for i in range(1, 16)) for _ in range(20)))
     log, out = tmp_path / "log.jsonl", tmp_path / "trained"
+    log.write_text(json.dumps(log_header(with_tokenizer)) + '\n{"step": 1, "loss": 9.0}\n')  # an older run's: replaced
     command = [sys.executable, "-m", "shardwise.cli", "train", str(with_tokenizer), "--data", str(data), "--steps", "6",
                "--dp", "2", "--provider", provider, "--batch", "4", "--seq", "16", "--accumulate", "2", "--lr", "3e-3",
                "--warmup", "1", "--save-every", "2"]
     run = subprocess.run([*command, "--save", str(out), "--log", str(log)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    header, *rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert header == {"log": "shardwise train log", "model": str(with_tokenizer.resolve())}
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert set(rows[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s"}
     losses = [r["loss"] for r in rows]
     assert losses[-1] < losses[0] - 0.5, losses
     assert rows[0]["lr"] == pytest.approx(3e-3) and all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" in run.stdout, run.stdout
+    # no terminal: one line at the last step (the interval is 10 steps), as HF's Trainer writes to a log file
+    progress = [line for line in run.stderr.splitlines() if line.startswith("[shardwise] step ")]
+    expected = (rf"\[shardwise\] step 6/6 loss {losses[-1]:.4f} lr 3\.00e-03 tokens/s \d+ "
+                r"elapsed \d\d:\d\d remaining 00:00")
+    assert len(progress) == 1 and re.fullmatch(expected, progress[0]), run.stderr
+    assert "\r" not in run.stderr and re.search(r"^\[shardwise\] rank 0 loading \d+ tensors in [\d.]+s$", run.stderr,
+                                                re.M), run.stderr
     before, after = load_model(with_tokenizer, progress=False), load_model(out, progress=False)
     with before, after:
         changed = [n for n in before.weights.tensors if not torch.equal(before.weights.tensors[n],
@@ -177,6 +236,7 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
         run = subprocess.run([sys.executable, "-m", "shardwise.cli", "export", str(out), str(hf)],
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
+        assert re.search(r"^\[shardwise\] exporting \d+ boxes in [\d.]+s$", run.stderr, re.M), run.stderr
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
         ids = torch.arange(1, 17).reshape(2, 8)
         with load_model(out, progress=False) as trained, torch.no_grad():
@@ -186,7 +246,8 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
         run = subprocess.run([*command, "--offload", "--save", str(offloaded), "--log", str(tmp_path / "off.jsonl")],
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
-        assert [json.loads(line)["loss"] for line in (tmp_path / "off.jsonl").read_text().splitlines()] == losses
+        _, *offloaded_rows = [json.loads(line) for line in (tmp_path / "off.jsonl").read_text().splitlines()]
+        assert [r["loss"] for r in offloaded_rows] == losses
         files = sorted(f.name for f in out.iterdir())
         assert sorted(f.name for f in offloaded.iterdir()) == files
         assert not [f for f in files if (out / f).read_bytes() != (offloaded / f).read_bytes()]
@@ -197,7 +258,7 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
                               "--save", str(tmp_path / "more"), "--log", str(log)],
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
-        assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, 9))  # appended
+        assert [json.loads(line).get("step") for line in log.read_text().splitlines()] == [None, *range(1, 9)]
         assert "trained steps 7..8" in run.stdout, run.stdout
         assert "--resume" in run.stderr and "this run changes steps 6 -> 8" in run.stderr, run.stderr
 
@@ -221,7 +282,8 @@ def _job(checkpoint, stream, layout, provider, steps, save, log, resume=None) ->
 
 
 def _losses(log: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+    """The losses of a training log, after its first line (which names the model)."""
+    return [json.loads(line)["loss"] for line in log.read_text().splitlines()[1:]]
 
 
 @pytest.fixture(scope="module")
@@ -275,13 +337,75 @@ def test_resume_continues_the_uninterrupted_run(with_tokenizer, halfway, tmp_pat
         assert resumed == pytest.approx(expected, abs=1e-5, rel=0)
 
 
-def test_resume_of_a_tied_bf16_model_from_resident_to_zero3(checkpoints, tmp_path):
+@pytest.fixture(scope="module")
+def tied(checkpoints, tmp_path_factory):
+    """A tied bf16 model with a tokenizer, its token stream, and an uninterrupted 4-step resident run at dp 2: its
+    losses and the training checkpoint it saved at step 2."""
+    tmp = tmp_path_factory.mktemp("tied")
+    checkpoint = _with_tokenizer(checkpoints["qwen2-tied"], tmp / "tied")
+    stream = _resume_stream(checkpoint, tmp)
+    return checkpoint, stream, *_run_keeping_step_2(checkpoint, stream, "resident", tmp)
+
+
+def test_resume_of_a_tied_bf16_model_from_resident_to_zero3(tied, tmp_path):
     """One tensor for the embedding and the head: its moments saved once, and restored into both providers' plans."""
-    checkpoint = _with_tokenizer(checkpoints["qwen2-tied"], tmp_path / "tied")
-    stream = _resume_stream(checkpoint, tmp_path)
-    full, saved = _run_keeping_step_2(checkpoint, stream, "resident", tmp_path)
+    checkpoint, stream, full, saved = tied
     resumed = _resume(checkpoint, stream, Layout(dp=2), "zero3", saved, tmp_path)
     assert resumed == pytest.approx(full[2:], abs=1e-5, rel=0)
+
+
+def _config_dtype(directory: Path) -> str:
+    return json.loads((directory / "config.json").read_text())["dtype"]
+
+
+def test_a_training_checkpoint_exports_in_the_dtype_of_the_model_it_was_trained_from(tied, tmp_path):
+    """Its fp32 masters (which its config.json names) export as the bf16 base unless --dtype says otherwise, and
+    reshard takes --dtype too; a record older than its dtype field falls back to the config's dtype (then the base
+    model's, copied). Whatever is written, config.json names the dtype the files hold."""
+    from shardwise.reader import Checkpoint
+    from shardwise.sharded import ShardedCheckpoint
+
+    saved = tied[3]
+    assert _config_dtype(saved) == "float32" and Record.read(saved).dtype == torch.bfloat16
+    old = Path(shutil.copytree(saved, tmp_path / "old"))
+    manifest = json.loads((old / MANIFEST).read_text())
+    del manifest["train"]["dtype"]
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    (old / "config.json").write_text(json.dumps(json.loads((old / "config.json").read_text()) | {"dtype": "float16"}))
+    for argv in (["export", saved, tmp_path / "hf"], ["export", old, tmp_path / "old-hf"],
+                 ["reshard", saved, tmp_path / "f32", "--dtype", "float32"]):
+        run = subprocess.run([sys.executable, "-m", "shardwise.cli", *map(str, argv)], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr
+    for name, dtype in (("hf", torch.bfloat16), ("old-hf", torch.float16)):
+        with Checkpoint(tmp_path / name) as hf:
+            assert {e.dtype for e in hf.entries.values()} == {dtype}, name
+        assert _config_dtype(tmp_path / name) == str(dtype).removeprefix("torch."), name
+    with ShardedCheckpoint(tmp_path / "f32") as resharded:
+        assert {dtype for _, dtype in resharded.tensors.values()} == {torch.float32} and not resharded.record
+    assert _config_dtype(tmp_path / "f32") == "float32"
+
+
+def test_resume_in_place_replaces_the_run_with_each_save_as_if_it_never_stopped(halfway, with_tokenizer, tmp_path):
+    """--resume RUN --save RUN --save-every 1, a pre-emptible job's pattern: steps 3 and 4 are bit for bit the
+    uninterrupted run's (every rank read RUN before a save replaced it) and RUN ends at step 4, nothing left beside
+    it. A RUN of other data is refused before any rank starts, and left as it was."""
+    stream, full, saved = halfway
+    run, log = Path(shutil.copytree(saved["resident"], tmp_path / "run")), tmp_path / "log.jsonl"
+    _resume_stream(with_tokenizer, tmp_path)  # the text the halfway runs trained on, as tmp_path / "d.txt"
+    argv = ["train", str(with_tokenizer), "--resume", str(run), "--save", str(run), "--save-every", "1",
+            "--data", str(tmp_path / "d.txt"), "--steps", "4", "--dp", "2", "--batch", "6", "--seq", "16",
+            "--lr", "3e-3", "--warmup", "1", "--weight-decay", "0.1", "--log", str(log), "--seed"]
+    refused = subprocess.run([sys.executable, "-c", NO_SPAWN, *argv, "4"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "SPAWNED" not in refused.stderr, refused.stderr
+    assert "training on seed 3, but this run has 4: --seed must match to resume" in refused.stderr, refused.stderr
+    assert Record.read(run).step == 2
+    done = subprocess.run([sys.executable, "-m", "shardwise.cli", *argv, "3"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "trained steps 3..4" in done.stdout and _losses(log) == full["resident"][2:]
+    assert Record.read(run).step == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.txt", "log.jsonl", "run"]
 
 
 def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_intact(halfway, with_tokenizer, tmp_path):

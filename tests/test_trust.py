@@ -329,6 +329,36 @@ def test_overwrite_without_atomic_exchange(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_write_killed_between_the_fallback_renames_leaves_it_all_to_the_next_write(tmp_path):
+    """Without RENAME_EXCHANGE the old checkpoint is moved aside, then the new one moved in. Killed in between, the
+    target is gone and both wait in hidden directories; the next write's cleanup finds them and puts the old
+    checkpoint back (so a write without --overwrite is refused), and nothing hidden is left."""
+    out = tmp_path / "out"
+    killed = (
+        "import os, sys\nfrom pathlib import Path\nimport shardwise.publish as pub\n"
+        "from shardwise.collective_write import write_checkpoint\n"
+        "def write(text):\n"
+        "    return [('writing data', lambda tmp: (tmp / 'config.json').write_text(text)),\n"
+        "            ('writing weights', lambda tmp: (tmp / 'model.safetensors').write_bytes(b'x'))]\n"
+        "out = Path(sys.argv[1])\nwrite_checkpoint(out, write('old'))\n"
+        "pub._renameat2 = lambda a, b, flags: False  # NFS: no renameat2 flags\n"
+        "rename = os.rename\n"
+        "def killed_before_the_new_moves_in(a, b):\n"
+        "    if Path(b) == out and Path(a).name.startswith(pub.TMP_PREFIX):\n"
+        "        os._exit(9)\n"
+        "    rename(a, b)\n"
+        "pub.os.rename = killed_before_the_new_moves_in\n"
+        "write_checkpoint(out, write('new'), overwrite=True)\n")
+    assert subprocess.run([sys.executable, "-c", killed, str(out)], timeout=120).returncode == 9
+    assert not out.exists() and len([p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]) == 2
+    with pytest.raises(OSError, match="a checkpoint is already there; pass --overwrite"):
+        _write(out, "newer")
+    assert _content(out) == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    _write(out, "newer", overwrite=True)
+    assert _content(out) == "newer"
+
+
 def test_failed_rename_without_exchange_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
     import shardwise.publish as pub
 
@@ -345,7 +375,7 @@ def test_failed_rename_without_exchange_puts_the_old_checkpoint_back(tmp_path, m
     with pytest.raises(OSError, match="failed while renaming into place: OSError: .*injected I/O error"):
         _write(out, "new", overwrite=True)
     assert _content(out) == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # neither the new one nor the parking place is left
 
 
 def test_a_checkpoint_that_appears_meanwhile_is_never_replaced(tmp_path, monkeypatch):

@@ -111,8 +111,9 @@ def train_keeping_every_save(job):
     import shardwise.train_run as run
     from shardwise.train_state import save_training
 
-    def keep(model, optimizer, out, stream, overwrite=False, settings=None):
-        return save_training(model, optimizer, f"{out}-{optimizer.steps}", stream, settings=settings)
+    def keep(model, optimizer, out, stream, overwrite=False, settings=None, dtype=None, sources=None):
+        return save_training(model, optimizer, f"{out}-{optimizer.steps}", stream, settings=settings, dtype=dtype,
+                             sources=sources)
 
     run.save_training = keep
     return run.train_rank(job)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from .reader import MANIFEST
 from .series import Series, SeriesError
 from .spec import DTYPES, load_spec
 from .windows import series_memory
+from .words import plural
 from .zero3 import memory_plan
 
 log = logging.getLogger("shardwise")
@@ -107,7 +109,7 @@ def _layout(args) -> Layout:
 
 def _provide(args) -> Provide:
     """The provider options, checked before any rank is spawned."""
-    check_provider_options(args.provider, args.dtype, args.work_dtype, args.prefetch, args.offload)
+    check_provider_options(args.provider, args.dtype, args.work_dtype, args.prefetch, args.offload, flags=True)
     return Provide(args.provider, args.work_dtype, args.prefetch, args.offload, tuple(args.series))
 
 
@@ -116,11 +118,17 @@ def _overwrite_arg(p: argparse.ArgumentParser) -> None:
                    help="replace an existing checkpoint at the destination (never anything else)")
 
 
+def _written_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", type=_dtype, help="dtype of the written tensors (default: each as SRC holds it; a "
+                   "training checkpoint's fp32 masters in the dtype of the model it was trained from); config.json "
+                   "names the dtype the files hold")
+
+
 def _world(args) -> int:
     world = _layout(args).world_size
     if in_torchrun() and int(os.environ["WORLD_SIZE"]) != world:
-        sys.exit(f"--tp {args.tp} x --pp {args.pp} x --dp {args.dp} = {world} ranks, but torchrun started "
-                 f"{os.environ['WORLD_SIZE']}")
+        sys.exit(f"--tp {args.tp} x --pp {args.pp} x --dp {args.dp} = {plural(world, 'rank')}, but torchrun "
+                 f"started {os.environ['WORLD_SIZE']}")
     return world
 
 
@@ -129,16 +137,24 @@ def _is_rank0() -> bool:
     return not in_torchrun() or int(os.environ.get("RANK", "0")) == 0
 
 
-def _plan_everywhere(path: str, layout: Layout, provider: str = "resident", series: tuple[Series, ...] = ()):
-    """The model spec, with the layout (and any series) checked on every rank: what a spawned job would find, in a
-    second."""
-    spec = load_spec(path)
+def _checkpoint_dir(path: str, flag: str = "") -> str:
+    """``path``, refused in one line if it is a file (a weight file, a config.json): commands read a directory."""
+    if Path(path).is_file():
+        raise ValueError(f"{flag + ' ' if flag else ''}{path}: is a file; give the checkpoint directory, not a file")
+    return path
+
+
+def _plan_everywhere(path: str, layout: Layout, provider: str = "resident", series: tuple[Series, ...] = (),
+                     config_file: bool = False):
+    """The model spec of the checkpoint directory ``path`` (or with ``config_file``, of a config.json too), with the
+    layout (and any series) checked on every rank: what a spawned job would find, in a second."""
+    spec = load_spec(path if config_file else _checkpoint_dir(path))
     for rank in range(layout.world_size):
         plan_rank(spec, layout, rank, provider, series)
     return spec
 
 
-def _check_generate(args, prompts: tuple[str, ...]) -> None:
+def _check_generate(args, prompts: tuple[str, ...], labels: tuple[str, ...]) -> None:
     """Every mistake a generate job could make, found before any rank is spawned."""
     from .text import Text
 
@@ -146,7 +162,7 @@ def _check_generate(args, prompts: tuple[str, ...]) -> None:
     _check_device(args.device, _layout(args).world_size)
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
         log.warning("--top-k/--top-p have no effect without --temperature > 0 (greedy decoding)")
-    ids = _prompt_ids(Text(args.checkpoint), prompts, args.chat, spec.vocab)
+    ids = _prompt_ids(Text(args.checkpoint), prompts, args.chat, spec.vocab, labels)
     longest = max(len(i) for i in ids)
     _check_cache_fits(spec, _layout(args), len(ids), longest + args.max_new_tokens, args.dtype.itemsize)
     limit = spec.config.get("max_position_embeddings")
@@ -162,13 +178,15 @@ def _check_device(device: str, world: int) -> None:
         raise ValueError(f"--device {device!r}: {e}") from None
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # under torchrun, only this node's ranks need GPUs here
     if kind == "cuda" and torch.cuda.device_count() < local:
-        raise ValueError(f"--device {device} needs {local} GPUs, this machine has {torch.cuda.device_count()}")
+        raise ValueError(f"--device {device} needs {plural(local, 'GPU')}, this machine has "
+                         f"{torch.cuda.device_count()}")
 
 
-def _prompt_ids(text, prompts: tuple[str, ...], chat: bool, vocab: int) -> list[list[int]]:
-    """Each prompt's ids, refusing one that comes out empty or names tokens the model has no embedding for."""
+def _prompt_ids(text, prompts: tuple[str, ...], chat: bool, vocab: int, labels: tuple[str, ...]) -> list[list[int]]:
+    """Each prompt's ids, refusing one that comes out empty or names tokens the model has no embedding for (named
+    by its label, as its answer would be)."""
     out = []
-    for n, prompt in enumerate(prompts, 1):
+    for n, prompt in zip(labels, prompts, strict=True):
         ids = text.prompt_ids(prompt, chat)
         if not ids:
             raise ValueError(f"prompt {n} ({prompt!r}) has no tokens; give the text to continue")
@@ -185,36 +203,43 @@ def _check_cache_fits(spec, layout: Layout, batch: int, positions: int, itemsize
     per_rank = 2 * -(-spec.layers // layout.pp) * batch * kv_heads * positions * spec.head_dim * itemsize
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if per_rank * layout.world_size > memory:
-        raise ValueError(f"a KV cache of {positions} positions for {batch} prompts needs about "
+        raise ValueError(f"a KV cache of {positions} positions for {plural(batch, 'prompt')} needs about "
                          f"{per_rank * layout.world_size / 2**30:.0f} GiB, more than this machine's "
                          f"{memory / 2**30:.0f} GiB; lower --max-new-tokens")
 
 
-def _prompts(args) -> tuple[str, ...]:
-    """Every --prompt, then every line of --prompts FILE."""
+def _prompts(args) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Every --prompt, then every non-blank line of --prompts FILE; and the labels of their answers, which print as
+    they complete: the --prompt texts numbered in order, the file's by their line (blank lines counted), as
+    FILE:LINE when both are given."""
     prompts = list(args.prompt or [])
+    labels = [str(n) for n in range(1, len(prompts) + 1)]
     if args.prompts_file:
         try:
-            prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+            lines = Path(args.prompts_file).read_text().splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"{args.prompts_file}: cannot read the prompts ({e})") from None
+        where = f"{args.prompts_file}:" if prompts else ""
+        numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+        prompts += [line for _, line in numbered]
+        labels += [f"{where}{n}" for n, _ in numbered]
     if not prompts:
         raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
-    return tuple(prompts)
+    return tuple(prompts), tuple(labels)
 
 
 def cmd_generate(args) -> None:
-    prompts = _prompts(args)
+    prompts, labels = _prompts(args)
     provide = _provide(args)
-    _check_generate(args, prompts)
+    _check_generate(args, prompts, labels)
     job = GenerateArgs(args.checkpoint, _layout(args), prompts, args.max_new_tokens, args.dtype, args.device,
-                       args.chat, args.temperature, args.top_k, args.top_p, args.seed, provide=provide)
+                       args.chat, args.temperature, args.top_k, args.top_p, args.seed, provide=provide, labels=labels)
     result = launch(generate_rank, _world(args), job)
     if _is_rank0():
         rss = " ".join(f"r{r}={b / 2**20:.0f}MiB" for r, b in enumerate(result["rss"]))
-        n = result["new_tokens"]
         print(f"[shardwise] {_layout(args)} {args.provider} load {result['load_s']:.2f}s, "
-              f"{n} token{'s' * (n != 1)} at {result['tokens_per_s']:.1f} tok/s, rss {rss}", file=sys.stderr)
+              f"{plural(result['new_tokens'], 'token')} at {result['tokens_per_s']:.1f} tok/s, rss {rss}",
+              file=sys.stderr)
 
 
 KINDS = {
@@ -247,8 +272,9 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
         work = str(provide.work_dtype or dtype).removeprefix("torch.")
         how += f" (work {work}, prefetch {provide.prefetch}{', offload' if provide.offload else ''})"
     how += ", training" if train else ""
-    lines = [f"{spec.arch}: {spec.layers} layers, {spec.heads} heads / {spec.kv_heads} KV heads, vocab {spec.vocab}, "
-             f"{layout}, {str(dtype).removeprefix('torch.')}, {how}",
+    lines = [f"{spec.arch}: {plural(spec.layers, 'layer')}, {plural(spec.heads, 'head')} / "
+             f"{plural(spec.kv_heads, 'KV head')}, vocab {spec.vocab}, {layout}, {str(dtype).removeprefix('torch.')}, "
+             f"{how}",
              f"{'rank':>4} {'stage':>5} {'dp':>3} {'tp':>3} {'layers':>9} {'q/kv heads':>10} "
              + " ".join(f"{c:>11}" for c in columns) + f" {'total':>11}"]
     saved: dict[str, list[str]] = defaultdict(list)  # series -> one line per rank
@@ -324,7 +350,7 @@ def cmd_bench_generate(args) -> None:
 
     provide = _provide(args)
     spec = _plan_everywhere(args.checkpoint, _layout(args), args.provider, provide.series)
-    _prompt_ids(Text(args.checkpoint), (args.prompt,), False, spec.vocab)
+    _prompt_ids(Text(args.checkpoint), (args.prompt,), False, spec.vocab, ("1",))
     row = launch(bench_generate_rank, _world(args), args.checkpoint, _layout(args), args.prompt,
                  args.max_new_tokens, not args.no_hf, provide)
     if args.json:
@@ -337,9 +363,10 @@ def cmd_bench_generate(args) -> None:
 def _check_train(args):
     """Every mistake a train job could make, found before any rank is spawned; the token stream it trains on, and
     with --resume the saved record."""
-    from .data import TokenStream, check_batching
+    from .data import TokenStream, check_batching, thin_text, tokenize_file
     from .train import TRAINABLE
-    from .train_state import Record
+    from .train_run import check_log, same_directory
+    from .train_state import Record, base_dtype
 
     if args.pp > 1:
         raise ValueError(f"--pp {args.pp}: training over pipeline stages is not built yet; use --pp 1")
@@ -349,11 +376,18 @@ def _check_train(args):
         raise ValueError("--series declares layers of --provider series, which training does not run on")
     _provide(args)
     spec = _plan_everywhere(args.checkpoint, _layout(args), args.provider)
-    check_target(args.save, args.overwrite, [args.checkpoint] + ([args.resume] if args.resume else []))
-    if args.log and not Path(args.log).resolve().parent.is_dir():
-        raise ValueError(f"--log {args.log}: its directory does not exist")
+    if args.resume:
+        _checkpoint_dir(args.resume, "--resume")
+    in_place = same_directory(args.resume, args.save)  # each save replaces RUN, vetted below as this run's
+    others = [args.resume] if args.resume and not in_place else []
+    check_target(args.save, args.overwrite or in_place, [args.checkpoint, *others])
+    if args.log:
+        check_log(args.log, args.checkpoint)
     check_batching(args.batch, args.dp, args.accumulate)
-    stream = TokenStream.from_file(args.checkpoint, args.data, args.seq, args.batch, args.seed)
+    ids = tokenize_file(args.checkpoint, args.data)
+    stream = TokenStream.from_ids(ids, args.seq, args.batch, args.seed, args.data)
+    for warning in thin_text(args.data, len(ids), args.seq, args.batch):
+        log.warning("%s", warning)
     if int(stream.windows.max()) >= spec.vocab:
         raise ValueError(f"{args.data}: token id {int(stream.windows.max())}, but the model's vocabulary has "
                          f"{spec.vocab} (tokenizer and model disagree)")
@@ -366,6 +400,7 @@ def _check_train(args):
         record = Record.read(args.resume)
         record.check_resumable(args.resume, stream, args.steps)
         return stream, record
+    base_dtype(args.checkpoint)  # the dtype the saves record (a training checkpoint's, from its record: vetted)
     return stream, None
 
 
@@ -380,7 +415,7 @@ def cmd_train(args) -> None:
         log.warning("--resume %s: this run changes %s (steps %d on follow this run's settings, not the saved run's)",
                     args.resume, ", ".join(record.changed(settings(job))), record.step + 1)
     result = launch(train_rank, _world(args), job)
-    _report(f"trained steps {result['first_step']}..{result['steps']} on {len(stream.windows)} windows of "
+    _report(f"trained steps {result['first_step']}..{result['steps']} on {plural(len(stream.windows), 'window')} of "
             f"{args.seq} tokens ({_layout(args)}, {args.provider}): loss {result['first_loss']:.4f} -> "
             f"{result['last_loss']:.4f}; saved {args.save}")
 
@@ -392,14 +427,26 @@ def cmd_import_gguf(args) -> None:
     _report(f"wrote {out}")
 
 
-def write_rank(src: str, out: str, layout: Layout, provide: Provide, sharded: bool, overwrite: bool) -> None:
-    """Load this rank's part of ``src`` and write it to ``out``: a sharded checkpoint, or HF safetensors."""
+def write_rank(src: str, out: str, layout: Layout, provide: Provide, sharded: bool, overwrite: bool,
+               dtype: torch.dtype | None = None) -> None:
+    """Load this rank's part of ``src`` and write it to ``out``: a sharded checkpoint, or HF safetensors; in
+    ``dtype``, or each tensor in the dtype ``src`` holds it in."""
     from .hf_export import export
     from .loader import load_weights
     from .sharded import save_sharded
 
-    weights = load_weights(src, layout, provider=provide.provider, series=provide.series)
+    weights = load_weights(src, layout, dtype, provider=provide.provider, series=provide.series)
+    if dtype is not None:  # written as loaded, not cast back to the source's dtypes
+        weights = dataclasses.replace(weights, source_dtypes=dict.fromkeys(weights.source_dtypes, dtype))
     (save_sharded if sharded else export)(weights, out, overwrite=overwrite)
+
+
+def _written_dtype(args) -> torch.dtype | None:
+    """--dtype; else for a training checkpoint, whose files hold fp32 masters, the dtype of the model it was trained
+    from; else None: each tensor stays in SRC's dtype."""
+    from .train_state import trained_from
+
+    return args.dtype or trained_from(args.src)
 
 
 def cmd_reshard(args) -> None:
@@ -414,7 +461,7 @@ def cmd_reshard(args) -> None:
     with open_source(args.src) as source:
         source.check(spec)
     launch(write_rank, _world(args), args.src, args.dst, _layout(args), Provide(args.provider, series=series), True,
-           args.overwrite)
+           args.overwrite, _written_dtype(args))
     _report(f"wrote {args.dst} (sharded, {_layout(args)}, {args.provider})")
 
 
@@ -433,26 +480,26 @@ def init_rank(config: str, out: str, layout: Layout, seed: int, dtype: torch.dty
 
 def cmd_init(args) -> None:
     check_target(args.out, args.overwrite, [])
-    _plan_everywhere(args.config, _layout(args))
+    _plan_everywhere(args.config, _layout(args), config_file=True)
     launch(init_rank, _world(args), args.config, args.out, _layout(args), args.seed, args.dtype, args.sharded,
            args.zero_residual, args.overwrite)
     _report(f"wrote {args.out} ({'sharded' if args.sharded else 'HF safetensors'}, seed {args.seed}, "
-            f"initialised by {_world(args)} ranks)")
+            f"initialised by {plural(_world(args), 'rank')})")
 
 
 def cmd_export(args) -> None:
     from .sharded import ShardedCheckpoint
 
     check_target(args.out, args.overwrite, [args.src])
-    if not (Path(args.src) / MANIFEST).is_file():
+    if not (Path(_checkpoint_dir(args.src)) / MANIFEST).is_file():
         raise ValueError(f"{args.src}: export takes a sharded checkpoint (one with {MANIFEST}); an HF checkpoint "
                          "needs no export: `shardwise reshard` makes a sharded one of it")
     source = ShardedCheckpoint(args.src)
     source.check(load_spec(args.src))  # the manifest's layout says how many ranks to spawn: vet it first
     layout = source.layout
     launch(write_rank, layout.world_size, args.src, args.out, layout, Provide(source.provider, series=source.series),
-           False, args.overwrite)
-    _report(f"wrote {args.out} (HF safetensors, exported by {layout.world_size} ranks)")
+           False, args.overwrite, _written_dtype(args))
+    _report(f"wrote {args.out} (HF safetensors, exported by {plural(layout.world_size, 'rank')})")
 
 
 def cmd_bench_zero3(args) -> None:
@@ -581,10 +628,13 @@ def build_parser() -> argparse.ArgumentParser:
     _layout_args(t)
     _provider_args(t)
     t.set_defaults(dtype=torch.float32)
-    t.add_argument("--save", required=True, metavar="DIR", help="where the trained sharded checkpoint goes")
+    t.add_argument("--save", required=True, metavar="DIR", help="where the trained sharded checkpoint goes; may be "
+                   "the --resume DIR itself, which each save then replaces with a later step")
     t.add_argument("--save-every", type=POSITIVE, metavar="M", help="also save every M steps")
     _overwrite_arg(t)
-    t.add_argument("--log", metavar="FILE", help="JSON lines, one per step: step, loss, lr, grad_norm, tokens_per_s")
+    t.add_argument("--log", metavar="FILE", help="JSON lines: a first naming the model, then one per step (step, "
+                   "loss, lr, grad_norm, tokens_per_s). A fresh run replaces a training log of this model (or an "
+                   "empty file), a resume appends to it; any other existing file is refused")
 
     i = command(sub, "import-gguf", "convert a llama.cpp GGUF file to an HF-format checkpoint", cmd_import_gguf)
     i.add_argument("gguf")
@@ -600,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zero3: each DP rank saves its 1/dp of every block; series: each series layer is saved by "
                         "its one owner; either loads under any layout")
     _series_arg(r)
+    _written_dtype_arg(r)
     _overwrite_arg(r)
 
     n = command(sub, "init", "a freshly initialised checkpoint, the same for any layout, written by all ranks",
@@ -616,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = command(sub, "export", "sharded checkpoint -> HF safetensors checkpoint, written by all its ranks", cmd_export)
     e.add_argument("src")
     e.add_argument("out")
+    _written_dtype_arg(e)
     _overwrite_arg(e)
     e.set_defaults(tp=1, pp=1, dp=1)
 
@@ -702,8 +754,10 @@ def main(argv: list[str] | None = None) -> None:
         print("shardwise: interrupted", file=sys.stderr)
         sys.exit(130)
     except RankError as e:  # one line naming the rank and the cause; -v keeps the whole traceback
-        if args.verbose or e.__cause__ is None:
+        if args.verbose:
             raise
+        if e.__cause__ is None:  # a rank that died (its message says how), or whose exception could not travel
+            sys.exit(f"shardwise: {e}")
         sys.exit(f"shardwise: rank {e.rank}: {type(e.__cause__).__name__}: {e.__cause__}")
     except (ValueError, OSError) as e:
         if args.verbose:

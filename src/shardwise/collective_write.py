@@ -18,6 +18,7 @@ from typing import Any
 import torch.distributed as dist
 
 from .publish import Mode, TargetError, check_target, make_temp_dir, publish, seal
+from .words import listed
 
 Step = tuple[str, Callable[[Path], Any]]
 
@@ -42,7 +43,7 @@ def _agree(out: Path, step: str, error: BaseException | None, value: Any, collec
     failed = [(r, message) for r, (message, _) in enumerate(everyone) if message is not None]
     if failed:
         r, message = failed[0]
-        others = f" (and ranks {[r for r, _ in failed[1:]]})" if len(failed) > 1 else ""
+        others = f" (and {listed('rank', [r for r, _ in failed[1:]])})" if len(failed) > 1 else ""
         raise WriteError(f"{out}: not written: rank {r}{others} failed while {step}: {message}") from error
     return [v for _, v in everyone]
 

@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 
 from .boxes import split_evenly
+from .words import plural
+
+DROPPED_TAIL = 0.01  # a dropped tail above this share of the text is worth a warning (it never is past 100 windows)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -58,9 +61,23 @@ def check_batching(batch: int, dp: int, accumulate: int) -> None:
     """Refuse a batch that leaves some DP rank an empty micro-batch."""
     smallest = batch // dp  # split_evenly: the last ranks get the fewest windows
     if smallest < accumulate:
-        raise ValueError(f"--batch {batch} over --dp {dp} gives some rank {smallest} window"
-                         f"{'s' * (smallest != 1)}, too few for --accumulate {accumulate} micro-batches; "
+        raise ValueError(f"--batch {batch} over --dp {dp} gives some rank {plural(smallest, 'window')}, too few for "
+                         f"--accumulate {plural(accumulate, 'micro-batch')}; "
                          f"use --batch >= {dp * accumulate}")
+
+
+def thin_text(source: str, tokens: int, seq: int, batch: int) -> list[str]:
+    """Warnings for a text too short for the run: fewer windows than a step takes (so every step repeats some), or a
+    dropped tail that is a noticeable share of it."""
+    windows, tail = divmod(tokens, seq)
+    out = []
+    if 0 < windows < batch:
+        out.append(f"{source}: {plural(tokens, 'token')} make {plural(windows, 'window')} of --seq {seq}, fewer than "
+                   f"--batch {batch}: every step repeats windows; give more text or a smaller --batch")
+    if windows and tail > DROPPED_TAIL * tokens:
+        out.append(f"{source}: the last {plural(tail, 'token')} of {tokens} ({tail / tokens:.0%}) fill no window of "
+                   f"--seq {seq} and are never trained on")
+    return out
 
 
 @dataclass(frozen=True)
@@ -79,7 +96,7 @@ class TokenStream:
             raise ValueError(f"--batch {batch}: a step needs at least one window")
         n = len(ids) // seq
         if n < 1:
-            raise ValueError(f"{source}: {len(ids)} tokens, too few for one window of --seq {seq}; "
+            raise ValueError(f"{source}: {plural(len(ids), 'token')}, too few for one window of --seq {seq}; "
                              "give more text or a smaller --seq")
         windows = torch.tensor(ids[: n * seq], dtype=torch.int64).reshape(n, seq)
         return cls(windows, batch, seed)

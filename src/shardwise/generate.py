@@ -31,6 +31,7 @@ class GenerateArgs:
     seed: int = 0
     stream: bool = True
     provide: Provide = Provide()
+    labels: tuple[str, ...] = ()  # each prompt's answer is printed as [label]; default its number, from 1
 
 
 def generate_rank(args: GenerateArgs) -> dict:
@@ -38,23 +39,23 @@ def generate_rank(args: GenerateArgs) -> dict:
 
     Rank 0 prints. One prompt streams its answer token by token. Several are generated
     as left-padded batches, one per replica, and replica 0's answers are printed whole
-    as soon as each is complete, labelled with the prompt's number; the other replicas'
-    follow when they are done. A replica with no prompt idles, except under ZeRO-3 or a
+    as soon as each is complete, labelled ``[label]``; the other replicas' follow when
+    they are done. A replica with no prompt idles, except under ZeRO-3 or a
     series, where its gathers or broadcasts are needed: it generates a copy of the first
     prompt and drops it.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     layout, provide = args.layout, args.provide
     text = Text(args.checkpoint)  # before loading: a broken tokenizer or template should not cost a load
+    labels = args.labels or tuple(str(n) for n in range(1, len(args.prompts) + 1))
     lo, hi = split_evenly(len(args.prompts), layout.dp)[layout.coords(rank)[1]]
     prompts = [text.prompt_ids(p, args.chat) for p in args.prompts[lo:hi]]
     streamer = None
     if args.stream and rank == 0:
         many = len(args.prompts) > 1
-        streamer = LabelledAnswers(text, sys.stdout, len(prompts)) if many else Streamer(text, sys.stdout)
+        streamer = LabelledAnswers(text, sys.stdout, labels[lo:hi]) if many else Streamer(text, sys.stdout)
     t0 = time.perf_counter()
-    with load_model(args.checkpoint, layout, device=args.device, dtype=args.dtype, progress=False,
-                    **vars(provide)) as model:
+    with load_model(args.checkpoint, layout, device=args.device, dtype=args.dtype, **vars(provide)) as model:
         load_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         answers: list[list[int]] = []
@@ -76,7 +77,7 @@ def generate_rank(args: GenerateArgs) -> dict:
     if args.stream and rank == 0:
         for r in replicas[1:]:
             for i, ids in enumerate(r["answers"]):
-                sys.stdout.write(f"[{r['first'] + i + 1}] {text.decode(ids)}\n")
+                sys.stdout.write(f"[{labels[r['first'] + i]}] {text.decode(ids)}\n")
         sys.stdout.flush()
     answers = [a for r in replicas for a in r["answers"]]
     new = sum(len(a) for a in answers)

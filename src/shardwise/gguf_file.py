@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .words import plural
+
 if TYPE_CHECKING:
     from gguf import GGMLQuantizationType
 
@@ -93,7 +95,7 @@ class _Cursor:
     def span(self, start: int, n: int, what: str) -> memoryview:
         """``n`` bytes at ``start``. Slicing past the end would silently return fewer, so that is refused first."""
         if start + n > len(self.buf):
-            raise self.fail(what, f"needs {n} bytes at offset {start}, but the file ends at {len(self.buf)}")
+            raise self.fail(what, f"needs {plural(n, 'byte')} at offset {start}, but the file ends at {len(self.buf)}")
         return self.buf[start : start + n]
 
     def take(self, n: int, what: str) -> memoryview:
@@ -109,13 +111,14 @@ class _Cursor:
         """A u64 count of items of at least ``item_size`` bytes, refused unless they can fit in the bytes left."""
         n = self.uint("<Q", what)
         if n * item_size > self.left():
-            raise self.fail(what, f"{n} items of at least {item_size} bytes cannot fit in the {self.left()} bytes left")
+            raise self.fail(what, f"{plural(n, 'item')} of at least {plural(item_size, 'byte')} cannot fit in the "
+                                 f"{plural(self.left(), 'byte')} left")
         return n
 
     def string(self, what: str, max_bytes: int | None = None) -> str:
         n = self.uint("<Q", f"{what} length")
         if max_bytes is not None and n > max_bytes:
-            raise self.fail(what, f"is {n} bytes long, more than the {max_bytes} allowed")
+            raise self.fail(what, f"is {plural(n, 'byte')} long, more than the {max_bytes} allowed")
         raw = self.take(n, what)
         try:
             return str(raw, "utf-8")

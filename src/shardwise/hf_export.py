@@ -26,7 +26,7 @@ from .model import Model
 from .progress import progress_bar
 from .publish import copy_side_files
 from .reader import INDEX_FILE, Checkpoint, Entry, is_row_run, mapped_box
-from .spec import ModelSpec
+from .spec import ModelSpec, naming_dtype
 from .weights import Weights
 from .writer import Placement, plan_file, tensor_bytes
 
@@ -107,7 +107,9 @@ def raw_bytes(t: torch.Tensor) -> torch.Tensor:
 
 def export(source: Model | Weights, out_dir: str | Path, max_file_bytes: int = DEFAULT_FILE_BYTES,
            progress: bool = True, overwrite: bool = False) -> Path:
-    """Write an HF checkpoint (original names and dtypes, config, index) from any layout; collective.
+    """Write an HF checkpoint (original names, the weights' source dtypes, config, index) from any layout; collective.
+
+    config.json names the dtype the files hold.
 
     ``out_dir`` must be new, empty, or (with ``overwrite``) a checkpoint holding nothing else.
     """
@@ -144,7 +146,7 @@ def export(source: Model | Weights, out_dir: str | Path, max_file_bytes: int = D
         total = sum(p.nbytes for f in files for p in f.places.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        copy_side_files(weights.source_dir, spec.config, tmp)
+        copy_side_files(weights.source_dir, naming_dtype(spec.config, dtypes.values()), tmp)
 
     steps = [("writing headers", write_headers), ("writing data", write_data),
              ("verifying", lambda tmp: _verify(tmp, files, mine, dtypes))]

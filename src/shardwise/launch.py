@@ -8,6 +8,10 @@ Ranks never outlive the launch. SIGINT or SIGTERM to the parent (Ctrl-C, a job
 scheduler, ``docker stop``) terminates every rank and raises ``LaunchInterrupted``; a
 parent that dies outright, even by SIGKILL, takes its ranks with it. Otherwise orphaned
 ranks would finish the job and publish a checkpoint that nobody is waiting for.
+
+A rank stopped in the middle of a write leaves its temporary directory (possibly many
+GB, hidden beside the target). Its ranks note each one in the launch's journal, and once
+they are all stopped the parent removes those left behind, saying which.
 """
 
 from __future__ import annotations
@@ -23,16 +27,21 @@ import queue
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from .publish import JOURNAL_ENV, remove_orphans
+from .words import listed, plural
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 1800.0
@@ -184,16 +193,32 @@ def _untracked_progress_lock() -> None:
     tqdm.set_lock(threading.RLock())
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity (taskset, a container's cpuset) where the OS tells."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _warn_if_oversubscribed(world_size: int) -> None:
+    cores = usable_cores()
+    if world_size > cores:
+        log.warning("%s on %s: the ranks take turns on the cores and every collective waits for the ranks that are "
+                    "not running, so this runs slower than with at most %d ranks, and each rank adds the memory of "
+                    "its own Python and torch", plural(world_size, "rank"), plural(cores, "CPU core"), cores)
+
+
 def _worker(rank: int, world_size: int, port: int, backend: str | None, timeout: float,
-            fn: Callable, args: tuple, results: mp.Queue, parent: int) -> None:
+            fn: Callable, args: tuple, results: mp.Queue, parent: int, journal: str) -> None:
     _die_with_parent(parent)
     _quiet_signals()
     _untracked_progress_lock()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      SHARDWISE_TIMEOUT=str(timeout))
+                      SHARDWISE_TIMEOUT=str(timeout), **{JOURNAL_ENV: journal})
     # Ranks share the machine's cores; oversubscribing threads makes every rank slower.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(max(1, usable_cores() // world_size))
     try:
         _init(backend, rank, world_size, timeout)
         value = fn(*args)
@@ -217,7 +242,7 @@ def _run_joined(fn: Callable, world_size: int, args: tuple, backend: str | None,
     """Inside torchrun: this process is one rank; run here and share rank 0's value with every rank."""
     world = int(os.environ["WORLD_SIZE"])
     if world != world_size:
-        raise ValueError(f"launch asked for {world_size} ranks but torchrun started {world}")
+        raise ValueError(f"launch asked for {plural(world_size, 'rank')} but torchrun started {world}")
     owned = not dist.is_initialized()
     if owned:
         _init(backend, int(os.environ["RANK"]), world, timeout)
@@ -342,7 +367,7 @@ def _supervise(procs: list[mp.Process], results: mp.Queue, timeout: float, stop:
                 raise _failure(procs, results, done, None)
             if time.monotonic() > deadline:
                 stuck = [r for r in range(world_size) if r not in done]
-                raise LaunchTimeout(f"ranks {stuck} did not finish within {timeout:.0f}s")
+                raise LaunchTimeout(f"{listed('rank', stuck)} did not finish within {timeout:.0f}s")
             continue
         rank, ok, payload = report
         if not ok:
@@ -373,6 +398,14 @@ def _check_spawnable(fn: Callable) -> None:
         raise ValueError(f"launch: {fn!r} cannot be sent to the ranks ({e}); pass a module-level function") from None
 
 
+def _remove_orphans(journal: Path) -> None:
+    """Once every rank is stopped (so the writers are provably gone): remove the temporary directories of the
+    writes they did not finish, and say so."""
+    for done in remove_orphans(journal):
+        log.warning("%s", done)
+    journal.unlink(missing_ok=True)
+
+
 def launch(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT,
            backend: str | None = None) -> Any:
     """Run ``fn(*args)`` on ``world_size`` ranks and return rank 0's value.
@@ -380,16 +413,20 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_T
     ``fn`` must be importable (a module-level function), since ranks are spawned.
     Under torchrun, ``fn`` runs in the current process as its rank instead.
     ``timeout`` bounds both each collective and the whole launch. SIGINT or SIGTERM
-    stops every rank and raises ``LaunchInterrupted``.
+    stops every rank and raises ``LaunchInterrupted``. Temporary directories of writes
+    that stopped ranks left unfinished are removed before this returns or raises.
     """
     if in_torchrun():
         return _run_joined(fn, world_size, args, backend, timeout)
     _check_spawnable(fn)
+    _warn_if_oversubscribed(world_size)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, timeout, fn, args, results, os.getpid()))
-             for r in range(world_size)]
+    fd, journal = tempfile.mkstemp(prefix="shardwise-launch-", suffix=".temps")
+    os.close(fd)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, timeout, fn, args, results, os.getpid(),
+                                               journal)) for r in range(world_size)]
     with _StopSignals() as stop:
         try:
             _start(procs)
@@ -399,4 +436,5 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_T
             _stop(procs)
             results.close()
             results.join_thread()
+            _remove_orphans(Path(journal))
     return value

@@ -23,6 +23,7 @@ from .boxes import Box, ShardedTensor, cols, full_box, rows, split_evenly
 from .flat import Buffer, FlatBlock, View, pack
 from .series import Series, SeriesError, SeriesPlan, plan_series
 from .spec import ModelSpec
+from .words import plural
 
 PROVIDERS = ("resident", "zero3", "series")
 
@@ -84,7 +85,7 @@ class Layout:
     def check_world(self) -> None:
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world != self.world_size:
-            raise LayoutError(f"layout {self} needs {self.world_size} ranks, the world has {world}")
+            raise LayoutError(f"layout {self} needs {plural(self.world_size, 'rank')}, the world has {world}")
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,7 @@ def _plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str, series
     if not 0 <= rank < layout.world_size:
         raise LayoutError(f"rank {rank} is outside the {layout.world_size}-rank layout {layout}")
     if layout.pp > spec.layers:
-        raise LayoutError(f"pp={layout.pp} exceeds the {spec.layers} layers: some stage would own no layer")
+        raise LayoutError(f"pp={layout.pp} exceeds the {plural(spec.layers, 'layer')}: some stage would own no layer")
     for what, size in (("vocab", spec.vocab), ("intermediate size", spec.intermediate)):
         if layout.tp > size:
             raise LayoutError(f"tp={layout.tp} exceeds the {what} {size}")

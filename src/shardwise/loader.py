@@ -122,13 +122,15 @@ WORK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn
 
 
 def check_provider_options(provider: str, dtype: torch.dtype, work_dtype: torch.dtype | None, prefetch: int,
-                           offload: bool) -> None:
+                           offload: bool, flags: bool = False) -> None:
     """Refuse option combinations that mean nothing, before any rank loads a byte (``plan_rank`` checks the
-    series declarations, against the model)."""
+    series declarations, against the model). ``flags``: name the options as the command line spells them."""
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDERS)})")
     if provider != "zero3" and (work_dtype is not None or offload):
-        raise ValueError("work_dtype and offload need provider='zero3': resident weights are computed as loaded")
+        need = ("--work-dtype and --offload need --provider zero3" if flags else
+                "work_dtype and offload need provider='zero3'")
+        raise ValueError(f"{need}: resident weights are computed as loaded")
     if work_dtype is not None and work_dtype not in WORK_DTYPES:
         raise ValueError(f"work_dtype {work_dtype} is not one of {', '.join(map(str, WORK_DTYPES))}")
     if dtype not in WORK_DTYPES[:3]:

@@ -15,6 +15,14 @@ data safe:
   only a checked checkpoint is exchanged; a concurrent writer can never be overwritten.
 - **Only what shardwise wrote is removed.** A replaced checkpoint loses just the files
   a checkpoint is made of; whatever else turned up in the meantime stays.
+
+A write that is killed leaves its temporary directory, marked with its owner. The next
+write to the same target removes it once that owner is provably dead, and so does the
+launcher whose rank it was (``remove_orphans``), as soon as it has stopped its ranks: it
+reads the temporary directories they noted in its journal (``JOURNAL_ENV``). Without
+``RENAME_EXCHANGE`` the replaced checkpoint waits in such a directory too, so a kill
+between the two renames leaves it to the same cleanup, which puts it back if nothing took
+its place.
 """
 
 from __future__ import annotations
@@ -30,7 +38,6 @@ import re
 import shutil
 import socket
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +48,8 @@ log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".shardwise-tmp-"
 OWNER_FILE = ".shardwise-owner.json"
+REPLACED = "replaced"  # in a parking directory (its owner says "replaced"): the checkpoint being replaced
+JOURNAL_ENV = "SHARDWISE_TEMP_JOURNAL"  # set by the launcher in its ranks: a file listing their temporary directories
 # Files besides the weights that make a checkpoint usable: carried through export, reshard and import.
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json",
@@ -134,30 +143,51 @@ def seal(tmp: Path, out: Path, overwrite: bool, sources: list) -> Mode:
     return mode
 
 
+def _rename_new(src: Path, out: Path) -> None:
+    """Rename ``src`` to ``out``, which must not exist: never replacing what another writer put there meanwhile."""
+    if not _renameat2(src, out, _RENAME_NOREPLACE):
+        if out.exists():  # without NOREPLACE, a last look narrows the race to nothing practical
+            raise TargetError(f"{out}: appeared while the checkpoint was being written; nothing was replaced")
+        os.rename(src, out)
+
+
+def _swap_by_renames(tmp: Path, out: Path) -> Path:
+    """Replace the checkpoint ``out`` with ``tmp`` in two renames, where the filesystem cannot exchange them.
+
+    The old checkpoint first moves into a parking directory that is already owned, so a
+    kill between the renames leaves both directories to the stale-temp cleanup, which
+    puts the old one back. Returns the parking directory; if the second rename fails, the
+    old checkpoint is put back before the error is raised.
+    """
+    park = make_temp_dir(out, replaced=True)
+    moved = False
+    try:
+        os.rename(out, park / REPLACED)
+        moved = True
+        os.rename(tmp, out)
+    except OSError:
+        if moved:
+            os.rename(park / REPLACED, out)  # if even this fails, the park (and the checkpoint in it) stays owned
+        shutil.rmtree(park, ignore_errors=True)
+        raise
+    return park
+
+
 def publish(tmp: Path, out: Path, mode: Mode) -> None:
     """Rename a sealed temporary directory to ``out``, doing exactly what ``mode`` allows, else raising.
 
     When this raises, nothing at ``out`` has changed. After the rename only
     best-effort steps remain: syncing the parent, removing the replaced checkpoint.
     """
-    old = None
+    old = park = None
     if mode == "create":
-        if not _renameat2(tmp, out, _RENAME_NOREPLACE):
-            if out.exists():  # without NOREPLACE, a last look narrows the race to nothing practical
-                raise TargetError(f"{out}: appeared while the checkpoint was being written; nothing was replaced")
-            os.rename(tmp, out)
+        _rename_new(tmp, out)
     elif mode == "fill":
         os.rename(tmp, out)  # replaces a directory only while it is empty: files that appeared make this fail
     elif _renameat2(tmp, out, _RENAME_EXCHANGE):
         old = tmp
     else:
-        old = out.with_name(f".shardwise-old-{out.name}-{uuid.uuid4().hex[:8]}")
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            os.rename(old, out)  # put the old checkpoint back before reporting the failure
-            raise
+        park = _swap_by_renames(tmp, out)
     try:
         fsync_path(out.parent)
     except OSError as e:
@@ -167,6 +197,9 @@ def publish(tmp: Path, out: Path, mode: Mode) -> None:
         with contextlib.suppress(OSError):  # owned like a temp dir while removed: a kill leaves it to the next write
             (old / OWNER_FILE).write_text(json.dumps(_owner(out)))
         remove_checkpoint(old)
+    if park is not None:
+        remove_checkpoint(park / REPLACED)
+        remove_checkpoint(park)  # its owner file, last: a kill before leaves it to the next write
 
 
 def remove_checkpoint(directory: Path) -> None:
@@ -218,16 +251,58 @@ def _owner_is_gone(owner: dict, out: Path) -> bool:
     return _proc_start(pid) != owner.get("start")  # gone, or the pid now belongs to another process
 
 
+def _clear(tmp: Path, out: Path | None = None) -> str | None:
+    """Remove the temporary directory ``tmp`` of a write to ``out`` (default: the target its owner file names) if
+    that writer has certainly ended; a parked checkpoint goes back to ``out`` instead, if nothing took its place.
+    What was done, or None if ``tmp`` was left alone (not provably ours, or its writer may still be running)."""
+    try:
+        owner = json.loads((tmp / OWNER_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None  # not provably ours, or still being created: leave it
+    if not isinstance(owner, dict) or tmp.is_symlink():
+        return None
+    target = owner.get("target")
+    if out is None and (not isinstance(target, str) or Path(target).name != target or target in ("", ".", "..")):
+        return None
+    out = out or tmp.parent / target
+    if not _owner_is_gone(owner, out):
+        return None
+    parked = tmp / REPLACED
+    if owner.get("replaced") and parked.is_dir() and not parked.is_symlink() and not out.exists() \
+            and not out.is_symlink():
+        try:
+            _rename_new(parked, out)
+        except OSError:
+            return None  # something took its place meanwhile, or it cannot move: left for the next look
+        shutil.rmtree(tmp, ignore_errors=True)
+        return f"put {out} back from {tmp}, where an interrupted write (pid {owner.get('pid')}) had parked it"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return f"removed {tmp}, left by an interrupted write (pid {owner.get('pid')})"
+
+
 def remove_stale_temps(out: Path) -> None:
     """Remove temporary directories that earlier writes to ``out`` left behind when they were killed."""
     for tmp in out.parent.glob(f"{glob.escape(TMP_PREFIX + out.name)}-*"):
-        try:
-            owner = json.loads((tmp / OWNER_FILE).read_text())
-        except (OSError, ValueError, RecursionError):
-            continue  # not provably ours, or still being created: leave it
-        if isinstance(owner, dict) and not tmp.is_symlink() and _owner_is_gone(owner, out):
-            log.info("removing %s, left by an interrupted write (pid %s)", tmp, owner.get("pid"))
-            shutil.rmtree(tmp, ignore_errors=True)
+        if (done := _clear(tmp, out)) is not None:
+            log.info("%s", done)
+
+
+def remove_orphans(journal: Path) -> list[str]:
+    """The launcher's cleanup, once its ranks are stopped: each temporary directory they noted in ``journal`` that
+    is still there, removed (or its parked checkpoint put back); what was done to each."""
+    try:
+        noted = journal.read_text().splitlines()
+    except OSError:
+        return []
+    return [done for line in dict.fromkeys(noted) if line and (done := _clear(Path(line))) is not None]
+
+
+def _note(tmp: Path) -> None:
+    """Add a temporary directory to the launcher's journal, if this process is a rank of a launch that keeps one."""
+    journal = os.environ.get(JOURNAL_ENV)
+    if journal:
+        with open(journal, "a") as f:  # one short append: whole even if another rank appends at once
+            f.write(f"{tmp}\n")
 
 
 def _umask() -> int:
@@ -243,13 +318,15 @@ def _umask() -> int:
     return mask
 
 
-def make_temp_dir(out: Path) -> Path:
-    """A hidden directory beside ``out``, marked with its owner so that it can be cleaned up if we are killed."""
+def make_temp_dir(out: Path, replaced: bool = False) -> Path:
+    """A hidden directory beside ``out``, marked with its owner so that it can be cleaned up if we are killed, and
+    noted in the launcher's journal. ``replaced``: a parking directory, for the checkpoint ``out`` holds now."""
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-", dir=out.parent)).absolute()
     try:
-        (tmp / OWNER_FILE).write_text(json.dumps(_owner(out)))
+        _note(tmp)
+        (tmp / OWNER_FILE).write_text(json.dumps(_owner(out) | ({"replaced": True} if replaced else {})))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the checkpoint's permissions
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -30,6 +30,7 @@ import torch
 from .boxes import Box
 from .spec import ModelSpec
 from .untrusted import UntrustedJSON, is_int, parse_json
+from .words import plural
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +118,12 @@ def _entry(path: Path, name: str, meta: object, data_start: int, size: int) -> E
         raise CheckpointError(f"{where}: data_offsets {offsets} are not an increasing range")
     if hi - lo != need:
         raise CheckpointError(
-            f"{where}: data_offsets {offsets} span {hi - lo} bytes but shape {shape} of {dtype_name} needs {need}"
+            f"{where}: data_offsets {offsets} span {plural(hi - lo, 'byte')} but shape {shape} of {dtype_name} needs "
+            f"{need}"
         )
     if data_start + hi > size:
         raise CheckpointError(
-            f"{where}: data ends at byte {data_start + hi} but the file has only {size} bytes (truncated?)"
+            f"{where}: data ends at byte {data_start + hi} but the file has only {plural(size, 'byte')} (truncated?)"
         )
     return Entry(path, name, dtype, tuple(shape), data_start + lo, data_start + hi)
 
@@ -146,7 +148,7 @@ def read_header(path: str | Path) -> dict[str, Entry]:
         size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{path}: {size} bytes is too short to hold a safetensors header")
+            raise CheckpointError(f"{path}: {plural(size, 'byte')} is too short to hold a safetensors header")
         n = int.from_bytes(head, "little")
         if n > min(size - 8, MAX_HEADER):
             raise CheckpointError(

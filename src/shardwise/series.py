@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .boxes import ShardedTensor
+from .words import plural
 
 
 class SeriesError(ValueError):
@@ -107,7 +108,7 @@ def plan_series(declared: Iterable[Series], work: dict[str, ShardedTensor], stag
                               "rank to share with (use --dp 2 or more)")
         if not 0 <= lo < hi <= model_layers:
             raise SeriesError(f"series {series}: layers {lo}:{hi} are not a range within the model's "
-                              f"{model_layers} layers")
+                              f"{plural(model_layers, 'layer')}")
         span = [n for n in stage_layers if lo <= n < hi]
         if not span:
             continue

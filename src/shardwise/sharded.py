@@ -33,8 +33,9 @@ from .layout import PROVIDERS, Layout, LayoutError, RankPlan, plan_rank
 from .publish import copy_side_files
 from .reader import DTYPE_NAMES, DTYPES, MANIFEST, Checkpoint, CheckpointError, check_stored_as, inside
 from .series import Series, SeriesError
-from .spec import ModelSpec
+from .spec import ModelSpec, naming_dtype
 from .untrusted import UntrustedJSON, is_int, parse_json, shown
+from .words import plural
 from .writer import save_safetensors
 
 if TYPE_CHECKING:
@@ -234,7 +235,7 @@ class ShardedCheckpoint:
             raise CheckpointError(f"{self.path}: field 'layout' does not fit the model: {e}") from None
         if len(self.stored) > self.layout.world_size:
             raise CheckpointError(f"{self.path}: {len(self.stored)} rank files for a layout of "
-                                  f"{self.layout.world_size} ranks")
+                                  f"{plural(self.layout.world_size, 'rank')}")
 
     def check_state(self, spec: ModelSpec, namespaces: tuple[str, ...]) -> None:
         """Every namespace stores an fp32 tensor of each model tensor's shape (else this is no training checkpoint)."""
@@ -343,12 +344,13 @@ def manifest(weights: Weights, state: State | None = None) -> dict:
     }
 
 
-def save_sharded(weights: Weights, out_dir: str | Path, overwrite: bool = False, state: State | None = None
-                 ) -> Path:
+def save_sharded(weights: Weights, out_dir: str | Path, overwrite: bool = False, state: State | None = None,
+                 sources: list[str | Path] | None = None) -> Path:
     """Collective: each rank writes its own file; rank 0 the manifest; published atomically once all succeeded.
 
-    ``out_dir`` must be new, empty, or (with ``overwrite``) a checkpoint holding nothing else.
-    With ``state``, this is a training checkpoint (see the module's docstring).
+    ``out_dir`` must be new, empty, or (with ``overwrite``) a checkpoint holding nothing else, and none of
+    ``sources`` (default: the directory the weights came from). With ``state``, this is a training checkpoint (see
+    the module's docstring). config.json names the dtype the files hold.
     """
     rank, dtypes = weights.plan.rank, _stored_dtypes(weights, state)
 
@@ -363,8 +365,8 @@ def save_sharded(weights: Weights, out_dir: str | Path, overwrite: bool = False,
 
     def finish(tmp: Path) -> None:
         (tmp / MANIFEST).write_text(json.dumps(manifest(weights, state)))
-        copy_side_files(weights.source_dir, weights.plan.spec.config, tmp)
+        copy_side_files(weights.source_dir, naming_dtype(weights.plan.spec.config, dtypes.values()), tmp)
 
     return write_checkpoint(out_dir, [("writing data", write_rank_file)], finish, rank=rank, overwrite=overwrite,
-                            sources=weights.sources)
+                            sources=weights.sources if sources is None else sources)
 

@@ -9,6 +9,7 @@ class covers them all instead of a class per architecture.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -239,6 +240,16 @@ def spec_from_config(cfg: dict) -> ModelSpec:
         sliding_windows=_sliding_windows(cfg, arch, layers),
         config=cfg,
     )
+
+
+def naming_dtype(config: dict, dtypes: Iterable[torch.dtype]) -> dict:
+    """``config`` naming the one dtype its checkpoint's files hold, as ``dtype`` (transformers 5's key) and, where
+    the config spelled it so, ``torch_dtype``; unchanged when the files mix dtypes."""
+    found = set(dtypes)
+    if len(found) != 1:
+        return config
+    name = str(found.pop()).removeprefix("torch.")
+    return config | {"dtype": name} | ({"torch_dtype": name} if "torch_dtype" in config else {})
 
 
 def load_spec(path: str | Path) -> ModelSpec:

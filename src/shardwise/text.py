@@ -168,16 +168,16 @@ class Streamer:
 
 
 class LabelledAnswers:
-    """Prints each answer of a batch whole, labelled ``[n]`` by its prompt's number, as soon as it is complete.
+    """Prints each answer of a batch whole, labelled ``[label]`` by its row's label, as soon as it is complete.
 
     Rows of a batch advance together, so interleaving their tokens would be unreadable;
     an answer is complete at its first EOS, or when generation ends.
     """
 
-    def __init__(self, text: Text, out: TextIO, rows: int):
-        self.text, self.out = text, out
-        self.ids: list[list[int]] = [[] for _ in range(rows)]
-        self.pending = set(range(rows))
+    def __init__(self, text: Text, out: TextIO, labels: tuple[str, ...]):
+        self.text, self.out, self.labels = text, out, labels
+        self.ids: list[list[int]] = [[] for _ in labels]
+        self.pending = set(range(len(labels)))
         self.eos = set(text.eos_ids())
 
     def __call__(self, new_ids) -> None:
@@ -193,5 +193,5 @@ class LabelledAnswers:
 
     def _show(self, row: int) -> None:
         self.pending.discard(row)
-        self.out.write(f"[{row + 1}] {self.text.decode(self.ids[row])}\n")
+        self.out.write(f"[{self.labels[row]}] {self.text.decode(self.ids[row])}\n")
         self.out.flush()

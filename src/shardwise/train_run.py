@@ -2,8 +2,14 @@
 
 Every rank runs the same loop; the data each DP rank trains on comes from
 ``data.TokenStream`` (so it follows from the seed and the step alone), and rank 0 alone
-draws the progress bar and writes the JSON-lines log. Every save is a training
-checkpoint (``train_state``), which a later run resumes from, under any layout.
+reports progress and writes the JSON-lines log. Every save is a training checkpoint
+(``train_state``), which a later run resumes from, under any layout.
+
+A run may save into the very checkpoint it resumed from (``--resume RUN --save RUN``, a
+pre-emptible job's pattern): each save replaces RUN atomically with a later step. Every
+rank has read all it needs of RUN (weights, moments, record) before its first step, and
+a save renames only after every rank has agreed at each of the write's steps, so no rank
+can still be reading RUN when it is replaced.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -20,11 +27,13 @@ from .layout import Layout
 from .loader import Provide, load_model
 from .model import Model
 from .optim import AdamW
-from .progress import progress_meter
+from .progress import StepProgress
 from .train import Trainer
-from .train_state import restore, save_training
+from .train_state import base_dtype, restore, save_training
 
 SCHEDULES = ("constant", "cosine")
+LOG_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s")  # of every line after the log's first
+LOG_KIND = "shardwise train log"
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,51 @@ class TrainArgs:
     overwrite: bool = False
     log: str | None = None
     resume: str | None = None  # a training checkpoint of ``checkpoint`` to go on from
+
+
+def same_directory(a: str | Path | None, b: str | Path) -> bool:
+    return a is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def log_header(checkpoint: str | Path) -> dict:
+    """The first line of a training log: what wrote it, and for which model (the base checkpoint, resolved)."""
+    return {"log": LOG_KIND, "model": str(Path(checkpoint).resolve())}
+
+
+def check_log(path: str | Path, checkpoint: str | Path) -> None:
+    """Refuse a ``--log`` that the run would truncate or append to but shardwise did not write for this model.
+
+    A fresh run replaces the file and a resume appends to it, so either may only touch a
+    training log of ``checkpoint`` (its first line is ``log_header``), an empty file, or
+    a file yet to be created; anything else is the user's, and refused before any rank starts.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--log {path}: is a directory; give a file for the JSON lines")
+    if not path.resolve().parent.is_dir():
+        raise ValueError(f"--log {path}: its directory does not exist")
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        first = f.readline(1 << 16)  # a header is one short line; a large file without newlines is not one
+    try:
+        header = json.loads(first)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("log") != LOG_KIND:
+        raise ValueError(f"--log {path}: exists and is not a shardwise training log; shardwise never overwrites or "
+                         "appends to a file it did not write: give another file")
+    if header != log_header(checkpoint):
+        raise ValueError(f"--log {path}: is the training log of another model ({header.get('model')}); give "
+                         "another file")
+
+
+def _open_log(job: TrainArgs):
+    """The log, replaced by a fresh run, appended to by a resume; a new or empty file starts with its header."""
+    out = open(job.log, "a" if job.resume else "w")  # noqa: SIM115 - train_rank closes it
+    if not out.seekable() or out.tell() == 0:  # a pipe (--log /dev/stdout) gets the header too
+        out.write(json.dumps(log_header(job.checkpoint)) + "\n")
+    return out
 
 
 def learning_rate(step: int, lr: float, steps: int, warmup: int = 0, schedule: str = "constant") -> float:
@@ -76,17 +130,25 @@ def _first_step(job: TrainArgs, model: Model, optimizer: AdamW) -> int:
 def train_rank(job: TrainArgs) -> dict:
     """Train up to step ``job.steps`` on this rank's part of the layout; rank 0's summary is the launch's result."""
     p = job.provide
-    model = load_model(job.resume or job.checkpoint, job.layout, dtype=torch.float32, progress=False,
-                       provider=p.provider, work_dtype=p.work_dtype, prefetch=p.prefetch, offload=p.offload)
+    dtype = base_dtype(job.resume or job.checkpoint)  # recorded with every save, for export
+    model = load_model(job.resume or job.checkpoint, job.layout, dtype=torch.float32, provider=p.provider,
+                       work_dtype=p.work_dtype, prefetch=p.prefetch, offload=p.offload)
     rank0 = model.plan.rank == 0
     optimizer = AdamW(model.provider, lr=job.lr, weight_decay=job.weight_decay)
     trainer = Trainer(model, optimizer, max_grad_norm=job.clip)
     first = _first_step(job, model, optimizer)
     stream, dp, dp_rank = job.stream, job.layout.dp, model.plan.dp_rank
+    in_place = same_directory(job.resume, job.save)  # each save replaces the checkpoint this run resumed from
+    sources = [job.checkpoint] + ([job.resume] if job.resume and not in_place else [])
     losses: list[float] = []
     saved = False
-    out = open(job.log, "a" if job.resume else "w") if rank0 and job.log else None  # noqa: SIM115 - closed in the finally
-    bar = progress_meter(rank0, total=job.steps - first + 1, desc="training", unit="step")
+
+    def save() -> None:
+        save_training(model, optimizer, job.save, stream, job.overwrite or saved or in_place, settings(job), dtype,
+                      sources)
+
+    out = _open_log(job) if rank0 and job.log else None
+    progress = StepProgress(rank0, first, job.steps)
     try:
         for step in range(first, job.steps + 1):
             optimizer.lr = learning_rate(step, job.lr, job.steps, job.warmup, job.schedule)
@@ -96,17 +158,17 @@ def train_rank(job: TrainArgs) -> dict:
             tokens_per_s = stream.global_tokens / (time.perf_counter() - start)
             losses.append(result.loss)
             if out is not None:
-                out.write(json.dumps({"step": step, "loss": result.loss, "lr": optimizer.lr,
-                                      "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s}) + "\n")
+                out.write(json.dumps(dict(zip(LOG_KEYS, (step, result.loss, optimizer.lr, result.grad_norm,
+                                                         tokens_per_s)))) + "\n")
                 out.flush()
-            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
-            bar.update()
+            progress.update(step, {"loss": f"{result.loss:.4f}", "lr": f"{optimizer.lr:.2e}",
+                                   "tokens/s": f"{tokens_per_s:.0f}"})
             if job.save_every and step % job.save_every == 0 and step < job.steps:
-                save_training(model, optimizer, job.save, stream, job.overwrite or saved, settings(job))
+                save()
                 saved = True
-        save_training(model, optimizer, job.save, stream, job.overwrite or saved, settings(job))
+        save()
     finally:  # on failure the launcher stops every rank: no collective teardown to wait on here
-        bar.close()
+        progress.close()
         if out is not None:
             out.close()
     trainer.close()

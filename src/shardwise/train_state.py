@@ -8,7 +8,8 @@ step draws random numbers, so the record needs no RNG state: only the step and w
 identifies the token stream (seed, batch, seq, a digest of its windows and one of the order
 torch's ``randperm`` draws them in, which a torch version may change). It also keeps
 the run's settings (rate, schedule, clipping, ...), which a resume may change on purpose
-(a lower rate, more steps) but is told about.
+(a lower rate, more steps) but is told about, and the dtype of the model it was trained
+from, which an export of its fp32 masters writes unless told otherwise.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 from .data import TokenStream
 from .model import Model
 from .optim import MOMENTS, AdamW
-from .reader import CheckpointError
+from .reader import MANIFEST, CheckpointError
 from .sharded import ShardedCheckpoint, State, save_sharded
+from .spec import DTYPES, load_spec
 from .untrusted import is_int, shown
 
 ORDER_EPOCHS = 4  # epochs whose order the digest covers: one randperm told from another even with 2 windows
@@ -46,11 +48,13 @@ def stream_identity(stream: TokenStream) -> dict:
 
 @dataclass(frozen=True)
 class Record:
-    """A training checkpoint's record: the optimizer steps taken, the stream they were taken on, the run's settings."""
+    """A training checkpoint's record: the optimizer steps taken, the stream they were taken on, the run's settings,
+    and the dtype of the model it was trained from (None in records older than that field)."""
 
     step: int
     data: dict
     settings: dict
+    dtype: torch.dtype | None = None
 
     @classmethod
     def read(cls, directory: str | Path) -> Record:
@@ -78,7 +82,11 @@ class Record:
                 v is None or isinstance(v, (int, float, str)) for v in settings.values()):
             raise CheckpointError(f"{where}: field 'train.settings' is {shown(settings)}, expected an object of "
                                   "numbers, strings and nulls")
-        return cls(step, data, settings)
+        dtype = raw.get("dtype")
+        if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
+            raise CheckpointError(f"{where}: field 'train.dtype' is {shown(dtype)}, expected one of "
+                                  f"{', '.join(DTYPES)}")
+        return cls(step, data, settings, None if dtype is None else DTYPES[dtype])
 
     def changed(self, settings: dict) -> list[str]:
         """The settings this run gives otherwise than the saved run, each as 'name saved -> given'."""
@@ -99,13 +107,37 @@ class Record:
                              f"--steps counts every step, the saved ones too")
 
 
+def trained_from(directory: str | Path) -> torch.dtype | None:
+    """For a training checkpoint, the dtype of the model it was trained from (its files hold fp32 masters): its
+    record's, or in a record older than that field, its config.json's (then still the base model's). None for any
+    other checkpoint, whose files hold its own dtypes."""
+    if not (Path(directory) / MANIFEST).is_file():
+        return None
+    with ShardedCheckpoint(directory) as ckpt:
+        if not ckpt.record:
+            return None
+        return Record.of(ckpt).dtype or load_spec(directory).dtype
+
+
+def base_dtype(directory: str | Path) -> torch.dtype:
+    """The dtype of the model a checkpoint stands for: the one a training checkpoint was trained from, else the
+    config's."""
+    return trained_from(directory) or load_spec(directory).dtype
+
+
 def save_training(model: Model, optimizer: AdamW, out_dir: str | Path, stream: TokenStream,
-                  overwrite: bool = False, settings: dict | None = None) -> Path:
+                  overwrite: bool = False, settings: dict | None = None, dtype: torch.dtype | None = None,
+                  sources: list[str | Path] | None = None) -> Path:
     """Collective: a sharded checkpoint of the fp32 masters, the AdamW moments and the record, at any layout.
 
-    ``settings`` (JSON scalars: the rate, schedule, ...) are kept for ``Record.changed``."""
-    record = {"step": optimizer.steps, "data": stream_identity(stream), "settings": settings or {}}
-    return save_sharded(model.weights, out_dir, overwrite, State(optimizer.moments, record))
+    ``settings`` (JSON scalars: the rate, schedule, ...) are kept for ``Record.changed``; ``dtype`` (default:
+    ``base_dtype`` of the checkpoint the model was loaded from) is the base model's, which an export writes.
+    ``sources`` are the directories the save must never land in (default: the one the model was loaded from)."""
+    source = model.weights.source_dir
+    dtype = dtype or (model.plan.spec.dtype if source is None else base_dtype(source))
+    record = {"step": optimizer.steps, "data": stream_identity(stream), "settings": settings or {},
+              "dtype": str(dtype).removeprefix("torch.")}
+    return save_sharded(model.weights, out_dir, overwrite, State(optimizer.moments, record), sources)
 
 
 def restore(directory: str | Path, model: Model, optimizer: AdamW) -> Record:
