@@ -124,14 +124,20 @@ def test_stale_temporary_directories_of_dead_writers_are_removed(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json"]
 
 
+# A script's start that writes a two-stage checkpoint with ``write(text)``, for the tests that kill it part-way.
+WRITER = (
+    "import os, sys\nfrom pathlib import Path\nimport shardwise.publish as pub\n"
+    "from shardwise.collective_write import write_checkpoint\n"
+    "def write(text):\n"
+    "    return [('writing data', lambda tmp: (tmp / 'config.json').write_text(text)),\n"
+    "            ('writing weights', lambda tmp: (tmp / 'model.safetensors').write_bytes(b'x'))]\n"
+)
+
+
 def test_a_write_killed_while_removing_the_checkpoint_it_replaced_leaves_it_to_the_next_write(tmp_path):
     out = tmp_path / "out"
     killed = (
-        "import os, sys\nfrom pathlib import Path\nimport shardwise.publish as pub\n"
-        "from shardwise.collective_write import write_checkpoint\n"
-        "def write(text):\n"
-        "    return [('writing data', lambda tmp: (tmp / 'config.json').write_text(text)),\n"
-        "            ('writing weights', lambda tmp: (tmp / 'model.safetensors').write_bytes(b'x'))]\n"
+        WRITER +
         "out = Path(sys.argv[1])\nwrite_checkpoint(out, write('{\"old\": 1}'))\n"
         "pub.remove_checkpoint = lambda old: os._exit(9)  # killed just as the old checkpoint's removal starts\n"
         "write_checkpoint(out, write('{}'), overwrite=True)\n")
@@ -335,11 +341,7 @@ def test_a_write_killed_between_the_fallback_renames_leaves_it_all_to_the_next_w
     checkpoint back (so a write without --overwrite is refused), and nothing hidden is left."""
     out = tmp_path / "out"
     killed = (
-        "import os, sys\nfrom pathlib import Path\nimport shardwise.publish as pub\n"
-        "from shardwise.collective_write import write_checkpoint\n"
-        "def write(text):\n"
-        "    return [('writing data', lambda tmp: (tmp / 'config.json').write_text(text)),\n"
-        "            ('writing weights', lambda tmp: (tmp / 'model.safetensors').write_bytes(b'x'))]\n"
+        WRITER +
         "out = Path(sys.argv[1])\nwrite_checkpoint(out, write('old'))\n"
         "pub._renameat2 = lambda a, b, flags: False  # NFS: no renameat2 flags\n"
         "rename = os.rename\n"
