@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from shardwise.collectives import copy_to, gather_from, reduce_from, scatter_to
-from shardwise.loss import IGNORE_INDEX, vocab_parallel_cross_entropy
+from shardwise.dist.collectives import copy_to, gather_from, reduce_from, scatter_to
+from shardwise.train.loss import IGNORE_INDEX, vocab_parallel_cross_entropy
 
 ROWS = 5
 

@@ -9,7 +9,7 @@ import transformers
 from conftest import PROMPT
 
 from shardwise import Layout, load_model
-from shardwise.grads import TpGradReducer
+from shardwise.train.grads import TpGradReducer
 
 
 def loss_of(logits: torch.Tensor) -> torch.Tensor:

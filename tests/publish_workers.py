@@ -13,7 +13,7 @@ from shardwise import Layout, export, load_weights, save_sharded
 
 def _with_fault(step: str, victim: int, how: str):
     """A stand-in for publish._run_step that makes ``victim`` fail at ``step``, by exception or a full disk."""
-    import shardwise.collective_write as cw
+    import shardwise.io.collective_write as cw
 
     real = cw._run_step
 
@@ -39,7 +39,7 @@ def _raise():
 
 def faults_at_every_step(src: str, out: str, cases: list[tuple[str, str, int, str]]) -> list[list]:
     """Run each (writer, step, victim, how) case against an existing checkpoint at ``out``; every rank's outcome."""
-    import shardwise.collective_write as cw
+    import shardwise.io.collective_write as cw
 
     weights = load_weights(src, Layout(2, 1), progress=False)
     writers = {"export": lambda: export(weights, out, max_file_bytes=20_000, progress=False, overwrite=True),
@@ -63,7 +63,7 @@ def faults_at_every_step(src: str, out: str, cases: list[tuple[str, str, int, st
 
 def bytes_written_by_export(src: str, out: str, tp: int) -> list[int]:
     """Each rank's count of data bytes it wrote during an HF export."""
-    import shardwise.hf_export as ex
+    import shardwise.io.hf_export as ex
 
     write, written = ex._write_box, [0]
 

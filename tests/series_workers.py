@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import zero3_workers as zw
 
-import shardwise.reader as reader
+import shardwise.io.reader as reader
 from shardwise import Layout, Model, ProviderError, RankPlan, export, load_model, load_weights, save_sharded
-from shardwise.series import Series
-from shardwise.sharded import stored_name
+from shardwise.io.sharded import stored_name
+from shardwise.plan.series import Series
 
 Job = zw.Job
 

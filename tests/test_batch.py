@@ -8,7 +8,7 @@ from conftest import VOCAB
 from workers import batched_generate
 
 from shardwise import launch
-from shardwise.model import left_pad
+from shardwise.model.forward import left_pad
 
 LENGTHS = (3, 9, 17, 30)  # 30 crosses mistral's sliding window of 7 in prompt and generation alike
 PROMPTS = [torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in LENGTHS]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from shardwise.bench import ZERO3_SETTINGS, bench_zero3_rank
+from shardwise.bench.zero3 import ZERO3_SETTINGS, bench_zero3_rank
 from shardwise.launch import launch
 
 
@@ -39,7 +39,7 @@ def test_bench_zero3_reports_every_setting(checkpoints):
 
 
 def test_bench_train_reports_every_setting_training_alike(checkpoints):
-    from shardwise.bench_train import TRAIN_SETTINGS, bench_train_rank, train_summary
+    from shardwise.bench.train import TRAIN_SETTINGS, bench_train_rank, train_summary
 
     # a rate large enough that clipping, weight decay and the moments all shape the later losses
     lines = launch(bench_train_rank, 2, str(checkpoints["llama-untied"]), 8, 1, 2, 1, 3e-2)

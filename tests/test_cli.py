@@ -104,7 +104,12 @@ def test_cli_error_is_one_line_naming_rank_file_and_tensor(with_tokenizer, tmp_p
     assert f"{victim.name}: tensor '" in lines[0] and "truncated" in lines[0] and "rank " in lines[0]
 
 
-NO_SPAWN = "import sys, shardwise.cli as cli\ncli.launch = lambda *a, **k: sys.exit('SPAWNED')\ncli.main(sys.argv[1:])"
+NO_SPAWN = ("import importlib, pkgutil, sys, shardwise.cli as cli\n"
+            "for m in pkgutil.iter_modules(cli.__path__):  # each command module launches its own ranks\n"
+            "    command = importlib.import_module(f'shardwise.cli.{m.name}')\n"
+            "    if hasattr(command, 'launch'):\n"
+            "        command.launch = lambda *a, **k: sys.exit('SPAWNED')\n"
+            "cli.main(sys.argv[1:])")
 
 
 @pytest.mark.parametrize("args,error", [
@@ -184,7 +189,7 @@ def test_generate_a_batch_of_prompts_of_different_lengths(with_tokenizer, tmp_pa
 
 
 def test_answers_of_prompt_and_prompts_file_are_labelled_apart(tmp_path):
-    from shardwise.cli import _prompts
+    from shardwise.cli.generate import _prompts
 
     (tmp_path / "p.txt").write_text("a\n\n  \nb\n")
     args = argparse.Namespace(prompt=["x", "y"], prompts_file=str(tmp_path / "p.txt"))
@@ -195,7 +200,7 @@ def test_answers_of_prompt_and_prompts_file_are_labelled_apart(tmp_path):
 def test_batch_answers_are_printed_labelled_as_each_completes():
     import io
 
-    from shardwise.text import LabelledAnswers
+    from shardwise.model.text import LabelledAnswers
 
     class Words:  # a stand-in tokenizer: id i is the word t{i}, id 0 is EOS
         def eos_ids(self) -> list[int]:

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from shardwise import launch
-from shardwise.collectives import copy_to, gather_from, reduce_from, scatter_to
-from shardwise.loss import IGNORE_INDEX, vocab_parallel_cross_entropy
+from shardwise.dist.collectives import copy_to, gather_from, reduce_from, scatter_to
+from shardwise.train.loss import IGNORE_INDEX, vocab_parallel_cross_entropy
 
 SIZES = {2: [(3, 3), (4, 3), (6, 1)], 3: [(2, 2, 2), (3, 2, 2), (1, 5, 1)]}
 DTYPES = {"float64": 1e-12, "float32": 1e-5}

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from workers import reshard_all
 
 from shardwise import Box, Checkpoint, CheckpointError, ShardedCheckpoint, launch, load_weights
-from shardwise.writer import save_safetensors
+from shardwise.io.writer import save_safetensors
 
 BOUNDARY_INTS = st.sampled_from([0, 1, -1, 7, 2**31, 2**32, 2**53 + 1, 2**63, 2**64 - 1, 2**64, 10**30])
 PATHS = st.sampled_from(["../x.safetensors", "/etc/passwd", "a/../../b", "", ".", "..", "\0", "\\x",
@@ -101,7 +101,8 @@ def only_inside(directory: Path):
         check(path)
         return real_os_open(path, *args, **kwargs)
 
-    with mock.patch("shardwise.reader.open", guarded_open, create=True), mock.patch.object(os, "open", guarded_os_open):
+    with mock.patch("shardwise.io.reader.open", guarded_open, create=True), \
+            mock.patch.object(os, "open", guarded_os_open):
         yield
 
 

@@ -19,8 +19,8 @@ from fuzzing import FUZZ
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from shardwise.gguf_file import GGUFError, GGUFFile, read_gguf
-from shardwise.gguf_import import import_gguf
+from shardwise.io.gguf.file import GGUFError, GGUFFile, read_gguf
+from shardwise.io.gguf.importer import import_gguf
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (the `hf` extra) is not installed")
 Q, V = gguf.GGMLQuantizationType, gguf.GGUFValueType

@@ -15,8 +15,8 @@ import torch
 from workers import forward_and_generate
 
 from shardwise import launch, load_model
-from shardwise.gguf_file import GGUFError
-from shardwise.gguf_import import import_gguf
+from shardwise.io.gguf.file import GGUFError
+from shardwise.io.gguf.importer import import_gguf
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (the `hf` extra) is not installed")
 Q, V = gguf.GGMLQuantizationType, gguf.GGUFValueType
@@ -180,7 +180,7 @@ def test_smollm2_logits_match_hf_reading_the_gguf(smollm2):
 
 
 def test_smollm2_chat_answers(smollm2):
-    from shardwise.text import Text
+    from shardwise.model.text import Text
 
     _, out = smollm2
     text = Text(out)
@@ -194,7 +194,7 @@ def test_smollm2_chat_answers(smollm2):
 def test_smollm2_import_loads_in_hf_with_its_tokenizer(smollm2):
     import transformers
 
-    from shardwise.text import Text
+    from shardwise.model.text import Text
 
     _, out = smollm2
     tok = transformers.AutoTokenizer.from_pretrained(out)

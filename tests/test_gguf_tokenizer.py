@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from test_gguf import smollm2_gguf
 
-from shardwise.gguf_file import GGUFError
-from shardwise.gguf_tokenizer import tokenizer_files
+from shardwise.io.gguf.file import GGUFError
+from shardwise.io.gguf.tokenizer import tokenizer_files
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (the `hf` extra) is not installed")
 transformers = pytest.importorskip("transformers", reason="transformers (the `hf` extra) is not installed")

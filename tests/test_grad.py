@@ -15,7 +15,7 @@ import pytest
 from conftest import CHECKPOINTS
 
 from shardwise import Layout, launch, load_spec, plan_rank
-from shardwise.grads import tp_partials
+from shardwise.train.grads import tp_partials
 
 # (checkpoint, tp): every architecture at tp=2; tp=3 splitting 3 KV heads; tp=3 and 4 replicating 2 KV heads
 CASES = ([(n, 1) for n in ("llama-tied", "qwen3-untied")] + [(name, 2) for name in CHECKPOINTS]

@@ -10,9 +10,9 @@ import torch
 from conftest import hf_config
 
 from shardwise import Layout, plan_rank
-from shardwise.boxes import Box, full_box, rows
-from shardwise.init import INIT_STD, fill_boxes, init_values
-from shardwise.spec import ModelSpec, spec_from_config
+from shardwise.model.init import INIT_STD, fill_boxes, init_values
+from shardwise.plan.boxes import Box, full_box, rows
+from shardwise.plan.spec import ModelSpec, spec_from_config
 
 SEED = 1234
 

@@ -8,9 +8,9 @@ from conftest import ARCHS, hf_config
 from safetensors.torch import save_file
 
 from shardwise import Box, Checkpoint, Layout, plan_rank
-from shardwise.boxes import split_evenly
-from shardwise.layout import head_split
-from shardwise.spec import spec_from_config
+from shardwise.plan.boxes import split_evenly
+from shardwise.plan.mesh import head_split
+from shardwise.plan.spec import spec_from_config
 
 
 @pytest.mark.parametrize("n,parts", [(10, 3), (131, 4), (3, 3), (7, 1)])

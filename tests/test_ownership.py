@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardwise import Box, Layout, plan_rank
-from shardwise.layout import LayoutError
-from shardwise.series import Series
-from shardwise.spec import spec_from_config
+from shardwise.plan.mesh import LayoutError
+from shardwise.plan.series import Series
+from shardwise.plan.spec import spec_from_config
 
 EXAMPLES = int(os.environ.get("SHARDWISE_FUZZ_EXAMPLES", "150"))
 

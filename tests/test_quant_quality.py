@@ -15,8 +15,8 @@ import zero3_workers as zw
 from test_gguf import smollm2_gguf
 
 from shardwise import launch
-from shardwise.gguf_import import import_gguf
-from shardwise.text import Text
+from shardwise.io.gguf.importer import import_gguf
+from shardwise.model.text import Text
 
 PASSAGE = (
     "The lighthouse keeper climbed the spiral stairs twice each night, once at dusk to light the lamp and again "

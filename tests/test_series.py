@@ -24,13 +24,14 @@ from conftest import PROMPT, STEPS, write_checkpoint
 from safetensors import safe_open
 
 from shardwise import Layout, launch, load_model, load_spec, load_weights, plan_rank
-from shardwise.bench import source_bytes
-from shardwise.boxes import split_evenly
-from shardwise.cli import main, plan_table
-from shardwise.loader import Provide
-from shardwise.reader import Checkpoint
-from shardwise.series import Series, SeriesError
-from shardwise.windows import series_memory
+from shardwise.bench.load import source_bytes
+from shardwise.cli import main
+from shardwise.cli.plan import plan_table
+from shardwise.io.loader import Provide
+from shardwise.io.reader import Checkpoint
+from shardwise.plan.boxes import split_evenly
+from shardwise.plan.series import Series, SeriesError
+from shardwise.providers.series import series_memory
 
 Mesh = tuple[int, int, int]  # (tp, pp, dp)
 LAYERS = 5  # deeper than conftest's 3, so k=2 fits; 5 is uneven over dp=2 and dp=3

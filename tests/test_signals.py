@@ -30,8 +30,8 @@ import pytest
 from workers import fail_on_rank, reshard_all
 
 from shardwise import launch
+from shardwise.io.publish import TMP_PREFIX
 from shardwise.launch import LaunchInterrupted
-from shardwise.publish import TMP_PREFIX
 
 PAUSE = 6.0  # seconds each rank pauses after its first write: longer than the test takes to stop it
 GONE_WITHIN = 5.0  # seconds after the signal by which every process of the job must have ended
@@ -52,7 +52,7 @@ cli.main({argv!r})
 def pausing(rank_fn: str, marks: str, *args):
     """In a rank: the CLI's own ``rank_fn`` (module.function), pausing after this rank's first write (marked by a
     file, its pid)."""
-    from shardwise import hf_export, sharded
+    from shardwise.io import hf_export, sharded
 
     for module, name in ((sharded, "save_safetensors"), (hf_export, "_write_box")):
         setattr(module, name, _pause_after_first(getattr(module, name), Path(marks)))
@@ -171,7 +171,7 @@ def run_stopped(work: Path, argv: list[str], rank_fn: str, world: int, sig: sign
             proc.wait()
 
 
-WRITE_RANK, TRAIN_RANK = "shardwise.cli.write_rank", "shardwise.train_run.train_rank"
+WRITE_RANK, TRAIN_RANK = "shardwise.cli.checkpoints.write_rank", "shardwise.train.run.train_rank"
 
 
 @pytest.fixture(scope="module")

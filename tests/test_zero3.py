@@ -21,10 +21,10 @@ from conftest import CHECKPOINTS, PROMPT, STEPS
 from safetensors import safe_open
 
 from shardwise import Layout, launch, load_model, load_spec, load_weights, plan_rank
-from shardwise.comm import Comm
-from shardwise.flat import ALIGN
-from shardwise.provider import ProviderError
-from shardwise.zero3 import Zero3, memory_plan
+from shardwise.dist.comm import Comm
+from shardwise.plan.flat import ALIGN
+from shardwise.providers.base import ProviderError
+from shardwise.providers.zero3 import Zero3, memory_plan
 
 Mesh = tuple[int, int, int]  # (tp, pp, dp)
 EXACT = [(1, 1, 1), (1, 1, 2), (1, 1, 3), (1, 1, 4), (2, 1, 2), (1, 2, 2)]
@@ -519,7 +519,7 @@ def test_shared_memory_gather_catches_ranks_out_of_lockstep():
     import mmap
     from types import SimpleNamespace
 
-    from shardwise.gather import ShmGather, flag_bytes
+    from shardwise.dist.transfers import ShmGather, flag_bytes
 
     sizes = [64]
     mem = mmap.mmap(-1, flag_bytes(1, 2) + 64)

@@ -9,9 +9,9 @@ import transformers
 from conftest import VOCAB
 
 from shardwise import Layout, load_model
-from shardwise.boxes import split_evenly
-from shardwise.optim import AdamW
-from shardwise.train import Trainer
+from shardwise.plan.boxes import split_evenly
+from shardwise.train.optim import AdamW
+from shardwise.train.step import Trainer
 
 STEPS, BATCH, SEQ = 8, 5, 9  # 5 sequences: uneven over dp 2 and 3
 # eps 1e-6, not 1e-8: Adam divides by sqrt(v), so an element whose gradient is ~1e-8 (a few in each tiny model)
@@ -88,8 +88,8 @@ def die_while_saving(checkpoint: str, stream, saves: list[str]) -> None:
     overwriting the first: what it held must survive byte for byte (the test compares it with the second)."""
     import os
 
-    import shardwise.sharded as sharded
-    from shardwise.train_state import save_training
+    import shardwise.io.sharded as sharded
+    from shardwise.train.state import save_training
 
     model = load_model(checkpoint, Layout(dp=2), dtype=torch.float32, progress=False)
     optimizer = AdamW(model.provider, **HYPER)
@@ -108,8 +108,8 @@ def die_while_saving(checkpoint: str, stream, saves: list[str]) -> None:
 
 def train_keeping_every_save(job):
     """``train_rank``, each save going to a directory of its own, ``<save>-<step>``, instead of over the last."""
-    import shardwise.train_run as run
-    from shardwise.train_state import save_training
+    import shardwise.train.run as run
+    from shardwise.train.state import save_training
 
     def keep(model, optimizer, out, stream, overwrite=False, settings=None, dtype=None, sources=None):
         return save_training(model, optimizer, f"{out}-{optimizer.steps}", stream, settings=settings, dtype=dtype,

@@ -69,7 +69,7 @@ def export_and_die(src: str, out: str, tp: int, dying_rank: int) -> None:
     """An export during which one rank is killed after writing its first box."""
     import torch.distributed as dist
 
-    import shardwise.hf_export as ex
+    import shardwise.io.hf_export as ex
     from shardwise import export, load_weights
 
     write = ex._write_box
@@ -137,7 +137,7 @@ def logits_despite_shm_trouble(path: str, ids: torch.Tensor, trouble: str, other
 
     import torch.distributed as dist
 
-    import shardwise.shm as shm
+    import shardwise.dist.shm as shm
 
     def run() -> tuple[torch.Tensor, bool]:
         with load_model(path, Layout(2, 1), progress=False) as model:
@@ -163,7 +163,7 @@ def batched_generate(tp: int, pp: int, checkpoints: dict[str, str], prompts: lis
                      eos: dict[str, int], pad: int) -> dict:
     """Per checkpoint: masked logits of the left-padded batch, its greedy generation from the list of prompts
     and from the padded tensor plus mask, and each prompt generated alone."""
-    from shardwise.model import left_pad
+    from shardwise.model.forward import left_pad
 
     ids, mask = left_pad(prompts, pad)
     out = {}

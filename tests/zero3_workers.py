@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-import shardwise.reader as reader
+import shardwise.io.reader as reader
 from shardwise import Layout, Model, RankPlan, export, load_model, load_spec, load_weights, save_sharded
-from shardwise.init import init_weights
+from shardwise.model.init import init_weights
 
 QUANTIZED = (torch.float8_e4m3fn, torch.int8)
 LIMITS = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}

@@ -7,21 +7,22 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-from .boxes import Box, ShardedTensor
-from .collective_write import WriteError
-from .hf_export import export
-from .init import init_weights
+from .io.collective_write import WriteError
+from .io.hf_export import export
+from .io.loader import load_model, load_weights
+from .io.publish import TargetError
+from .io.reader import Checkpoint, CheckpointError
+from .io.sharded import ShardedCheckpoint, save_sharded
 from .launch import LaunchInterrupted, LaunchTimeout, RankError, launch
-from .layout import Layout, LayoutError, RankPlan, plan_rank
-from .loader import load_model, load_weights
-from .model import Model
-from .provider import Provider, ProviderError
-from .publish import TargetError
-from .reader import Checkpoint, CheckpointError
-from .series import Series, SeriesError
-from .sharded import ShardedCheckpoint, save_sharded
-from .spec import ModelSpec, SpecError, load_spec
-from .weights import Weights
+from .model.forward import Model
+from .model.init import init_weights
+from .plan.boxes import Box, ShardedTensor
+from .plan.mesh import Layout, LayoutError
+from .plan.rank import RankPlan, plan_rank
+from .plan.series import Series, SeriesError
+from .plan.spec import ModelSpec, SpecError, load_spec
+from .providers.base import Provider, ProviderError
+from .providers.weights import Weights
 
 __all__ = [
     "__version__",

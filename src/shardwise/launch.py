@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .publish import JOURNAL_ENV, remove_orphans
+from .io.publish import JOURNAL_ENV, remove_orphans
 from .words import listed, plural
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,113 @@
+"""``shardwise bench load``: each rank's load time, bytes and peak RSS growth.
+
+Load is measured against two yardsticks in the same run: HF transformers'
+``from_pretrained(tp_plan="auto")`` and a floor, the time to read the rank's share of
+bytes from the page cache into a fresh buffer, which no loader can beat.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..io.loader import Provide, load_model
+from ..io.reader import Checkpoint
+from ..plan.mesh import Layout
+from ..plan.rank import plan_rank
+from ..plan.series import Series
+from ..plan.spec import load_spec
+from ..providers.weights import arena
+from .measure import PeakRSS, barrier, checkpoint_files
+
+
+def read_floor(directory: str | Path, nbytes: int, rank: int) -> float:
+    """Seconds to read ``nbytes`` of the checkpoint from the page cache into a fresh buffer.
+
+    The buffer gets the same prefaulted allocation the loader uses, so the floor is as
+    fast as reading can be; the loader is never flattered by a slow yardstick.
+    """
+    files = checkpoint_files(directory)
+    total = sum(p.stat().st_size for p in files)
+    start = (rank * nbytes) % max(1, total - nbytes)
+    t0 = time.perf_counter()
+    buf = memoryview(arena([nbytes], [torch.uint8], torch.device("cpu"))[0].numpy())
+    done = 0
+    for path in files:
+        size = path.stat().st_size
+        if start >= size:
+            start -= size
+            continue
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            while done < nbytes:
+                got = f.readinto(buf[done:])
+                if not got:
+                    break
+                done += got
+        start = 0
+        if done == nbytes:
+            break
+    return time.perf_counter() - t0
+
+
+def source_bytes(directory: str | Path, layout: Layout, rank: int, provider: str = "resident",
+                 series: tuple[Series, ...] = ()) -> int:
+    """Bytes of checkpoint data a rank's boxes cover, in the checkpoint's own dtypes."""
+    spec = load_spec(directory)
+    entries = Checkpoint(directory).entries
+    seen = set()
+    total = 0
+    for sharded in plan_rank(spec, layout, rank, provider, series).tensors.values():
+        for box in sharded.boxes:
+            if box.region not in seen:
+                seen.add(box.region)
+                total += box.numel * entries[box.source].dtype.itemsize
+    return total
+
+
+def bench_load_rank(directory: str, layout: Layout, dtype: torch.dtype, with_hf: bool,
+                    provide: Provide | None = None) -> list[dict]:
+    """Runs on every rank; returns every rank's row (on rank 0). HF's load is timed only for a TP-only layout."""
+    provide = provide or Provide()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    share = source_bytes(directory, layout, rank, provide.provider, provide.series)
+    row: dict = {"rank": rank, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "provider": provide.provider,
+                 "dtype": str(dtype).removeprefix("torch."), "bytes": share}
+    barrier()
+    with PeakRSS() as mem:
+        t0, c0 = time.perf_counter(), time.process_time()
+        model = load_model(directory, layout, dtype=dtype, progress=False, **vars(provide))
+        row["load_s"] = time.perf_counter() - t0
+        row["cpu_s"] = time.process_time() - c0  # apart from core contention when ranks outnumber cores
+    row["shard_bytes"] = model.plan.nbytes(dtype)
+    row["peak_rss_growth"] = mem.growth
+    row["rss_ratio"] = mem.growth / row["shard_bytes"]
+    model.close()
+    barrier()
+    # Measured after the load, best of three: any one-time cost of the process falls on shardwise, not the floor.
+    row["floor_s"] = min(read_floor(directory, share, rank) for _ in range(3))
+    if with_hf and layout.world_size == layout.tp:
+        barrier()
+        row["hf_load_s"] = _hf_load_seconds(directory, dtype, layout.tp)
+    rows = [None] * layout.world_size
+    if dist.is_initialized():
+        dist.all_gather_object(rows, row)
+    else:
+        rows = [row]
+    return rows
+
+
+def _hf_load_seconds(directory: str, dtype: torch.dtype, world: int) -> float:
+    import transformers
+
+    t0 = time.perf_counter()
+    kwargs = {"tp_plan": "auto"} if world > 1 else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+    seconds = time.perf_counter() - t0
+    del model
+    gc.collect()
+    return seconds

@@ -1,0 +1,141 @@
+"""``shardwise bench train``: training tokens/s and peak RSS per rank, against torch FSDP2, in one run.
+
+The settings train the same model on the same data, one after another in the same
+rank processes: HF's model under torch FSDP2 (``fully_shard`` per decoder layer, then the
+root) with ``torch.optim.AdamW``, as is and with HF's activation checkpointing
+(``fsdp2_recompute``: ZeRO-3 recomputes each block in its backward, so this is the
+like-for-like memory peer), then shardwise ``zero3`` and ``resident`` (DDP-like) through
+``Trainer`` and shardwise's AdamW. All keep fp32 parameters and compute in fp32, clip the
+global gradient norm to 1 and take the same AdamW hyperparameters. ``shardwise bench
+train`` launches each setting in fresh rank processes (a setting run after another
+inherits heap the allocator has not returned: 0.7 GB per rank after FSDP2's, measured),
+all with transformers imported, so every setting's RSS carries the same baseline.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..io.loader import load_model
+from ..plan.mesh import Layout
+from ..plan.spec import load_spec
+from ..train.optim import AdamW
+from ..train.step import Trainer
+from .measure import _MB, _release_freed_memory, _reset_peak, _status_kb, all_ranks, barrier
+
+TRAIN_SETTINGS = ("fsdp2", "fsdp2_recompute", "zero3", "resident")
+CLIP = 1.0
+
+
+def bench_train_rank(checkpoint: str, seq: int = 256, batch: int = 1, steps: int = 3, warmup: int = 1,
+                     lr: float = 1e-5, settings: tuple[str, ...] = TRAIN_SETTINGS) -> list[dict]:
+    """One line per setting (on rank 0); runs on every rank of one DP group.
+
+    Each rank trains on its own seeded (batch, seq) ids, the same for every setting. A
+    setting's step time is the largest of the ranks' median over ``steps`` timed steps
+    (each after a barrier, following ``warmup`` untimed ones); tokens/s counts every
+    rank's tokens. ``losses`` (every step's global mean) show that the settings train
+    alike. ``peak_rss_mb`` is each rank's high-water mark over the whole setting (loading
+    included), ``train_peak_rss_mb`` over the timed steps alone. The command runs each
+    setting in processes of its own, so no setting inherits another's heap.
+    """
+    import transformers  # noqa: F401 - the same import baseline under every setting
+
+    if seq < 2 or batch < 1 or steps < 1 or warmup < 0 or not set(settings) <= set(TRAIN_SETTINGS):
+        raise ValueError(f"seq {seq} must be >= 2, batch {batch} and steps {steps} >= 1, warmup {warmup} >= 0, "
+                         f"settings {settings} among {TRAIN_SETTINGS}")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    vocab = load_spec(checkpoint).vocab
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1000 + rank))
+    return [_setting(checkpoint, setting, ids, world, steps, warmup, lr) for setting in settings]
+
+
+def train_summary(lines: list[dict], world: int, batch: int, seq: int, steps: int) -> dict:
+    """The headline figures of every setting's line, and zero3's against both FSDP2 settings."""
+    summary: dict = {"setting": "summary", "world": world, "batch": batch, "seq": seq, "steps": steps}
+    for line in lines:
+        summary[f"{line['setting']}_tokens_per_s"] = line["tokens_per_s"]
+        summary[f"{line['setting']}_peak_rss_mb"] = max(line["peak_rss_mb"])
+        summary[f"{line['setting']}_train_peak_rss_mb"] = max(line["train_peak_rss_mb"])
+    for peer in ("fsdp2", "fsdp2_recompute"):
+        summary[f"zero3_over_{peer}_tokens_per_s"] = summary["zero3_tokens_per_s"] / summary[f"{peer}_tokens_per_s"]
+        summary[f"zero3_over_{peer}_peak_rss"] = summary["zero3_peak_rss_mb"] / summary[f"{peer}_peak_rss_mb"]
+    return summary
+
+
+def _setting(checkpoint: str, setting: str, ids: torch.Tensor, world: int, steps: int, warmup: int,
+             lr: float) -> dict:
+    _release_freed_memory()
+    _reset_peak()
+    if setting.startswith("fsdp2"):
+        step, close = _fsdp2_step(checkpoint, world, lr, recompute=setting == "fsdp2_recompute")
+    else:
+        step, close = _shardwise_step(checkpoint, setting, world, lr)
+    losses = [step(ids) for _ in range(warmup)]
+    load_peak = _status_kb("VmHWM") * 1024
+    _release_freed_memory()
+    _reset_peak()
+    times = []
+    for _ in range(steps):
+        barrier()
+        start = time.perf_counter()
+        losses.append(step(ids))
+        times.append(time.perf_counter() - start)
+    train_peak = _status_kb("VmHWM") * 1024
+    close()
+    del step, close  # the last references to the model: freed before the next setting loads
+    step_s = max(all_ranks(statistics.median(times)))
+    line = {"setting": setting, "step_s": step_s, "tokens_per_s": world * ids.numel() / step_s, "losses": losses,
+            "peak_rss_mb": all_ranks(round(max(load_peak, train_peak) / _MB, 1)),
+            "train_peak_rss_mb": all_ranks(round(train_peak / _MB, 1))}
+    _release_freed_memory()
+    return line
+
+
+def _shardwise_step(checkpoint: str, provider: str, world: int, lr: float):
+    """A ``Trainer`` step on DP ``world``: the loss is the mean over every rank's predicted tokens."""
+    model = load_model(checkpoint, Layout(dp=world), dtype=torch.float32, provider=provider, progress=False)
+    trainer = Trainer(model, AdamW(model.provider, lr=lr), max_grad_norm=CLIP)
+
+    def step(ids: torch.Tensor) -> float:
+        return trainer.step([ids], world * ids.shape[0] * (ids.shape[1] - 1)).loss
+
+    def close() -> None:
+        trainer.close()
+        model.close()
+
+    return step, close
+
+
+def _fsdp2_step(checkpoint: str, world: int, lr: float, recompute: bool):
+    """HF's model under FSDP2 with torch's AdamW: its loss is this rank's mean, and FSDP2 averages gradients over
+    the ranks, which with equal batches is the same global mean (reported as the ranks' mean, as shardwise's is;
+    that exchange of one float per step is timed too)."""
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    if recompute:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)  # weight decay 0.01, as shardwise's AdamW
+
+    def step(ids: torch.Tensor) -> float:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad()
+        return statistics.fmean(all_ranks(float(loss.detach())))
+
+    return step, lambda: None

@@ -1,0 +1,112 @@
+"""`shardwise bench ...`: each benchmark checked, launched on its ranks, and its rows printed."""
+
+from __future__ import annotations
+
+import json
+
+from ..bench.export import bench_export_rank
+from ..bench.generate import bench_generate_rank
+from ..bench.load import bench_load_rank
+from ..bench.measure import warm_page_cache
+from ..bench.series import PATTERNS, bench_series_rank
+from ..bench.zero3 import bench_zero3_rank
+from ..launch import launch
+from ..plan.mesh import Layout
+from ..plan.series import Series
+from .args import _layout, _plan_everywhere, _provide, _world
+from .generate import _prompt_ids
+
+
+def cmd_bench_load(args) -> None:
+    provide = _provide(args)
+    _plan_everywhere(args.checkpoint, _layout(args), args.provider, provide.series)
+    warm_page_cache(args.checkpoint)
+    rows = launch(bench_load_rank, _world(args), args.checkpoint, _layout(args), args.dtype, args.hf, provide)
+    for row in rows:
+        if args.json:
+            print(json.dumps(row))
+        else:
+            hf = f", HF {row['hf_load_s']:.3f}s" if "hf_load_s" in row else ""
+            print(f"rank {row['rank']}: load {row['load_s']:.3f}s (floor {row['floor_s']:.3f}s{hf}), "
+                  f"{row['shard_bytes'] / 1e6:.1f} MB, peak RSS growth x{row['rss_ratio']:.2f}")
+
+
+def cmd_bench_generate(args) -> None:
+    from ..model.text import Text
+
+    provide = _provide(args)
+    spec = _plan_everywhere(args.checkpoint, _layout(args), args.provider, provide.series)
+    _prompt_ids(Text(args.checkpoint), (args.prompt,), False, spec.vocab, ("1",))
+    row = launch(bench_generate_rank, _world(args), args.checkpoint, _layout(args), args.prompt,
+                 args.max_new_tokens, not args.no_hf, provide)
+    if args.json:
+        print(json.dumps(row))
+        return
+    hf = f"{row['hf_tok_s']:.2f} tok/s" if "hf_tok_s" in row else row.get("hf_error", "not run")
+    print(f"{_layout(args)} {args.provider}: shardwise {row['shardwise_tok_s']:.2f} tok/s, HF tp_plan {hf}")
+
+
+def cmd_bench_zero3(args) -> None:
+    _plan_everywhere(args.checkpoint, Layout(dp=args.world), "zero3")
+    warm_page_cache(args.checkpoint)
+    rows = launch(bench_zero3_rank, args.world, args.checkpoint, args.tokens, args.repeats, args.prefetch, args.profile)
+    _print_settings(rows, args.json, lambda row: f"{row['setting']:>13}: {row['s']:.3f} s per forward, peak RSS "
+                    f"{row['peak_rss_mb']} MiB" if "s" in row else None)
+
+
+def _print_settings(rows: list[dict], as_json: bool, describe) -> None:
+    """A benchmark's rows: JSON lines, or ``describe(row)`` for each setting (None: skip) and the summary's scalars."""
+    for row in rows:
+        if as_json:
+            print(json.dumps(row))
+        elif row["setting"] == "summary":
+            print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                           if not isinstance(v, dict)))
+        elif (text := describe(row)) is not None:
+            print(text)
+
+
+def cmd_bench_train(args) -> None:
+    from ..bench.train import TRAIN_SETTINGS, bench_train_rank, train_summary
+
+    _plan_everywhere(args.checkpoint, Layout(dp=args.world), "zero3")
+    warm_page_cache(args.checkpoint)
+    rows = [launch(bench_train_rank, args.world, args.checkpoint, args.seq, args.batch, args.steps, args.warmup,
+                   1e-5, (setting,))[0] for setting in TRAIN_SETTINGS]  # fresh processes each: no inherited heap
+    rows.append(train_summary(rows, args.world, args.batch, args.seq, args.steps))
+    _print_settings(rows, args.json, lambda row: f"{row['setting']:>15}: {row['tokens_per_s']:.1f} tokens/s, "
+                    f"{row['step_s']:.2f} s per step, peak RSS {row['peak_rss_mb']} MiB (training "
+                    f"{row['train_peak_rss_mb']} MiB)")
+
+
+def cmd_bench_series(args) -> None:
+    patterns, ks = tuple(args.pattern or PATTERNS), tuple(args.k or (0, 1, 2))
+    for k in ks:  # every declaration, checked on every rank before any is spawned
+        series = tuple(Series(p, prefetch=k) for p in patterns)
+        _plan_everywhere(args.checkpoint, Layout(dp=args.world), "series", series)
+    warm_page_cache(args.checkpoint)
+    row = launch(bench_series_rank, args.world, args.checkpoint, args.new_tokens, args.prompt_tokens, args.repeats,
+                 args.dtype, patterns, ks, args.prefill_tokens)
+    if args.json:
+        print(json.dumps(row))
+        return
+    for key, value in row.items():
+        for unit, shown in (("_s_per_token", "ms per decoded token"), ("_prefill_s", f"ms per {args.prefill_tokens}"
+                                                                                   "-token forward")):
+            if key.endswith(unit):
+                name = key.removesuffix(unit)
+                ratio = row.get(f"{name}_over_plain" if unit == "_s_per_token" else f"{name}_prefill_over_plain")
+                print(f"{name:>10}: {value * 1e3:.1f} {shown}" + (f" ({ratio:.3f} x plain)" if ratio else ""))
+    print(f"same tokens: {row['same_tokens']}; held MB per rank: "
+          + ", ".join(f"{name} {max(b) / 1e6:.1f}" for name, b in row["held_bytes"].items()))
+
+
+def cmd_bench_export(args) -> None:
+    import tempfile
+
+    _plan_everywhere(args.checkpoint, Layout(args.tp))
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+        row = launch(bench_export_rank, _world(args), args.checkpoint, args.tp, work)
+    print(json.dumps(row) if args.json else
+          f"export {row['export_s']:.2f}s vs sequential write {row['sequential_write_s']:.2f}s "
+          f"({row['bytes'] / 1e6:.0f} MB), save sharded {row['save_sharded_s']:.2f}s, reshard {row['reshard_s']:.2f}s")

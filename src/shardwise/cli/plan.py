@@ -1,0 +1,100 @@
+"""`shardwise plan`: the bytes each rank will hold, by tensor kind, as a table."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from ..io.loader import Provide
+from ..plan.mesh import Layout
+from ..plan.rank import plan_rank
+from ..plan.spec import load_spec
+from ..providers.series import series_memory
+from ..providers.zero3 import memory_plan
+from ..words import plural
+from .args import _layout, _provide
+
+KINDS = {
+    "embed": "embedding", "lm_head": "lm_head", "norm": "norms", "attn_norm": "norms", "mlp_norm": "norms",
+    "q_norm": "norms", "k_norm": "norms", "qkv": "attention", "qkv_bias": "attention", "o": "attention",
+    "o_bias": "attention", "gate_up": "mlp", "gate_up_bias": "mlp", "down": "mlp", "down_bias": "mlp",
+}
+
+
+def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Provide | None = None,
+               train: bool = False) -> str:
+    """Bytes each rank will hold, by tensor kind (its masters, under ZeRO-3), plus ZeRO-3's buffers or a series'
+    windows, as a table; under a series, what each series saves. With ``train``, what ``shardwise train`` holds:
+    fp32 masters, their gradient sums, AdamW's moments, and a step's work buffers and staging."""
+    from ..train.step import TRAINABLE, training_memory
+
+    spec = load_spec(path)
+    dtype = dtype or (torch.float32 if train else spec.dtype)
+    provide = provide or Provide()
+    if train and (provide.provider not in TRAINABLE or layout.pp > 1 or dtype != torch.float32):
+        raise ValueError(f"--train plans what shardwise train holds: --provider {' or '.join(TRAINABLE)}, --pp 1 and "
+                         f"float32 masters, not --provider {provide.provider} --pp {layout.pp} --dtype "
+                         f"{str(dtype).removeprefix('torch.')}")
+    zero3, series = provide.provider == "zero3", provide.provider == "series"
+    columns = ["embedding", "attention", "mlp", "norms", "lm_head"]
+    columns += ["gradients", "moments", "work", "staging"] if train else ["work", "staging"] if zero3 else \
+        ["windows"] if series else []
+    how = provide.provider
+    if zero3:
+        work = str(provide.work_dtype or dtype).removeprefix("torch.")
+        how += f" (work {work}, prefetch {provide.prefetch}{', offload' if provide.offload else ''})"
+    how += ", training" if train else ""
+    lines = [f"{spec.arch}: {plural(spec.layers, 'layer')}, {plural(spec.heads, 'head')} / "
+             f"{plural(spec.kv_heads, 'KV head')}, vocab {spec.vocab}, {layout}, {str(dtype).removeprefix('torch.')}, "
+             f"{how}",
+             f"{'rank':>4} {'stage':>5} {'dp':>3} {'tp':>3} {'layers':>9} {'q/kv heads':>10} "
+             + " ".join(f"{c:>11}" for c in columns) + f" {'total':>11}"]
+    saved: dict[str, list[str]] = defaultdict(list)  # series -> one line per rank
+    for rank in range(layout.world_size):
+        plan = plan_rank(spec, layout, rank, provide.provider, provide.series)
+        kinds: dict[str, int] = defaultdict(int)
+        for buffer in plan.buffers:
+            placed: dict[tuple, str] = {}  # an alias (a tied LM head) is its embedding's bytes: counted once
+            for v in buffer.views:
+                placed.setdefault((v.offset, v.shape), v.name.split("@")[0])
+            for (_, shape), name in placed.items():
+                kinds[KINDS[name.split(".")[-1]]] += math.prod(shape) * dtype.itemsize
+        total = plan.nbytes(dtype)
+        if train:
+            memory = training_memory(plan, provide.work_dtype, provide.prefetch, provide.offload)
+            kinds |= {role: memory[role] for role in ("gradients", "moments", "work", "staging")}
+            total = sum(memory.values())
+        elif zero3:
+            memory = memory_plan(plan, dtype, provide.work_dtype, provide.prefetch, provide.offload)
+            kinds["work"], kinds["staging"] = memory["work"], memory["staging"]
+            total = sum(memory.values())
+        for name, m in series_memory(plan, dtype).items():
+            kinds["windows"] += m["windows"]
+            total += m["windows"]
+            saved[name].append(f"rank {rank}: stores {_mb(m['held'])} of {_mb(m['unsharded'])}, windows "
+                               f"{_mb(m['windows'])}, saves {_mb(m['unsharded'] - m['held'] - m['windows'])}")
+        layers = f"{plan.layers.start}-{plan.layers.stop - 1}"
+        heads = f"{plan.heads.n_q}/{plan.heads.n_kv}"
+        lines.append(f"{rank:>4} {plan.stage:>5} {plan.dp_rank:>3} {plan.tp_rank:>3} {layers:>9} {heads:>10} "
+                     + " ".join(f"{_mb(kinds[c]):>11}" for c in columns) + f" {_mb(total):>11}")
+    if train:
+        lines.append("training: fp32 masters by kind, their gradient sums and AdamW's two moments; work and staging as "
+                     "a step allocates them (zero3: gathered blocks; cast chunks, the per-block DP gradient buffers, "
+                     "offload's fetch and optimizer buffers); activations not counted")
+    if train and provide.offload:
+        lines.append("--offload: masters, gradients and moments are in host memory; the device holds work and staging")
+    if zero3 and layout.dp > 1:
+        lines.append("work and staging as for gloo gathers; DP ranks on one host share the work buffers in shared "
+                     "memory and cast in place, with no staging")
+    lines += [f"series {name} {line}" for name, held in saved.items() for line in held]
+    return "\n".join(lines)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def cmd_plan(args) -> None:
+    print(plan_table(args.path, _layout(args), args.dtype, _provide(args), args.train))

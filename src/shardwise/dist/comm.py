@@ -1,0 +1,134 @@
+"""The process groups of a layout and the few collectives the runtime needs.
+
+Every collective degrades to a no-op on a single rank, so the model code never
+branches on whether it runs distributed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..plan.mesh import Layout
+from .shm import ShmAllReduce, attach, timeout_seconds
+
+
+@dataclass
+class Comm:
+    """This rank's groups of the mesh: its TP group, its DP group, and its replica (for pipeline results).
+
+    A group is None when it would hold this rank alone, and the replica group is None
+    when the replica is the whole world (the default group serves).
+    """
+
+    layout: Layout
+    rank: int
+    tp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None
+    replica_group: dist.ProcessGroup | None = None
+    dp_ranks: list[int] = field(default_factory=list)  # global ranks of the DP group, in DP order
+    shm: ShmAllReduce | None = None
+    groups: list[dist.ProcessGroup] = field(default_factory=list)  # all that make_comm created, in creation order
+
+    def close(self, sync: bool = True) -> None:
+        """Unmap the shared memory and destroy the groups; idempotent, and collective like ``make_comm``.
+
+        Every rank destroys the groups in the order they were created. With ``sync`` a
+        world barrier first makes sure no peer is still finishing a collective on them;
+        after an error, when peers may never arrive, ``sync=False`` skips it. Once the
+        default group is gone (which destroyed ours with it) there is nothing left to do.
+        """
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
+        if self.groups and dist.is_initialized():
+            if sync:
+                dist.barrier()
+            for group in self.groups:
+                dist.destroy_process_group(group)
+        self.groups, self.tp_group, self.dp_group, self.replica_group = [], None, None, None
+
+    def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout.tp > 1 and not (self.shm is not None and self.shm(x)):
+            dist.all_reduce(x, group=self.tp_group)
+        return x
+
+    def tp_all_gather(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Concatenate uneven last-dim pieces from every TP rank."""
+        return x if self.layout.tp == 1 else all_gather_last(x, sizes, self.tp_group)
+
+    def dp_max(self, x: torch.Tensor) -> torch.Tensor:
+        """Element-wise max over the DP group, in place."""
+        if self.layout.dp > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.dp_group)
+        return x
+
+    def dp_all(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every DP rank: ranks in lockstep stop together."""
+        if self.layout.dp == 1:
+            return flag
+        x = torch.tensor([int(flag)])
+        dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.dp_group)
+        return bool(x.item())
+
+    def send_next(self, x: torch.Tensor) -> None:
+        """Hand activations to the same (replica, TP) rank of the next pipeline stage."""
+        stage, d, t = self.layout.coords(self.rank)
+        dist.send(x.contiguous(), self.layout.rank_of(stage + 1, d, t))
+
+    def recv_prev(self, like: torch.Tensor) -> torch.Tensor:
+        stage, d, t = self.layout.coords(self.rank)
+        dist.recv(like, self.layout.rank_of(stage - 1, d, t))
+        return like
+
+    def from_last_stage(self, x: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+                        device: torch.device) -> torch.Tensor:
+        """Broadcast a tensor the replica's last stage computed so that every rank of the replica returns it."""
+        if self.layout.pp == 1:
+            assert x is not None
+            return x
+        if x is None:
+            x = torch.empty(shape, dtype=dtype, device=device)
+        _, d, _ = self.layout.coords(self.rank)
+        dist.broadcast(x, self.layout.rank_of(self.layout.pp - 1, d, 0), group=self.replica_group)
+        return x
+
+
+def all_gather_last(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Concatenate every rank's piece along the last dim, piece r ``sizes[r]`` wide (pads to the widest, trims)."""
+    width = max(sizes)
+    padded = torch.nn.functional.pad(x, (0, width - x.shape[-1])).contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
+
+
+def make_comm(layout: Layout, device: torch.device | None = None) -> Comm:
+    """Create the mesh's groups; every rank must call this, in the same order, since new_group is collective."""
+    layout.check_world()
+    if not dist.is_initialized():
+        return Comm(layout, 0)
+    comm = Comm(layout, dist.get_rank())
+
+    def mine(candidates) -> tuple[dist.ProcessGroup | None, list[int]]:
+        found: tuple[dist.ProcessGroup | None, list[int]] = (None, [comm.rank])
+        for ranks in candidates:
+            if 1 < len(ranks) < layout.world_size:
+                group = dist.new_group(ranks)
+                comm.groups.append(group)
+                if comm.rank in ranks:
+                    found = (group, ranks)
+            elif comm.rank in ranks and len(ranks) > 1:
+                found = (dist.group.WORLD, ranks)
+        return found
+
+    (comm.tp_group, tp_ranks), (comm.dp_group, comm.dp_ranks) = mine(layout.tp_groups()), mine(layout.dp_groups())
+    if layout.pp > 1:
+        comm.replica_group = mine(layout.replica_groups())[0]
+    on_cpu = device is None or device.type == "cpu"
+    if layout.tp > 1 and on_cpu:
+        comm.shm = attach(comm.tp_group, tp_ranks, timeout_seconds())
+    return comm

@@ -1,0 +1,196 @@
+"""All-reduce through shared memory for TP ranks on one host, the CPU decode fast path.
+
+Token-by-token decoding sends a few kilobytes per collective, so its speed is set by
+latency, and gloo's loopback TCP costs 1-3 ms per all-reduce, which is most of the time
+of a decode step. Here each rank copies its tensor into its slot of a shared
+segment, raises its sequence flag, waits for every flag, and sums the slots in rank
+order, so every rank gets bit-identical results. Slots are double-buffered: a rank
+can only write step n+2 after all ranks have passed step n+1, by which time every
+rank has finished reading step n.
+
+The flag protocol relies on x86's total store order (data stores become visible
+before the flag store), so it is used only on x86-64; elsewhere gloo serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import platform
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("shardwise.shm")  # the name its log lines have always carried
+
+FLAG_STRIDE = 8  # int64s per flag: one 64-byte cache line each, so ranks never share a line
+CAPACITY = 4 << 20  # bytes per slot; larger tensors (long prefills) go through gloo
+SEGMENT_DIR = "/dev/shm"  # tests point one rank elsewhere to play a container with a /dev/shm of its own
+TOKEN_BYTES = 16
+
+
+def supported() -> bool:
+    return platform.machine() in ("x86_64", "AMD64") and os.environ.get("SHARDWISE_SHM", "1") != "0"
+
+
+def segment_bytes(size: int) -> int:
+    return size * FLAG_STRIDE * 8 + 2 * size * CAPACITY
+
+
+def attach(group: dist.ProcessGroup, ranks: list[int], timeout: float) -> ShmAllReduce | None:
+    """The group's shared-memory all-reduce, or None (gloo) unless every rank proved it maps the same segment."""
+    mem = share(group, ranks, segment_bytes(len(ranks)), "all-reduce")
+    return None if mem is None else ShmAllReduce(mem, ranks.index(dist.get_rank()), len(ranks), timeout)
+
+
+def share(group: dist.ProcessGroup, ranks: list[int], total: int, what: str) -> mmap.mmap | None:
+    """A segment of ``total`` bytes every rank of the group maps, or None (gloo) unless every rank proved it does.
+
+    Hostnames cannot tell: containers on host networking share one without sharing
+    /dev/shm. So rank 0 creates the segment and writes a random token at its end,
+    every other rank maps it by name and reads the token back, and the outcomes are
+    gathered before anyone uses it, so the whole group decides alike: shared memory
+    everywhere, or gloo everywhere with one warning that says which rank failed how.
+    """
+    size, me = len(ranks), ranks.index(dist.get_rank())
+    if not all(_gather(group, size, supported())):
+        return None  # SHARDWISE_SHM=0 or not x86-64 somewhere: a setting, not a failure
+    mem, error = None, None
+    offer: list[Any] = [None]
+    if me == 0:
+        name, token = f"shardwise-{uuid.uuid4().hex}", os.urandom(TOKEN_BYTES)
+        mem, error = _try(_create, os.path.join(SEGMENT_DIR, name), token, total)
+        offer = [(name, token, error)]
+    dist.broadcast_object_list(offer, src=ranks[0], group=group)
+    name, token, created_error = offer[0]
+    path = os.path.join(SEGMENT_DIR, name)  # each rank's own /dev/shm: the same one only if the probe says so
+    try:
+        if me != 0 and created_error is None:
+            mem, error = _try(_open, path, token, total)
+        errors = _gather(group, size, error)
+    finally:
+        if me == 0 and created_error is None:  # once all have mapped it (or failed, or died): nothing can leak
+            os.unlink(path)
+    if any(errors):
+        if mem is not None:
+            mem.close()
+        if me == 0:
+            failed = "; ".join(f"rank {ranks[i]}: {e}" for i, e in enumerate(errors) if e)
+            log.warning("rank %d: no shared-memory %s for ranks %s, using gloo (%s)", ranks[0], what, ranks, failed)
+        return None
+    return mem
+
+
+def _gather(group: dist.ProcessGroup, size: int, value: Any) -> list[Any]:
+    out: list[Any] = [None] * size
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def _try(step: Callable[..., mmap.mmap], *args: Any) -> tuple[mmap.mmap | None, str | None]:
+    """Run a creating or opening step; its OSError becomes the text that the group's warning shows."""
+    try:
+        return step(*args), None
+    except OSError as e:
+        return None, str(e)
+
+
+def _create(path: str, token: bytes, total: int) -> mmap.mmap:
+    """Rank 0's new segment, its pages reserved now: a full /dev/shm fails here instead of SIGBUS mid-run."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, total)
+        mem = mmap.mmap(fd, total)
+    except OSError as e:
+        os.unlink(path)
+        raise OSError(e.errno, f"cannot create a {total / 2**20:.1f} MiB segment {path}: {e.strerror}") from e
+    finally:
+        os.close(fd)
+    mem[-TOKEN_BYTES:] = token
+    return mem
+
+
+def _open(path: str, token: bytes, total: int) -> mmap.mmap:
+    """Map rank 0's segment by name; its token read back proves it is the same memory, not a namesake."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        found = os.fstat(fd).st_size
+        if found != total:  # mapping past the end of a shorter file would SIGBUS on the token read
+            raise OSError(f"{path} holds {found} bytes, not the {total} rank 0 reserved")
+        mem = mmap.mmap(fd, total)
+    finally:
+        os.close(fd)
+    if mem[-TOKEN_BYTES:] != token:
+        mem.close()
+        raise OSError(f"{path} is not the segment rank 0 created (its token differs)")
+    return mem
+
+
+def timeout_seconds() -> float:
+    """How long a rank waits for a peer before calling it dead: ``launch`` sets it for every rank."""
+    return float(os.environ.get("SHARDWISE_TIMEOUT", 1800))
+
+
+def wait_for(flags: np.ndarray, target: int, timeout: float, who: str, ranks: list[int] | None = None,
+             nap: float = 0.0, failed: Callable[[], list[int]] | None = None) -> None:
+    """Spin until every rank's flag reaches ``target``; a peer that never does is a TimeoutError naming it
+    (by its global rank, when ``ranks`` maps flag positions to them).
+
+    A background thread passes ``nap`` (seconds): it sleeps between looks instead of
+    spinning, which would hold the GIL away from the thread that computes. ``failed``, asked
+    now and then, names the peers that gave up part-way through a transfer: waiting for
+    them would last the whole timeout, so the wait ends at once with a RuntimeError naming them.
+    """
+    spins, deadline = 0, None
+    while int(flags.min()) < target:
+        spins += 1
+        if failed is not None and spins % 64 == 0 and (gone := failed()):
+            raise RuntimeError(f"{who} {gone} failed part-way through a transfer and left it: stopping instead of "
+                               "waiting for them (their own error says why)")
+        if nap:
+            time.sleep(nap)
+        elif spins > 64:
+            os.sched_yield()  # ranks may outnumber cores: let the laggard run
+        if spins % 4096 == 0:
+            deadline = deadline or time.monotonic() + timeout
+            if time.monotonic() > deadline:
+                late = [(ranks or range(len(flags)))[r] for r in range(len(flags)) if flags[r] < target]
+                raise TimeoutError(f"{who} {late} did not arrive within {timeout:.0f}s (dead peer?)")
+
+
+class ShmAllReduce:
+    def __init__(self, mem: mmap.mmap, rank: int, size: int, timeout: float):
+        self.mem, self.rank, self.size, self.timeout = mem, rank, size, timeout
+        self.seq = 0
+        self.flags = np.ndarray((size * FLAG_STRIDE,), dtype=np.int64, buffer=mem)[::FLAG_STRIDE]
+        self.data = torch.frombuffer(mem, dtype=torch.uint8, offset=size * FLAG_STRIDE * 8)
+
+    def close(self) -> None:
+        """Unmap the segment; the views go first, since mmap.close() raises BufferError while they export it."""
+        del self.flags, self.data
+        self.mem.close()
+
+    def _slot(self, buf: int, rank: int, like: torch.Tensor) -> torch.Tensor:
+        start = (buf * self.size + rank) * CAPACITY
+        n = like.numel() * like.element_size()
+        return self.data[start : start + n].view(like.dtype).view(like.shape)
+
+    def __call__(self, x: torch.Tensor) -> bool:
+        """Sum ``x`` over the group in place; False (nothing done) when it does not fit."""
+        if x.device.type != "cpu" or x.numel() * x.element_size() > CAPACITY or not x.is_contiguous():
+            return False
+        self.seq += 1
+        buf = self.seq % 2
+        self._slot(buf, self.rank, x).copy_(x)
+        self.flags[self.rank] = self.seq
+        wait_for(self.flags, self.seq, self.timeout, "shared-memory all-reduce: TP ranks")
+        x.copy_(self._slot(buf, 0, x))
+        for r in range(1, self.size):  # the same order on every rank: bit-identical sums, no temporaries
+            x.add_(self._slot(buf, r, x))
+        return True

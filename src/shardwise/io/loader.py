@@ -1,0 +1,141 @@
+"""From checkpoint bytes to a rank's tensors: spec -> plan -> boxes read into one arena.
+
+The source may be an HF safetensors checkpoint or a shardwise sharded checkpoint saved
+under any other layout; both answer ``read(box, dst)``, so loading and resharding are
+the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..dist.comm import make_comm
+from ..model.forward import Model
+from ..plan.mesh import Layout
+from ..plan.rank import PROVIDERS, plan_rank
+from ..plan.series import Series
+from ..plan.spec import load_spec
+from ..progress import progress_bar
+from ..providers.base import Provider
+from ..providers.resident import Resident
+from ..providers.series import SeriesProvider
+from ..providers.weights import Weights, allocate, buffer_dtype, pinned, resolve_device
+from ..providers.zero3 import Zero3
+from .reader import MANIFEST, Checkpoint
+from .sharded import ShardedCheckpoint
+
+log = logging.getLogger("shardwise.loader")  # the name its log lines have always carried
+
+
+def open_source(path: str | Path) -> Checkpoint | ShardedCheckpoint:
+    path = Path(path)
+    return ShardedCheckpoint(path) if (path / MANIFEST).exists() else Checkpoint(path)
+
+
+def load_weights(path: str | Path, layout: Layout | None = None, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu", rank: int | None = None, progress: bool = True,
+                 provider: str = "resident", series: tuple[Series, ...] = ()) -> Weights:
+    """This rank's tensors under ``layout`` and ``provider`` (with its ``series``), from an HF or a sharded checkpoint.
+
+    ``dtype=None`` keeps each tensor in the checkpoint's own dtype, so a reshard is
+    bit-exact. Aliased tensors share one allocation and one read.
+    """
+    layout = layout or Layout()
+    rank = rank if rank is not None else (dist.get_rank() if dist.is_initialized() else 0)
+    spec = load_spec(path)
+    plan = plan_rank(spec, layout, rank, provider, tuple(series))
+    with open_source(path) as source:
+        source.check(spec)
+        source_dtypes = {name: source.source_dtype(name) for name in spec.tensors()}
+        dtypes = [dtype or buffer_dtype(b, plan, source_dtypes) for b in plan.buffers]
+        flats, tensors = allocate(plan, dtypes, resolve_device(device))
+        weights = Weights(plan, tensors, source_dtypes, Path(path), flats)
+        unique = weights.unique()
+        bar = progress_bar(unique.items(), progress and rank == 0, total=len(unique),
+                           desc=f"rank {rank} loading", unit="tensor")
+        for name, tensor in bar:
+            for box in plan.tensors[name].boxes:
+                source.read(box, tensor)
+    return weights
+
+
+def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, progress: bool = True, provider: str = "resident",
+               work_dtype: torch.dtype | None = None, prefetch: int = 1, offload: bool = False,
+               series: tuple[Series, ...] = ()) -> Model:
+    """Load this rank's part of a checkpoint (HF or sharded) under ``layout``; collective over the layout's world.
+
+    ``provider="resident"`` keeps every work weight on the rank (DP replicas are plain
+    data parallelism). ``provider="zero3"`` keeps 1/dp of each block in ``dtype`` (the
+    master dtype) and gathers blocks on demand in ``work_dtype`` (None: the same;
+    ``torch.float8_e4m3fn`` or ``torch.int8`` quantize the gather and compute in
+    ``dtype``), ``prefetch`` blocks ahead, with the masters in host memory if ``offload``.
+    ``provider="series"`` keeps weights resident except the ``series`` it declares
+    (e.g. ``(Series("*.o"), Series("*.down", prefetch=2))``), whose layers are each
+    stored by one DP rank and broadcast to the others just before use.
+
+    The model holds process groups and shared memory: ``close()`` it, or use it as a
+    context manager, when loading more than one per process.
+    """
+    layout = layout or Layout()
+    device = resolve_device(device)
+    check_provider_options(provider, dtype, work_dtype, prefetch, offload)
+    comm = make_comm(layout, device)
+    source: Provider | None = None
+    try:
+        weights = load_weights(checkpoint_dir, layout, dtype, "cpu" if offload else device, comm.rank, progress,
+                               provider, series)
+        if offload and device.type != "cpu":
+            weights = pinned(weights)
+        if provider == "zero3":
+            source = Zero3(weights.plan, comm, weights.buffers, work_dtype, prefetch, offload, device)
+        elif provider == "series":
+            source = SeriesProvider(weights.plan, comm, weights.tensors, device)
+        else:
+            source = Resident(weights.plan, weights.tensors)
+        model = Model(weights, comm, source, device)
+    except BaseException:
+        if source is not None:
+            source.close()
+        comm.close(sync=False)  # the peers may have failed too, or be stuck waiting: no barrier
+        raise
+    log.info("rank %d loaded %d tensors, %.1f MB", comm.rank, len(weights.tensors),
+             weights.plan.nbytes(dtype) / 1e6)
+    return model
+
+
+@dataclass(frozen=True)
+class Provide:
+    """How weights reach the layers: ``load_model``'s provider options, as the CLI passes them to every rank."""
+
+    provider: str = "resident"
+    work_dtype: torch.dtype | None = None
+    prefetch: int = 1
+    offload: bool = False
+    series: tuple[Series, ...] = ()
+
+
+WORK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8)
+
+
+def check_provider_options(provider: str, dtype: torch.dtype, work_dtype: torch.dtype | None, prefetch: int,
+                           offload: bool, flags: bool = False) -> None:
+    """Refuse option combinations that mean nothing, before any rank loads a byte (``plan_rank`` checks the
+    series declarations, against the model). ``flags``: name the options as the command line spells them."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDERS)})")
+    if provider != "zero3" and (work_dtype is not None or offload):
+        need = ("--work-dtype and --offload need --provider zero3" if flags else
+                "work_dtype and offload need provider='zero3'")
+        raise ValueError(f"{need}: resident weights are computed as loaded")
+    if work_dtype is not None and work_dtype not in WORK_DTYPES:
+        raise ValueError(f"work_dtype {work_dtype} is not one of {', '.join(map(str, WORK_DTYPES))}")
+    if dtype not in WORK_DTYPES[:3]:
+        raise ValueError(f"dtype {dtype} cannot hold masters or compute; use float32, bfloat16 or float16")
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")

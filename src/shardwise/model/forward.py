@@ -1,0 +1,360 @@
+"""The Llama-family forward pass, written once for every layout.
+
+A rank runs one pipeline stage over its TP slice of each layer. The stage code reads
+like a single-device model: the TP layers hide their collectives, and the only
+pipeline logic is "receive the hidden state, run my layers, send it on". The math
+follows HF transformers step for step (fp32 RMSNorm, the same rope frequencies),
+which is what lets every layout match HF's logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..dist.comm import Comm
+from ..plan.boxes import split_evenly
+from ..plan.rank import RankPlan
+from ..providers.base import Provider
+from .layers import column_parallel, parallel_lm_head, rms_norm, row_parallel, vocab_parallel_embedding
+
+if TYPE_CHECKING:
+    from ..providers.weights import Weights
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class KVCache:
+    """Preallocated keys and values of one layer, for the rank's KV heads only."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions, {end} were asked for")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def attention_mask(start: int, length: int, window: int | None, device: torch.device,
+                   keys: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Causal (optionally sliding-window) mask for queries at ``start:start+length``; None when all keys are visible.
+
+    ``keys`` (batch, start+length) marks real keys of a left-padded batch: padded ones are hidden from every
+    query, giving a (batch, 1, length, start+length) mask. A padded query then sees no key at all, and SDPA
+    would turn it into NaN, which a later layer's ``0 * NaN`` leaks into real rows; letting such a query see
+    every key keeps its ignored output finite.
+    """
+    if keys is None and length == 1 and (window is None or start < window):
+        return None
+    q = torch.arange(start, start + length, device=device)[:, None]
+    k = torch.arange(start + length, device=device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= (q - k) < window
+    if keys is None:
+        return allowed
+    allowed = allowed & keys.bool()[:, None, None, :]
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+def left_pad(prompts: Sequence[Sequence[int] | torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of any lengths as one left-padded (batch, longest) batch and its attention mask.
+
+    Left, not right: every row's next token then comes from the same (last) column, as in HF.
+    """
+    if any(isinstance(p, int) for p in prompts):  # generate(text.encode(s), n) would read each id as a prompt
+        raise ValueError("a list of prompts holds lists of ids (one per prompt); for a single prompt pass [ids]")
+    rows = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+    if not rows or any(r.dim() != 1 or len(r) == 0 for r in rows):
+        raise ValueError("generate needs at least one prompt, each a non-empty list or 1-D tensor of ids")
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, longest - len(r):], mask[i, longest - len(r):] = r, 1
+    return ids, mask
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Rope positions of a left-padded batch, as HF's generate derives them: each row counts from its first real token.
+
+    Padded slots get 0; they are masked keys, so their value never matters.
+    """
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+class Attention:
+    """One layer's attention over this rank's heads; the weights come with each call."""
+
+    def __init__(self, plan: RankPlan, comm: Comm, n: int):
+        spec, heads = plan.spec, plan.heads
+        self.comm, self.eps, self.qk_norm = comm, spec.rms_eps, spec.qk_norm
+        self.n_q, self.n_kv, self.head_dim = heads.n_q, heads.n_kv, spec.head_dim
+        self.window = spec.window(n)
+
+    def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, start: int,
+                 cache: KVCache | None, keys: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        d = self.head_dim
+        q, k, v = column_parallel(self.comm, x, w["qkv"], w.get("qkv_bias")).split(
+            [self.n_q * d, self.n_kv * d, self.n_kv * d], dim=-1)
+        q, k, v = q.view(b, t, self.n_q, d), k.view(b, t, self.n_kv, d), v.view(b, t, self.n_kv, d)
+        if self.qk_norm:
+            q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(k, v, start)
+        group = self.n_q // self.n_kv
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        mask = attention_mask(start, t, self.window, x.device, keys)
+        causal = mask is not None and keys is None and start == 0 and self.window is None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal)
+        return row_parallel(self.comm, out.transpose(1, 2).reshape(b, t, self.n_q * d), w["o"], w.get("o_bias"))
+
+
+def mlp(comm: Comm, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    gate, up = column_parallel(comm, x, w["gate_up"], w.get("gate_up_bias")).chunk(2, dim=-1)
+    return row_parallel(comm, F.silu(gate) * up, w["down"], w.get("down_bias"))
+
+
+class DecoderLayer:
+    def __init__(self, plan: RankPlan, comm: Comm, n: int):
+        self.comm, self.eps = comm, plan.spec.rms_eps
+        self.attn = Attention(plan, comm, n)
+
+    def __call__(self, x, w, cos, sin, start, cache, keys=None):
+        x = x + self.attn(rms_norm(x, w["attn_norm"], self.eps), w, cos, sin, start, cache, keys)
+        return x + mlp(self.comm, rms_norm(x, w["mlp_norm"], self.eps), w)
+
+
+class Model(nn.Module):
+    """One rank's stage of a Llama-family model.
+
+    ``forward`` and ``generate`` are collective: every rank of a replica (its TP ranks
+    and pipeline stages) calls them with the same input ids and gets the same
+    full-vocabulary result; replicas (DP ranks) may feed different ids, but under
+    ZeRO-3 or a series they move weights together, so they make the same calls.
+    The weights reach the layers through ``provider``, block by block.
+    ``close`` (or leaving a ``with`` block) frees the process groups, the shared
+    memory and the weights, which a process loading many models would otherwise pile up.
+    """
+
+    def __init__(self, weights: Weights, comm: Comm, provider: Provider, device: torch.device):
+        super().__init__()
+        plan, spec = weights.plan, weights.plan.spec
+        if spec.config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {spec.config['hidden_act']!r} is not supported (only silu)")
+        self.plan, self.comm, self.spec = plan, comm, spec
+        self.weights: Weights | None = weights
+        self.provider: Provider | None = provider
+        self.dtype, self.device = provider.dtype, device
+        self.layers = {n: DecoderLayer(plan, comm, n) for n in plan.layers}
+        self.vocab_sizes = [hi - lo for lo, hi in split_evenly(spec.vocab, plan.layout.tp)]
+        self.register_buffer("inv_freq", spec.rope.inv_freq(spec.head_dim).to(self.device), persistent=False)
+        self.caches: dict[int, KVCache] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.weights is None
+
+    def close(self, sync: bool = True) -> None:
+        """Free the process groups, the shared-memory segment and the weights; idempotent.
+
+        Collective like loading: every rank calls it after its last forward (see
+        ``Comm.close`` for ``sync``). The weights are dropped from the modules too, so
+        their memory returns even while this object is still referenced.
+        """
+        if self.closed:
+            return
+        self.provider.close()
+        self.comm.close(sync)
+        self.weights, self.provider, self.caches, self.layers = None, None, None, {}
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # After an error the peers may never reach close(): a barrier would hang until the timeout, hiding the error.
+        self.close(sync=exc_type is None)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for (seq,) positions shared by all rows, or (batch, seq) ones with a head axis added."""
+        freqs = positions.float()[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        if positions.dim() == 2:
+            emb = emb[:, None]
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def forward(self, input_ids: torch.Tensor, start: int = 0, last_only: bool = False,
+                attention_mask: torch.Tensor | None = None, local_vocab: bool = False) -> torch.Tensor:
+        """Logits for ``input_ids`` (batch, seq) at positions ``start:``; with ``last_only`` just the final one.
+
+        ``attention_mask`` (batch, start+seq) is HF's: 1 for real tokens, 0 for padding, covering the cached
+        positions too. Padded keys are hidden and rope positions count from each row's first real token, so
+        a left-padded row gets the logits it would get alone; a padded position's own logits are meaningless.
+        Every stage derives this from the mask itself, so pipeline stages still only pass hidden states.
+
+        Under grad mode, with weights that require a gradient, the TP collectives are autograd's (see
+        ``layers``), so ``backward`` gives each rank the gradient of its local tensors, except the
+        regions ``grads.tp_partials`` names (used per head by several TP ranks), which
+        ``grads.TpGradReducer`` sums. Pipeline stages do not pass gradients yet. With ``local_vocab``
+        (pp=1) each TP rank returns only its vocab slice of the logits, ``plan.vocab``, as the
+        vocab-parallel loss takes them.
+        """
+        if self.closed:
+            raise RuntimeError(f"rank {self.comm.rank}: the model is closed")
+        input_ids = input_ids.to(self.device)
+        b, t = input_ids.shape
+        keys = padding_keys(attention_mask, (b, start + t), self.device)
+        if keys is None:
+            positions = torch.arange(start, start + t, device=self.device)
+        else:
+            positions = positions_from_mask(keys)[:, start:]
+        cos, sin = self.rope(positions)
+        shape = (b, t, self.spec.hidden)
+        logits = None
+        with self.provider.stream(list(self.plan.blocks)) as blocks:
+            if self.plan.is_first:
+                h = self.embed(input_ids, next(blocks))
+            else:
+                h = self.comm.recv_prev(torch.empty(shape, dtype=self.dtype, device=self.device))
+            for n, layer in self.layers.items():
+                h = layer(h, next(blocks), cos, sin, start, None if self.caches is None else self.caches[n], keys)
+            if self.plan.is_last:
+                w = next(blocks)
+                h = h[:, -1:] if last_only else h
+                logits = self.head(h, w, local_vocab)
+            else:
+                self.comm.send_next(h)
+        if local_vocab:
+            if self.plan.layout.pp > 1:
+                raise ValueError(f"rank {self.comm.rank}: local_vocab=True needs pp=1 (stages pass full logits)")
+            return logits
+        out_shape = (b, 1 if last_only else t, self.spec.vocab)
+        return self.comm.from_last_stage(logits, out_shape, self.dtype, self.device)
+
+    def embed(self, ids: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The "embed" block: this rank's vocab rows of the embedding, assembled over TP."""
+        return vocab_parallel_embedding(self.comm, ids, w["embed"], self.plan.vocab)
+
+    def head(self, h: torch.Tensor, w: dict[str, torch.Tensor], local_vocab: bool = False) -> torch.Tensor:
+        """The "head" block: final norm and LM head; full-vocabulary logits, or this rank's slice (``local_vocab``)."""
+        return parallel_lm_head(self.comm, rms_norm(h, w["norm"], self.spec.rms_eps), w["lm_head"],
+                                None if local_vocab else self.vocab_sizes)
+
+    def _allocate_caches(self, batch: int, max_len: int) -> None:
+        heads = self.plan.heads
+        d = self.spec.head_dim
+        self.caches = {n: KVCache(batch, heads.n_kv, max_len, d, self.dtype, self.device) for n in self.plan.layers}
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor | Sequence[Sequence[int] | torch.Tensor], max_new_tokens: int,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 eos_token_id: int | list[int] | None = None, on_token=None,
+                 attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation, with a KV cache; returns prompt plus new ids.
+
+        ``input_ids`` is a (batch, seq) tensor, left-padded where ``attention_mask`` is 0, or a list of
+        prompts of any lengths (lists of ids or 1-D tensors), which are left-padded here. Either way the
+        result is (batch, seq + new) with the padding kept on the left, as HF's generate returns it. The pad
+        id is ``pad_token_id``, else the first EOS id, else 0; finished rows continue with it too.
+
+        Every rank samples from the same broadcast logits with the same seeded
+        generator, so all ranks agree on every token without another collective.
+        ``on_token(ids)`` is called with each new (batch,) tensor of ids, for streaming.
+        """
+        eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
+        pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+        ids, mask = self._as_batch(input_ids, attention_mask, pad)
+        b, t = ids.shape
+        if mask is not None:  # generated tokens are always real, like the ones HF appends to the mask
+            mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)
+        self._allocate_caches(b, t + max_new_tokens)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        eos = torch.tensor(eos_ids, dtype=ids.dtype, device=self.device)
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        out, step_ids, start = [ids], ids, 0
+        try:
+            for _ in range(max_new_tokens):
+                end = start + step_ids.shape[1]
+                step_mask = None if mask is None else mask[:, :end]
+                logits = self.forward(step_ids, start=start, last_only=True, attention_mask=step_mask)[:, -1].float()
+                start = end
+                nxt = sample(logits, temperature, top_k, top_p, gen)
+                if eos_ids:
+                    nxt = torch.where(done, pad, nxt)  # finished rows are padded
+                    done |= torch.isin(nxt, eos)
+                out.append(nxt[:, None])
+                if on_token is not None:
+                    on_token(nxt)
+                if eos_ids and self._finished(done):
+                    break
+                step_ids = nxt[:, None]
+        finally:
+            self.caches = None
+        return torch.cat(out, dim=1)
+
+    def _finished(self, done: torch.Tensor) -> bool:
+        """Every row has ended; replicas moving weights together (ZeRO-3, a series) stop only when all theirs have."""
+        finished = bool(done.all())
+        return self.comm.dp_all(finished) if self.provider.lockstep else finished
+
+    def _as_batch(self, input_ids: torch.Tensor | Sequence[Sequence[int] | torch.Tensor],
+                  attention_mask: torch.Tensor | None, pad: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One (batch, seq) id tensor and its padding mask, the mask None when nothing is padded (the fast path)."""
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+            ids, mask = input_ids, attention_mask
+        elif attention_mask is not None:
+            raise ValueError("attention_mask goes with a (batch, seq) tensor; a list of prompts is padded here")
+        else:
+            ids, mask = left_pad(input_ids, pad)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab):  # TP would embed zeros
+            raise ValueError(f"token ids must lie in [0, {self.spec.vocab}), got {int(ids.min())}..{int(ids.max())}")
+        keys = padding_keys(mask, tuple(ids.shape), self.device)
+        if keys is not None and not bool(keys[:, -1].all()):
+            raise ValueError("generate needs left padding: every row's last token must be real")
+        return ids.to(self.device), keys
+
+
+def padding_keys(mask: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+    """An attention mask as booleans; None when it pads nothing, so unpadded batches keep the fast path."""
+    if mask is None:
+        return None
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"attention_mask must have shape {shape} (batch, cached + new), got {tuple(mask.shape)}")
+    keys = mask.to(device=device, dtype=torch.bool)
+    return None if bool(keys.all()) else keys
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           gen: torch.Generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)

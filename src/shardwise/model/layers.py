@@ -1,0 +1,80 @@
+"""Tensor-parallel layers over already-sharded local weights, which a provider hands in at each call.
+
+The plan decided which rows or columns a rank holds, so these functions never slice
+anything; each one only knows which collective completes its output. They hold no
+weights either: the provider gives a block's tensors just before use, which is what
+lets resident, ZeRO-3 and layer-sharded weights run the same model code.
+
+When a gradient is wanted (grad mode on and an input or weight requires one), each
+collective is the autograd-aware primitive from ``collectives``, so the backward pass
+runs the dual collective: the input of a column-parallel layer is ``copy_to`` (its
+gradient is summed over the TP group), a row-parallel output ``reduce_from``, the
+logits ``gather_from``. Otherwise the in-place fast path (the shared-memory all-reduce)
+serves, as inference needs no graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..dist.collectives import copy_to, gather_from, reduce_from
+from ..dist.comm import Comm
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record an op on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _reduce(comm: Comm, y: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:
+    """All-reduce partial sums over the TP group, through autograd when ``inputs`` need a gradient."""
+    if comm.layout.tp == 1:
+        return y
+    return reduce_from(y, comm.tp_group) if needs_grad(*inputs) else comm.tp_all_reduce(y)
+
+
+def _enter(comm: Comm, x: torch.Tensor, *weights: torch.Tensor | None) -> torch.Tensor:
+    """A replicated activation entering a TP-split op: in the backward, every rank's part of its gradient adds up."""
+    return copy_to(x, comm.tp_group) if comm.layout.tp > 1 and needs_grad(x, *weights) else x
+
+
+def column_parallel(comm: Comm, x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Output features split across TP ranks: each rank's output is its own slice, no communication forward."""
+    return F.linear(_enter(comm, x, weight, bias), weight, bias)
+
+
+def row_parallel(comm: Comm, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Input features split across TP ranks: partial sums are all-reduced, then the (replicated) bias added once."""
+    y = _reduce(comm, F.linear(x, weight), x, weight)
+    return y if bias is None else y + bias
+
+
+def vocab_parallel_embedding(comm: Comm, ids: torch.Tensor, weight: torch.Tensor,
+                             vocab: tuple[int, int]) -> torch.Tensor:
+    """Each rank holds a vocab range; ids outside it contribute zeros, and an all-reduce assembles rows."""
+    if comm.layout.tp == 1:
+        return F.embedding(ids, weight)
+    lo, hi = vocab
+    mine = (ids >= lo) & (ids < hi)
+    out = F.embedding((ids - lo) * mine, weight) * mine.unsqueeze(-1)
+    return _reduce(comm, out, weight)
+
+
+def parallel_lm_head(comm: Comm, x: torch.Tensor, weight: torch.Tensor, vocab_sizes: list[int] | None) -> torch.Tensor:
+    """Each rank scores its vocab range; an (uneven) all-gather yields full-vocabulary logits everywhere, unless
+    ``vocab_sizes`` is None (a vocab-parallel loss takes each rank's slice as it is)."""
+    local = F.linear(_enter(comm, x, weight), weight)
+    if vocab_sizes is None:
+        return local
+    if comm.layout.tp > 1 and needs_grad(local):
+        return gather_from(local, vocab_sizes, comm.tp_group)
+    return comm.tp_all_gather(local, vocab_sizes)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm: normalized in fp32, scaled in the input's dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)

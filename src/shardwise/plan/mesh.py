@@ -1,0 +1,111 @@
+"""The rank grid: a ``Layout`` is a PP x DP x TP mesh; ``head_split`` places attention heads on its TP ranks.
+
+Ranks are ordered (pp, dp, tp), TP innermost as in torchtitan and Megatron, so a TP
+group is a run of consecutive ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from ..words import plural
+from .boxes import split_evenly
+
+
+class LayoutError(ValueError):
+    """No correct layout exists for this model on this grid."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1 or self.dp < 1:
+            raise LayoutError(f"tp, pp and dp must be >= 1, got tp={self.tp} pp={self.pp} dp={self.dp}")
+
+    def __str__(self) -> str:
+        return f"tp={self.tp} pp={self.pp} dp={self.dp}"
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(pipeline stage, data-parallel rank, tensor-parallel rank) of a global rank."""
+        stage, rest = divmod(rank, self.dp * self.tp)
+        return (stage, *divmod(rest, self.tp))
+
+    def rank_of(self, stage: int, dp_rank: int, tp_rank: int) -> int:
+        return (stage * self.dp + dp_rank) * self.tp + tp_rank
+
+    def tp_groups(self) -> Iterator[list[int]]:
+        """Ranks that split each layer's heads: one group per (stage, replica)."""
+        for stage in range(self.pp):
+            for d in range(self.dp):
+                yield [self.rank_of(stage, d, t) for t in range(self.tp)]
+
+    def dp_groups(self) -> Iterator[list[int]]:
+        """Ranks that hold the same piece of the model in different replicas: one group per (stage, TP rank)."""
+        for stage in range(self.pp):
+            for t in range(self.tp):
+                yield [self.rank_of(stage, d, t) for d in range(self.dp)]
+
+    def replica_groups(self) -> Iterator[list[int]]:
+        """All ranks of one replica (every stage and TP rank), which see the same input ids."""
+        for d in range(self.dp):
+            yield [self.rank_of(stage, d, t) for stage in range(self.pp) for t in range(self.tp)]
+
+    @classmethod
+    def from_world(cls, pp: int = 1, dp: int = 1) -> Layout:
+        """The layout that uses every rank of the initialized world, TP filling what PP and DP leave."""
+        world = dist.get_world_size()
+        if world % (pp * dp):
+            raise LayoutError(f"world size {world} is not divisible by pp={pp} x dp={dp}")
+        return cls(tp=world // (pp * dp), pp=pp, dp=dp)
+
+    def check_world(self) -> None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world != self.world_size:
+            raise LayoutError(f"layout {self} needs {plural(self.world_size, 'rank')}, the world has {world}")
+
+
+@dataclass(frozen=True)
+class Heads:
+    """One TP rank's attention heads: query heads ``q`` and the KV heads ``kv`` they read."""
+
+    q: tuple[int, int]
+    kv: tuple[int, int]
+
+    @property
+    def n_q(self) -> int:
+        return self.q[1] - self.q[0]
+
+    @property
+    def n_kv(self) -> int:
+        return self.kv[1] - self.kv[0]
+
+
+def head_split(heads: int, kv_heads: int, tp: int) -> list[Heads]:
+    """GQA-aware head placement.
+
+    A query head must sit with its KV head, so with tp <= kv_heads whole groups are
+    split as evenly as possible (ranks may differ by a group). With more ranks than
+    KV heads, each KV head is replicated over a run of ranks that split its group, as
+    vLLM does; this works whenever tp <= heads, with no divisibility needed.
+    """
+    if tp > heads:
+        raise LayoutError(f"tp={tp} exceeds the {heads} query heads: some rank would hold no attention head")
+    group = heads // kv_heads
+    if tp <= kv_heads:
+        return [Heads((lo * group, hi * group), (lo, hi)) for lo, hi in split_evenly(kv_heads, tp)]
+    out = []
+    for kv, (r_lo, r_hi) in enumerate(split_evenly(tp, kv_heads)):
+        for lo, hi in split_evenly(group, r_hi - r_lo):
+            out.append(Heads((kv * group + lo, kv * group + hi), (kv, kv + 1)))
+    return out

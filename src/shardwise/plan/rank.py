@@ -1,0 +1,233 @@
+"""What each rank of a layout owns of a model: ``plan_rank`` and the ``RankPlan`` it returns.
+
+``plan_rank`` turns a spec plus a rank into the box lists of every tensor the rank computes with
+(``work``), the blocks a provider hands them out in, and what the rank holds: the
+work tensors themselves, under ZeRO-3 its chunk of each flat block, and under a layer-sharded
+series (``series``) the work tensors less the series layers other DP ranks own. Everything
+downstream (reader, providers, runtime, export) works from that plan and never
+re-derives a split.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..words import plural
+from .boxes import Box, ShardedTensor, cols, full_box, rows, split_evenly
+from .flat import Buffer, FlatBlock, View, pack
+from .mesh import Heads, Layout, LayoutError, head_split
+from .series import Series, SeriesError, SeriesPlan, plan_series
+from .spec import ModelSpec
+
+PROVIDERS = ("resident", "zero3", "series")
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Everything one rank computes with and holds, as box lists keyed by local tensor name.
+
+    ``work`` are the TP-local tensors the model computes with, handed out per block
+    (``blocks``: "embed", "layers.N", "head"); ``alias`` maps a tensor that is another
+    one on this rank (a tied LM head beside its embedding) to it. ``tensors`` is what
+    the rank holds, loads and saves, laid out in ``buffers``: the work tensors under
+    the resident provider, its chunk of each flat block (``flats``) under ZeRO-3, and
+    under the series provider the work tensors except the series layers (``series``)
+    that other DP ranks own. ``declared`` are the series declarations the plan came from.
+    """
+
+    spec: ModelSpec
+    layout: Layout
+    rank: int
+    provider: str
+    layers: range
+    heads: Heads
+    ffn: tuple[int, int]
+    vocab: tuple[int, int]
+    work: dict[str, ShardedTensor]
+    blocks: dict[str, tuple[str, ...]]
+    alias: dict[str, str]
+    flats: dict[str, FlatBlock]
+    tensors: dict[str, ShardedTensor]
+    buffers: tuple[Buffer, ...]
+    series: tuple[SeriesPlan, ...] = ()
+    declared: tuple[Series, ...] = ()
+
+    @property
+    def stage(self) -> int:
+        return self.layout.coords(self.rank)[0]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.layout.coords(self.rank)[1]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.layout.coords(self.rank)[2]
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.layout.pp - 1
+
+    def peer(self, rank: int) -> RankPlan:
+        """Another rank's plan under the same layout, provider and series."""
+        return plan_rank(self.spec, self.layout, rank, self.provider, self.declared)
+
+    def owned(self) -> list[tuple[str, Box]]:
+        """This rank's (held tensor, box) pairs covering the elements it owns: every element has one owner.
+
+        The owner of an element is the lowest rank that holds it. Ownership is decided per
+        element, not per box: ZeRO-3 cuts each TP rank's flat block at its own chunk edges, so a
+        KV head replicated over TP ranks sits in boxes that overlap without being equal, and
+        a tied embedding sits on the first and the last stage. Each held box less every box
+        of the same tensor that a lower rank (or this rank, earlier) holds is what this rank
+        owns. Export writes each byte once through it, a sharded save stores each element once,
+        and a global gradient norm counts each element once.
+        """
+        before: dict[str, list[Box]] = {}
+        for rank in range(self.rank):
+            for t in self.peer(rank).tensors.values():
+                for box in t.boxes:
+                    before.setdefault(box.source, []).append(box)
+        out = []
+        for name, t in self.tensors.items():
+            for box in t.boxes:
+                rest = [box]
+                for other in before.get(box.source, ()):
+                    rest = [part for piece in rest for part in piece.minus(other.start, other.stop)]
+                out += [(name, piece) for piece in rest]
+                before.setdefault(box.source, []).append(box)
+        return out
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        """Bytes this rank holds, counting tensors that share a buffer (tied embeddings) once."""
+        return sum(b.numel for b in self.buffers) * dtype.itemsize
+
+
+def _layer_tensors(spec: ModelSpec, n: int, heads: Heads, ffn: tuple[int, int]) -> dict[str, ShardedTensor]:
+    p, d, h = f"model.layers.{n}", spec.head_dim, spec.hidden
+    info = spec.tensors()
+    q_lo, q_hi = heads.q[0] * d, heads.q[1] * d
+    kv_lo, kv_hi = heads.kv[0] * d, heads.kv[1] * d
+    nq, nkv = q_hi - q_lo, kv_hi - kv_lo
+    f_lo, f_hi = ffn
+    nf = f_hi - f_lo
+
+    def t(name: str, shape: tuple[int, ...], *boxes) -> tuple[str, ShardedTensor]:
+        key = f"layers.{n}.{name}"
+        return key, ShardedTensor(key, shape, tuple(boxes))
+
+    def part(src: str, lo: int, hi: int, at: int) -> Box:
+        return rows(src, info[src].shape, lo, hi, at)
+
+    def fused_qkv(kind: str) -> list[Box]:
+        a = f"{p}.self_attn"
+        return [part(f"{a}.q_proj.{kind}", q_lo, q_hi, 0), part(f"{a}.k_proj.{kind}", kv_lo, kv_hi, nq),
+                part(f"{a}.v_proj.{kind}", kv_lo, kv_hi, nq + nkv)]
+
+    def fused_gate_up(kind: str) -> list[Box]:
+        return [part(f"{p}.mlp.gate_proj.{kind}", f_lo, f_hi, 0), part(f"{p}.mlp.up_proj.{kind}", f_lo, f_hi, nf)]
+
+    def replicated(name: str, src: str) -> tuple[str, ShardedTensor]:
+        return t(name, info[src].shape, full_box(src, info[src].shape))
+
+    out = dict(
+        [
+            replicated("attn_norm", f"{p}.input_layernorm.weight"),
+            t("qkv", (nq + 2 * nkv, h), *fused_qkv("weight")),
+            t("o", (h, nq), cols(f"{p}.self_attn.o_proj.weight", (h, spec.heads * d), q_lo, q_hi)),
+            replicated("mlp_norm", f"{p}.post_attention_layernorm.weight"),
+            t("gate_up", (2 * nf, h), *fused_gate_up("weight")),
+            t("down", (h, nf), cols(f"{p}.mlp.down_proj.weight", (h, spec.intermediate), f_lo, f_hi)),
+        ]
+    )
+    if spec.qkv_bias:
+        out.update([t("qkv_bias", (nq + 2 * nkv,), *fused_qkv("bias"))])
+    if spec.o_bias:
+        out.update([replicated("o_bias", f"{p}.self_attn.o_proj.bias")])
+    if spec.mlp_bias:
+        out.update([t("gate_up_bias", (2 * nf,), *fused_gate_up("bias")),
+                    replicated("down_bias", f"{p}.mlp.down_proj.bias")])
+    if spec.qk_norm:
+        out.update([replicated("q_norm", f"{p}.self_attn.q_norm.weight"),
+                    replicated("k_norm", f"{p}.self_attn.k_norm.weight")])
+    return out
+
+
+def plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str = "resident",
+              series: tuple[Series, ...] = ()) -> RankPlan:
+    """The box lists of every tensor ``rank`` computes with and holds under ``layout`` and ``provider``.
+
+    ``series`` declares the layer-sharded series of the ``"series"`` provider, which needs at least one.
+    Plans are cached (they are immutable): ownership and the reductions consult every peer's plan.
+    """
+    return _plan_rank(spec, layout, rank, provider, tuple(series))
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str, series: tuple[Series, ...]) -> RankPlan:
+    if provider not in PROVIDERS:
+        raise LayoutError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDERS)})")
+    if (provider == "series") != bool(series):
+        raise SeriesError("the series provider needs at least one series declaration (e.g. '*.o')" if not series
+                          else f"series declarations need provider='series', not {provider!r}")
+    if not 0 <= rank < layout.world_size:
+        raise LayoutError(f"rank {rank} is outside the {layout.world_size}-rank layout {layout}")
+    if layout.pp > spec.layers:
+        raise LayoutError(f"pp={layout.pp} exceeds the {plural(spec.layers, 'layer')}: some stage would own no layer")
+    for what, size in (("vocab", spec.vocab), ("intermediate size", spec.intermediate)):
+        if layout.tp > size:
+            raise LayoutError(f"tp={layout.tp} exceeds the {what} {size}")
+    stage, dp_rank, tp_rank = layout.coords(rank)
+    heads = head_split(spec.heads, spec.kv_heads, layout.tp)[tp_rank]
+    ffn = split_evenly(spec.intermediate, layout.tp)[tp_rank]
+    vocab = split_evenly(spec.vocab, layout.tp)[tp_rank]
+    lo, hi = split_evenly(spec.layers, layout.pp)[stage]
+    layers = range(lo, hi)
+
+    info = spec.tensors()
+    work: dict[str, ShardedTensor] = {}
+    blocks: dict[str, tuple[str, ...]] = {}
+    nv, h = vocab[1] - vocab[0], spec.hidden
+    embed_src = "model.embed_tokens.weight"
+    if stage == 0:
+        work["embed"] = ShardedTensor("embed", (nv, h), (rows(embed_src, info[embed_src].shape, *vocab),))
+        blocks["embed"] = ("embed",)
+    for n in layers:
+        layer = _layer_tensors(spec, n, heads, ffn)
+        work.update(layer)
+        blocks[f"layers.{n}"] = tuple(layer)
+    if stage == layout.pp - 1:
+        norm = "model.norm.weight"
+        work["norm"] = ShardedTensor("norm", (h,), (full_box(norm, (h,)),))
+        head_src = embed_src if spec.tied else "lm_head.weight"
+        work["lm_head"] = ShardedTensor("lm_head", (nv, h), (rows(head_src, info[head_src].shape, *vocab),))
+        blocks["head"] = ("norm", "lm_head")
+    alias = {"lm_head": "embed"} if "embed" in work and spec.tied else {}
+    parts = layout.dp if provider == "zero3" else 1
+    flats = {b: pack(b, [work[n] for n in names if n not in alias], parts) for b, names in blocks.items()}
+    in_series = plan_series(series, work, layers, spec.layers, layout.dp)
+    if provider == "zero3":
+        held = [flat.master_buffer(dp_rank, work) for flat in flats.values()]
+        buffers = tuple(buffer for buffer, _ in held)
+        tensors = {name: piece for _, pieces in held for name, piece in pieces.items()}
+    else:
+        elsewhere = {name for s in in_series for name in s.names if name not in s.owned(dp_rank)}
+        tensors = {name: t for name, t in work.items() if name not in elsewhere}
+        buffers = _resident_buffers(tensors, alias)
+    return RankPlan(spec, layout, rank, provider, layers, heads, ffn, vocab, work, blocks, alias, flats, tensors,
+                    buffers, in_series, tuple(series))
+
+
+def _resident_buffers(work: dict[str, ShardedTensor], alias: dict[str, str]) -> tuple[Buffer, ...]:
+    """One buffer per work tensor; an alias is a second view of its target's buffer."""
+    views: dict[str, list[View]] = {}
+    for name, t in work.items():
+        views.setdefault(alias.get(name, name), []).append(View(name, 0, t.shape))
+    return tuple(Buffer(name, work[name].numel, tuple(v)) for name, v in views.items())

@@ -1,0 +1,268 @@
+"""What a Llama-family checkpoint contains, derived from its ``config.json`` alone.
+
+The spec is the contract the loader checks a checkpoint against: every tensor's HF
+name, global shape and dtype. Llama, Mistral, Qwen2 and Qwen3 differ only in a few
+switches (QKV bias, q/k norms, explicit head_dim, sliding windows), so one spec
+class covers them all instead of a class per architecture.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from ..untrusted import UntrustedJSON, is_int, parse_json, shown
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class SpecError(ValueError):
+    """The config describes a model shardwise cannot represent."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Rope:
+    theta: float
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 8192
+
+    def inv_freq(self, head_dim: int) -> torch.Tensor:
+        """Per-pair rotation frequencies, computed exactly as HF does so logits match bit for bit."""
+        inv = 1.0 / (self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        if self.kind == "default":
+            return inv
+        if self.kind == "linear":
+            return inv / self.factor
+        # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+        low_wavelen = self.original_max_positions / self.low_freq_factor
+        high_wavelen = self.original_max_positions / self.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / self.factor, inv)
+        smooth = (self.original_max_positions / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        blended = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, blended, scaled)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    rms_eps: float
+    tied: bool
+    dtype: torch.dtype
+    rope: Rope
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_windows: tuple[int | None, ...] = ()
+    config: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.heads // self.kv_heads
+
+    def window(self, layer: int) -> int | None:
+        return self.sliding_windows[layer] if self.sliding_windows else None
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor an HF checkpoint of this model holds, in HF names (computed once; do not mutate)."""
+        return self._tensors
+
+    @cached_property
+    def _tensors(self) -> dict[str, TensorInfo]:
+        h, d, i = self.hidden, self.head_dim, self.intermediate
+        q, kv = self.heads * d, self.kv_heads * d
+        out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, h)}
+        for n in range(self.layers):
+            p = f"model.layers.{n}"
+            out |= {
+                f"{p}.input_layernorm.weight": (h,),
+                f"{p}.post_attention_layernorm.weight": (h,),
+                f"{p}.self_attn.q_proj.weight": (q, h),
+                f"{p}.self_attn.k_proj.weight": (kv, h),
+                f"{p}.self_attn.v_proj.weight": (kv, h),
+                f"{p}.self_attn.o_proj.weight": (h, q),
+                f"{p}.mlp.gate_proj.weight": (i, h),
+                f"{p}.mlp.up_proj.weight": (i, h),
+                f"{p}.mlp.down_proj.weight": (h, i),
+            }
+            if self.qkv_bias:
+                out |= {
+                    f"{p}.self_attn.q_proj.bias": (q,),
+                    f"{p}.self_attn.k_proj.bias": (kv,),
+                    f"{p}.self_attn.v_proj.bias": (kv,),
+                }
+            if self.o_bias:
+                out[f"{p}.self_attn.o_proj.bias"] = (h,)
+            if self.mlp_bias:
+                out |= {f"{p}.mlp.gate_proj.bias": (i,), f"{p}.mlp.up_proj.bias": (i,), f"{p}.mlp.down_proj.bias": (h,)}
+            if self.qk_norm:
+                out |= {f"{p}.self_attn.q_norm.weight": (d,), f"{p}.self_attn.k_norm.weight": (d,)}
+        out["model.norm.weight"] = (h,)
+        if not self.tied:
+            out["lm_head.weight"] = (self.vocab, h)
+        return {name: TensorInfo(shape, self.dtype) for name, shape in out.items()}
+
+
+def _rope(cfg: dict) -> Rope:
+    """Reads both the transformers<5 (`rope_theta` + `rope_scaling`) and >=5 (`rope_parameters`) spellings."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise SpecError(f"field 'rope_parameters' is {shown(params)}, expected an object")
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = _number(params if "rope_theta" in params else cfg, "rope_theta", 10000.0)
+    if kind == "default":
+        return Rope(theta)
+    if kind == "linear":
+        return Rope(theta, "linear", factor=_number(params, "factor"))
+    if kind == "llama3":
+        return Rope(theta, "llama3", factor=_number(params, "factor"),
+                    low_freq_factor=_number(params, "low_freq_factor"),
+                    high_freq_factor=_number(params, "high_freq_factor"),
+                    original_max_positions=_size(params, "original_max_position_embeddings"))
+    raise SpecError(f"rope type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def _sliding_windows(cfg: dict, arch: str, layers: int) -> tuple[int | None, ...]:
+    """Which layers attend through a sliding window, following each architecture's own switch."""
+    if not cfg.get("sliding_window"):
+        return ()
+    window = _size(cfg, "sliding_window")
+    if arch == "mistral":
+        return (window,) * layers
+    if not _flag(cfg, "use_sliding_window"):
+        return ()
+    types = cfg.get("layer_types")
+    if types is not None:
+        if not (isinstance(types, list) and len(types) == layers and all(isinstance(t, str) for t in types)):
+            raise SpecError(f"field 'layer_types' is {shown(types)}, expected {layers} strings, one per layer")
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    first_full = cfg.get("max_window_layers", layers)
+    if not is_int(first_full) or first_full < 0:
+        raise SpecError(f"field 'max_window_layers' is {shown(first_full)}, expected a non-negative integer")
+    return tuple(window if n >= first_full else None for n in range(layers))
+
+
+def _size(cfg: dict, key: str, default: int | None = None) -> int:
+    """A positive integer field of config.json (which, like every byte of a checkpoint, is untrusted)."""
+    value = cfg.get(key)
+    value = default if value is None else value
+    if value is None:
+        raise SpecError(f"lacks required field {key!r}")
+    if not is_int(value) or value < 1:
+        raise SpecError(f"field {key!r} is {shown(value)}, expected a positive integer")
+    return value
+
+
+def _number(cfg: dict, key: str, default: float | None = None) -> float:
+    """A positive, finite number: a zero or NaN rope base or epsilon would turn every logit into NaN."""
+    value = cfg.get(key, default)
+    if value is None:
+        raise SpecError(f"lacks required field {key!r}")
+    if not (is_int(value) or isinstance(value, float)) or not math.isfinite(value) or value <= 0:
+        raise SpecError(f"field {key!r} is {shown(value)}, expected a positive number")
+    return float(value)
+
+
+def _flag(cfg: dict, key: str) -> bool:
+    """A boolean field: ``bool("false")`` is True, so a string must not pass for one."""
+    value = cfg.get(key, False)
+    if not isinstance(value, bool):
+        raise SpecError(f"field {key!r} is {shown(value)}, expected true or false")
+    return value
+
+
+def spec_from_config(cfg: dict) -> ModelSpec:
+    if not isinstance(cfg, dict):
+        raise SpecError(f"holds a {type(cfg).__name__}, expected an object")
+    arch = cfg.get("model_type")
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHS:
+        raise SpecError(f"model_type {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+    hidden, heads = _size(cfg, "hidden_size"), _size(cfg, "num_attention_heads")
+    layers = _size(cfg, "num_hidden_layers")
+    kv_heads = _size(cfg, "num_key_value_heads", heads)
+    intermediate, vocab = _size(cfg, "intermediate_size"), _size(cfg, "vocab_size")
+    if heads % kv_heads:
+        raise SpecError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    head_dim = _size(cfg, "head_dim", hidden // heads)
+    dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise SpecError(f"config dtype {dtype_name!r} is not supported (supported: {', '.join(DTYPES)})")
+    attention_bias = _flag(cfg, "attention_bias")
+    return ModelSpec(
+        arch=arch,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate=intermediate,
+        vocab=vocab,
+        rms_eps=_number(cfg, "rms_norm_eps", 1e-6),
+        tied=_flag(cfg, "tie_word_embeddings"),
+        dtype=DTYPES[dtype_name],
+        rope=_rope(cfg),
+        qkv_bias=arch == "qwen2" or attention_bias,
+        o_bias=arch != "qwen2" and attention_bias,
+        mlp_bias=_flag(cfg, "mlp_bias"),
+        qk_norm=arch == "qwen3",
+        sliding_windows=_sliding_windows(cfg, arch, layers),
+        config=cfg,
+    )
+
+
+def naming_dtype(config: dict, dtypes: Iterable[torch.dtype]) -> dict:
+    """``config`` naming the one dtype its checkpoint's files hold, as ``dtype`` (transformers 5's key) and, where
+    the config spelled it so, ``torch_dtype``; unchanged when the files mix dtypes."""
+    found = set(dtypes)
+    if len(found) != 1:
+        return config
+    name = str(found.pop()).removeprefix("torch.")
+    return config | {"dtype": name} | ({"torch_dtype": name} if "torch_dtype" in config else {})
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    """A spec from a checkpoint directory or a config.json path."""
+    path = Path(path)
+    config_path = path / "config.json" if path.is_dir() else path
+    try:
+        cfg = parse_json(config_path.read_bytes())
+    except FileNotFoundError:
+        raise SpecError(f"{config_path}: no config.json found") from None
+    except (OSError, UntrustedJSON) as e:
+        raise SpecError(f"{config_path}: {e}") from None
+    try:
+        return spec_from_config(cfg)
+    except SpecError as e:
+        raise SpecError(f"{config_path}: {e}") from None
