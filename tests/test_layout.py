@@ -84,3 +84,22 @@ def test_reader_reads_strided_and_cast_boxes(tmp_path):
     ck.read(Box("w", (3, 0), (5, 10), (0, 0)), rows)  # whole rows, cast on the way
     assert torch.equal(rows, w[3:5].to(torch.bfloat16))
     ck.close()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_architecture_table_names_every_checkpoint_tensor(arch, tied, bias):
+    """The table's parts are exactly the tensors the spec expects a checkpoint to hold, each with its shape."""
+    from shardwise.plan.rank import sizes, source_kinds
+
+    config = hf_config(arch, tied).to_dict() | {"attention_bias": bias, "mlp_bias": bias}
+    spec = spec_from_config(config)
+    kinds = source_kinds(spec)
+    assert set(kinds) == set(spec.tensors())
+    size = sizes(spec)
+    for kind in set(kinds.values()):
+        for part in kind.parts:
+            name = part.source.format(n=0)
+            if name in spec.tensors():
+                assert spec.tensors()[name].shape == tuple(size[s] for s in part.shape), name

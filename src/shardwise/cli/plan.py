@@ -8,6 +8,7 @@ from collections import defaultdict
 import torch
 
 from ..io.loader import Provide
+from ..plan.archs import ARCHS
 from ..plan.mesh import Layout
 from ..plan.rank import plan_rank
 from ..plan.spec import load_spec
@@ -15,12 +16,6 @@ from ..providers.series import series_memory
 from ..providers.zero3 import memory_plan
 from ..words import plural
 from .args import _layout, _provide
-
-KINDS = {
-    "embed": "embedding", "lm_head": "lm_head", "norm": "norms", "attn_norm": "norms", "mlp_norm": "norms",
-    "q_norm": "norms", "k_norm": "norms", "qkv": "attention", "qkv_bias": "attention", "o": "attention",
-    "o_bias": "attention", "gate_up": "mlp", "gate_up_bias": "mlp", "down": "mlp", "down_bias": "mlp",
-}
 
 
 def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Provide | None = None,
@@ -60,7 +55,7 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
             for v in buffer.views:
                 placed.setdefault((v.offset, v.shape), v.name.split("@")[0])
             for (_, shape), name in placed.items():
-                kinds[KINDS[name.split(".")[-1]]] += math.prod(shape) * dtype.itemsize
+                kinds[ARCHS[spec.arch].kind(name).report] += math.prod(shape) * dtype.itemsize
         total = plan.nbytes(dtype)
         if train:
             memory = training_memory(plan, provide.work_dtype, provide.prefetch, provide.offload)

@@ -19,17 +19,13 @@ import torch.distributed as dist
 
 from ..plan.boxes import Box
 from ..plan.mesh import Layout
-from ..plan.rank import plan_rank
+from ..plan.rank import plan_rank, source_kinds
 from ..plan.spec import ModelSpec
 from ..progress import progress_bar
 from ..providers.weights import Weights, allocate, resolve_device
 
 INIT_STD = 0.02
 """Std of every weight matrix and of the embedding: HF's ``initializer_range`` and Megatron's default."""
-
-RESIDUAL_SUFFIXES = ("o_proj.weight", "down_proj.weight")
-"""Projections that add into the residual stream, two per layer. At a fixed std the residual's variance
-would grow with depth, so GPT-2 and Megatron scale their std by 1/sqrt(2 * layers) to keep it flat."""
 
 NORM_VALUE = 1.0
 """RMSNorm gains start at 1 so each norm starts as a pure normalisation."""
@@ -45,14 +41,14 @@ def init_values(spec: ModelSpec, box: Box, seed: int, zero_residual: bool = Fals
     the identity on the residual stream.
     """
     shape = _checked_shape(spec, box)
-    name = box.source
-    if name.endswith(".bias"):
+    rule = source_kinds(spec)[box.source].init
+    if rule == "zeros":
         return torch.full(box.shape, BIAS_VALUE)
-    if name.endswith("norm.weight"):
+    if rule == "ones":
         return torch.full(box.shape, NORM_VALUE)
     if len(shape) != 2:
-        raise ValueError(f"no initialisation rule for {name!r} of shape {shape}")
-    std = _std(spec, name, zero_residual)
+        raise ValueError(f"no initialisation rule {rule!r} for {box.source!r} of shape {shape}")
+    std = _std(spec, rule, zero_residual)
     if std == 0.0:
         return torch.zeros(box.shape)
     return _normal_rows(box, shape[1], std, seed)
@@ -101,8 +97,11 @@ def _checked_shape(spec: ModelSpec, box: Box) -> tuple[int, ...]:
     return info.shape
 
 
-def _std(spec: ModelSpec, name: str, zero_residual: bool) -> float:
-    if not name.endswith(RESIDUAL_SUFFIXES):
+def _std(spec: ModelSpec, rule: str, zero_residual: bool) -> float:
+    """``normal`` draws at INIT_STD. ``residual`` projections (o_proj, down_proj) add into the residual stream,
+    two per layer: at a fixed std its variance would grow with depth, so GPT-2 and Megatron scale their std by
+    1/sqrt(2 * layers) to keep it flat."""
+    if rule != "residual":
         return INIT_STD
     return 0.0 if zero_residual else INIT_STD / math.sqrt(2 * spec.layers)
 

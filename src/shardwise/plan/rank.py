@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..words import plural
-from .boxes import Box, ShardedTensor, cols, full_box, rows, split_evenly
+from .archs import ARCHS, TIED_SOURCE, Kind, Part, by_source
+from .boxes import Box, ShardedTensor, split_evenly
 from .flat import Buffer, FlatBlock, View, pack
 from .mesh import Heads, Layout, LayoutError, head_split
 from .series import Series, SeriesError, SeriesPlan, plan_series
@@ -110,53 +111,64 @@ class RankPlan:
         return sum(b.numel for b in self.buffers) * dtype.itemsize
 
 
-def _layer_tensors(spec: ModelSpec, n: int, heads: Heads, ffn: tuple[int, int]) -> dict[str, ShardedTensor]:
-    p, d, h = f"model.layers.{n}", spec.head_dim, spec.hidden
-    info = spec.tensors()
-    q_lo, q_hi = heads.q[0] * d, heads.q[1] * d
-    kv_lo, kv_hi = heads.kv[0] * d, heads.kv[1] * d
-    nq, nkv = q_hi - q_lo, kv_hi - kv_lo
-    f_lo, f_hi = ffn
-    nf = f_hi - f_lo
+def sizes(spec: ModelSpec) -> dict[str, int]:
+    """The named sizes the architecture tables speak in."""
+    d = spec.head_dim
+    return {"hidden": spec.hidden, "q": spec.heads * d, "kv": spec.kv_heads * d, "ffn": spec.intermediate,
+            "vocab": spec.vocab, "head_dim": d}
 
-    def t(name: str, shape: tuple[int, ...], *boxes) -> tuple[str, ShardedTensor]:
-        key = f"layers.{n}.{name}"
-        return key, ShardedTensor(key, shape, tuple(boxes))
 
-    def part(src: str, lo: int, hi: int, at: int) -> Box:
-        return rows(src, info[src].shape, lo, hi, at)
+def holds(spec: ModelSpec, kind: Kind) -> bool:
+    """Whether the checkpoint holds this kind: its spec flag is set (biases, q/k norms), or it needs none."""
+    return kind.when is None or getattr(spec, kind.when)
 
-    def fused_qkv(kind: str) -> list[Box]:
-        a = f"{p}.self_attn"
-        return [part(f"{a}.q_proj.{kind}", q_lo, q_hi, 0), part(f"{a}.k_proj.{kind}", kv_lo, kv_hi, nq),
-                part(f"{a}.v_proj.{kind}", kv_lo, kv_hi, nq + nkv)]
 
-    def fused_gate_up(kind: str) -> list[Box]:
-        return [part(f"{p}.mlp.gate_proj.{kind}", f_lo, f_hi, 0), part(f"{p}.mlp.up_proj.{kind}", f_lo, f_hi, nf)]
+@functools.lru_cache(maxsize=64)
+def source_kinds(spec: ModelSpec) -> dict[str, Kind]:
+    """Every checkpoint tensor of the model, mapped to its kind in the architecture's table (do not mutate)."""
+    return by_source(ARCHS[spec.arch], spec.layers, lambda kind: holds(spec, kind),
+                     lambda part, n: source_of(spec, part, n))
 
-    def replicated(name: str, src: str) -> tuple[str, ShardedTensor]:
-        return t(name, info[src].shape, full_box(src, info[src].shape))
 
-    out = dict(
-        [
-            replicated("attn_norm", f"{p}.input_layernorm.weight"),
-            t("qkv", (nq + 2 * nkv, h), *fused_qkv("weight")),
-            t("o", (h, nq), cols(f"{p}.self_attn.o_proj.weight", (h, spec.heads * d), q_lo, q_hi)),
-            replicated("mlp_norm", f"{p}.post_attention_layernorm.weight"),
-            t("gate_up", (2 * nf, h), *fused_gate_up("weight")),
-            t("down", (h, nf), cols(f"{p}.mlp.down_proj.weight", (h, spec.intermediate), f_lo, f_hi)),
-        ]
-    )
-    if spec.qkv_bias:
-        out.update([t("qkv_bias", (nq + 2 * nkv,), *fused_qkv("bias"))])
-    if spec.o_bias:
-        out.update([replicated("o_bias", f"{p}.self_attn.o_proj.bias")])
-    if spec.mlp_bias:
-        out.update([t("gate_up_bias", (2 * nf,), *fused_gate_up("bias")),
-                    replicated("down_bias", f"{p}.mlp.down_proj.bias")])
-    if spec.qk_norm:
-        out.update([replicated("q_norm", f"{p}.self_attn.q_norm.weight"),
-                    replicated("k_norm", f"{p}.self_attn.k_norm.weight")])
+def source_of(spec: ModelSpec, part: Part, n: int) -> str:
+    """The checkpoint name of a part in layer ``n``; a tied LM head reads the embedding."""
+    name = part.source.format(n=n)
+    return TIED_SOURCE if spec.tied and name == "lm_head.weight" else name
+
+
+def local_tensor(spec: ModelSpec, kind: Kind, name: str, n: int, ranges: dict[str, tuple[int, int]]
+                 ) -> ShardedTensor:
+    """``kind``'s local tensor in layer ``n`` on a rank whose share of each split size is ``ranges``.
+
+    The parts are stacked along dim 0 (dim 1 for a rowwise kind), each cut to the rank's
+    range of its unit when the kind is split, else whole.
+    """
+    size = sizes(spec)
+    axis = 1 if kind.style == "rowwise" else 0
+    split = kind.style in ("colwise", "rowwise", "embedding_rowwise")
+    boxes, at, other = [], 0, None
+    for part in kind.parts:
+        shape = tuple(size[s] for s in part.shape)
+        base = sum(size[s] for s in part.at)
+        lo, hi = ranges[part.unit] if split and part.unit else (0, size[part.unit] if part.unit else shape[axis])
+        start = tuple(base + lo if d == axis else 0 for d in range(len(shape)))
+        stop = tuple(base + hi if d == axis else n_d for d, n_d in enumerate(shape))
+        offset = tuple(at if d == axis else 0 for d in range(len(shape)))
+        boxes.append(Box(source_of(spec, part, n), start, stop, offset))
+        at += hi - lo
+        other = tuple(n_d for d, n_d in enumerate(shape) if d != axis)
+    local = (*other[:axis], at, *other[axis:])
+    return ShardedTensor(name, local, tuple(boxes))
+
+
+def _block_tensors(spec: ModelSpec, kinds: tuple[Kind, ...], prefix: str, n: int,
+                   ranges: dict[str, tuple[int, int]]) -> dict[str, ShardedTensor]:
+    """The local tensors of one block (the embedding, layer ``n``, the head), in table order."""
+    out = {}
+    for kind in kinds:
+        if holds(spec, kind):
+            name = prefix + kind.local
+            out[name] = local_tensor(spec, kind, name, n, ranges)
     return out
 
 
@@ -191,24 +203,22 @@ def _plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str, series
     lo, hi = split_evenly(spec.layers, layout.pp)[stage]
     layers = range(lo, hi)
 
-    info = spec.tensors()
+    arch = ARCHS[spec.arch]
+    d = spec.head_dim
+    ranges = {"q": (heads.q[0] * d, heads.q[1] * d), "kv": (heads.kv[0] * d, heads.kv[1] * d), "ffn": ffn,
+              "vocab": vocab}
     work: dict[str, ShardedTensor] = {}
     blocks: dict[str, tuple[str, ...]] = {}
-    nv, h = vocab[1] - vocab[0], spec.hidden
-    embed_src = "model.embed_tokens.weight"
     if stage == 0:
-        work["embed"] = ShardedTensor("embed", (nv, h), (rows(embed_src, info[embed_src].shape, *vocab),))
-        blocks["embed"] = ("embed",)
+        work |= _block_tensors(spec, arch.embed, "", 0, ranges)
+        blocks["embed"] = tuple(k.local for k in arch.embed)
     for n in layers:
-        layer = _layer_tensors(spec, n, heads, ffn)
+        layer = _block_tensors(spec, arch.layer, f"layers.{n}.", n, ranges)
         work.update(layer)
         blocks[f"layers.{n}"] = tuple(layer)
     if stage == layout.pp - 1:
-        norm = "model.norm.weight"
-        work["norm"] = ShardedTensor("norm", (h,), (full_box(norm, (h,)),))
-        head_src = embed_src if spec.tied else "lm_head.weight"
-        work["lm_head"] = ShardedTensor("lm_head", (nv, h), (rows(head_src, info[head_src].shape, *vocab),))
-        blocks["head"] = ("norm", "lm_head")
+        work |= _block_tensors(spec, arch.head, "", 0, ranges)
+        blocks["head"] = tuple(k.local for k in arch.head)
     alias = {"lm_head": "embed"} if "embed" in work and spec.tied else {}
     parts = layout.dp if provider == "zero3" else 1
     flats = {b: pack(b, [work[n] for n in names if n not in alias], parts) for b, names in blocks.items()}

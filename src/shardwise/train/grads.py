@@ -10,7 +10,7 @@ the fused qkv when there are more TP ranks than KV heads. Each rank's gradient o
 a region covers only its heads, and the true gradient is their sum.
 
 Which regions those are is not listed by hand per tensor: a tensor used per head
-(``PER_HEAD``) has a partial region exactly where the plans of the TP group hold the
+(``per_head`` in its architecture's table) has a partial region exactly where the plans of the TP group hold the
 same box. ``tp_partials`` finds them, and ``TpGradReducer`` sums each over the ranks
 that share it (one process group per distinct set of ranks, created collectively).
 """
@@ -23,11 +23,10 @@ import torch
 import torch.distributed as dist
 
 from ..dist.comm import Comm
+from ..plan.archs import ARCHS
 from ..plan.flat import View
 from ..plan.rank import RankPlan
 from ..providers.weights import span
-
-PER_HEAD = ("qkv", "qkv_bias", "q_norm", "k_norm")  # short names of tensors applied head by head
 
 
 @dataclass(frozen=True)
@@ -44,9 +43,9 @@ def tp_partials(plan: RankPlan) -> tuple[Partial, ...]:
     layout = plan.layout
     stage, dp_rank, _ = layout.coords(plan.rank)
     peers = [plan.peer(layout.rank_of(stage, dp_rank, t)) for t in range(layout.tp)] if layout.tp > 1 else []
-    out = []
+    out, arch = [], ARCHS[plan.spec.arch]
     for name, tensor in plan.work.items():
-        if name.rsplit(".", 1)[-1] not in PER_HEAD or name in plan.alias:
+        if not arch.kind(name).per_head or name in plan.alias:
             continue
         for box in tensor.boxes:
             sharing = tuple(p.rank for p in peers if any(b.region == box.region for b in p.work[name].boxes))

@@ -1,0 +1,137 @@
+"""One table per architecture: every tensor kind a checkpoint holds, and how it is split, fused, used and started.
+
+A kind is one local tensor the model computes with (``qkv``, ``o``, ``gate_up`` ...). Its
+entry says everything about it once: the checkpoint tensors it is made of (``Part``: a
+name with ``{n}`` for the layer, its global shape in named sizes, and the rows or columns
+of it the part covers), how tensor parallelism splits it (``style``, in HF's TP-plan
+vocabulary), whether it is applied head by head (so a region several TP ranks hold has
+partial gradients), how it is initialised and which column of the memory report it
+counts in. The planner, the gradient reducer, initialisation, the plan report and the
+spec's list of checkpoint tensors all read these tables; adding a tensor is one entry.
+
+Sizes are named, not numbers: ``q`` is heads x head_dim, ``kv`` KV heads x head_dim,
+``ffn`` the intermediate size, ``vocab``, ``hidden``, ``head_dim``. A part's ``unit`` is
+the size TP splits it by: the rank's query heads (``q``), its KV heads (``kv``), its ffn
+range (``ffn``) or its vocab range (``vocab``); ``None`` keeps it whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STYLES = ("colwise", "rowwise", "embedding_rowwise", "replicated", "replicated_with_grad_allreduce")
+"""The TP styles a kind may take (HF's names; "replicated" is what a plan leaves out)."""
+
+INITS = ("normal", "residual", "ones", "zeros")
+"""normal(0, std); normal scaled by 1/sqrt(2 layers) for projections into the residual stream; ones for norm
+gains; zeros for biases."""
+
+REPORTS = ("embedding", "attention", "mlp", "norms", "lm_head")
+
+
+@dataclass(frozen=True)
+class Part:
+    """The rows (dim 0) or columns (dim 1) of checkpoint tensor ``source`` that a local tensor stacks, split by
+    ``unit`` when the kind is split; ``at`` is where the part starts in a packed source, in named sizes."""
+
+    source: str
+    shape: tuple[str, ...]
+    unit: str | None = None
+    at: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One local tensor: its parts, stacked along dim 0 (dim 1 for ``rowwise``), and what else it needs said once."""
+
+    local: str
+    parts: tuple[Part, ...]
+    style: str = "replicated"
+    per_head: bool = False
+    init: str = "normal"
+    report: str = "norms"
+    when: str | None = None  # a ModelSpec flag that must be set for the checkpoint to hold this kind
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES or self.init not in INITS or self.report not in REPORTS:
+            raise ValueError(f"kind {self.local!r}: style {self.style!r}, init {self.init!r}, report {self.report!r}")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """An architecture: the kinds of its embedding block, of each decoder layer, and of its head block."""
+
+    name: str
+    embed: tuple[Kind, ...]
+    layer: tuple[Kind, ...]
+    head: tuple[Kind, ...]
+
+    def kinds(self) -> tuple[Kind, ...]:
+        return self.embed + self.layer + self.head
+
+    def kind(self, local: str) -> Kind:
+        """The kind of a local tensor name (``layers.3.qkv`` or ``qkv``)."""
+        short = local.rsplit(".", 1)[-1]
+        for kind in self.kinds():
+            if kind.local == short:
+                return kind
+        raise KeyError(f"{self.name}: no tensor kind {short!r}")
+
+
+def _attention(prefix: str, suffix: str) -> tuple[Part, ...]:
+    return (Part(f"{prefix}.q_proj.{suffix}", ("q", "hidden")[: 2 if suffix == "weight" else 1], "q"),
+            Part(f"{prefix}.k_proj.{suffix}", ("kv", "hidden")[: 2 if suffix == "weight" else 1], "kv"),
+            Part(f"{prefix}.v_proj.{suffix}", ("kv", "hidden")[: 2 if suffix == "weight" else 1], "kv"))
+
+
+def _gate_up(prefix: str, suffix: str) -> tuple[Part, ...]:
+    shape = ("ffn", "hidden") if suffix == "weight" else ("ffn",)
+    return Part(f"{prefix}.gate_proj.{suffix}", shape, "ffn"), Part(f"{prefix}.up_proj.{suffix}", shape, "ffn")
+
+
+L = "model.layers.{n}"
+EMBED = (Kind("embed", (Part("model.embed_tokens.weight", ("vocab", "hidden"), "vocab"),), "embedding_rowwise",
+              report="embedding"),)
+HEAD = (Kind("norm", (Part("model.norm.weight", ("hidden",)),), init="ones"),
+        Kind("lm_head", (Part("lm_head.weight", ("vocab", "hidden"), "vocab"),), "colwise", report="lm_head"))
+TIED_SOURCE = "model.embed_tokens.weight"
+"""What a tied LM head reads instead of ``lm_head.weight``."""
+
+LLAMA_LAYER = (
+    Kind("attn_norm", (Part(f"{L}.input_layernorm.weight", ("hidden",)),), init="ones"),
+    Kind("qkv", _attention(f"{L}.self_attn", "weight"), "colwise", per_head=True, report="attention"),
+    Kind("o", (Part(f"{L}.self_attn.o_proj.weight", ("hidden", "q"), "q"),), "rowwise", init="residual",
+         report="attention"),
+    Kind("mlp_norm", (Part(f"{L}.post_attention_layernorm.weight", ("hidden",)),), init="ones"),
+    Kind("gate_up", _gate_up(f"{L}.mlp", "weight"), "colwise", report="mlp"),
+    Kind("down", (Part(f"{L}.mlp.down_proj.weight", ("hidden", "ffn"), "ffn"),), "rowwise", init="residual",
+         report="mlp"),
+    Kind("qkv_bias", _attention(f"{L}.self_attn", "bias"), "colwise", per_head=True, init="zeros",
+         report="attention", when="qkv_bias"),
+    Kind("o_bias", (Part(f"{L}.self_attn.o_proj.bias", ("hidden",)),), init="zeros", report="attention",
+         when="o_bias"),
+    Kind("gate_up_bias", _gate_up(f"{L}.mlp", "bias"), "colwise", init="zeros", report="mlp", when="mlp_bias"),
+    Kind("down_bias", (Part(f"{L}.mlp.down_proj.bias", ("hidden",)),), init="zeros", report="mlp", when="mlp_bias"),
+    Kind("q_norm", (Part(f"{L}.self_attn.q_norm.weight", ("head_dim",)),), "replicated_with_grad_allreduce",
+         per_head=True, init="ones", when="qk_norm"),
+    Kind("k_norm", (Part(f"{L}.self_attn.k_norm.weight", ("head_dim",)),), "replicated_with_grad_allreduce",
+         per_head=True, init="ones", when="qk_norm"),
+)
+
+ARCHS = {name: Arch(name, EMBED, LLAMA_LAYER, HEAD) for name in ("llama", "mistral", "qwen2", "qwen3")}
+"""Llama, Mistral, Qwen2 and Qwen3 share one table: which optional kinds a checkpoint holds (biases, q/k norms)
+follows from the spec's flags."""
+
+
+def by_source(arch: Arch, layers: int, holds, source) -> dict[str, Kind]:
+    """Every checkpoint tensor name of a model with ``layers`` layers, mapped to the first kind that reads it.
+
+    ``holds(kind)`` says which optional kinds the checkpoint has, and ``source(part, n)`` names a part's tensor
+    in layer ``n`` (a tied LM head reads the embedding, which keeps its own kind)."""
+    out = {}
+    for kind in arch.kinds():
+        if holds(kind):
+            for part in kind.parts:
+                for n in range(layers) if "{n}" in part.source else (0,):
+                    out.setdefault(source(part, n), kind)
+    return out
