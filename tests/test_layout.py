@@ -90,16 +90,15 @@ def test_reader_reads_strided_and_cast_boxes(tmp_path):
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_architecture_table_names_every_checkpoint_tensor(arch, tied, bias):
-    """The table's parts are exactly the tensors the spec expects a checkpoint to hold, each with its shape."""
-    from shardwise.plan.rank import sizes, source_kinds
+    """The tensors the table says a checkpoint holds are exactly those HF's model saves, with their shapes."""
+    import transformers
 
-    config = hf_config(arch, tied).to_dict() | {"attention_bias": bias, "mlp_bias": bias}
-    spec = spec_from_config(config)
-    kinds = source_kinds(spec)
-    assert set(kinds) == set(spec.tensors())
-    size = sizes(spec)
-    for kind in set(kinds.values()):
-        for part in kind.parts:
-            name = part.source.format(n=0)
-            if name in spec.tensors():
-                assert spec.tensors()[name].shape == tuple(size[s] for s in part.shape), name
+    config = hf_config(arch, tied)
+    config.attention_bias = config.mlp_bias = bias
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    saved = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if tied:
+        saved.pop("lm_head.weight")
+    spec = spec_from_config(config.to_dict())
+    assert {name: info.shape for name, info in spec.tensors().items()} == saved

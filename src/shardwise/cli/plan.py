@@ -8,7 +8,6 @@ from collections import defaultdict
 import torch
 
 from ..io.loader import Provide
-from ..plan.archs import ARCHS
 from ..plan.mesh import Layout
 from ..plan.rank import plan_rank
 from ..plan.spec import load_spec
@@ -55,7 +54,7 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
             for v in buffer.views:
                 placed.setdefault((v.offset, v.shape), v.name.split("@")[0])
             for (_, shape), name in placed.items():
-                kinds[ARCHS[spec.arch].kind(name).report] += math.prod(shape) * dtype.itemsize
+                kinds[spec.table.kind(name).report] += math.prod(shape) * dtype.itemsize
         total = plan.nbytes(dtype)
         if train:
             memory = training_memory(plan, provide.work_dtype, provide.prefetch, provide.offload)

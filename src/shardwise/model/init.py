@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from ..plan.boxes import Box
 from ..plan.mesh import Layout
-from ..plan.rank import plan_rank, source_kinds
+from ..plan.rank import plan_rank
 from ..plan.spec import ModelSpec
 from ..progress import progress_bar
 from ..providers.weights import Weights, allocate, resolve_device
@@ -41,7 +41,7 @@ def init_values(spec: ModelSpec, box: Box, seed: int, zero_residual: bool = Fals
     the identity on the residual stream.
     """
     shape = _checked_shape(spec, box)
-    rule = source_kinds(spec)[box.source].init
+    rule = spec.source_kinds[box.source].init
     if rule == "zeros":
         return torch.full(box.shape, BIAS_VALUE)
     if rule == "ones":

@@ -65,6 +65,9 @@ class Arch:
     embed: tuple[Kind, ...]
     layer: tuple[Kind, ...]
     head: tuple[Kind, ...]
+    flags: tuple[tuple[str, str | bool], ...] = ()
+    """Which optional kinds (a ``Kind.when`` flag) the checkpoint holds: always (True), or as a config.json
+    switch says (its key). A flag not named is off: Mistral's modeling ignores ``attention_bias``."""
 
     def kinds(self) -> tuple[Kind, ...]:
         return self.embed + self.layer + self.head
@@ -118,9 +121,15 @@ LLAMA_LAYER = (
          per_head=True, init="ones", when="qk_norm"),
 )
 
-ARCHS = {name: Arch(name, EMBED, LLAMA_LAYER, HEAD) for name in ("llama", "mistral", "qwen2", "qwen3")}
-"""Llama, Mistral, Qwen2 and Qwen3 share one table: which optional kinds a checkpoint holds (biases, q/k norms)
-follows from the spec's flags."""
+ATTENTION_BIAS = (("qkv_bias", "attention_bias"), ("o_bias", "attention_bias"))
+ARCHS = {
+    "llama": Arch("llama", EMBED, LLAMA_LAYER, HEAD, (*ATTENTION_BIAS, ("mlp_bias", "mlp_bias"))),
+    "mistral": Arch("mistral", EMBED, LLAMA_LAYER, HEAD),
+    "qwen2": Arch("qwen2", EMBED, LLAMA_LAYER, HEAD, (("qkv_bias", True),)),
+    "qwen3": Arch("qwen3", EMBED, LLAMA_LAYER, HEAD, (*ATTENTION_BIAS, ("qk_norm", True))),
+}
+"""Llama, Mistral, Qwen2 and Qwen3 share one layer: they differ in which optional kinds (biases, q/k norms) their
+checkpoints hold."""
 
 
 def by_source(arch: Arch, layers: int, holds, source) -> dict[str, Kind]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..words import plural
-from .archs import ARCHS, TIED_SOURCE, Kind, Part, by_source
+from .archs import Kind
 from .boxes import Box, ShardedTensor, split_evenly
 from .flat import Buffer, FlatBlock, View, pack
 from .mesh import Heads, Layout, LayoutError, head_split
@@ -111,31 +111,6 @@ class RankPlan:
         return sum(b.numel for b in self.buffers) * dtype.itemsize
 
 
-def sizes(spec: ModelSpec) -> dict[str, int]:
-    """The named sizes the architecture tables speak in."""
-    d = spec.head_dim
-    return {"hidden": spec.hidden, "q": spec.heads * d, "kv": spec.kv_heads * d, "ffn": spec.intermediate,
-            "vocab": spec.vocab, "head_dim": d}
-
-
-def holds(spec: ModelSpec, kind: Kind) -> bool:
-    """Whether the checkpoint holds this kind: its spec flag is set (biases, q/k norms), or it needs none."""
-    return kind.when is None or getattr(spec, kind.when)
-
-
-@functools.lru_cache(maxsize=64)
-def source_kinds(spec: ModelSpec) -> dict[str, Kind]:
-    """Every checkpoint tensor of the model, mapped to its kind in the architecture's table (do not mutate)."""
-    return by_source(ARCHS[spec.arch], spec.layers, lambda kind: holds(spec, kind),
-                     lambda part, n: source_of(spec, part, n))
-
-
-def source_of(spec: ModelSpec, part: Part, n: int) -> str:
-    """The checkpoint name of a part in layer ``n``; a tied LM head reads the embedding."""
-    name = part.source.format(n=n)
-    return TIED_SOURCE if spec.tied and name == "lm_head.weight" else name
-
-
 def local_tensor(spec: ModelSpec, kind: Kind, name: str, n: int, ranges: dict[str, tuple[int, int]]
                  ) -> ShardedTensor:
     """``kind``'s local tensor in layer ``n`` on a rank whose share of each split size is ``ranges``.
@@ -143,18 +118,17 @@ def local_tensor(spec: ModelSpec, kind: Kind, name: str, n: int, ranges: dict[st
     The parts are stacked along dim 0 (dim 1 for a rowwise kind), each cut to the rank's
     range of its unit when the kind is split, else whole.
     """
-    size = sizes(spec)
     axis = 1 if kind.style == "rowwise" else 0
     split = kind.style in ("colwise", "rowwise", "embedding_rowwise")
     boxes, at, other = [], 0, None
     for part in kind.parts:
-        shape = tuple(size[s] for s in part.shape)
-        base = sum(size[s] for s in part.at)
-        lo, hi = ranges[part.unit] if split and part.unit else (0, size[part.unit] if part.unit else shape[axis])
+        shape = tuple(spec.size(s) for s in part.shape)
+        base = sum(spec.size(s) for s in part.at)
+        lo, hi = ranges[part.unit] if split and part.unit else (0, spec.size(part.unit) if part.unit else shape[axis])
         start = tuple(base + lo if d == axis else 0 for d in range(len(shape)))
         stop = tuple(base + hi if d == axis else n_d for d, n_d in enumerate(shape))
         offset = tuple(at if d == axis else 0 for d in range(len(shape)))
-        boxes.append(Box(source_of(spec, part, n), start, stop, offset))
+        boxes.append(Box(spec.source_of(part, n), start, stop, offset))
         at += hi - lo
         other = tuple(n_d for d, n_d in enumerate(shape) if d != axis)
     local = (*other[:axis], at, *other[axis:])
@@ -166,7 +140,7 @@ def _block_tensors(spec: ModelSpec, kinds: tuple[Kind, ...], prefix: str, n: int
     """The local tensors of one block (the embedding, layer ``n``, the head), in table order."""
     out = {}
     for kind in kinds:
-        if holds(spec, kind):
+        if spec.holds(kind):
             name = prefix + kind.local
             out[name] = local_tensor(spec, kind, name, n, ranges)
     return out
@@ -203,7 +177,7 @@ def _plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str, series
     lo, hi = split_evenly(spec.layers, layout.pp)[stage]
     layers = range(lo, hi)
 
-    arch = ARCHS[spec.arch]
+    arch = spec.table
     d = spec.head_dim
     ranges = {"q": (heads.q[0] * d, heads.q[1] * d), "kv": (heads.kv[0] * d, heads.kv[1] * d), "ffn": ffn,
               "vocab": vocab}

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from ..untrusted import UntrustedJSON, is_int, parse_json, shown
+from .archs import ARCHS, TIED_SOURCE, Arch, Kind, Part, by_source
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHS = tuple(ARCHS)
 
 DTYPES = {
     "float32": torch.float32,
@@ -95,44 +96,50 @@ class ModelSpec:
     def window(self, layer: int) -> int | None:
         return self.sliding_windows[layer] if self.sliding_windows else None
 
+    @property
+    def table(self) -> Arch:
+        """The architecture's table: every tensor kind, its checkpoint parts and how it is split."""
+        return ARCHS[self.arch]
+
+    @cached_property
+    def sizes(self) -> dict[str, int]:
+        """The named sizes the architecture tables speak in (do not mutate)."""
+        d = self.head_dim
+        return {"hidden": self.hidden, "q": self.heads * d, "kv": self.kv_heads * d, "ffn": self.intermediate,
+                "vocab": self.vocab, "head_dim": d}
+
+    def size(self, expr: str) -> int:
+        """A named size, or a sum of them (``q+kv+kv``: the rows of a packed QKV projection)."""
+        return sum(self.sizes[term] for term in expr.split("+"))
+
+    def holds(self, kind: Kind) -> bool:
+        """Whether the checkpoint holds this kind: its flag is set (biases, q/k norms), or it needs none."""
+        return kind.when is None or getattr(self, kind.when)
+
+    def source_of(self, part: Part, n: int) -> str:
+        """The checkpoint name of a part in layer ``n``; a tied LM head reads the embedding."""
+        name = part.source.format(n=n)
+        return TIED_SOURCE if self.tied and name == "lm_head.weight" else name
+
+    @cached_property
+    def source_kinds(self) -> dict[str, Kind]:
+        """Every checkpoint tensor of the model, mapped to the first kind that reads it (do not mutate)."""
+        return by_source(self.table, self.layers, self.holds, self.source_of)
+
     def tensors(self) -> dict[str, TensorInfo]:
         """Every tensor an HF checkpoint of this model holds, in HF names (computed once; do not mutate)."""
         return self._tensors
 
     @cached_property
     def _tensors(self) -> dict[str, TensorInfo]:
-        h, d, i = self.hidden, self.head_dim, self.intermediate
-        q, kv = self.heads * d, self.kv_heads * d
-        out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, h)}
-        for n in range(self.layers):
-            p = f"model.layers.{n}"
-            out |= {
-                f"{p}.input_layernorm.weight": (h,),
-                f"{p}.post_attention_layernorm.weight": (h,),
-                f"{p}.self_attn.q_proj.weight": (q, h),
-                f"{p}.self_attn.k_proj.weight": (kv, h),
-                f"{p}.self_attn.v_proj.weight": (kv, h),
-                f"{p}.self_attn.o_proj.weight": (h, q),
-                f"{p}.mlp.gate_proj.weight": (i, h),
-                f"{p}.mlp.up_proj.weight": (i, h),
-                f"{p}.mlp.down_proj.weight": (h, i),
-            }
-            if self.qkv_bias:
-                out |= {
-                    f"{p}.self_attn.q_proj.bias": (q,),
-                    f"{p}.self_attn.k_proj.bias": (kv,),
-                    f"{p}.self_attn.v_proj.bias": (kv,),
-                }
-            if self.o_bias:
-                out[f"{p}.self_attn.o_proj.bias"] = (h,)
-            if self.mlp_bias:
-                out |= {f"{p}.mlp.gate_proj.bias": (i,), f"{p}.mlp.up_proj.bias": (i,), f"{p}.mlp.down_proj.bias": (h,)}
-            if self.qk_norm:
-                out |= {f"{p}.self_attn.q_norm.weight": (d,), f"{p}.self_attn.k_norm.weight": (d,)}
-        out["model.norm.weight"] = (h,)
-        if not self.tied:
-            out["lm_head.weight"] = (self.vocab, h)
-        return {name: TensorInfo(shape, self.dtype) for name, shape in out.items()}
+        out = {}
+        for kind in self.table.kinds():
+            if self.holds(kind):
+                for part in kind.parts:
+                    shape = tuple(self.size(s) for s in part.shape)
+                    for n in range(self.layers) if "{n}" in part.source else (0,):
+                        out.setdefault(self.source_of(part, n), TensorInfo(shape, self.dtype))
+        return out
 
 
 def _rope(cfg: dict) -> Rope:
@@ -219,7 +226,7 @@ def spec_from_config(cfg: dict) -> ModelSpec:
     dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise SpecError(f"config dtype {dtype_name!r} is not supported (supported: {', '.join(DTYPES)})")
-    attention_bias = _flag(cfg, "attention_bias")
+    flags = {flag: value if isinstance(value, bool) else _flag(cfg, value) for flag, value in ARCHS[arch].flags}
     return ModelSpec(
         arch=arch,
         hidden=hidden,
@@ -233,10 +240,7 @@ def spec_from_config(cfg: dict) -> ModelSpec:
         tied=_flag(cfg, "tie_word_embeddings"),
         dtype=DTYPES[dtype_name],
         rope=_rope(cfg),
-        qkv_bias=arch == "qwen2" or attention_bias,
-        o_bias=arch != "qwen2" and attention_bias,
-        mlp_bias=_flag(cfg, "mlp_bias"),
-        qk_norm=arch == "qwen3",
+        **flags,
         sliding_windows=_sliding_windows(cfg, arch, layers),
         config=cfg,
     )

@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from ..dist.comm import Comm
-from ..plan.archs import ARCHS
 from ..plan.flat import View
 from ..plan.rank import RankPlan
 from ..providers.weights import span
@@ -43,7 +42,7 @@ def tp_partials(plan: RankPlan) -> tuple[Partial, ...]:
     layout = plan.layout
     stage, dp_rank, _ = layout.coords(plan.rank)
     peers = [plan.peer(layout.rank_of(stage, dp_rank, t)) for t in range(layout.tp)] if layout.tp > 1 else []
-    out, arch = [], ARCHS[plan.spec.arch]
+    out, arch = [], plan.spec.table
     for name, tensor in plan.work.items():
         if not arch.kind(name).per_head or name in plan.alias:
             continue
