@@ -20,7 +20,8 @@ from .plan.boxes import Box, ShardedTensor
 from .plan.mesh import Layout, LayoutError
 from .plan.rank import RankPlan, plan_rank
 from .plan.series import Series, SeriesError
-from .plan.spec import ModelSpec, SpecError, load_spec
+from .plan.spec import ModelSpec, SpecError, load_spec, tp_plan
+from .plan.tp import TpPlan, TpPlanError
 from .providers.base import Provider, ProviderError
 from .providers.weights import Weights
 
@@ -42,6 +43,8 @@ __all__ = [
     "Series",
     "SeriesError",
     "ShardedTensor",
+    "TpPlan",
+    "TpPlanError",
     "ShardedCheckpoint",
     "SpecError",
     "TargetError",
@@ -55,4 +58,5 @@ __all__ = [
     "load_spec",
     "plan_rank",
     "save_sharded",
+    "tp_plan",
 ]

@@ -17,6 +17,7 @@ from ..plan.mesh import Layout
 from ..plan.rank import PROVIDERS, plan_rank
 from ..plan.series import Series, SeriesError
 from ..plan.spec import DTYPES, load_spec
+from ..plan.tp import TpPlan
 from ..words import plural
 
 
@@ -63,6 +64,9 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=POSITIVE, default=1, help="tensor-parallel degree")
     p.add_argument("--pp", type=POSITIVE, default=1, help="pipeline-parallel degree (stages)")
     p.add_argument("--dp", type=POSITIVE, default=1, help="data-parallel degree (replicas, or ZeRO-3 shards)")
+    p.add_argument("--tp-plan", metavar="FILE.json", help="a TP plan in HF's vocabulary replacing the model's "
+                   "('shardwise plan --show-tp-plan' prints it): module pattern -> style; what it leaves out is "
+                   "replicated")
 
 
 def _series(text: str) -> Series:
@@ -92,7 +96,8 @@ def _provider_args(p: argparse.ArgumentParser) -> None:
 
 
 def _layout(args) -> Layout:
-    return Layout(args.tp, args.pp, args.dp)
+    """The mesh and TP plan the flags ask for (a plan file is read, not yet checked against the model)."""
+    return Layout(args.tp, args.pp, args.dp, None if args.tp_plan is None else TpPlan.of(args.tp_plan))
 
 
 def _provide(args) -> Provide:

@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     _written_dtype_arg(e)
     _overwrite_arg(e)
-    e.set_defaults(tp=1, pp=1, dp=1)
+    e.set_defaults(tp=1, pp=1, dp=1, tp_plan=None)
 
     p = command(sub, "plan", "bytes each rank will hold, per tensor kind", cmd_plan)
     p.add_argument("path", help="checkpoint directory or config.json")
@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     _provider_args(p)
     p.add_argument("--train", action="store_true", help="add what shardwise train holds: gradient sums, AdamW "
                    "moments, a step's work buffers and staging (resident or zero3, float32)")
+    p.add_argument("--show-tp-plan", action="store_true", help="print the TP plan in force (--tp-plan's, else "
+                   "config.json's base_model_tp_plan, else the architecture's) as JSON, in HF's vocabulary")
 
     b = command(sub, "bench", "benchmarks", None).add_subparsers(dest="bench", required=True)
     bl = command(b, "load", "per-rank load time, bytes and peak RSS, against a read floor and HF", cmd_bench_load)

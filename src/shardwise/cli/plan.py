@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 
@@ -11,6 +12,7 @@ from ..io.loader import Provide
 from ..plan.mesh import Layout
 from ..plan.rank import plan_rank
 from ..plan.spec import load_spec
+from ..plan.tp import plan_in_force, resolve
 from ..providers.series import series_memory
 from ..providers.zero3 import memory_plan
 from ..words import plural
@@ -42,7 +44,7 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
     how += ", training" if train else ""
     lines = [f"{spec.arch}: {plural(spec.layers, 'layer')}, {plural(spec.heads, 'head')} / "
              f"{plural(spec.kv_heads, 'KV head')}, vocab {spec.vocab}, {layout}, {str(dtype).removeprefix('torch.')}, "
-             f"{how}",
+             f"{how}{'' if layout.tp_plan is None else ', ' + layout.tp_plan.origin}",
              f"{'rank':>4} {'stage':>5} {'dp':>3} {'tp':>3} {'layers':>9} {'q/kv heads':>10} "
              + " ".join(f"{c:>11}" for c in columns) + f" {'total':>11}"]
     saved: dict[str, list[str]] = defaultdict(list)  # series -> one line per rank
@@ -91,4 +93,10 @@ def _mb(n: int) -> str:
 
 
 def cmd_plan(args) -> None:
-    print(plan_table(args.path, _layout(args), args.dtype, _provide(args), args.train))
+    layout = _layout(args)
+    if args.show_tp_plan:
+        spec = load_spec(args.path)
+        resolve(spec, layout.tp_plan)
+        print(json.dumps(plan_in_force(spec, layout.tp_plan).as_dict(), indent=2))
+        return
+    print(plan_table(args.path, layout, args.dtype, _provide(args), args.train))

@@ -8,7 +8,8 @@ the same code.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from ..plan.mesh import Layout
 from ..plan.rank import PROVIDERS, plan_rank
 from ..plan.series import Series
 from ..plan.spec import load_spec
+from ..plan.tp import TpPlan
 from ..progress import progress_bar
 from ..providers.base import Provider
 from ..providers.resident import Resident
@@ -67,7 +69,7 @@ def load_weights(path: str | Path, layout: Layout | None = None, dtype: torch.dt
 def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, progress: bool = True, provider: str = "resident",
                work_dtype: torch.dtype | None = None, prefetch: int = 1, offload: bool = False,
-               series: tuple[Series, ...] = ()) -> Model:
+               series: tuple[Series, ...] = (), tp_plan: Mapping[str, str] | str | Path | None = None) -> Model:
     """Load this rank's part of a checkpoint (HF or sharded) under ``layout``; collective over the layout's world.
 
     ``provider="resident"`` keeps every work weight on the rank (DP replicas are plain
@@ -79,10 +81,16 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
     (e.g. ``(Series("*.o"), Series("*.down", prefetch=2))``), whose layers are each
     stored by one DP rank and broadcast to the others just before use.
 
+    ``tp_plan`` (a dict in HF's vocabulary, ``{"layers.*.mlp.gate_proj": "colwise", ...}``, or the path of a
+    JSON file holding one) replaces the model's TP plan (``shardwise.tp_plan(path)``): what it leaves out is
+    replicated. It may also come as ``layout.tp_plan``.
+
     The model holds process groups and shared memory: ``close()`` it, or use it as a
     context manager, when loading more than one per process.
     """
     layout = layout or Layout()
+    if tp_plan is not None:
+        layout = replace(layout, tp_plan=TpPlan.of(tp_plan))
     device = resolve_device(device)
     check_provider_options(provider, dtype, work_dtype, prefetch, offload)
     comm = make_comm(layout, device)

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dist.comm import Comm
-from ..plan.boxes import split_evenly
 from ..plan.rank import RankPlan
 from ..providers.base import Provider
-from .layers import column_parallel, parallel_lm_head, rms_norm, row_parallel, vocab_parallel_embedding
+from .layers import embedding, gather_output, linear, rms_norm
 
 if TYPE_CHECKING:
     from ..providers.weights import Weights
@@ -96,20 +95,31 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
+def gathered_sizes(plan: RankPlan, kind: str, share) -> list[int] | None:
+    """The sizes of every TP rank's ``share`` of a ``colwise_gather_output`` kind's output, to gather it; None when
+    the plan does not gather it."""
+    if plan.styles[kind] != "colwise_gather_output":
+        return None
+    return [share(peer) for peer in plan.tp_peers()]
+
+
 class Attention:
-    """One layer's attention over this rank's heads; the weights come with each call."""
+    """One layer's attention over this rank's heads (all of them where the plan replicates attention); the weights
+    come with each call."""
 
     def __init__(self, plan: RankPlan, comm: Comm, n: int):
         spec, heads = plan.spec, plan.heads
         self.comm, self.eps, self.qk_norm = comm, spec.rms_eps, spec.qk_norm
         self.n_q, self.n_kv, self.head_dim = heads.n_q, heads.n_kv, spec.head_dim
         self.window = spec.window(n)
+        self.style, self.out_style = plan.styles["qkv"], plan.styles["o"]
+        self.gathered = gathered_sizes(plan, "qkv", lambda peer: peer.heads.n_q * spec.head_dim)
 
     def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, start: int,
                  cache: KVCache | None, keys: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         d = self.head_dim
-        q, k, v = column_parallel(self.comm, x, w["qkv"], w.get("qkv_bias")).split(
+        q, k, v = linear(self.comm, x, w["qkv"], w.get("qkv_bias"), self.style).split(
             [self.n_q * d, self.n_kv * d, self.n_kv * d], dim=-1)
         q, k, v = q.view(b, t, self.n_q, d), k.view(b, t, self.n_kv, d), v.view(b, t, self.n_kv, d)
         if self.qk_norm:
@@ -125,22 +135,36 @@ class Attention:
         mask = attention_mask(start, t, self.window, x.device, keys)
         causal = mask is not None and keys is None and start == 0 and self.window is None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal)
-        return row_parallel(self.comm, out.transpose(1, 2).reshape(b, t, self.n_q * d), w["o"], w.get("o_bias"))
+        out = out.transpose(1, 2).reshape(b, t, self.n_q * d)
+        if self.gathered:
+            out = gather_output(self.comm, out, self.gathered)
+        return linear(self.comm, out, w["o"], w.get("o_bias"), self.out_style)
 
 
-def mlp(comm: Comm, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    gate, up = column_parallel(comm, x, w["gate_up"], w.get("gate_up_bias")).chunk(2, dim=-1)
-    return row_parallel(comm, F.silu(gate) * up, w["down"], w.get("down_bias"))
+class MLP:
+    """One layer's SwiGLU MLP over this rank's ffn slice (all of it where the plan replicates the MLP)."""
+
+    def __init__(self, plan: RankPlan, comm: Comm):
+        self.comm = comm
+        self.style, self.out_style = plan.styles["gate_up"], plan.styles["down"]
+        self.gathered = gathered_sizes(plan, "gate_up", lambda peer: peer.ffn[1] - peer.ffn[0])
+
+    def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        gate, up = linear(self.comm, x, w["gate_up"], w.get("gate_up_bias"), self.style).chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        if self.gathered:
+            h = gather_output(self.comm, h, self.gathered)
+        return linear(self.comm, h, w["down"], w.get("down_bias"), self.out_style)
 
 
 class DecoderLayer:
     def __init__(self, plan: RankPlan, comm: Comm, n: int):
-        self.comm, self.eps = comm, plan.spec.rms_eps
-        self.attn = Attention(plan, comm, n)
+        self.eps = plan.spec.rms_eps
+        self.attn, self.mlp = Attention(plan, comm, n), MLP(plan, comm)
 
     def __call__(self, x, w, cos, sin, start, cache, keys=None):
         x = x + self.attn(rms_norm(x, w["attn_norm"], self.eps), w, cos, sin, start, cache, keys)
-        return x + mlp(self.comm, rms_norm(x, w["mlp_norm"], self.eps), w)
+        return x + self.mlp(rms_norm(x, w["mlp_norm"], self.eps), w)
 
 
 class Model(nn.Module):
@@ -165,7 +189,9 @@ class Model(nn.Module):
         self.provider: Provider | None = provider
         self.dtype, self.device = provider.dtype, device
         self.layers = {n: DecoderLayer(plan, comm, n) for n in plan.layers}
-        self.vocab_sizes = [hi - lo for lo, hi in split_evenly(spec.vocab, plan.layout.tp)]
+        # Sampling needs whole logits: a split head's are gathered whether its style says so or not.
+        self.vocab_sizes = None if plan.styles["lm_head"] == "replicated" else [
+            peer.vocab[1] - peer.vocab[0] for peer in plan.tp_peers()]
         self.register_buffer("inv_freq", spec.rope.inv_freq(spec.head_dim).to(self.device), persistent=False)
         self.caches: dict[int, KVCache] | None = None
 
@@ -250,13 +276,26 @@ class Model(nn.Module):
         return self.comm.from_last_stage(logits, out_shape, self.dtype, self.device)
 
     def embed(self, ids: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The "embed" block: this rank's vocab rows of the embedding, assembled over TP."""
-        return vocab_parallel_embedding(self.comm, ids, w["embed"], self.plan.vocab)
+        """The "embed" block: this rank's vocab rows of the embedding, assembled over TP (or the whole table)."""
+        rows = self.plan.work["embed"].boxes[0]
+        split = self.plan.styles["embed"] != "replicated"
+        return embedding(self.comm, ids, w["embed"], (rows.start[0], rows.stop[0]) if split else None)
 
     def head(self, h: torch.Tensor, w: dict[str, torch.Tensor], local_vocab: bool = False) -> torch.Tensor:
-        """The "head" block: final norm and LM head; full-vocabulary logits, or this rank's slice (``local_vocab``)."""
-        return parallel_lm_head(self.comm, rms_norm(h, w["norm"], self.spec.rms_eps), w["lm_head"],
-                                None if local_vocab else self.vocab_sizes)
+        """The "head" block: final norm and LM head; full-vocabulary logits, or this rank's slice (``local_vocab``,
+        the whole vocabulary where the plan replicates the head: see ``vocab_slice``)."""
+        logits = linear(self.comm, rms_norm(h, w["norm"], self.spec.rms_eps), w["lm_head"], None,
+                        self.plan.styles["lm_head"])
+        return logits if local_vocab or self.vocab_sizes is None else gather_output(self.comm, logits,
+                                                                                     self.vocab_sizes)
+
+    @property
+    def vocab_slice(self) -> tuple[int, torch.distributed.ProcessGroup | None]:
+        """Where this rank's slice of ``local_vocab`` logits starts, and the group its slices are spread over (None
+        where every rank scores the whole vocabulary)."""
+        if self.plan.styles["lm_head"] == "replicated":
+            return 0, None
+        return self.plan.vocab[0], self.comm.tp_group
 
     def _allocate_caches(self, batch: int, max_len: int) -> None:
         heads = self.plan.heads

@@ -39,38 +39,36 @@ def _enter(comm: Comm, x: torch.Tensor, *weights: torch.Tensor | None) -> torch.
     return copy_to(x, comm.tp_group) if comm.layout.tp > 1 and needs_grad(x, *weights) else x
 
 
-def column_parallel(comm: Comm, x: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Output features split across TP ranks: each rank's output is its own slice, no communication forward."""
+def linear(comm: Comm, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, style: str) -> torch.Tensor:
+    """A projection run as its TP style says (``plan.tp``): split by output features (colwise, with or without a
+    later gather: the gather waits until after the per-head or per-element op that follows), by input features
+    (rowwise: partial sums all-reduced, then the replicated bias added once), or whole on every rank."""
+    if style == "replicated" or comm.layout.tp == 1:
+        return F.linear(x, weight, bias)
+    if style == "rowwise":
+        y = _reduce(comm, F.linear(x, weight), x, weight)
+        return y if bias is None else y + bias
     return F.linear(_enter(comm, x, weight, bias), weight, bias)
 
 
-def row_parallel(comm: Comm, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Input features split across TP ranks: partial sums are all-reduced, then the (replicated) bias added once."""
-    y = _reduce(comm, F.linear(x, weight), x, weight)
-    return y if bias is None else y + bias
-
-
-def vocab_parallel_embedding(comm: Comm, ids: torch.Tensor, weight: torch.Tensor,
-                             vocab: tuple[int, int]) -> torch.Tensor:
-    """Each rank holds a vocab range; ids outside it contribute zeros, and an all-reduce assembles rows."""
+def gather_output(comm: Comm, local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """A colwise output's slices (``sizes`` per TP rank, uneven allowed) gathered along the last dim on every rank."""
     if comm.layout.tp == 1:
+        return local
+    if needs_grad(local):
+        return gather_from(local, sizes, comm.tp_group)
+    return comm.tp_all_gather(local, sizes)
+
+
+def embedding(comm: Comm, ids: torch.Tensor, weight: torch.Tensor, vocab: tuple[int, int] | None) -> torch.Tensor:
+    """A lookup in this rank's ``vocab`` rows (None: the whole table): ids outside them contribute zeros, and an
+    all-reduce assembles the rows."""
+    if vocab is None or comm.layout.tp == 1:
         return F.embedding(ids, weight)
     lo, hi = vocab
     mine = (ids >= lo) & (ids < hi)
     out = F.embedding((ids - lo) * mine, weight) * mine.unsqueeze(-1)
     return _reduce(comm, out, weight)
-
-
-def parallel_lm_head(comm: Comm, x: torch.Tensor, weight: torch.Tensor, vocab_sizes: list[int] | None) -> torch.Tensor:
-    """Each rank scores its vocab range; an (uneven) all-gather yields full-vocabulary logits everywhere, unless
-    ``vocab_sizes`` is None (a vocab-parallel loss takes each rank's slice as it is)."""
-    local = F.linear(_enter(comm, x, weight), weight)
-    if vocab_sizes is None:
-        return local
-    if comm.layout.tp > 1 and needs_grad(local):
-        return gather_from(local, vocab_sizes, comm.tp_group)
-    return comm.tp_all_gather(local, vocab_sizes)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STYLES = ("colwise", "rowwise", "embedding_rowwise", "replicated", "replicated_with_grad_allreduce")
-"""The TP styles a kind may take (HF's names; "replicated" is what a plan leaves out)."""
+STYLES = ("colwise", "colwise_gather_output", "rowwise", "embedding_rowwise", "replicated",
+          "replicated_with_grad_allreduce")
+"""The built-in TP styles a kind may have (HF's names; "replicated" is what a plan leaves out). A plan may give
+a kind another style its built-in one allows (``tp.ACCEPTS``)."""
 
 INITS = ("normal", "residual", "ones", "zeros")
 """normal(0, std); normal scaled by 1/sqrt(2 layers) for projections into the residual stream; ones for norm
@@ -51,6 +53,7 @@ class Kind:
     init: str = "normal"
     report: str = "norms"
     when: str | None = None  # a ModelSpec flag that must be set for the checkpoint to hold this kind
+    follows: str | None = None  # split exactly as this kind is, whatever the plan says (a bias, a full-width norm)
 
     def __post_init__(self) -> None:
         if self.style not in STYLES or self.init not in INITS or self.report not in REPORTS:
@@ -66,8 +69,10 @@ class Arch:
     layer: tuple[Kind, ...]
     head: tuple[Kind, ...]
     flags: tuple[tuple[str, str | bool], ...] = ()
+    pairs: tuple[tuple[str, str], ...] = (("qkv", "o"), ("gate_up", "down"))
     """Which optional kinds (a ``Kind.when`` flag) the checkpoint holds: always (True), or as a config.json
-    switch says (its key). A flag not named is off: Mistral's modeling ignores ``attention_bias``."""
+    switch says (its key). A flag not named is off: Mistral's modeling ignores ``attention_bias``. ``pairs`` are
+    the (in, out) projections whose TP styles must fit together: the out one reads what the in one leaves."""
 
     def kinds(self) -> tuple[Kind, ...]:
         return self.embed + self.layer + self.head
@@ -96,7 +101,8 @@ L = "model.layers.{n}"
 EMBED = (Kind("embed", (Part("model.embed_tokens.weight", ("vocab", "hidden"), "vocab"),), "embedding_rowwise",
               report="embedding"),)
 HEAD = (Kind("norm", (Part("model.norm.weight", ("hidden",)),), init="ones"),
-        Kind("lm_head", (Part("lm_head.weight", ("vocab", "hidden"), "vocab"),), "colwise", report="lm_head"))
+        Kind("lm_head", (Part("lm_head.weight", ("vocab", "hidden"), "vocab"),), "colwise_gather_output",
+             report="lm_head"))
 TIED_SOURCE = "model.embed_tokens.weight"
 """What a tied LM head reads instead of ``lm_head.weight``."""
 
@@ -110,10 +116,11 @@ LLAMA_LAYER = (
     Kind("down", (Part(f"{L}.mlp.down_proj.weight", ("hidden", "ffn"), "ffn"),), "rowwise", init="residual",
          report="mlp"),
     Kind("qkv_bias", _attention(f"{L}.self_attn", "bias"), "colwise", per_head=True, init="zeros",
-         report="attention", when="qkv_bias"),
+         report="attention", when="qkv_bias", follows="qkv"),
     Kind("o_bias", (Part(f"{L}.self_attn.o_proj.bias", ("hidden",)),), init="zeros", report="attention",
          when="o_bias"),
-    Kind("gate_up_bias", _gate_up(f"{L}.mlp", "bias"), "colwise", init="zeros", report="mlp", when="mlp_bias"),
+    Kind("gate_up_bias", _gate_up(f"{L}.mlp", "bias"), "colwise", init="zeros", report="mlp", when="mlp_bias",
+         follows="gate_up"),
     Kind("down_bias", (Part(f"{L}.mlp.down_proj.bias", ("hidden",)),), init="zeros", report="mlp", when="mlp_bias"),
     Kind("q_norm", (Part(f"{L}.self_attn.q_norm.weight", ("head_dim",)),), "replicated_with_grad_allreduce",
          per_head=True, init="ones", when="qk_norm"),

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
 from ..words import plural
 from .boxes import split_evenly
+
+if TYPE_CHECKING:
+    from .tp import TpPlan
 
 
 class LayoutError(ValueError):
@@ -21,9 +25,12 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class Layout:
+    """The mesh, and the TP plan that says how each tensor splits over its TP ranks (None: the model's own)."""
+
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    tp_plan: TpPlan | None = None
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1 or self.dp < 1:

@@ -22,6 +22,7 @@ from .flat import Buffer, FlatBlock, View, pack
 from .mesh import Heads, Layout, LayoutError, head_split
 from .series import Series, SeriesError, SeriesPlan, plan_series
 from .spec import ModelSpec
+from .tp import resolve
 
 PROVIDERS = ("resident", "zero3", "series")
 
@@ -30,6 +31,8 @@ PROVIDERS = ("resident", "zero3", "series")
 class RankPlan:
     """Everything one rank computes with and holds, as box lists keyed by local tensor name.
 
+    ``styles`` is the TP style each tensor kind runs with (``tp.resolve``); ``heads``, ``ffn``
+    and ``vocab`` are the rank's share where they are split, else the whole.
     ``work`` are the TP-local tensors the model computes with, handed out per block
     (``blocks``: "embed", "layers.N", "head"); ``alias`` maps a tensor that is another
     one on this rank (a tied LM head beside its embedding) to it. ``tensors`` is what
@@ -47,6 +50,7 @@ class RankPlan:
     heads: Heads
     ffn: tuple[int, int]
     vocab: tuple[int, int]
+    styles: dict[str, str]
     work: dict[str, ShardedTensor]
     blocks: dict[str, tuple[str, ...]]
     alias: dict[str, str]
@@ -75,6 +79,11 @@ class RankPlan:
     @property
     def is_last(self) -> bool:
         return self.stage == self.layout.pp - 1
+
+    def tp_peers(self) -> list[RankPlan]:
+        """The plans of this rank's TP group (this one included), in TP order."""
+        stage, dp_rank, _ = self.layout.coords(self.rank)
+        return [self.peer(self.layout.rank_of(stage, dp_rank, t)) for t in range(self.layout.tp)]
 
     def peer(self, rank: int) -> RankPlan:
         """Another rank's plan under the same layout, provider and series."""
@@ -111,15 +120,16 @@ class RankPlan:
         return sum(b.numel for b in self.buffers) * dtype.itemsize
 
 
-def local_tensor(spec: ModelSpec, kind: Kind, name: str, n: int, ranges: dict[str, tuple[int, int]]
-                 ) -> ShardedTensor:
+def local_tensor(spec: ModelSpec, kind: Kind, name: str, n: int, ranges: dict[str, tuple[int, int]],
+                 style: str) -> ShardedTensor:
     """``kind``'s local tensor in layer ``n`` on a rank whose share of each split size is ``ranges``.
 
-    The parts are stacked along dim 0 (dim 1 for a rowwise kind), each cut to the rank's
-    range of its unit when the kind is split, else whole.
+    The parts are stacked along dim 0 (dim 1 for a kind whose built-in style is rowwise: its
+    unit runs along the columns), each cut to the rank's range of its unit when the plan
+    splits the kind (its ``style`` is not replicated), else whole.
     """
     axis = 1 if kind.style == "rowwise" else 0
-    split = kind.style in ("colwise", "rowwise", "embedding_rowwise")
+    split = style != "replicated"
     boxes, at, other = [], 0, None
     for part in kind.parts:
         shape = tuple(spec.size(s) for s in part.shape)
@@ -136,13 +146,13 @@ def local_tensor(spec: ModelSpec, kind: Kind, name: str, n: int, ranges: dict[st
 
 
 def _block_tensors(spec: ModelSpec, kinds: tuple[Kind, ...], prefix: str, n: int,
-                   ranges: dict[str, tuple[int, int]]) -> dict[str, ShardedTensor]:
+                   ranges: dict[str, tuple[int, int]], styles: dict[str, str]) -> dict[str, ShardedTensor]:
     """The local tensors of one block (the embedding, layer ``n``, the head), in table order."""
     out = {}
     for kind in kinds:
         if spec.holds(kind):
             name = prefix + kind.local
-            out[name] = local_tensor(spec, kind, name, n, ranges)
+            out[name] = local_tensor(spec, kind, name, n, ranges, styles[kind.local])
     return out
 
 
@@ -167,13 +177,9 @@ def _plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str, series
         raise LayoutError(f"rank {rank} is outside the {layout.world_size}-rank layout {layout}")
     if layout.pp > spec.layers:
         raise LayoutError(f"pp={layout.pp} exceeds the {plural(spec.layers, 'layer')}: some stage would own no layer")
-    for what, size in (("vocab", spec.vocab), ("intermediate size", spec.intermediate)):
-        if layout.tp > size:
-            raise LayoutError(f"tp={layout.tp} exceeds the {what} {size}")
+    styles = resolve(spec, layout.tp_plan)
     stage, dp_rank, tp_rank = layout.coords(rank)
-    heads = head_split(spec.heads, spec.kv_heads, layout.tp)[tp_rank]
-    ffn = split_evenly(spec.intermediate, layout.tp)[tp_rank]
-    vocab = split_evenly(spec.vocab, layout.tp)[tp_rank]
+    heads, ffn, vocab = _tp_share(spec, layout.tp, tp_rank, styles)
     lo, hi = split_evenly(spec.layers, layout.pp)[stage]
     layers = range(lo, hi)
 
@@ -184,14 +190,14 @@ def _plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str, series
     work: dict[str, ShardedTensor] = {}
     blocks: dict[str, tuple[str, ...]] = {}
     if stage == 0:
-        work |= _block_tensors(spec, arch.embed, "", 0, ranges)
+        work |= _block_tensors(spec, arch.embed, "", 0, ranges, styles)
         blocks["embed"] = tuple(k.local for k in arch.embed)
     for n in layers:
-        layer = _block_tensors(spec, arch.layer, f"layers.{n}.", n, ranges)
+        layer = _block_tensors(spec, arch.layer, f"layers.{n}.", n, ranges, styles)
         work.update(layer)
         blocks[f"layers.{n}"] = tuple(layer)
     if stage == layout.pp - 1:
-        work |= _block_tensors(spec, arch.head, "", 0, ranges)
+        work |= _block_tensors(spec, arch.head, "", 0, ranges, styles)
         blocks["head"] = tuple(k.local for k in arch.head)
     alias = {"lm_head": "embed"} if "embed" in work and spec.tied else {}
     parts = layout.dp if provider == "zero3" else 1
@@ -205,8 +211,28 @@ def _plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str, series
         elsewhere = {name for s in in_series for name in s.names if name not in s.owned(dp_rank)}
         tensors = {name: t for name, t in work.items() if name not in elsewhere}
         buffers = _resident_buffers(tensors, alias)
-    return RankPlan(spec, layout, rank, provider, layers, heads, ffn, vocab, work, blocks, alias, flats, tensors,
-                    buffers, in_series, tuple(series))
+    return RankPlan(spec, layout, rank, provider, layers, heads, ffn, vocab, styles, work, blocks, alias, flats,
+                    tensors, buffers, in_series, tuple(series))
+
+
+def _tp_share(spec: ModelSpec, tp: int, tp_rank: int, styles: dict[str, str]
+              ) -> tuple[Heads, tuple[int, int], tuple[int, int]]:
+    """The rank's attention heads, ffn range and vocab range: its TP share where the plan splits them, else all.
+
+    A split needs at least one unit per rank (uneven splits are fine); a replicated block needs nothing.
+    """
+    shares = {}
+    for unit, kinds, what, size in (("vocab", ("embed", "lm_head"), "vocab", spec.vocab),
+                                    ("ffn", ("gate_up",), "intermediate size", spec.intermediate)):
+        shares[unit] = (0, size)
+        if any(styles[k] != "replicated" for k in kinds):
+            if tp > size:
+                raise LayoutError(f"tp={tp} exceeds the {what} {size}")
+            shares[unit] = split_evenly(size, tp)[tp_rank]
+    heads = Heads((0, spec.heads), (0, spec.kv_heads))
+    if styles["qkv"] != "replicated":
+        heads = head_split(spec.heads, spec.kv_heads, tp)[tp_rank]
+    return heads, shares["ffn"], shares["vocab"]
 
 
 def _resident_buffers(work: dict[str, ShardedTensor], alias: dict[str, str]) -> tuple[Buffer, ...]:

@@ -18,6 +18,7 @@ import torch
 
 from ..untrusted import UntrustedJSON, is_int, parse_json, shown
 from .archs import ARCHS, TIED_SOURCE, Arch, Kind, Part, by_source
+from .tp import TpPlan, TpPlanError, plan_in_force, resolve
 
 SUPPORTED_ARCHS = tuple(ARCHS)
 
@@ -86,6 +87,7 @@ class ModelSpec:
     mlp_bias: bool = False
     qk_norm: bool = False
     sliding_windows: tuple[int | None, ...] = ()
+    tp_plan: TpPlan | None = None  # config.json's base_model_tp_plan, which replaces the built-in plan
     config: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -181,6 +183,16 @@ def _sliding_windows(cfg: dict, arch: str, layers: int) -> tuple[int | None, ...
     return tuple(window if n >= first_full else None for n in range(layers))
 
 
+def _tp_plan(cfg: dict) -> TpPlan | None:
+    """The plan a config.json carries, as older transformers saved it and users write it; read like a user's."""
+    if cfg.get("base_model_tp_plan") is None:
+        return None
+    try:
+        return TpPlan.of(cfg["base_model_tp_plan"], "field 'base_model_tp_plan'")
+    except TpPlanError as e:
+        raise SpecError(str(e)) from None
+
+
 def _size(cfg: dict, key: str, default: int | None = None) -> int:
     """A positive integer field of config.json (which, like every byte of a checkpoint, is untrusted)."""
     value = cfg.get(key)
@@ -241,6 +253,7 @@ def spec_from_config(cfg: dict) -> ModelSpec:
         dtype=DTYPES[dtype_name],
         rope=_rope(cfg),
         **flags,
+        tp_plan=_tp_plan(cfg),
         sliding_windows=_sliding_windows(cfg, arch, layers),
         config=cfg,
     )
@@ -270,3 +283,15 @@ def load_spec(path: str | Path) -> ModelSpec:
         return spec_from_config(cfg)
     except SpecError as e:
         raise SpecError(f"{config_path}: {e}") from None
+
+
+def tp_plan(checkpoint_or_config: str | Path | dict) -> dict[str, str]:
+    """The TP plan in force for a checkpoint directory, a config.json path or a config dict, as HF's dict: the one
+    its config.json carries (``base_model_tp_plan``), else its architecture's built-in plan; checked against the
+    model, so a plan that cannot run raises here."""
+    if isinstance(checkpoint_or_config, dict):
+        spec = spec_from_config(checkpoint_or_config)
+    else:
+        spec = load_spec(checkpoint_or_config)
+    resolve(spec, None)
+    return plan_in_force(spec, None).as_dict()

@@ -39,9 +39,9 @@ class Partial:
 
 def tp_partials(plan: RankPlan) -> tuple[Partial, ...]:
     """This rank's regions of per-head tensors that other ranks of its TP group hold too."""
-    layout = plan.layout
-    stage, dp_rank, _ = layout.coords(plan.rank)
-    peers = [plan.peer(layout.rank_of(stage, dp_rank, t)) for t in range(layout.tp)] if layout.tp > 1 else []
+    if plan.styles["qkv"] == "replicated":  # every rank applies them to all heads: its gradient is whole
+        return ()
+    peers = plan.tp_peers() if plan.layout.tp > 1 else []
     out, arch = [], plan.spec.table
     for name, tensor in plan.work.items():
         if not arch.kind(name).per_head or name in plan.alias:

@@ -140,7 +140,8 @@ class Trainer:
                 return model.embed(ids, w)
             if block == "head":  # the last position predicts nothing: leave it out before the LM head
                 logits = model.head(x[:, :-1], w, local_vocab=True)
-                return vocab_parallel_cross_entropy(logits, ids[:, 1:], model.plan.vocab[0], model.comm.tp_group,
+                start, group = model.vocab_slice
+                return vocab_parallel_cross_entropy(logits, ids[:, 1:], start, group,
                                                     reduction="sum") / global_tokens  # fp32, whatever the work dtype
             return self.layers[block](x, w, cos, sin, 0, None)
 
