@@ -49,17 +49,18 @@ def hf_run(path: str, clip: float | None) -> tuple[list[float], list[float], dic
 
 
 def train_all(paths: list[str], tp: int, dp: int, provider: str = "resident", clip: float | None = None,
-              micro: int = 1) -> list[dict[str, object]]:
+              micro: int = 1, tp_plan: dict | None = None) -> list[dict[str, object]]:
     """``train`` for each checkpoint in one launch (spawning ranks is the slow part)."""
-    return [train(path, tp, dp, provider, clip, micro) for path in paths]
+    return [train(path, tp, dp, provider, clip, micro, tp_plan) for path in paths]
 
 
 def train(path: str, tp: int, dp: int, provider: str = "resident", clip: float | None = None,
-          micro: int = 1) -> dict[str, object]:
+          micro: int = 1, tp_plan: dict | None = None) -> dict[str, object]:
     """Every step's loss and gradient-norm relative error against HF, and each rank's largest weight error relative
     to max |w|; each DP rank's sequences are cut into ``micro`` micro-batches (gradient accumulation)."""
     expected_losses, expected_norms, expected = hf_run(path, clip)
-    with load_model(path, Layout(tp=tp, dp=dp), dtype=torch.float32, progress=False, provider=provider) as model:
+    with load_model(path, Layout(tp=tp, dp=dp), dtype=torch.float32, progress=False, provider=provider,
+                    tp_plan=tp_plan) as model:
         trainer = Trainer(model, AdamW(model.provider, **HYPER), max_grad_norm=clip)
         lo, hi = split_evenly(BATCH, dp)[model.plan.dp_rank]
         cuts = split_evenly(hi - lo, micro)

@@ -9,13 +9,20 @@ import torch
 from shardwise import Layout, load_model
 
 
-def forward_and_generate(tp: int, pp: int, checkpoints: dict[str, str], ids: torch.Tensor, steps: int) -> dict:
-    """Logits and greedy tokens of every checkpoint under one layout."""
+def forward_and_generate(tp: int, pp: int, checkpoints: dict[str, str], ids: torch.Tensor, steps: int,
+                         tp_plan: dict | None = None) -> dict:
+    """Logits and greedy tokens of every checkpoint under one layout (and TP plan)."""
     out = {}
     for name, path in checkpoints.items():
-        model = load_model(path, Layout(tp, pp), progress=False)
-        out[name] = (model(ids), model.generate(ids, steps))
+        with load_model(path, Layout(tp, pp), progress=False, tp_plan=tp_plan) as model:
+            out[name] = (model(ids), model.generate(ids, steps))
     return out
+
+
+def forward_under_plans(tp: int, checkpoints: dict[str, str], ids: torch.Tensor, steps: int,
+                        plans: dict[str, dict]) -> dict:
+    """``forward_and_generate`` under each named TP plan, in one launch."""
+    return {plan: forward_and_generate(tp, 1, checkpoints, ids, steps, tp_plan) for plan, tp_plan in plans.items()}
 
 
 def layout_from_world(pp: int) -> Layout:

@@ -45,7 +45,7 @@ def bench_zero3_rank(checkpoint: str, tokens: int = 128, repeats: int = 5, prefe
         lines.append(_zero3_setting(checkpoint, setting, ids, world, repeats, prefetch, profile))
     if profile and world > 1 and any(s in _WORK_DTYPES for s in settings):
         layer = next(f for name, f in plan_rank(spec, Layout(dp=world), 0, "zero3").flats.items()
-                     if name.startswith("layers."))
+                     if name.layer is not None)
         lines.append({"setting": "gather_probe",
                       **_gather_probe(layer.parts * layer.chunk * torch.bfloat16.itemsize, tokens, spec.hidden,
                                       repeats)})

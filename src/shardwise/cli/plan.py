@@ -54,7 +54,7 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
         for buffer in plan.buffers:
             placed: dict[tuple, str] = {}  # an alias (a tied LM head) is its embedding's bytes: counted once
             for v in buffer.views:
-                placed.setdefault((v.offset, v.shape), v.name.split("@")[0])
+                placed.setdefault((v.offset, v.shape), v.name.kind)
             for (_, shape), name in placed.items():
                 kinds[spec.table.kind(name).report] += math.prod(shape) * dtype.itemsize
         total = plan.nbytes(dtype)

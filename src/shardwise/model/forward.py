@@ -20,6 +20,7 @@ from ..dist.comm import Comm
 from ..plan.rank import RankPlan
 from ..providers.base import Provider
 from .layers import embedding, gather_output, linear, rms_norm
+from .pipeline import Pass, walk
 
 if TYPE_CHECKING:
     from ..providers.weights import Weights
@@ -253,21 +254,11 @@ class Model(nn.Module):
         else:
             positions = positions_from_mask(keys)[:, start:]
         cos, sin = self.rope(positions)
-        shape = (b, t, self.spec.hidden)
-        logits = None
-        with self.provider.stream(list(self.plan.blocks)) as blocks:
-            if self.plan.is_first:
-                h = self.embed(input_ids, next(blocks))
-            else:
-                h = self.comm.recv_prev(torch.empty(shape, dtype=self.dtype, device=self.device))
-            for n, layer in self.layers.items():
-                h = layer(h, next(blocks), cos, sin, start, None if self.caches is None else self.caches[n], keys)
-            if self.plan.is_last:
-                w = next(blocks)
-                h = h[:, -1:] if last_only else h
-                logits = self.head(h, w, local_vocab)
-            else:
-                self.comm.send_next(h)
+
+        def head(h: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.head(h[:, -1:] if last_only else h, w, local_vocab)
+
+        logits = walk(self, Pass(input_ids, cos, sin, start, self.caches, keys), head)
         if local_vocab:
             if self.plan.layout.pp > 1:
                 raise ValueError(f"rank {self.comm.rank}: local_vocab=True needs pp=1 (stages pass full logits)")

@@ -78,12 +78,11 @@ class Arch:
         return self.embed + self.layer + self.head
 
     def kind(self, local: str) -> Kind:
-        """The kind of a local tensor name (``layers.3.qkv`` or ``qkv``)."""
-        short = local.rsplit(".", 1)[-1]
+        """The entry of a kind's local name (``qkv``; a ``TensorName``'s ``kind``)."""
         for kind in self.kinds():
-            if kind.local == short:
+            if kind.local == local:
                 return kind
-        raise KeyError(f"{self.name}: no tensor kind {short!r}")
+        raise KeyError(f"{self.name}: no tensor kind {local!r}")
 
 
 def _attention(prefix: str, suffix: str) -> tuple[Part, ...]:

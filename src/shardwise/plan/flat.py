@@ -72,7 +72,7 @@ class FlatBlock:
         for m in self.members:
             a, b = max(lo, m.offset), min(hi, m.offset + m.numel)
             for start, rect_lo, rect_hi in rectangles(m.shape, a - m.offset, b - m.offset):
-                name = f"{m.name}@{start}"
+                name = m.name.at(start)
                 boxes = (box.placed_within(rect_lo, rect_hi) for box in work[m.name].boxes)
                 shape = tuple(y - x for x, y in zip(rect_lo, rect_hi))
                 pieces[name] = ShardedTensor(name, shape, tuple(box for box in boxes if box is not None))

@@ -20,6 +20,7 @@ from .archs import Kind
 from .boxes import Box, ShardedTensor, split_evenly
 from .flat import Buffer, FlatBlock, View, pack
 from .mesh import Heads, Layout, LayoutError, head_split
+from .names import EMBED, HEAD, Block, TensorName
 from .series import Series, SeriesError, SeriesPlan, plan_series
 from .spec import ModelSpec
 from .tp import resolve
@@ -145,14 +146,14 @@ def local_tensor(spec: ModelSpec, kind: Kind, name: str, n: int, ranges: dict[st
     return ShardedTensor(name, local, tuple(boxes))
 
 
-def _block_tensors(spec: ModelSpec, kinds: tuple[Kind, ...], prefix: str, n: int,
-                   ranges: dict[str, tuple[int, int]], styles: dict[str, str]) -> dict[str, ShardedTensor]:
-    """The local tensors of one block (the embedding, layer ``n``, the head), in table order."""
+def _block_tensors(spec: ModelSpec, kinds: tuple[Kind, ...], block: Block, ranges: dict[str, tuple[int, int]],
+                   styles: dict[str, str]) -> dict[TensorName, ShardedTensor]:
+    """The local tensors of one block (the embedding, a decoder layer, the head), in table order."""
     out = {}
     for kind in kinds:
         if spec.holds(kind):
-            name = prefix + kind.local
-            out[name] = local_tensor(spec, kind, name, n, ranges, styles[kind.local])
+            name = TensorName(block, kind.local)
+            out[name] = local_tensor(spec, kind, name, block.layer or 0, ranges, styles[kind.local])
     return out
 
 
@@ -188,18 +189,14 @@ def _plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str, series
     ranges = {"q": (heads.q[0] * d, heads.q[1] * d), "kv": (heads.kv[0] * d, heads.kv[1] * d), "ffn": ffn,
               "vocab": vocab}
     work: dict[str, ShardedTensor] = {}
-    blocks: dict[str, tuple[str, ...]] = {}
-    if stage == 0:
-        work |= _block_tensors(spec, arch.embed, "", 0, ranges, styles)
-        blocks["embed"] = tuple(k.local for k in arch.embed)
-    for n in layers:
-        layer = _block_tensors(spec, arch.layer, f"layers.{n}.", n, ranges, styles)
-        work.update(layer)
-        blocks[f"layers.{n}"] = tuple(layer)
-    if stage == layout.pp - 1:
-        work |= _block_tensors(spec, arch.head, "", 0, ranges, styles)
-        blocks["head"] = tuple(k.local for k in arch.head)
-    alias = {"lm_head": "embed"} if "embed" in work and spec.tied else {}
+    blocks: dict[Block, tuple[TensorName, ...]] = {}
+    mine = ([(EMBED, arch.embed)] if stage == 0 else []) + [(Block.of_layer(n), arch.layer) for n in layers] + (
+        [(HEAD, arch.head)] if stage == layout.pp - 1 else [])
+    for block, kinds in mine:
+        tensors = _block_tensors(spec, kinds, block, ranges, styles)
+        work.update(tensors)
+        blocks[block] = tuple(tensors)
+    alias = {TensorName(HEAD, "lm_head"): TensorName(EMBED, "embed")} if "embed" in work and spec.tied else {}
     parts = layout.dp if provider == "zero3" else 1
     flats = {b: pack(b, [work[n] for n in names if n not in alias], parts) for b, names in blocks.items()}
     in_series = plan_series(series, work, layers, spec.layers, layout.dp)

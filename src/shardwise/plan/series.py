@@ -131,11 +131,10 @@ def plan_series(declared: Iterable[Series], work: dict[str, ShardedTensor], stag
 
 def _match(series: Series, work: dict[str, ShardedTensor], layer: int) -> str:
     """The one local tensor of ``layer`` that the pattern names."""
-    prefix = f"layers.{layer}."
-    names = [name for name in work if name.startswith(prefix)]
+    names = [name for name in work if name.block.layer == layer]
     found = [name for name in names if fnmatch.fnmatchcase(name, series.pattern)]
     if not found:
-        shorts = ", ".join(name[len(prefix):] for name in names)
+        shorts = ", ".join(name.kind for name in names)
         raise SeriesError(f"series {series}: pattern {series.pattern!r} matches no tensor of layer {layer} "
                           f"(its tensors are {shorts}; e.g. '*.o' or '*.down')")
     if len(found) > 1:

@@ -88,7 +88,13 @@ class ModelSpec:
     qk_norm: bool = False
     sliding_windows: tuple[int | None, ...] = ()
     tp_plan: TpPlan | None = None  # config.json's base_model_tp_plan, which replaces the built-in plan
+    table: Arch | None = None  # the architecture's table (every tensor kind, its parts, its split); None: ARCHS'
     config: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # The table is part of the spec's identity, so plans cached per spec follow an edited table.
+        if self.table is None:
+            object.__setattr__(self, "table", ARCHS[self.arch])
 
     @property
     def group_size(self) -> int:
@@ -97,11 +103,6 @@ class ModelSpec:
 
     def window(self, layer: int) -> int | None:
         return self.sliding_windows[layer] if self.sliding_windows else None
-
-    @property
-    def table(self) -> Arch:
-        """The architecture's table: every tensor kind, its checkpoint parts and how it is split."""
-        return ARCHS[self.arch]
 
     @cached_property
     def sizes(self) -> dict[str, int]:
@@ -187,6 +188,9 @@ def _tp_plan(cfg: dict) -> TpPlan | None:
     """The plan a config.json carries, as older transformers saved it and users write it; read like a user's."""
     if cfg.get("base_model_tp_plan") is None:
         return None
+    if not isinstance(cfg["base_model_tp_plan"], dict):  # never a path: a checkpoint must not name files to read
+        raise SpecError(f"field 'base_model_tp_plan' holds {shown(cfg['base_model_tp_plan'])}, expected an object "
+                        "of module pattern -> style name")
     try:
         return TpPlan.of(cfg["base_model_tp_plan"], "field 'base_model_tp_plan'")
     except TpPlanError as e:

@@ -28,9 +28,8 @@ class ProviderError(RuntimeError):
 
 
 def short_names(plan: RankPlan, block: str) -> dict[str, str]:
-    """A block's work tensor names as the layer code knows them: ``layers.3.qkv`` -> ``qkv``."""
-    prefix = f"{block}."
-    return {name: name[len(prefix):] if name.startswith(prefix) else name for name in plan.blocks[block]}
+    """A block's work tensor names, each with its kind, as the layer code knows it: ``layers.3.qkv`` -> ``qkv``."""
+    return {name: name.kind for name in plan.blocks[block]}
 
 
 class Provider:

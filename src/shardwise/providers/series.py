@@ -76,7 +76,7 @@ class SeriesProvider(Resident):
         self.members: dict[str, list[tuple[Ring, int]]] = {}  # block -> (ring, position) of its series tensors
         for ring in self.rings:
             for j, name in enumerate(ring.plan.names):
-                self.members.setdefault(name.rsplit(".", 1)[0], []).append((ring, j))
+                self.members.setdefault(name.block, []).append((ring, j))
         self.taken: dict[str, list[tuple[Ring, int]]] = {}  # block -> (ring, window) it holds, gather to release
         self.clock = 0
         self.counts = {"gathers": 0, "bytes": 0, "hits": 0}

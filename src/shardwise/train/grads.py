@@ -44,7 +44,7 @@ def tp_partials(plan: RankPlan) -> tuple[Partial, ...]:
     peers = plan.tp_peers() if plan.layout.tp > 1 else []
     out, arch = [], plan.spec.table
     for name, tensor in plan.work.items():
-        if not arch.kind(name).per_head or name in plan.alias:
+        if not arch.kind(name.kind).per_head or name in plan.alias:
             continue
         for box in tensor.boxes:
             sharing = tuple(p.rank for p in peers if any(b.region == box.region for b in p.work[name].boxes))

@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 
 from ..model.forward import Model
+from ..model.pipeline import Pass, run_block
+from ..plan.names import HEAD, Block
 from ..plan.rank import RankPlan
 from ..providers.base import short_names
 from ..providers.weights import allocate
@@ -90,7 +92,6 @@ class Trainer:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         self.model, self.optimizer, self.max_grad_norm = model, optimizer, max_grad_norm
         self.recompute = plan.provider == "zero3"
-        self.layers = {f"layers.{n}": layer for n, layer in model.layers.items()}
         provider = model.provider  # the gradient sums scale with the masters: they live where those do
         self.flats, self.grads = allocate(plan, [torch.float32] * len(plan.buffers), provider.state_device,
                                           provider.state_pinned)
@@ -133,21 +134,20 @@ class Trainer:
         """Forward and backward of one micro-batch; its share of the global mean loss (detached)."""
         model, provider, keep = self.model, self.model.provider, not self.recompute
         ids = ids.to(model.device)
-        cos, sin = model.rope(torch.arange(ids.shape[1], device=model.device))
+        p = Pass(ids, *model.rope(torch.arange(ids.shape[1], device=model.device)))
 
-        def run(block: str, x: torch.Tensor | None, w: dict[str, torch.Tensor]) -> torch.Tensor:
-            if block == "embed":
-                return model.embed(ids, w)
-            if block == "head":  # the last position predicts nothing: leave it out before the LM head
-                logits = model.head(x[:, :-1], w, local_vocab=True)
-                start, group = model.vocab_slice
-                return vocab_parallel_cross_entropy(logits, ids[:, 1:], start, group,
-                                                    reduction="sum") / global_tokens  # fp32, whatever the work dtype
-            return self.layers[block](x, w, cos, sin, 0, None)
+        def head(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+            logits = model.head(x[:, :-1], w, local_vocab=True)  # the last position predicts nothing
+            start, group = model.vocab_slice
+            return vocab_parallel_cross_entropy(logits, ids[:, 1:], start, group,
+                                                reduction="sum") / global_tokens  # fp32, whatever the work dtype
+
+        def run(block: Block, x: torch.Tensor | None, w: dict[str, torch.Tensor]) -> torch.Tensor:
+            return run_block(model, block, x, w, p, head)
 
         blocks = list(model.plan.blocks)
         ahead = blocks if keep else blocks[:-1]  # without a graph to keep, the head runs once, in the backward
-        saved: list[tuple[str, torch.Tensor | None, torch.Tensor | None]] = []
+        saved: list[tuple[Block, torch.Tensor | None, torch.Tensor | None]] = []
         h = None
         with provider.stream(ahead) as weights, torch.set_grad_enabled(keep):
             for block, w in zip(ahead, weights):
@@ -164,7 +164,7 @@ class Trainer:
                     w = {k: t.detach().requires_grad_() for k, t in w.items()}
                     with torch.enable_grad():
                         out = run(block, None if x is None else x.requires_grad_(), w)
-                if block == "head":
+                if block == HEAD:
                     loss = out.detach()
                     out.backward()
                 else:
