@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from ..io.loader import Provide, load_model
 from ..io.reader import Checkpoint
+from ..plan.boxes import first_holders
 from ..plan.mesh import Layout
 from ..plan.rank import plan_rank
 from ..plan.series import Series
@@ -59,14 +60,8 @@ def source_bytes(directory: str | Path, layout: Layout, rank: int, provider: str
     """Bytes of checkpoint data a rank's boxes cover, in the checkpoint's own dtypes."""
     spec = load_spec(directory)
     entries = Checkpoint(directory).entries
-    seen = set()
-    total = 0
-    for sharded in plan_rank(spec, layout, rank, provider, series).tensors.values():
-        for box in sharded.boxes:
-            if box.region not in seen:
-                seen.add(box.region)
-                total += box.numel * entries[box.source].dtype.itemsize
-    return total
+    held = ((None, box) for t in plan_rank(spec, layout, rank, provider, series).tensors.values() for box in t.boxes)
+    return sum(box.numel * entries[box.source].dtype.itemsize for _, box in first_holders(held))
 
 
 def bench_load_rank(directory: str, layout: Layout, dtype: torch.dtype, with_hf: bool,

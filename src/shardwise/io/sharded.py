@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..plan.boxes import Box
+from ..plan.boxes import Box, first_holders
 from ..plan.mesh import Layout, LayoutError
 from ..plan.rank import PROVIDERS, RankPlan, plan_rank
 from ..plan.series import Series, SeriesError
@@ -160,12 +160,11 @@ class ShardedCheckpoint:
         self.record = _field(root.get("train", {}), "train", dict, self.path)  # a training checkpoint's; else {}
         self.pieces: dict[str, list[Piece]] = {}
         self.stored: dict[str, list[Piece]] = {}  # every piece of each rank file, replicas included
-        seen = set()
-        for piece in self._pieces(root.get("files")):
+        pieces = list(self._pieces(root.get("files")))
+        for piece in pieces:
             self.stored.setdefault(piece.file, []).append(piece)
-            if piece.box.region not in seen:  # replicated regions are stored by several ranks; read one
-                seen.add(piece.box.region)
-                self.pieces.setdefault(piece.box.source, []).append(piece)
+        for piece, box in first_holders((p, p.box) for p in pieces):  # older saves store replicas: read each once
+            self.pieces.setdefault(box.source, []).append(Piece(piece.file, piece.tensor, box))
         for name, (shape, _) in self.tensors.items():
             _check_covered(self.path, name, shape, [p.box for p in self.pieces.get(name, [])])
         self._files: dict[str, Checkpoint] = {}

@@ -10,7 +10,11 @@ is specific to one parallel style.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -28,10 +32,9 @@ class Box:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    @property
-    def region(self) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
-        """What the box holds, wherever it sits locally: two boxes of one region carry the same bytes."""
-        return self.source, self.start, self.stop
+    def same_bytes(self, other: Box) -> bool:
+        """Whether two boxes hold the same elements of the same tensor, wherever each places them locally."""
+        return (self.source, self.start, self.stop) == (other.source, other.start, other.stop)
 
     def source_index(self) -> tuple[slice, ...]:
         return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
@@ -97,6 +100,25 @@ class ShardedTensor:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+def first_holders(held: Iterable[tuple[K, Box]]) -> Iterator[tuple[K, Box]]:
+    """Each (holder, box) less the elements an earlier box of the same tensor holds: every element once.
+
+    The one rule for "these are the same bytes" where boxes may overlap without being equal
+    (a KV head replicated over TP ranks, cut at different ZeRO-3 chunk edges; a tied
+    embedding on two stages): an element belongs to the first box that holds it, and each
+    later box keeps only what is left of it, as disjoint boxes placed where they land.
+    Ownership (the lowest rank), a sharded checkpoint's replicated pieces (the first file)
+    and the bytes a load reads all come from it.
+    """
+    before: dict[str, list[Box]] = {}
+    for holder, box in held:
+        rest = [box]
+        for other in before.get(box.source, ()):
+            rest = [part for piece in rest for part in piece.minus(other.start, other.stop)]
+        before.setdefault(box.source, []).append(box)
+        yield from ((holder, piece) for piece in rest)
 
 
 def full_box(source: str, shape: tuple[int, ...]) -> Box:

@@ -17,7 +17,7 @@ import torch
 
 from ..words import plural
 from .archs import Kind
-from .boxes import Box, ShardedTensor, split_evenly
+from .boxes import Box, ShardedTensor, first_holders, split_evenly
 from .flat import Buffer, FlatBlock, View, pack
 from .mesh import Heads, Layout, LayoutError, head_split
 from .names import EMBED, HEAD, Block, TensorName
@@ -101,20 +101,9 @@ class RankPlan:
         owns. Export writes each byte once through it, a sharded save stores each element once,
         and a global gradient norm counts each element once.
         """
-        before: dict[str, list[Box]] = {}
-        for rank in range(self.rank):
-            for t in self.peer(rank).tensors.values():
-                for box in t.boxes:
-                    before.setdefault(box.source, []).append(box)
-        out = []
-        for name, t in self.tensors.items():
-            for box in t.boxes:
-                rest = [box]
-                for other in before.get(box.source, ()):
-                    rest = [part for piece in rest for part in piece.minus(other.start, other.stop)]
-                out += [(name, piece) for piece in rest]
-                before.setdefault(box.source, []).append(box)
-        return out
+        held = (((rank, name), box) for rank in range(self.rank + 1)
+                for name, t in self.peer(rank).tensors.items() for box in t.boxes)
+        return [(name, box) for (rank, name), box in first_holders(held) if rank == self.rank]
 
     def nbytes(self, dtype: torch.dtype) -> int:
         """Bytes this rank holds, counting tensors that share a buffer (tied embeddings) once."""
@@ -196,7 +185,7 @@ def _plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str, series
         tensors = _block_tensors(spec, kinds, block, ranges, styles)
         work.update(tensors)
         blocks[block] = tuple(tensors)
-    alias = {TensorName(HEAD, "lm_head"): TensorName(EMBED, "embed")} if "embed" in work and spec.tied else {}
+    alias = _shared_storage(work)
     parts = layout.dp if provider == "zero3" else 1
     flats = {b: pack(b, [work[n] for n in names if n not in alias], parts) for b, names in blocks.items()}
     in_series = plan_series(series, work, layers, spec.layers, layout.dp)
@@ -238,3 +227,16 @@ def _resident_buffers(work: dict[str, ShardedTensor], alias: dict[str, str]) -> 
     for name, t in work.items():
         views.setdefault(alias.get(name, name), []).append(View(name, 0, t.shape))
     return tuple(Buffer(name, work[name].numel, tuple(v)) for name, v in views.items())
+
+
+def _shared_storage(work: dict[str, ShardedTensor]) -> dict[str, str]:
+    """Tensors of this rank that hold the same bytes as an earlier one, laid out alike (a tied LM head beside its
+    embedding), mapped to it: they share one buffer, one read and one gradient."""
+    alias: dict[str, str] = {}
+    for i, (name, t) in enumerate(work.items()):
+        for first, u in list(work.items())[:i]:
+            if first not in alias and t.shape == u.shape and len(t.boxes) == len(u.boxes) and all(
+                    a.same_bytes(b) and a.offset == b.offset for a, b in zip(t.boxes, u.boxes)):
+                alias[name] = first
+                break
+    return alias

@@ -47,7 +47,7 @@ def tp_partials(plan: RankPlan) -> tuple[Partial, ...]:
         if not arch.kind(name.kind).per_head or name in plan.alias:
             continue
         for box in tensor.boxes:
-            sharing = tuple(p.rank for p in peers if any(b.region == box.region for b in p.work[name].boxes))
+            sharing = tuple(p.rank for p in peers if any(b.same_bytes(box) for b in p.work[name].boxes))
             if len(sharing) > 1:
                 out.append(Partial(name, box.local_index(), sharing))
     return tuple(out)
