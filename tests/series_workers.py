@@ -20,6 +20,7 @@ import zero3_workers as zw
 import shardwise.io.reader as reader
 from shardwise import Layout, Model, ProviderError, RankPlan, export, load_model, load_weights, save_sharded
 from shardwise.io.sharded import stored_name
+from shardwise.plan.boxes import first_holders
 from shardwise.plan.series import Series
 
 Job = zw.Job
@@ -90,8 +91,8 @@ def reading() -> Iterator[dict[str, Any]]:
 def region_bytes(plan: RankPlan, dtypes: dict[str, torch.dtype]) -> int:
     """Bytes of the distinct checkpoint regions a rank holds, in the checkpoint's dtypes: what its load must read
     (a tied LM head is its embedding's bytes, read once)."""
-    regions = {box.region: box.numel * dtypes[box.source].itemsize for t in plan.tensors.values() for box in t.boxes}
-    return sum(regions.values())
+    held = ((None, box) for t in plan.tensors.values() for box in t.boxes)
+    return sum(box.numel * dtypes[box.source].itemsize for _, box in first_holders(held))
 
 
 def read_report(counts: dict[str, Any], model: Model) -> dict[str, Any]:

@@ -54,6 +54,11 @@ def train_all(paths: list[str], tp: int, dp: int, provider: str = "resident", cl
     return [train(path, tp, dp, provider, clip, micro, tp_plan) for path in paths]
 
 
+def train_under_plans(paths: list[str], tp: int, dp: int, provider: str, plans: dict[str, dict]) -> dict:
+    """``train_all`` under each named TP plan, in one launch."""
+    return {plan: train_all(paths, tp, dp, provider, tp_plan=tp_plan) for plan, tp_plan in plans.items()}
+
+
 def train(path: str, tp: int, dp: int, provider: str = "resident", clip: float | None = None,
           micro: int = 1, tp_plan: dict | None = None) -> dict[str, object]:
     """Every step's loss and gradient-norm relative error against HF, and each rank's largest weight error relative

@@ -20,9 +20,30 @@ def forward_and_generate(tp: int, pp: int, checkpoints: dict[str, str], ids: tor
 
 
 def forward_under_plans(tp: int, checkpoints: dict[str, str], ids: torch.Tensor, steps: int,
-                        plans: dict[str, dict]) -> dict:
-    """``forward_and_generate`` under each named TP plan, in one launch."""
-    return {plan: forward_and_generate(tp, 1, checkpoints, ids, steps, tp_plan) for plan, tp_plan in plans.items()}
+                        plans: dict[str, dict | None]) -> dict:
+    """Under each named TP plan, in one launch: each checkpoint's logits, greedy tokens and the all-reduces its
+    forward made."""
+    out: dict = {}
+    for plan, tp_plan in plans.items():
+        for name, path in checkpoints.items():
+            with load_model(path, Layout(tp), progress=False, tp_plan=tp_plan) as model:
+                calls = count_calls(model.comm, "tp_all_reduce")
+                logits = model(ids)
+                del model.comm.tp_all_reduce  # the class's again
+                out.setdefault(plan, {})[name] = (logits, model.generate(ids, steps), len(calls))
+    return out
+
+
+def count_calls(obj, method: str) -> list:
+    """Record each call of ``obj.method`` (its first argument's shape) in the returned list."""
+    calls, original = [], getattr(obj, method)
+
+    def counted(x, *args, **kwargs):
+        calls.append(x.shape)
+        return original(x, *args, **kwargs)
+
+    setattr(obj, method, counted)
+    return calls
 
 
 def layout_from_world(pp: int) -> Layout:
