@@ -1,10 +1,12 @@
-"""The Llama-family forward pass, written once for every layout.
+"""The decoder forward pass, written once for every layout and architecture.
 
 A rank runs one pipeline stage over its TP slice of each layer. The stage code reads
 like a single-device model: the TP layers hide their collectives, and the only
 pipeline logic is "receive the hidden state, run my layers, send it on". The math
 follows HF transformers step for step (fp32 RMSNorm, the same rope frequencies),
-which is what lets every layout match HF's logits.
+which is what lets every layout match HF's logits. Where an architecture departs from
+Llama (OLMo-2's norms, Phi-3's partial rotary and longrope), its table says so
+(``Arch``) and the step takes that variant.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from torch import nn
 
 from ..dist.comm import Comm
 from ..plan.boxes import split_evenly
+from ..plan.mesh import head_split
 from ..plan.rank import RankPlan
 from ..providers.base import Provider
 from .layers import column_parallel, parallel_lm_head, rms_norm, row_parallel, vocab_parallel_embedding
+from .qk_norm import full_width_qk_norm
 
 if TYPE_CHECKING:
     from ..providers.weights import Weights
@@ -29,6 +33,16 @@ if TYPE_CHECKING:
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's rotation of the first ``cos.shape[-1]`` dims of each head (all of them, unless rotary is partial, as
+    Phi-3's may be), the rest passed through; computed in cos's dtype and cast back to x's, as OLMo-2 does with
+    its fp32 cos and sin (a no-op where they are x's dtype already)."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
 class KVCache:
@@ -101,8 +115,11 @@ class Attention:
 
     def __init__(self, plan: RankPlan, comm: Comm, n: int):
         spec, heads = plan.spec, plan.heads
-        self.comm, self.eps, self.qk_norm = comm, spec.rms_eps, spec.qk_norm
+        self.comm, self.eps = comm, spec.rms_eps
+        self.qk_norm, self.fp32_scale = spec.table.qk_norm if spec.qk_norm else None, spec.table.fp32_scale
         self.n_q, self.n_kv, self.head_dim = heads.n_q, heads.n_kv, spec.head_dim
+        self.widths = (spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim)
+        self.counts_kv = first_to_hold_its_kv_heads(plan)
         self.window = spec.window(n)
 
     def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, start: int,
@@ -111,12 +128,15 @@ class Attention:
         d = self.head_dim
         q, k, v = column_parallel(self.comm, x, w["qkv"], w.get("qkv_bias")).split(
             [self.n_q * d, self.n_kv * d, self.n_kv * d], dim=-1)
+        if self.qk_norm == "full":
+            q, k = full_width_qk_norm(self.comm, q, k, w["q_norm"], w["k_norm"], self.eps, self.widths,
+                                      self.counts_kv, self.fp32_scale)
         q, k, v = q.view(b, t, self.n_q, d), k.view(b, t, self.n_kv, d), v.view(b, t, self.n_kv, d)
-        if self.qk_norm:
-            q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
+        if self.qk_norm == "head":
+            q, k = (rms_norm(q, w["q_norm"], self.eps, self.fp32_scale),
+                    rms_norm(k, w["k_norm"], self.eps, self.fp32_scale))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, start)
         group = self.n_q // self.n_kv
@@ -128,23 +148,42 @@ class Attention:
         return row_parallel(self.comm, out.transpose(1, 2).reshape(b, t, self.n_q * d), w["o"], w.get("o_bias"))
 
 
+def first_to_hold_its_kv_heads(plan: RankPlan) -> bool:
+    """Whether this rank is the lowest of its TP group holding its KV heads: with more TP ranks than KV heads a KV
+    head sits on several, and a statistic over all KV heads must count it once."""
+    spec = plan.spec
+    split = head_split(spec.heads, spec.kv_heads, plan.layout.tp)
+    return [h.kv for h in split].index(plan.heads.kv) == plan.tp_rank
+
+
 def mlp(comm: Comm, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
     gate, up = column_parallel(comm, x, w["gate_up"], w.get("gate_up_bias")).chunk(2, dim=-1)
     return row_parallel(comm, F.silu(gate) * up, w["down"], w.get("down_bias"))
 
 
 class DecoderLayer:
+    """Pre-norm (Llama: each sublayer reads the normalized residual stream), or post-norm (OLMo-2: each sublayer
+    reads the raw stream and its output is normalized before the residual add)."""
+
     def __init__(self, plan: RankPlan, comm: Comm, n: int):
-        self.comm, self.eps = comm, plan.spec.rms_eps
+        table = plan.spec.table
+        self.comm, self.eps, self.post_norms, self.fp32_scale = comm, plan.spec.rms_eps, table.post_norms, \
+            table.fp32_scale
         self.attn = Attention(plan, comm, n)
 
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, weight, self.eps, self.fp32_scale)
+
     def __call__(self, x, w, cos, sin, start, cache, keys=None):
-        x = x + self.attn(rms_norm(x, w["attn_norm"], self.eps), w, cos, sin, start, cache, keys)
-        return x + mlp(self.comm, rms_norm(x, w["mlp_norm"], self.eps), w)
+        if self.post_norms:
+            x = x + self.norm(self.attn(x, w, cos, sin, start, cache, keys), w["attn_out_norm"])
+            return x + self.norm(mlp(self.comm, x, w), w["mlp_out_norm"])
+        x = x + self.attn(self.norm(x, w["attn_norm"]), w, cos, sin, start, cache, keys)
+        return x + mlp(self.comm, self.norm(x, w["mlp_norm"]), w)
 
 
 class Model(nn.Module):
-    """One rank's stage of a Llama-family model.
+    """One rank's stage of a decoder model (any architecture of ``plan.archs``).
 
     ``forward`` and ``generate`` are collective: every rank of a replica (its TP ranks
     and pipeline stages) calls them with the same input ids and gets the same
@@ -167,6 +206,9 @@ class Model(nn.Module):
         self.layers = {n: DecoderLayer(plan, comm, n) for n in plan.layers}
         self.vocab_sizes = [hi - lo for lo, hi in split_evenly(spec.vocab, plan.layout.tp)]
         self.register_buffer("inv_freq", spec.rope.inv_freq(spec.head_dim).to(self.device), persistent=False)
+        self.register_buffer("long_inv_freq", spec.rope.inv_freq(spec.head_dim, long=True).to(self.device),
+                             persistent=False)
+        self.rope_dtype = torch.float32 if spec.table.fp32_scale else self.dtype
         self.caches: dict[int, KVCache] | None = None
 
     @property
@@ -194,12 +236,20 @@ class Model(nn.Module):
         self.close(sync=exc_type is None)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for (seq,) positions shared by all rows, or (batch, seq) ones with a head axis added."""
-        freqs = positions.float()[..., None] * self.inv_freq
+        """cos and sin for (seq,) positions shared by all rows, or (batch, seq) ones with a head axis added.
+
+        As HF, per forward: longrope's long frequencies for every position once any lies beyond its original
+        length, cos and sin scaled by its attention factor (1 for other ropes), and cast to the model's dtype,
+        except OLMo-2's, which stay fp32.
+        """
+        rope = self.spec.rope
+        long = positions.numel() > 0 and rope.uses_long(int(positions.max()))
+        freqs = positions.float()[..., None] * (self.long_inv_freq if long else self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         if positions.dim() == 2:
             emb = emb[:, None]
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        scale = rope.attention_factor
+        return (emb.cos() * scale).to(self.rope_dtype), (emb.sin() * scale).to(self.rope_dtype)
 
     def forward(self, input_ids: torch.Tensor, start: int = 0, last_only: bool = False,
                 attention_mask: torch.Tensor | None = None, local_vocab: bool = False) -> torch.Tensor:
@@ -255,8 +305,8 @@ class Model(nn.Module):
 
     def head(self, h: torch.Tensor, w: dict[str, torch.Tensor], local_vocab: bool = False) -> torch.Tensor:
         """The "head" block: final norm and LM head; full-vocabulary logits, or this rank's slice (``local_vocab``)."""
-        return parallel_lm_head(self.comm, rms_norm(h, w["norm"], self.spec.rms_eps), w["lm_head"],
-                                None if local_vocab else self.vocab_sizes)
+        h = rms_norm(h, w["norm"], self.spec.rms_eps, self.spec.table.fp32_scale)
+        return parallel_lm_head(self.comm, h, w["lm_head"], None if local_vocab else self.vocab_sizes)
 
     def _allocate_caches(self, batch: int, max_len: int) -> None:
         heads = self.plan.heads
@@ -293,6 +343,8 @@ class Model(nn.Module):
         try:
             for _ in range(max_new_tokens):
                 end = start + step_ids.shape[1]
+                if self._recompute_cache(start, end):
+                    step_ids, start = torch.cat(out, dim=1), 0
                 step_mask = None if mask is None else mask[:, :end]
                 logits = self.forward(step_ids, start=start, last_only=True, attention_mask=step_mask)[:, -1].float()
                 start = end
@@ -309,6 +361,13 @@ class Model(nn.Module):
         finally:
             self.caches = None
         return torch.cat(out, dim=1)
+
+    def _recompute_cache(self, start: int, end: int) -> bool:
+        """Whether this step reruns the whole sequence: HF's Phi-3 generate drops its cache the first time the
+        sequence outgrows longrope's original length (``prepare_inputs_for_generation``), so that every key is
+        rotated again with the long frequencies instead of keeping the short ones it was cached with."""
+        rope = self.spec.rope
+        return rope.kind == "longrope" and 0 < start <= rope.original_max_positions < end
 
     def _finished(self, done: torch.Tensor) -> bool:
         """Every row has ended; replicas moving weights together (ZeRO-3, a series) stop only when all theirs have."""
