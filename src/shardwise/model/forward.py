@@ -166,9 +166,9 @@ class DecoderLayer:
     reads the raw stream and its output is normalized before the residual add)."""
 
     def __init__(self, plan: RankPlan, comm: Comm, n: int):
-        table = plan.spec.table
-        self.comm, self.eps, self.post_norms, self.fp32_scale = comm, plan.spec.rms_eps, table.post_norms, \
-            table.fp32_scale
+        spec = plan.spec
+        self.comm, self.eps = comm, spec.rms_eps
+        self.post_norms, self.fp32_scale = spec.table.post_norms, spec.table.fp32_scale
         self.attn = Attention(plan, comm, n)
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -243,7 +243,7 @@ class Model(nn.Module):
         except OLMo-2's, which stay fp32.
         """
         rope = self.spec.rope
-        long = positions.numel() > 0 and rope.uses_long(int(positions.max()))
+        long = rope.uses_long(positions)
         freqs = positions.float()[..., None] * (self.long_inv_freq if long else self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         if positions.dim() == 2:

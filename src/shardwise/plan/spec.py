@@ -63,9 +63,10 @@ class Rope:
         """How many leading dims of each head rotate (``int(head_dim * partial)``, as HF truncates it)."""
         return int(head_dim * self.partial)
 
-    def uses_long(self, max_position: int) -> bool:
-        """Whether a forward whose largest position is ``max_position`` rotates with longrope's long factors."""
-        return self.kind == "longrope" and max_position + 1 > self.original_max_positions
+    def uses_long(self, positions: torch.Tensor) -> bool:
+        """Whether a forward at ``positions`` rotates with longrope's long factors: any of them lies beyond the
+        original length (read only for longrope, so that other ropes never wait for a device)."""
+        return self.kind == "longrope" and positions.numel() > 0 and int(positions.max()) >= self.original_max_positions
 
     def inv_freq(self, head_dim: int, long: bool = False) -> torch.Tensor:
         """Per-pair rotation frequencies, computed exactly as HF does so logits match bit for bit; ``long`` picks
@@ -197,7 +198,7 @@ def _partial_rotary(cfg: dict, params: dict, arch: Arch, head_dim: int) -> float
     """The fraction of each head that rotates: Phi-3 reads it (``rope_parameters`` first, then the top level);
     elsewhere anything but 1 is refused, since HF's Llama-family rotation cannot apply it."""
     source = params if params.get("partial_rotary_factor") is not None else cfg
-    value = _number(source, "partial_rotary_factor", 1.0) if source.get("partial_rotary_factor") is not None else 1.0
+    value = 1.0 if source.get("partial_rotary_factor") is None else _number(source, "partial_rotary_factor")
     if value != 1.0 and arch.name != "phi3":
         raise SpecError(f"field 'partial_rotary_factor' is {value}, but {arch.name} rotates whole heads (expected 1)")
     rotary = int(head_dim * value)
