@@ -87,3 +87,38 @@ def test_generation_across_longrope_original_length_matches_hf_generate(name, ch
         logits, tokens = model(ids), model.generate(ids, steps)
     assert (logits - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()
     assert torch.equal(tokens, ref_tokens)
+
+
+FACTORS = dict(short_factor=[1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0], long_factor=[2.0, 3.0, 5.0, 8.0, 9.0, 10, 12, 16])
+ROPES = {  # Phi-3 config.json fields (hidden 96, 6 heads: head_dim 16), as older and newer transformers write them
+    "partial default": dict(partial_rotary_factor=0.5, rope_theta=5000.0),
+    "longrope, 4.x spelling": dict(rope_scaling=dict(type="longrope", **FACTORS), original_max_position_embeddings=8,
+                                   rope_theta=5000.0),
+    "su, factor and attention factor given": dict(rope_scaling=dict(type="su", factor=3.0, attention_factor=1.25,
+                                                                    **FACTORS), original_max_position_embeddings=8),
+    "original length only in the rope parameters": dict(  # Phi-3's top-level default, 4096, outranks it
+        rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=8,
+                             **FACTORS), max_position_embeddings=8192),
+    "partial longrope": dict(rope_parameters=dict(rope_type="longrope", partial_rotary_factor=0.75, rope_theta=1e4,
+                                                  short_factor=[1.5] * 6, long_factor=[4.0] * 6),
+                             original_max_position_embeddings=8),
+}
+
+
+@pytest.mark.parametrize("fields", ROPES.values(), ids=ROPES)
+def test_phi3_rope_frequencies_and_scaling_are_hf_s(fields):
+    """The frequencies and attention factor shardwise reads from a Phi-3 config.json are those HF's rotary embedding
+    uses, bit for bit, for a forward within the original length and one beyond it."""
+    import transformers
+
+    from shardwise.plan.spec import spec_from_config
+
+    config = dict(model_type="phi3", hidden_size=96, num_attention_heads=6, num_hidden_layers=1,
+                  intermediate_size=8, vocab_size=16, max_position_embeddings=64) | fields
+    rope = spec_from_config(config).rope
+    hf = transformers.models.phi3.modeling_phi3.Phi3RotaryEmbedding(transformers.Phi3Config.from_dict(config))
+    for length in (5, 9000):
+        positions = torch.arange(length)
+        hf(torch.zeros(1), positions[None])
+        assert torch.equal(rope.inv_freq(16, long=rope.uses_long(positions)), hf.inv_freq), f"{length} positions"
+        assert rope.attention_factor == hf.attention_scaling
