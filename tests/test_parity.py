@@ -122,3 +122,26 @@ def test_phi3_rope_frequencies_and_scaling_are_hf_s(fields):
         hf(torch.zeros(1), positions[None])
         assert torch.equal(rope.inv_freq(16, long=rope.uses_long(positions)), hf.inv_freq), f"{length} positions"
         assert rope.attention_factor == hf.attention_scaling
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "olmo2"])
+def test_bf16_logits_are_hf_s_bit_for_bit(arch, tmp_path):
+    """In bf16 every rounding shows, so one process must compute HF's logits exactly: OLMo-2 multiplies its norm gains
+    in fp32 before the cast and rotates in fp32, Llama and Phi-3 cast first (the other order is 0.07 off). Without
+    biases: a row-parallel bias is added after the TP sum, rounding once more than HF's fused one."""
+    import transformers
+    from conftest import hf_config, randomize_norms_and_biases
+
+    from shardwise import load_model
+
+    config = hf_config(arch, tied=False)
+    config.attention_bias = False
+    torch.manual_seed(5)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    randomize_norms_and_biases(model)
+    model.save_pretrained(tmp_path / arch)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / arch, dtype=torch.bfloat16)  # rope in fp32
+    with torch.no_grad():
+        expected = hf(PROMPT).logits
+    with load_model(tmp_path / arch, dtype=torch.bfloat16, progress=False) as shardwise_model:
+        assert torch.equal(shardwise_model(PROMPT), expected)
