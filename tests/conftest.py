@@ -21,10 +21,11 @@ ARCHS = {
     "mistral": dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, sliding_window=7),
     "qwen2": dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3),
     "qwen3": dict(hidden_size=48, num_attention_heads=8, num_key_value_heads=4, head_dim=16),
-    # 6 heads over 2 KV heads: replicated at tp 3 and 4; longrope whose original length 8 the 11-token prompt
-    # outgrows (tests/test_parity.py crosses it while generating), 12 of 16 dims rotated, a 7-token window.
+    # 6 heads over 2 KV heads: replicated at tp 3 and 4; longrope whose original length 16 the 11-token prompt keeps
+    # within (short factors) and generation outgrows (long factors: the KV cache is rerun as HF's generate reruns it);
+    # 12 of 16 dims rotated, a 7-token window.
     "phi3": dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, sliding_window=7,
-                 original_max_position_embeddings=8, partial_rotary_factor=0.75, bos_token_id=1, eos_token_id=2,
+                 original_max_position_embeddings=16, partial_rotary_factor=0.75, bos_token_id=1, eos_token_id=2,
                  pad_token_id=None, rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
                                                          short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
                                                          long_factor=[1.5, 2.0, 3.0, 4.5, 6.0, 8.0])),

@@ -66,25 +66,24 @@ def test_sampling_is_identical_on_every_rank_and_stops_at_eos(checkpoints):
     assert (stopped[0, stop:] == eos).all(), "a finished row must be padded with EOS"
 
 
-@pytest.mark.parametrize("name", ["phi3-untied"])
-def test_generation_across_longrope_original_length_matches_hf_generate(name, checkpoints):
-    """A 5-token prompt within Phi-3's longrope original length (8), continued past it: the prompt's logits use the
-    short factors, and at the step the sequence outgrows 8, HF's generate drops its cache and reruns everything with
-    the long ones; shardwise's cached generation must choose the same at every step (keeping the short-rotated keys
-    gives other tokens)."""
+def test_generation_across_longrope_original_length_matches_hf_generate(checkpoints):
+    """The prompt lies within Phi-3's longrope original length (16) and generation runs past it: the prompt's logits
+    use the short factors, and at the step the sequence outgrows 16, HF's generate drops its cache and reruns the
+    whole sequence with the long ones. shardwise's cached generation must choose the same at every step (keeping
+    the short-rotated keys gives other tokens); the layouts above compare it with HF recomputing every step."""
     import transformers
 
     from shardwise import load_model
 
-    ids, steps = PROMPT[:, :5], 12
-    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints[name], dtype=torch.float32).eval()
+    path = checkpoints["phi3-untied"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     with torch.no_grad():
-        ref_logits = hf(ids).logits
-        ref_tokens = hf.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0)
-    with load_model(checkpoints[name], progress=False) as model:
-        assert model.spec.rope.original_max_positions < ref_tokens.shape[1], "generation never crosses the length"
-        logits, tokens = model(ids), model.generate(ids, steps)
+        ref_logits = hf(PROMPT).logits
+        ref_tokens = hf.generate(PROMPT, max_new_tokens=STEPS, do_sample=False, pad_token_id=0)
+    with load_model(path, progress=False) as model:
+        assert PROMPT.shape[1] <= model.spec.rope.original_max_positions < ref_tokens.shape[1], "no crossing"
+        logits, tokens = model(PROMPT), model.generate(PROMPT, STEPS)
     assert (logits - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()
     assert torch.equal(tokens, ref_tokens)
 
