@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from shardwise.dist.collectives import copy_to, gather_from, reduce_from, scatter_to
+from shardwise.dist.collectives import copy_to, gather_from, reduce_from, scatter_to, shared_sum
 from shardwise.train.loss import IGNORE_INDEX, vocab_parallel_cross_entropy
 
 ROWS = 5
@@ -71,6 +71,16 @@ def primitives(sizes: tuple[int, ...]) -> dict[str, float]:
     (y * v).sum().backward()
     out["gather forward"] = err(y.detach(), full)
     out["gather grad"] = err(x.grad, piece(v, sizes, rank))
+
+    # shared sum: rank r holds a partial x_r and applies its own w_r to the sum (a norm's statistic over heads split
+    # across ranks), so the loss is the sum over ranks and each x_r's gradient the sum of every w_r.
+    parts = [seeded(60 + r, ROWS, width) for r in range(world)]
+    x = parts[rank].clone().requires_grad_()
+    w = [seeded(70 + r, ROWS, width) for r in range(world)]
+    y = shared_sum(x, group)
+    (y * w[rank]).sum().backward()
+    out["shared sum forward"] = err(y.detach(), sum(parts))
+    out["shared sum grad"] = err(x.grad, sum(w))
     return out
 
 

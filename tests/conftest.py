@@ -21,6 +21,17 @@ ARCHS = {
     "mistral": dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, sliding_window=7),
     "qwen2": dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3),
     "qwen3": dict(hidden_size=48, num_attention_heads=8, num_key_value_heads=4, head_dim=16),
+    # 6 heads over 2 KV heads: replicated at tp 3 and 4; longrope whose original length 16 the 11-token prompt keeps
+    # within (short factors) and generation outgrows (long factors: the KV cache is rerun as HF's generate reruns it);
+    # 12 of 16 dims rotated, a 7-token window.
+    "phi3": dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, sliding_window=7,
+                 original_max_position_embeddings=16, partial_rotary_factor=0.75, bos_token_id=1, eos_token_id=2,
+                 pad_token_id=None, rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                         short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                                         long_factor=[1.5, 2.0, 3.0, 4.5, 6.0, 8.0])),
+    # 6 heads over 3 KV heads, 12 wide (q 72 wide, hidden 64): uneven at tp 2, KV head 0 on two ranks at tp 4.
+    "olmo2": dict(hidden_size=64, num_attention_heads=6, num_key_value_heads=3, head_dim=12, attention_bias=True,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=None),
 }
 CHECKPOINTS = [f"{arch}-{tie}" for arch in ARCHS for tie in ("tied", "untied")]
 PROMPT = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -30,7 +41,8 @@ STEPS = 16
 def hf_config(arch: str, tied: bool, layers: int = 3):
     import transformers
 
-    classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
+    classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+               "phi3": "Phi3Config", "olmo2": "Olmo2Config"}
     return getattr(transformers, classes[arch])(
         vocab_size=VOCAB, intermediate_size=100, num_hidden_layers=layers, max_position_embeddings=64,
         tie_word_embeddings=tied, initializer_range=0.1, **ARCHS[arch],
@@ -45,12 +57,24 @@ def write_checkpoint(name: str, directory: Path, layers: int = 3) -> Path:
     tied = tie == "tied"
     torch.manual_seed(zlib.crc32(name.encode()) % 1000)  # hash() is salted per process: runs would differ
     model = transformers.AutoModelForCausalLM.from_config(hf_config(arch, tied, layers))
+    randomize_norms_and_biases(model)
     path = directory / name
     if tied:
         model.to(torch.bfloat16).save_pretrained(path)
     else:
         model.save_pretrained(path, max_shard_size="40KB")
     return path
+
+
+def randomize_norms_and_biases(model) -> None:
+    """HF starts norm gains at one and biases at zero, where a gain or bias read from the wrong place (another
+    head's, another rank's) changes nothing: random ones make every misplacement show."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
 
 
 def hf_reference(path: Path, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,9 @@ def loss_of(logits: torch.Tensor) -> torch.Tensor:
 
 
 def hf_gradients(path: str) -> dict[str, torch.Tensor]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    """HF's gradients computed in float64, so that a comparison measures shardwise's fp32 rounding alone: a q/k norm
+    gain's gradient cancels heavily (softmax ignores a shift of the scores), and HF's own fp32 one can be 6e-6 off."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
     loss_of(model(PROMPT).logits).backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
     if model.config.tie_word_embeddings:

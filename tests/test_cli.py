@@ -49,15 +49,25 @@ def with_tokenizer(checkpoints, tmp_path_factory) -> Path:
     return path
 
 
-def test_plan_table(checkpoints):
-    path = checkpoints["llama-untied"]
+@pytest.mark.parametrize("name", ["llama-untied", "phi3-untied", "olmo2-untied"])
+def test_plan_table(checkpoints, name):
+    """Each rank's bytes: the total, and the attention and MLP columns as its heads and ffn range make them (Phi-3's
+    packed projections count only the rank's rows of them)."""
+    path = checkpoints[name]
     out = shardwise("plan", str(path / "config.json"), "--tp", "3", "--pp", "2")
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines()[2:]]
     assert len(rows) == 6
     spec = load_spec(path)
+    h, d, size = spec.hidden, spec.head_dim, spec.dtype.itemsize
     for rank, row in enumerate(rows):
-        assert float(row[-2]) == pytest.approx(plan_rank(spec, Layout(3, 2), rank).nbytes(spec.dtype) / 1e6, abs=0.01)
+        plan = plan_rank(spec, Layout(3, 2), rank)
+        assert float(row[-2]) == pytest.approx(plan.nbytes(spec.dtype) / 1e6, abs=0.01)
+        q, kv, ffn = plan.heads.n_q * d, plan.heads.n_kv * d, plan.ffn[1] - plan.ffn[0]
+        attention = (q + 2 * kv) * (h + spec.qkv_bias) + h * q + h * spec.o_bias
+        mlp = 3 * ffn * h
+        mb = [float(x) for x in row[6::2]]  # embedding, attention, mlp, norms, lm_head, total
+        assert mb[1:3] == pytest.approx([len(plan.layers) * n * size / 1e6 for n in (attention, mlp)], abs=0.01)
 
 
 def test_bench_load_json(checkpoints):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from shardwise import launch
-from shardwise.dist.collectives import copy_to, gather_from, reduce_from, scatter_to
+from shardwise.dist.collectives import copy_to, gather_from, reduce_from, scatter_to, shared_sum
 from shardwise.train.loss import IGNORE_INDEX, vocab_parallel_cross_entropy
 
 SIZES = {2: [(3, 3), (4, 3), (6, 1)], 3: [(2, 2, 2), (3, 2, 2), (1, 5, 1)]}
@@ -39,9 +39,10 @@ PRIMITIVE_CASES = [(world, sizes) for world in SIZES for sizes in SIZES[world]]
 
 @pytest.mark.parametrize("world,sizes", PRIMITIVE_CASES, ids=str)
 def test_primitives_forward_and_gradient_match_one_process(results, world, sizes):
-    """copy / reduce / scatter / gather in float64: forward exact, gradient that of the summed loss in one process."""
+    """copy / reduce / scatter / gather / shared sum in float64: forward exact, gradient that of the summed loss in one
+    process."""
     for rank, errors in enumerate(results[world][("primitives", (sizes,))]):
-        assert set(errors) == {f"{p} {what}" for p in ("copy", "reduce", "scatter", "gather")
+        assert set(errors) == {f"{p} {what}" for p in ("copy", "reduce", "scatter", "gather", "shared sum")
                                for what in ("forward", "grad")}
         bad = {k: v for k, v in errors.items() if not v <= 1e-12}
         assert not bad, f"rank {rank} of {world}, sizes {sizes}: {bad}"
@@ -61,7 +62,8 @@ def test_vocab_parallel_loss_matches_cross_entropy_on_full_logits(results, world
 def test_one_rank_group_is_the_identity():
     """With no group (one rank) every primitive returns its input and the loss is plain cross-entropy."""
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    for y in (copy_to(x, None), reduce_from(x, None), scatter_to(x, [4], None), gather_from(x, [4], None)):
+    for y in (copy_to(x, None), reduce_from(x, None), scatter_to(x, [4], None), gather_from(x, [4], None),
+              shared_sum(x, None)):
         assert y is x
     targets = torch.tensor([1, IGNORE_INDEX, 3])
     loss = vocab_parallel_cross_entropy(x, targets, 0, None)

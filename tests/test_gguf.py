@@ -148,7 +148,11 @@ def test_not_a_gguf_file(tmp_path):
      r"key 'tokenizer\.ggml\.eos_token_id': expected an integer from 0 to 255, got integer 256"),
     ({"llama.feed_forward_length": (128, V.UINT32)},
      r"tensor 'blk\.0\.ffn_gate\.weight' has shape \[96, 64\], but the metadata implies \[128, 64\]"),
-], ids=["missing", "wrong-type", "token-id-out-of-range", "shape-disagrees"])
+    ({"general.architecture": ("phi3", V.STRING)},
+     r"key 'general\.architecture': expected one of 'llama', 'qwen2', 'qwen3', got string 'phi3'$"),
+    ({"general.architecture": ("olmo2", V.STRING)},
+     r"key 'general\.architecture': expected one of 'llama', 'qwen2', 'qwen3', got string 'olmo2'$"),
+], ids=["missing", "wrong-type", "token-id-out-of-range", "shape-disagrees", "phi3", "olmo2"])
 def test_bad_metadata_names_the_key_or_tensor(tmp_path, meta, error):
     src = tmp_path / "bad.gguf"
     write_tiny_gguf(src, KINDS, meta=meta)

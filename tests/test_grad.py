@@ -17,10 +17,11 @@ from conftest import CHECKPOINTS
 from shardwise import Layout, launch, load_spec, plan_rank
 from shardwise.train.grads import tp_partials
 
-# (checkpoint, tp): every architecture at tp=2; tp=3 splitting 3 KV heads; tp=3 and 4 replicating 2 KV heads
+# (checkpoint, tp): every architecture at tp=2; tp=3 splitting 3 KV heads; tp=3 and 4 replicating 2 KV heads;
+# OLMo-2's full-width k_norm at tp=4, where KV head 0 sits on two ranks, and Phi-3's packed qkv_proj at tp=3
 CASES = ([(n, 1) for n in ("llama-tied", "qwen3-untied")] + [(name, 2) for name in CHECKPOINTS]
          + [(f"{a}-{t}", 3) for a in ("llama", "qwen2") for t in ("tied", "untied")]
-         + [("mistral-untied", 3), ("mistral-tied", 4), ("qwen3-tied", 3)])
+         + [("mistral-untied", 3), ("mistral-tied", 4), ("qwen3-tied", 3), ("olmo2-untied", 4), ("phi3-untied", 3)])
 TOLERANCE = 1e-5
 
 

@@ -41,7 +41,7 @@ def _random_box(rng: random.Random, name: str, shape: tuple[int, ...]) -> Box:
     return Box(name, tuple(start), tuple(stop), (0,) * len(shape))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3", "olmo2"])
 def test_any_box_equals_the_slice_of_the_full_tensor(arch):
     spec = _spec(arch)
     rng = random.Random(arch)

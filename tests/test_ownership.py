@@ -27,7 +27,7 @@ def models(draw) -> dict:
     kv = draw(st.integers(1, 4))
     heads = kv * draw(st.integers(1, 3))
     head_dim = draw(st.sampled_from([2, 3, 5]))
-    arch = draw(st.sampled_from(["llama", "mistral", "qwen2", "qwen3"]))
+    arch = draw(st.sampled_from(["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"]))
     return {"model_type": arch, "hidden_size": draw(st.integers(3, 13)), "num_attention_heads": heads,
             "num_key_value_heads": kv, "head_dim": head_dim, "num_hidden_layers": draw(st.integers(2, 5)),
             "intermediate_size": draw(st.integers(4, 23)), "vocab_size": draw(st.integers(5, 29)),

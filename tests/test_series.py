@@ -35,7 +35,8 @@ from shardwise.providers.series import series_memory
 
 Mesh = tuple[int, int, int]  # (tp, pp, dp)
 LAYERS = 5  # deeper than conftest's 3, so k=2 fits; 5 is uneven over dp=2 and dp=3
-DEEP = ("llama-tied", "qwen2-untied")  # 9 heads / 3 KV heads, bf16, tied; qkv biases, fp32, untied in many files
+# 9 heads / 3 KV heads, bf16, tied; qkv biases, fp32, untied in many files; Phi-3's packed projections; OLMo-2
+DEEP = ("llama-tied", "qwen2-untied", "phi3-untied", "olmo2-tied")
 PAGE = sw.zw.PAGE
 TIMEOUT = 180  # a rank stuck in a broadcast (a lockstep bug) fails the launch after this
 
@@ -76,6 +77,8 @@ CASES = [  # each compared with resident weights on the same layout
     Case((2, 1, 2), "llama-tied", ("*.o,k=1", "*.down,k=2")),
     Case((2, 1, 2), "qwen2-untied", ("*.o,k=2", "*.down,k=0")),
     Case((2, 1, 2), "qwen2-untied", ("*.o,k=1", "*.down,k=2"), shm=False),
+    Case((2, 1, 2), "phi3-untied", ("*.qkv,k=1", "*.gate_up,k=0")),  # series of boxes cut from packed tensors
+    Case((2, 1, 2), "olmo2-tied", ("*.qkv,k=0", "*.k_norm,k=1")),  # k_norm: KV head widths, split over TP
     Case((1, 2, 2), "llama-tied", ("*.o,k=1,layers=0:3",)),  # stage 1 has no series at all
     Case((1, 2, 2), "qwen2-untied", ("*.o,k=0", "*.down,k=0")),  # each stage its own series, 3 and 2 layers
 ]

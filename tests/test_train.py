@@ -2,7 +2,8 @@
 
 Fixed data (5 sequences per step, split unevenly over DP), fp32, the resident and the
 ZeRO-3 provider. Every step's loss and gradient norm is within 1e-5 relative of HF's, and
-after the last step every weight within 1e-4 of its tensor's max |w|, on every rank. One
+after the last step every weight within 1e-4 of its tensor's max |w| (OLMo-2: 2e-4, see NOISY_WEIGHTS), on
+every rank. One
 more run per provider clips the gradient norm and accumulates micro-batches.
 """
 
@@ -15,9 +16,15 @@ import train_workers as tw
 from shardwise import launch
 
 MESHES = [(1, 1), (2, 1), (1, 2), (2, 2), (3, 1)]  # (dp, tp)
-CONFIGS = ("qwen3-untied", "qwen2-tied", "mistral-untied", "llama-tied")  # q/k norms, 9/3 heads, odd vocab, ties
+# q/k norms, 9/3 heads, odd vocab, ties; Phi-3's packed projections and longrope; OLMo-2's norms, split over TP
+CONFIGS = ("qwen3-untied", "qwen2-tied", "mistral-untied", "llama-tied", "phi3-tied", "olmo2-untied")
 
 
+WEIGHTS = 1e-4
+# OLMo-2 normalizes each sublayer's output, which ignores the scale of the projection into it: down_proj's gradient
+# cancels to rounding noise in places, and AdamW turns that noise into steps. HF's own fp32 run ends 9e-5 (of max
+# |w|) from its fp64 run there, where Llama's ends 3e-5; shardwise's fp32 run ends within twice that noise.
+NOISY_WEIGHTS = {"olmo2-untied": 2e-4}
 PROVIDERS = ("resident", "zero3")
 CLIP = 0.5  # below every first-step norm of these models: clipping acts from the first step
 
@@ -36,11 +43,11 @@ def runs(checkpoints) -> dict[tuple[str, int, int], dict[str, dict]]:
             for provider in PROVIDERS for dp, tp in MESHES}
 
 
-def check(found: dict, what: str) -> None:
+def check(found: dict, what: str, weights: float = WEIGHTS) -> None:
     for rank, out in found.items():
         assert out["loss"] <= 1e-5, f"{what} {rank}: losses {out['losses']} vs {out['expected']}"
         assert out["norm"] <= 1e-5, f"{what} {rank}: gradient norms off by {out['norm']} relative"
-        assert out["weights"] <= 1e-4, f"{what} {rank}: weight error {out['weights']}"
+        assert out["weights"] <= weights, f"{what} {rank}: weight error {out['weights']}"
     losses = found["rank 0"]["losses"]
     assert losses[-1] < losses[0], f"{what}: the loss did not fall: {losses}"
 
@@ -49,7 +56,7 @@ def check(found: dict, what: str) -> None:
 @pytest.mark.parametrize("dp,tp", MESHES, ids=str)
 @pytest.mark.parametrize("name", CONFIGS)
 def test_training_matches_hf(runs, name, dp, tp, provider):
-    check(runs[provider, dp, tp][name], f"{name} {provider} dp={dp} tp={tp}")
+    check(runs[provider, dp, tp][name], f"{name} {provider} dp={dp} tp={tp}", NOISY_WEIGHTS.get(name, WEIGHTS))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -465,14 +465,28 @@ def _set_rope_theta(cfg: dict, value) -> None:
     (cfg.get("rope_parameters") or cfg)["rope_theta"] = value
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda c: c.update(tie_word_embeddings="false"), "field 'tie_word_embeddings' is str 'false', expected true"),
-    (lambda c: _set_rope_theta(c, float("nan")), "field 'rope_theta' is float nan, expected a positive number"),
-    (lambda c: c.update(num_key_value_heads=0), "field 'num_key_value_heads' is int 0, expected a positive integer"),
-    (lambda c: c.update(sliding_window="big"), "field 'sliding_window' is str 'big', expected a positive integer"),
+@pytest.mark.parametrize("name,edit,match", [
+    ("mistral-untied", lambda c: c.update(tie_word_embeddings="false"),
+     "field 'tie_word_embeddings' is str 'false', expected true"),
+    ("mistral-untied", lambda c: _set_rope_theta(c, float("nan")),
+     "field 'rope_theta' is float nan, expected a positive number"),
+    ("mistral-untied", lambda c: c.update(num_key_value_heads=0),
+     "field 'num_key_value_heads' is int 0, expected a positive integer"),
+    ("mistral-untied", lambda c: c.update(sliding_window="big"),
+     "field 'sliding_window' is str 'big', expected a positive integer"),
+    ("phi3-untied", lambda c: c["rope_parameters"].update(short_factor=[1.0] * 8),
+     r"field 'rope_parameters.short_factor' is list \[1.0, .*\], expected a list of 6 positive numbers"),
+    ("phi3-untied", lambda c: c["rope_parameters"]["long_factor"].__setitem__(0, float("inf")),
+     "field 'rope_parameters.long_factor' is list .*, expected a list of 6 positive numbers"),
+    ("phi3-untied", lambda c: c["rope_parameters"].update(rope_type="linear"),
+     r"rope type str 'linear' is not supported for phi3 \(supported: default, longrope\)"),
+    ("phi3-untied", lambda c: c["rope_parameters"].update(partial_rotary_factor=0.1),
+     "field 'partial_rotary_factor' is 0.1: it rotates 1 of the 16 dims of a head, expected an even number"),
+    ("olmo2-untied", lambda c: c.update(partial_rotary_factor=0.5),
+     r"field 'partial_rotary_factor' is 0.5, but olmo2 rotates whole heads \(expected 1\)"),
 ])
-def test_config_fields_of_the_wrong_type_are_refused(checkpoints, tmp_path, edit, match):
-    ckpt = Path(shutil.copytree(checkpoints["mistral-untied"], tmp_path / "c"))
+def test_config_fields_of_the_wrong_type_are_refused(checkpoints, tmp_path, name, edit, match):
+    ckpt = Path(shutil.copytree(checkpoints[name], tmp_path / "c"))
     _edit_json(ckpt / "config.json", edit)
     with pytest.raises(SpecError, match=match):
         load_spec(ckpt)

@@ -1,4 +1,4 @@
-"""Collectives that know their backward: the four Megatron primitives as autograd functions.
+"""Collectives that know their backward: the four Megatron primitives, and a shared sum, as autograd functions.
 
 Tensor parallelism splits a layer's math over ranks, and each split point has a dual
 in the backward pass. Written as in-place ``dist`` calls (what inference uses), autograd
@@ -15,7 +15,13 @@ scatter    keep this rank's     all-gather
            dim
 gather     all-gather along     keep this rank's
            the last dim         slice
+sum        all-reduce (sum)     all-reduce (sum)
 =========  ===================  ====================
+
+``reduce`` serves a sum every rank then uses alike (a row-parallel output: each rank's
+gradient of it is already the whole one); ``sum`` one each rank applies to its own
+slice (a norm's statistic over heads split across ranks), whose gradient is the sum of
+every rank's.
 
 Slices are given by ``sizes`` (one per rank of the group, any sizes), so uneven heads or
 vocabularies need no padding by the caller. With ``group`` None (a one-rank group) every
@@ -42,6 +48,11 @@ def copy_to(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
 def reduce_from(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Sum over ``group`` (partial results, as after a row-split linear); the backward passes the gradient on."""
     return x if group is None else _Reduce.apply(x, group)
+
+
+def shared_sum(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum over ``group`` of a statistic each rank applies to its own slice; the backward sums the gradient too."""
+    return x if group is None else _SharedSum.apply(x, group)
 
 
 def scatter_to(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -89,6 +100,17 @@ class _Reduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, None
+
+
+class _SharedSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_reduce(grad, ctx.group), None
 
 
 class _Scatter(torch.autograd.Function):

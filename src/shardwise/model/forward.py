@@ -1,10 +1,12 @@
-"""The Llama-family forward pass, written once for every layout.
+"""The decoder forward pass, written once for every layout and architecture.
 
 A rank runs one pipeline stage over its TP slice of each layer. The stage code reads
 like a single-device model: the TP layers hide their collectives, and the only
 pipeline logic is "receive the hidden state, run my layers, send it on". The math
 follows HF transformers step for step (fp32 RMSNorm, the same rope frequencies),
-which is what lets every layout match HF's logits.
+which is what lets every layout match HF's logits. Where an architecture departs from
+Llama (OLMo-2's norms, Phi-3's partial rotary and longrope), its table says so
+(``Arch``) and the step takes that variant.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..plan.rank import RankPlan
 from ..providers.base import Provider
 from .layers import embedding, gather_output, linear, rms_norm
 from .pipeline import Pass, walk
+from .qk_norm import full_width_qk_norm
 
 if TYPE_CHECKING:
     from ..providers.weights import Weights
@@ -29,6 +32,16 @@ if TYPE_CHECKING:
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's rotation of the first ``cos.shape[-1]`` dims of each head (all of them, unless rotary is partial, as
+    Phi-3's may be), the rest passed through; computed in cos's dtype and cast back to x's, as OLMo-2 does with
+    its fp32 cos and sin (a no-op where they are x's dtype already)."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
 class KVCache:
@@ -110,8 +123,12 @@ class Attention:
 
     def __init__(self, plan: RankPlan, comm: Comm, n: int):
         spec, heads = plan.spec, plan.heads
-        self.comm, self.eps, self.qk_norm = comm, spec.rms_eps, spec.qk_norm
+        self.comm, self.eps = comm, spec.rms_eps
+        self.qk_norm, self.fp32_scale = spec.table.qk_norm if spec.qk_norm else None, spec.table.fp32_scale
         self.n_q, self.n_kv, self.head_dim = heads.n_q, heads.n_kv, spec.head_dim
+        self.widths = (spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim)
+        self.split = plan.styles["qkv"] != "replicated"
+        self.counts_kv = not self.split or first_to_hold_its_kv_heads(plan)
         self.window = spec.window(n)
         self.style, self.out_style = plan.styles["qkv"], plan.styles["o"]
         self.gathered = gathered_sizes(plan, "qkv", lambda peer: peer.heads.n_q * spec.head_dim)
@@ -122,12 +139,15 @@ class Attention:
         d = self.head_dim
         q, k, v = linear(self.comm, x, w["qkv"], w.get("qkv_bias"), self.style).split(
             [self.n_q * d, self.n_kv * d, self.n_kv * d], dim=-1)
+        if self.qk_norm == "full":
+            q, k = full_width_qk_norm(self.comm, q, k, w["q_norm"], w["k_norm"], self.eps, self.widths,
+                                      self.counts_kv, self.fp32_scale, self.split)
         q, k, v = q.view(b, t, self.n_q, d), k.view(b, t, self.n_kv, d), v.view(b, t, self.n_kv, d)
-        if self.qk_norm:
-            q, k = rms_norm(q, w["q_norm"], self.eps), rms_norm(k, w["k_norm"], self.eps)
+        if self.qk_norm == "head":
+            q, k = (rms_norm(q, w["q_norm"], self.eps, self.fp32_scale),
+                    rms_norm(k, w["k_norm"], self.eps, self.fp32_scale))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, start)
         group = self.n_q // self.n_kv
@@ -158,18 +178,35 @@ class MLP:
         return linear(self.comm, h, w["down"], w.get("down_bias"), self.out_style)
 
 
+def first_to_hold_its_kv_heads(plan: RankPlan) -> bool:
+    """Whether this rank is the lowest of its TP group holding its KV heads: with more TP ranks than KV heads a KV
+    head sits on several, and a statistic over all KV heads must count it once."""
+    return [peer.heads.kv for peer in plan.tp_peers()].index(plan.heads.kv) == plan.tp_rank
+
+
 class DecoderLayer:
+    """Pre-norm (Llama: each sublayer reads the normalized residual stream), or post-norm (OLMo-2: each sublayer
+    reads the raw stream and its output is normalized before the residual add)."""
+
     def __init__(self, plan: RankPlan, comm: Comm, n: int):
-        self.eps = plan.spec.rms_eps
+        spec = plan.spec
+        self.eps = spec.rms_eps
+        self.post_norms, self.fp32_scale = spec.table.post_norms, spec.table.fp32_scale
         self.attn, self.mlp = Attention(plan, comm, n), MLP(plan, comm)
 
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, weight, self.eps, self.fp32_scale)
+
     def __call__(self, x, w, cos, sin, start, cache, keys=None):
-        x = x + self.attn(rms_norm(x, w["attn_norm"], self.eps), w, cos, sin, start, cache, keys)
-        return x + self.mlp(rms_norm(x, w["mlp_norm"], self.eps), w)
+        if self.post_norms:
+            x = x + self.norm(self.attn(x, w, cos, sin, start, cache, keys), w["attn_out_norm"])
+            return x + self.norm(self.mlp(x, w), w["mlp_out_norm"])
+        x = x + self.attn(self.norm(x, w["attn_norm"]), w, cos, sin, start, cache, keys)
+        return x + self.mlp(self.norm(x, w["mlp_norm"]), w)
 
 
 class Model(nn.Module):
-    """One rank's stage of a Llama-family model.
+    """One rank's stage of a decoder model (any architecture of ``plan.archs``).
 
     ``forward`` and ``generate`` are collective: every rank of a replica (its TP ranks
     and pipeline stages) calls them with the same input ids and gets the same
@@ -194,6 +231,9 @@ class Model(nn.Module):
         self.vocab_sizes = None if plan.styles["lm_head"] == "replicated" else [
             peer.vocab[1] - peer.vocab[0] for peer in plan.tp_peers()]
         self.register_buffer("inv_freq", spec.rope.inv_freq(spec.head_dim).to(self.device), persistent=False)
+        self.register_buffer("long_inv_freq", spec.rope.inv_freq(spec.head_dim, long=True).to(self.device),
+                             persistent=False)
+        self.rope_dtype = torch.float32 if spec.table.fp32_scale else self.dtype
         self.caches: dict[int, KVCache] | None = None
 
     @property
@@ -221,12 +261,20 @@ class Model(nn.Module):
         self.close(sync=exc_type is None)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for (seq,) positions shared by all rows, or (batch, seq) ones with a head axis added."""
-        freqs = positions.float()[..., None] * self.inv_freq
+        """cos and sin for (seq,) positions shared by all rows, or (batch, seq) ones with a head axis added.
+
+        As HF, per forward: longrope's long frequencies for every position once any lies beyond its original
+        length, cos and sin scaled by its attention factor (1 for other ropes), and cast to the model's dtype,
+        except OLMo-2's, which stay fp32.
+        """
+        rope = self.spec.rope
+        long = rope.uses_long(positions)
+        freqs = positions.float()[..., None] * (self.long_inv_freq if long else self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         if positions.dim() == 2:
             emb = emb[:, None]
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        scale = rope.attention_factor
+        return (emb.cos() * scale).to(self.rope_dtype), (emb.sin() * scale).to(self.rope_dtype)
 
     def forward(self, input_ids: torch.Tensor, start: int = 0, last_only: bool = False,
                 attention_mask: torch.Tensor | None = None, local_vocab: bool = False) -> torch.Tensor:
@@ -275,8 +323,8 @@ class Model(nn.Module):
     def head(self, h: torch.Tensor, w: dict[str, torch.Tensor], local_vocab: bool = False) -> torch.Tensor:
         """The "head" block: final norm and LM head; full-vocabulary logits, or this rank's slice (``local_vocab``,
         the whole vocabulary where the plan replicates the head: see ``vocab_slice``)."""
-        logits = linear(self.comm, rms_norm(h, w["norm"], self.spec.rms_eps), w["lm_head"], None,
-                        self.plan.styles["lm_head"])
+        h = rms_norm(h, w["norm"], self.spec.rms_eps, self.spec.table.fp32_scale)
+        logits = linear(self.comm, h, w["lm_head"], None, self.plan.styles["lm_head"])
         return logits if local_vocab or self.vocab_sizes is None else gather_output(self.comm, logits,
                                                                                      self.vocab_sizes)
 
@@ -323,6 +371,8 @@ class Model(nn.Module):
         try:
             for _ in range(max_new_tokens):
                 end = start + step_ids.shape[1]
+                if self._recompute_cache(start, end):
+                    step_ids, start = torch.cat(out, dim=1), 0
                 step_mask = None if mask is None else mask[:, :end]
                 logits = self.forward(step_ids, start=start, last_only=True, attention_mask=step_mask)[:, -1].float()
                 start = end
@@ -339,6 +389,13 @@ class Model(nn.Module):
         finally:
             self.caches = None
         return torch.cat(out, dim=1)
+
+    def _recompute_cache(self, start: int, end: int) -> bool:
+        """Whether this step reruns the whole sequence: HF's Phi-3 generate drops its cache the first time the
+        sequence outgrows longrope's original length (``prepare_inputs_for_generation``), so that every key is
+        rotated again with the long frequencies instead of keeping the short ones it was cached with."""
+        rope = self.spec.rope
+        return rope.kind == "longrope" and 0 < start <= rope.original_max_positions < end
 
     def _finished(self, done: torch.Tensor) -> bool:
         """Every row has ended; replicas moving weights together (ZeRO-3, a series) stop only when all theirs have."""

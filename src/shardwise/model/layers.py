@@ -71,8 +71,13 @@ def embedding(comm: Comm, ids: torch.Tensor, weight: torch.Tensor, vocab: tuple[
     return _reduce(comm, out, weight)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's RMSNorm: normalized in fp32, scaled in the input's dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fp32_scale: bool = False) -> torch.Tensor:
+    """HF's RMSNorm: normalized in fp32, then scaled (``scale_norm``) in the input's dtype, or in fp32."""
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    return scale_norm(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps), weight, x.dtype, fp32_scale)
+
+
+def scale_norm(h: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, fp32_scale: bool) -> torch.Tensor:
+    """Apply a norm's gain to fp32 normalized ``h``: Llama casts to ``dtype`` first, OLMo-2 (``fp32_scale``)
+    multiplies in fp32 and casts the product; in bf16 the two round differently."""
+    return (weight * h).to(dtype) if fp32_scale else weight * h.to(dtype)

@@ -62,17 +62,33 @@ class Kind:
 
 @dataclass(frozen=True)
 class Arch:
-    """An architecture: the kinds of its embedding block, of each decoder layer, and of its head block."""
+    """An architecture: the kinds of its embedding block, of each decoder layer, and of its head block, and the few
+    ways its math departs from Llama's."""
 
     name: str
     embed: tuple[Kind, ...]
     layer: tuple[Kind, ...]
     head: tuple[Kind, ...]
     flags: tuple[tuple[str, str | bool], ...] = ()
-    pairs: tuple[tuple[str, str], ...] = (("qkv", "o"), ("gate_up", "down"))
     """Which optional kinds (a ``Kind.when`` flag) the checkpoint holds: always (True), or as a config.json
-    switch says (its key). A flag not named is off: Mistral's modeling ignores ``attention_bias``. ``pairs`` are
-    the (in, out) projections whose TP styles must fit together: the out one reads what the in one leaves."""
+    switch says (its key). A flag not named is off: Mistral's modeling ignores ``attention_bias``."""
+    pairs: tuple[tuple[str, str], ...] = (("qkv", "o"), ("gate_up", "down"))
+    """The (in, out) projections whose TP styles must fit together: the out one reads what the in one leaves."""
+    defaults: tuple[tuple[str, object], ...] = ()
+    """HF's config defaults where they differ from Llama's: what a config.json that omits the key means."""
+    ropes: tuple[str, ...] = ("default", "linear", "llama3")
+    """The rope types shardwise computes for it (Phi-3's HF config accepts only default and longrope)."""
+    window_every_layer: bool = False
+    """config.json's ``sliding_window`` applies to every layer (Mistral, Phi-3), not as ``use_sliding_window``
+    and ``layer_types`` say (Qwen2)."""
+    post_norms: bool = False
+    """RMSNorms on each sublayer's output, before the residual add, and none on its input (OLMo-2)."""
+    fp32_scale: bool = False
+    """RMSNorm gains and rope's cos/sin multiply in fp32 and the product is cast back once (OLMo-2), where Llama
+    casts first and multiplies in the activations' dtype."""
+    qk_norm: str = "head"
+    """What the q/k norms normalize over: each head (``head``, Qwen3: one head_dim gain shared by every head) or
+    the whole projection (``full``, OLMo-2: gains as wide as q and k, split with their heads)."""
 
     def kinds(self) -> tuple[Kind, ...]:
         return self.embed + self.layer + self.head
@@ -96,28 +112,42 @@ def _gate_up(prefix: str, suffix: str) -> tuple[Part, ...]:
     return Part(f"{prefix}.gate_proj.{suffix}", shape, "ffn"), Part(f"{prefix}.up_proj.{suffix}", shape, "ffn")
 
 
+def _packed(source: str, units: tuple[str, ...]) -> tuple[Part, ...]:
+    """The row blocks of one checkpoint matrix that packs them (Phi-3's ``qkv_proj`` is [q; k; v], its
+    ``gate_up_proj`` [gate; up]): each block starts where the ones before it end and is split by its own unit, so
+    a rank reads only its query heads, its KV heads and its ffn range of the packed tensor, however uneven."""
+    return tuple(Part(source, ("+".join(units), "hidden"), unit, at=units[:i]) for i, unit in enumerate(units))
+
+
+def _norm(local: str, source: str) -> Kind:
+    """An RMSNorm gain over the hidden state: whole on every rank, starting at one."""
+    return Kind(local, (Part(source, ("hidden",)),), init="ones")
+
+
 L = "model.layers.{n}"
 EMBED = (Kind("embed", (Part("model.embed_tokens.weight", ("vocab", "hidden"), "vocab"),), "embedding_rowwise",
               report="embedding"),)
-HEAD = (Kind("norm", (Part("model.norm.weight", ("hidden",)),), init="ones"),
+HEAD = (_norm("norm", "model.norm.weight"),
         Kind("lm_head", (Part("lm_head.weight", ("vocab", "hidden"), "vocab"),), "colwise_gather_output",
              report="lm_head"))
 TIED_SOURCE = "model.embed_tokens.weight"
 """What a tied LM head reads instead of ``lm_head.weight``."""
 
+ATTN_NORM = _norm("attn_norm", f"{L}.input_layernorm.weight")
+QKV = Kind("qkv", _attention(f"{L}.self_attn", "weight"), "colwise", per_head=True, report="attention")
+O_PROJ = Kind("o", (Part(f"{L}.self_attn.o_proj.weight", ("hidden", "q"), "q"),), "rowwise", init="residual",
+              report="attention")
+MLP_NORM = _norm("mlp_norm", f"{L}.post_attention_layernorm.weight")
+GATE_UP = Kind("gate_up", _gate_up(f"{L}.mlp", "weight"), "colwise", report="mlp")
+DOWN = Kind("down", (Part(f"{L}.mlp.down_proj.weight", ("hidden", "ffn"), "ffn"),), "rowwise", init="residual",
+            report="mlp")
+QKV_BIAS = Kind("qkv_bias", _attention(f"{L}.self_attn", "bias"), "colwise", per_head=True, init="zeros",
+                report="attention", when="qkv_bias", follows="qkv")
+O_BIAS = Kind("o_bias", (Part(f"{L}.self_attn.o_proj.bias", ("hidden",)),), init="zeros", report="attention",
+              when="o_bias")
+
 LLAMA_LAYER = (
-    Kind("attn_norm", (Part(f"{L}.input_layernorm.weight", ("hidden",)),), init="ones"),
-    Kind("qkv", _attention(f"{L}.self_attn", "weight"), "colwise", per_head=True, report="attention"),
-    Kind("o", (Part(f"{L}.self_attn.o_proj.weight", ("hidden", "q"), "q"),), "rowwise", init="residual",
-         report="attention"),
-    Kind("mlp_norm", (Part(f"{L}.post_attention_layernorm.weight", ("hidden",)),), init="ones"),
-    Kind("gate_up", _gate_up(f"{L}.mlp", "weight"), "colwise", report="mlp"),
-    Kind("down", (Part(f"{L}.mlp.down_proj.weight", ("hidden", "ffn"), "ffn"),), "rowwise", init="residual",
-         report="mlp"),
-    Kind("qkv_bias", _attention(f"{L}.self_attn", "bias"), "colwise", per_head=True, init="zeros",
-         report="attention", when="qkv_bias", follows="qkv"),
-    Kind("o_bias", (Part(f"{L}.self_attn.o_proj.bias", ("hidden",)),), init="zeros", report="attention",
-         when="o_bias"),
+    ATTN_NORM, QKV, O_PROJ, MLP_NORM, GATE_UP, DOWN, QKV_BIAS, O_BIAS,
     Kind("gate_up_bias", _gate_up(f"{L}.mlp", "bias"), "colwise", init="zeros", report="mlp", when="mlp_bias",
          follows="gate_up"),
     Kind("down_bias", (Part(f"{L}.mlp.down_proj.bias", ("hidden",)),), init="zeros", report="mlp", when="mlp_bias"),
@@ -127,15 +157,46 @@ LLAMA_LAYER = (
          per_head=True, init="ones", when="qk_norm"),
 )
 
+PHI3_LAYER = (
+    ATTN_NORM,
+    Kind("qkv", _packed(f"{L}.self_attn.qkv_proj.weight", ("q", "kv", "kv")), "colwise", per_head=True,
+         report="attention"),
+    O_PROJ, MLP_NORM,
+    Kind("gate_up", _packed(f"{L}.mlp.gate_up_proj.weight", ("ffn", "ffn")), "colwise", report="mlp"),
+    DOWN,
+)
+"""Llama's layer with Phi-3's two packed projections, which HF's TP plan gathers whole on every rank."""
+
+OLMO2_LAYER = (
+    QKV, O_PROJ,
+    # Over the whole projection, so split with its heads: a KV head several ranks hold is per head.
+    Kind("q_norm", (Part(f"{L}.self_attn.q_norm.weight", ("q",), "q"),), "colwise", per_head=True, init="ones",
+         when="qk_norm", follows="qkv"),
+    Kind("k_norm", (Part(f"{L}.self_attn.k_norm.weight", ("kv",), "kv"),), "colwise", per_head=True, init="ones",
+         when="qk_norm", follows="qkv"),
+    _norm("attn_out_norm", f"{L}.post_attention_layernorm.weight"),
+    GATE_UP, DOWN,
+    _norm("mlp_out_norm", f"{L}.post_feedforward_layernorm.weight"),
+    QKV_BIAS, O_BIAS,
+)
+"""No input norm: each sublayer's output is normalized before the residual add; q and k are normalized over all
+heads, before rope."""
+
 ATTENTION_BIAS = (("qkv_bias", "attention_bias"), ("o_bias", "attention_bias"))
 ARCHS = {
     "llama": Arch("llama", EMBED, LLAMA_LAYER, HEAD, (*ATTENTION_BIAS, ("mlp_bias", "mlp_bias"))),
-    "mistral": Arch("mistral", EMBED, LLAMA_LAYER, HEAD),
+    "mistral": Arch("mistral", EMBED, LLAMA_LAYER, HEAD, window_every_layer=True),
     "qwen2": Arch("qwen2", EMBED, LLAMA_LAYER, HEAD, (("qkv_bias", True),)),
     "qwen3": Arch("qwen3", EMBED, LLAMA_LAYER, HEAD, (*ATTENTION_BIAS, ("qk_norm", True))),
+    "phi3": Arch("phi3", EMBED, PHI3_LAYER, HEAD,
+                 defaults=(("rms_norm_eps", 1e-5), ("max_position_embeddings", 4096),
+                           ("original_max_position_embeddings", 4096)),
+                 ropes=("default", "longrope"), window_every_layer=True),
+    "olmo2": Arch("olmo2", EMBED, OLMO2_LAYER, HEAD, (*ATTENTION_BIAS, ("qk_norm", True)),
+                  defaults=(("rms_norm_eps", 1e-5),), post_norms=True, fp32_scale=True, qk_norm="full"),
 }
 """Llama, Mistral, Qwen2 and Qwen3 share one layer: they differ in which optional kinds (biases, q/k norms) their
-checkpoints hold."""
+checkpoints hold. Phi-3 packs Llama's projections; OLMo-2 moves the norms."""
 
 
 def by_source(arch: Arch, layers: int, holds, source) -> dict[str, Kind]:

@@ -1,8 +1,8 @@
-"""What a Llama-family checkpoint contains, derived from its ``config.json`` alone.
+"""What a checkpoint contains, derived from its ``config.json`` alone.
 
 The spec is the contract the loader checks a checkpoint against: every tensor's HF
-name, global shape and dtype. Llama, Mistral, Qwen2 and Qwen3 differ only in a few
-switches (QKV bias, q/k norms, explicit head_dim, sliding windows), so one spec
+name, global shape and dtype. The architectures differ in their tables (``archs``) and a
+few switches (QKV bias, q/k norms, explicit head_dim, sliding windows, rope), so one spec
 class covers them all instead of a class per architecture.
 """
 
@@ -41,16 +41,43 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class Rope:
+    """Rotary embedding settings, read from config.json as HF reads them.
+
+    ``partial`` is the fraction of head_dim rotated (Phi-3's ``partial_rotary_factor``; the rest passes through).
+    ``longrope`` (Phi-3) has two frequency sets: a forward whose positions all lie within
+    ``original_max_positions`` uses ``short_factor``, any longer one ``long_factor`` for every position, as
+    HF decides per forward; cos and sin are scaled by ``attention_factor`` in both regimes.
+    """
+
     theta: float
     kind: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_positions: int = 8192
+    partial: float = 1.0
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
-    def inv_freq(self, head_dim: int) -> torch.Tensor:
-        """Per-pair rotation frequencies, computed exactly as HF does so logits match bit for bit."""
-        inv = 1.0 / (self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    def rotary_dim(self, head_dim: int) -> int:
+        """How many leading dims of each head rotate (``int(head_dim * partial)``, as HF truncates it)."""
+        return int(head_dim * self.partial)
+
+    def uses_long(self, positions: torch.Tensor) -> bool:
+        """Whether a forward at ``positions`` rotates with longrope's long factors: any of them lies beyond the
+        original length (read only for longrope, so that other ropes never wait for a device)."""
+        return self.kind == "longrope" and positions.numel() > 0 and int(positions.max()) >= self.original_max_positions
+
+    def inv_freq(self, head_dim: int, long: bool = False) -> torch.Tensor:
+        """Per-pair rotation frequencies, computed exactly as HF does so logits match bit for bit; ``long`` picks
+        longrope's long factors."""
+        dim = self.rotary_dim(head_dim)
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        if self.kind == "longrope":
+            scale = torch.tensor(self.long_factor if long else self.short_factor, dtype=torch.float32)
+            return 1.0 / (scale * self.theta ** exponents)
+        inv = 1.0 / (self.theta ** exponents)
         if self.kind == "default":
             return inv
         if self.kind == "linear":
@@ -145,31 +172,93 @@ class ModelSpec:
         return out
 
 
-def _rope(cfg: dict) -> Rope:
+def _rope(cfg: dict, arch: Arch, head_dim: int) -> Rope:
     """Reads both the transformers<5 (`rope_theta` + `rope_scaling`) and >=5 (`rope_parameters`) spellings."""
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise SpecError(f"field 'rope_parameters' is {shown(params)}, expected an object")
     kind = params.get("rope_type", params.get("type", "default"))
+    if arch.name == "phi3" and kind in ("su", "yarn"):  # Phi3Config's older names for longrope
+        kind = "longrope"
+    if kind not in arch.ropes:
+        raise SpecError(f"rope type {shown(kind)} is not supported for {arch.name} (supported: "
+                        f"{', '.join(arch.ropes)})")
     theta = _number(params if "rope_theta" in params else cfg, "rope_theta", 10000.0)
+    partial = _partial_rotary(cfg, params, arch, head_dim)
     if kind == "default":
-        return Rope(theta)
+        return Rope(theta, partial=partial)
     if kind == "linear":
-        return Rope(theta, "linear", factor=_number(params, "factor"))
+        return Rope(theta, "linear", factor=_number(params, "factor"), partial=partial)
     if kind == "llama3":
         return Rope(theta, "llama3", factor=_number(params, "factor"),
                     low_freq_factor=_number(params, "low_freq_factor"),
                     high_freq_factor=_number(params, "high_freq_factor"),
-                    original_max_positions=_size(params, "original_max_position_embeddings"))
-    raise SpecError(f"rope type {kind!r} is not supported (supported: default, linear, llama3)")
+                    original_max_positions=_original_max_positions(cfg, params), partial=partial)
+    return _longrope(cfg, params, theta, partial, head_dim)
 
 
-def _sliding_windows(cfg: dict, arch: str, layers: int) -> tuple[int | None, ...]:
+def _partial_rotary(cfg: dict, params: dict, arch: Arch, head_dim: int) -> float:
+    """The fraction of each head that rotates: Phi-3 reads it (``rope_parameters`` first, then the top level);
+    elsewhere anything but 1 is refused, since HF's Llama-family rotation cannot apply it."""
+    source = params if params.get("partial_rotary_factor") is not None else cfg
+    value = 1.0 if source.get("partial_rotary_factor") is None else _number(source, "partial_rotary_factor")
+    if value != 1.0 and arch.name != "phi3":
+        raise SpecError(f"field 'partial_rotary_factor' is {value}, but {arch.name} rotates whole heads (expected 1)")
+    rotary = int(head_dim * value)
+    if value != 1.0 and (value > 1.0 or rotary < 2 or rotary % 2):
+        raise SpecError(f"field 'partial_rotary_factor' is {value}: it rotates {rotary} of the {head_dim} dims of a "
+                        "head, expected an even number from 2 to head_dim")
+    return value
+
+
+def _original_max_positions(cfg: dict, params: dict) -> int:
+    """The pretraining length a scaled rope extends, where HF finds it: a top-level key outranks the rope
+    parameters' (Phi-3 always has one, 4096 by default), and without either it is max_position_embeddings."""
+    for source in (cfg, params):
+        if "original_max_position_embeddings" in source:
+            return _size(source, "original_max_position_embeddings")
+    return _size(cfg, "max_position_embeddings")
+
+
+def _longrope(cfg: dict, params: dict, theta: float, partial: float, head_dim: int) -> Rope:
+    """Phi-3's longrope, as HF's ``_compute_longrope_parameters``: without ``factor`` the extension is
+    max_position_embeddings / original_max_position_embeddings, and without ``attention_factor`` cos and sin are
+    scaled by sqrt(1 + ln(factor) / ln(original)) when it extends at all."""
+    original = _original_max_positions(cfg, params)
+    factor = _number(params, "factor") if params.get("factor") is not None else \
+        _size(cfg, "max_position_embeddings") / original
+    if params.get("attention_factor") is not None:
+        attention = _number(params, "attention_factor")
+    elif factor <= 1.0:
+        attention = 1.0
+    elif original < 2:
+        raise SpecError(f"field 'original_max_position_embeddings' is {original}: longrope's attention factor divides "
+                        "by its logarithm, expected at least 2")
+    else:
+        attention = math.sqrt(1 + math.log(factor) / math.log(original))
+    pairs = int(head_dim * partial) // 2
+    short, long = (_factors(params, key, pairs) for key in ("short_factor", "long_factor"))
+    return Rope(theta, "longrope", factor=factor, original_max_positions=original, partial=partial,
+                short_factor=short, long_factor=long, attention_factor=attention)
+
+
+def _factors(params: dict, key: str, pairs: int) -> tuple[float, ...]:
+    """One positive, finite number per rotated pair: longrope divides each pair's frequency by its factor."""
+    value = params.get(key)
+    ok = isinstance(value, list) and len(value) == pairs and all(
+        (is_int(v) or isinstance(v, float)) and math.isfinite(v) and v > 0 for v in value)
+    if not ok:
+        raise SpecError(f"field 'rope_parameters.{key}' is {shown(value)}, expected a list of {pairs} positive "
+                        "numbers (one per rotated pair of dims)")
+    return tuple(float(v) for v in value)
+
+
+def _sliding_windows(cfg: dict, arch: Arch, layers: int) -> tuple[int | None, ...]:
     """Which layers attend through a sliding window, following each architecture's own switch."""
     if not cfg.get("sliding_window"):
         return ()
     window = _size(cfg, "sliding_window")
-    if arch == "mistral":
+    if arch.window_every_layer:
         return (window,) * layers
     if not _flag(cfg, "use_sliding_window"):
         return ()
@@ -229,22 +318,24 @@ def _flag(cfg: dict, key: str) -> bool:
 def spec_from_config(cfg: dict) -> ModelSpec:
     if not isinstance(cfg, dict):
         raise SpecError(f"holds a {type(cfg).__name__}, expected an object")
-    arch = cfg.get("model_type")
-    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHS:
-        raise SpecError(f"model_type {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
-    hidden, heads = _size(cfg, "hidden_size"), _size(cfg, "num_attention_heads")
-    layers = _size(cfg, "num_hidden_layers")
-    kv_heads = _size(cfg, "num_key_value_heads", heads)
-    intermediate, vocab = _size(cfg, "intermediate_size"), _size(cfg, "vocab_size")
+    name = cfg.get("model_type")
+    if not isinstance(name, str) or name not in SUPPORTED_ARCHS:
+        raise SpecError(f"model_type {name!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+    arch = ARCHS[name]
+    read = dict(arch.defaults) | cfg  # what the config means; `cfg` itself is kept as written, for export
+    hidden, heads = _size(read, "hidden_size"), _size(read, "num_attention_heads")
+    layers = _size(read, "num_hidden_layers")
+    kv_heads = _size(read, "num_key_value_heads", heads)
+    intermediate, vocab = _size(read, "intermediate_size"), _size(read, "vocab_size")
     if heads % kv_heads:
         raise SpecError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-    head_dim = _size(cfg, "head_dim", hidden // heads)
-    dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    head_dim = _size(read, "head_dim", hidden // heads)
+    dtype_name = read.get("dtype") or read.get("torch_dtype") or "float32"
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise SpecError(f"config dtype {dtype_name!r} is not supported (supported: {', '.join(DTYPES)})")
-    flags = {flag: value if isinstance(value, bool) else _flag(cfg, value) for flag, value in ARCHS[arch].flags}
+    flags = {flag: value if isinstance(value, bool) else _flag(read, value) for flag, value in arch.flags}
     return ModelSpec(
-        arch=arch,
+        arch=name,
         hidden=hidden,
         layers=layers,
         heads=heads,
@@ -252,13 +343,13 @@ def spec_from_config(cfg: dict) -> ModelSpec:
         head_dim=head_dim,
         intermediate=intermediate,
         vocab=vocab,
-        rms_eps=_number(cfg, "rms_norm_eps", 1e-6),
-        tied=_flag(cfg, "tie_word_embeddings"),
+        rms_eps=_number(read, "rms_norm_eps", 1e-6),
+        tied=_flag(read, "tie_word_embeddings"),
         dtype=DTYPES[dtype_name],
-        rope=_rope(cfg),
+        rope=_rope(read, arch, head_dim),
         **flags,
         tp_plan=_tp_plan(cfg),
-        sliding_windows=_sliding_windows(cfg, arch, layers),
+        sliding_windows=_sliding_windows(read, arch, layers),
         config=cfg,
     )
 
