@@ -113,7 +113,9 @@ def test_a_bf16_step_takes_its_loss_in_fp32(checkpoints):
     ids = tw.batch(0)
     tokens = ids[:, 1:].numel()
     logits = []
-    with load_model(checkpoints["qwen3-untied"], provider="zero3", work_dtype=torch.bfloat16, progress=False) as model:
+    # Whether rounding each token's loss shows depends on the data: mistral-untied's shows 4x the margin asked for.
+    path = checkpoints["mistral-untied"]
+    with load_model(path, provider="zero3", work_dtype=torch.bfloat16, progress=False) as model:
         head = model.head
 
         def spy(*args, **kwargs):
