@@ -6,13 +6,13 @@ import dataclasses
 import json
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import VOCAB
+from forked_python import run as python_run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_cli import NO_SPAWN
@@ -170,7 +170,7 @@ def test_bad_arguments_are_one_line_errors_before_any_rank_starts(checkpoints, w
     base = ["train", str(with_tokenizer), "--data", str(data), "--steps", "2", "--batch", "2", "--seq", "4",
             "--save", str(tmp_path / "out")]
     argv = base + [a.format(**names) for a in args]
-    out = subprocess.run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
+    out = python_run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "SPAWNED" not in out.stderr, out.stderr
     assert error in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not out.stderr.splitlines()[-1].startswith("shardwise: rank "), out.stderr
@@ -190,7 +190,7 @@ def test_a_short_text_is_trained_on_with_a_warning_that_gives_the_numbers(with_t
     data.write_text(" ".join(f"t{i % 100 + 1}" for i in range(words)))  # + EOS
     argv = ["train", str(with_tokenizer), "--data", str(data), "--steps", "2", "--batch", str(batch), "--seq", "4",
             "--save", str(tmp_path / "out")]
-    out = subprocess.run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
+    out = python_run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
     lines = out.stderr.splitlines()
     assert lines[-1] == "SPAWNED" and len(lines) == len(warnings) + 1, out.stderr
     for warning, line in zip(warnings, lines):
@@ -208,7 +208,7 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
     command = [sys.executable, "-m", "shardwise.cli", "train", str(with_tokenizer), "--data", str(data), "--steps", "6",
                "--dp", "2", "--provider", provider, "--batch", "4", "--seq", "16", "--accumulate", "2", "--lr", "3e-3",
                "--warmup", "1", "--save-every", "2"]
-    run = subprocess.run([*command, "--save", str(out), "--log", str(log)], capture_output=True, text=True, timeout=300)
+    run = python_run([*command, "--save", str(out), "--log", str(log)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     header, *rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert header == {"log": "shardwise train log", "model": str(with_tokenizer.resolve())}
@@ -234,8 +234,8 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
         import transformers
 
         hf = tmp_path / "hf"
-        run = subprocess.run([sys.executable, "-m", "shardwise.cli", "export", str(out), str(hf)],
-                             capture_output=True, text=True, timeout=300)
+        run = python_run([sys.executable, "-m", "shardwise.cli", "export", str(out), str(hf)],
+                         capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
         assert re.search(r"^\[shardwise\] exporting \d+ boxes in [\d.]+s$", run.stderr, re.M), run.stderr
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
@@ -244,8 +244,8 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
             torch.testing.assert_close(hf_model(input_ids=ids).logits, trained(ids), rtol=1e-5, atol=1e-5)
     if provider == "zero3":  # --offload: masters, moments and gradient sums in host memory train the same numbers
         offloaded = tmp_path / "offloaded"
-        run = subprocess.run([*command, "--offload", "--save", str(offloaded), "--log", str(tmp_path / "off.jsonl")],
-                             capture_output=True, text=True, timeout=300)
+        run = python_run([*command, "--offload", "--save", str(offloaded), "--log", str(tmp_path / "off.jsonl")],
+                         capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
         _, *offloaded_rows = [json.loads(line) for line in (tmp_path / "off.jsonl").read_text().splitlines()]
         assert [r["loss"] for r in offloaded_rows] == losses
@@ -253,11 +253,11 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
         assert sorted(f.name for f in offloaded.iterdir()) == files
         assert not [f for f in files if (out / f).read_bytes() != (offloaded / f).read_bytes()]
     if provider == "zero3":  # and go on from it, resident at tp 2, two steps more
-        run = subprocess.run([sys.executable, "-m", "shardwise.cli", "train", str(with_tokenizer), "--resume", str(out),
-                              "--data", str(data),
-                              "--steps", "8", "--tp", "2", "--batch", "4", "--seq", "16", "--lr", "3e-3",
-                              "--save", str(tmp_path / "more"), "--log", str(log)],
-                             capture_output=True, text=True, timeout=300)
+        run = python_run([sys.executable, "-m", "shardwise.cli", "train", str(with_tokenizer), "--resume", str(out),
+                          "--data", str(data),
+                          "--steps", "8", "--tp", "2", "--batch", "4", "--seq", "16", "--lr", "3e-3",
+                          "--save", str(tmp_path / "more"), "--log", str(log)],
+                         capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
         assert [json.loads(line).get("step") for line in log.read_text().splitlines()] == [None, *range(1, 9)]
         assert "trained steps 7..8" in run.stdout, run.stdout
@@ -375,8 +375,8 @@ def test_a_training_checkpoint_exports_in_the_dtype_of_the_model_it_was_trained_
     (old / "config.json").write_text(json.dumps(json.loads((old / "config.json").read_text()) | {"dtype": "float16"}))
     for argv in (["export", saved, tmp_path / "hf"], ["export", old, tmp_path / "old-hf"],
                  ["reshard", saved, tmp_path / "f32", "--dtype", "float32"]):
-        run = subprocess.run([sys.executable, "-m", "shardwise.cli", *map(str, argv)], capture_output=True, text=True,
-                             timeout=300)
+        run = python_run([sys.executable, "-m", "shardwise.cli", *map(str, argv)], capture_output=True, text=True,
+                         timeout=300)
         assert run.returncode == 0, run.stderr
     for name, dtype in (("hf", torch.bfloat16), ("old-hf", torch.float16)):
         with Checkpoint(tmp_path / name) as hf:
@@ -397,12 +397,12 @@ def test_resume_in_place_replaces_the_run_with_each_save_as_if_it_never_stopped(
     argv = ["train", str(with_tokenizer), "--resume", str(run), "--save", str(run), "--save-every", "1",
             "--data", str(tmp_path / "d.txt"), "--steps", "4", "--dp", "2", "--batch", "6", "--seq", "16",
             "--lr", "3e-3", "--warmup", "1", "--weight-decay", "0.1", "--log", str(log), "--seed"]
-    refused = subprocess.run([sys.executable, "-c", NO_SPAWN, *argv, "4"], capture_output=True, text=True, timeout=120)
+    refused = python_run([sys.executable, "-c", NO_SPAWN, *argv, "4"], capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "SPAWNED" not in refused.stderr, refused.stderr
     assert "training on seed 3, but this run has 4: --seed must match to resume" in refused.stderr, refused.stderr
     assert Record.read(run).step == 2
-    done = subprocess.run([sys.executable, "-m", "shardwise.cli", *argv, "3"], capture_output=True, text=True,
-                          timeout=300)
+    done = python_run([sys.executable, "-m", "shardwise.cli", *argv, "3"], capture_output=True, text=True,
+                      timeout=300)
     assert done.returncode == 0, done.stderr
     assert "trained steps 3..4" in done.stdout and _losses(log) == full["resident"][2:]
     assert Record.read(run).step == 4
@@ -477,10 +477,10 @@ def test_resume_refuses_a_randperm_that_orders_the_windows_otherwise(halfway, wi
     saved = halfway[2]["resident"]
     argv = ["train", str(with_tokenizer), "--resume", str(saved), "--data", str(saved.parent / "d.txt"), "--steps",
             "4", "--dp", "2", "--batch", "6", "--seq", "16", "--seed", "3", "--save", str(tmp_path / "out")]
-    same = subprocess.run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
+    same = python_run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
     assert same.stderr.splitlines()[-1] == "SPAWNED", same.stderr
-    other = subprocess.run([sys.executable, "-c", OTHER_RANDPERM + NO_SPAWN, *argv], capture_output=True, text=True,
-                           timeout=120)
+    other = python_run([sys.executable, "-c", OTHER_RANDPERM + NO_SPAWN, *argv], capture_output=True, text=True,
+                       timeout=120)
     assert other.returncode != 0 and other.stdout == "", other.stderr
     assert len(other.stderr.splitlines()) == 1, other.stderr
     assert re.fullmatch(rf"shardwise: ValueError: {re.escape(str(saved))}: saved at step 2 training on order \w+, but "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forked_python import run as python_run
 from publish_workers import bytes_written_by_export, faults_at_every_step
 from test_cli import shardwise, with_tokenizer  # noqa: F401 - with_tokenizer is a fixture
 from test_export import assert_same_checkpoint, digest
@@ -141,7 +142,8 @@ def test_a_write_killed_while_removing_the_checkpoint_it_replaced_leaves_it_to_t
         "out = Path(sys.argv[1])\nwrite_checkpoint(out, write('{\"old\": 1}'))\n"
         "pub.remove_checkpoint = lambda old: os._exit(9)  # killed just as the old checkpoint's removal starts\n"
         "write_checkpoint(out, write('{}'), overwrite=True)\n")
-    assert subprocess.run([sys.executable, "-c", killed, str(out)], timeout=120).returncode == 9
+    assert python_run([sys.executable, "-c", killed, str(out)], capture_output=True, text=True,
+                      timeout=120).returncode == 9
     (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
     assert (left / OWNER_FILE).exists() and (out / "config.json").read_text() == "{}"
     write_checkpoint(out, [("writing data", lambda tmp: (tmp / "model.safetensors").write_bytes(b"x"))],
@@ -351,7 +353,8 @@ def test_a_write_killed_between_the_fallback_renames_leaves_it_all_to_the_next_w
         "    rename(a, b)\n"
         "pub.os.rename = killed_before_the_new_moves_in\n"
         "write_checkpoint(out, write('new'), overwrite=True)\n")
-    assert subprocess.run([sys.executable, "-c", killed, str(out)], timeout=120).returncode == 9
+    assert python_run([sys.executable, "-c", killed, str(out)], capture_output=True, text=True,
+                      timeout=120).returncode == 9
     assert not out.exists() and len([p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]) == 2
     with pytest.raises(OSError, match="a checkpoint is already there; pass --overwrite"):
         _write(out, "newer")
