@@ -11,6 +11,7 @@ The rank side (``run_jobs``) needs nothing but torch: importing this module in a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import traceback
 from collections.abc import Callable, Hashable
@@ -77,21 +78,38 @@ def in_one_thread(fn: Callable[[], Any]) -> Any:
 
 
 class SharedLaunches:
-    """``result(key)`` is every rank's value of the job ``key``; jobs are ``{key: (world size, fn, args)}``."""
+    """``result(key)`` is every rank's value of the job ``key``; jobs are ``{key: (world size, fn, args)}``.
 
-    def __init__(self, jobs: dict[Hashable, tuple[int, Callable[..., Any], tuple]], timeout: float = 600):
+    ``needs`` maps a world size to those whose launches must have run before it (its jobs read what they wrote);
+    a failure there fails their own tests, and the jobs reading their outputs then fail by themselves. With
+    ``local``, a one-rank world runs in this process instead of a launched rank.
+    """
+
+    def __init__(self, jobs: dict[Hashable, tuple[int, Callable[..., Any], tuple]], timeout: float = 600,
+                 needs: dict[int, tuple[int, ...]] | None = None, local: bool = True):
         self.jobs = jobs
         self.timeout = timeout
+        self.needs = needs or {}
+        self.local = local
         self.results: dict[Hashable, list[Any]] = {}
         self.failed: dict[int, BaseException] = {}
+        self.launched: set[int] = set()
 
-    def _launch(self, world: int) -> None:
+    def launch(self, world: int) -> None:
+        """Launch every job of ``world`` ranks, once (after the worlds it needs)."""
         from shardwise import launch
 
+        if world in self.failed:
+            raise RuntimeError(f"the {world}-rank launch failed") from self.failed[world]
+        if world in self.launched:
+            return
+        for before in self.needs.get(world, ()):
+            with contextlib.suppress(Exception):  # reported by the tests of that world
+                self.launch(before)
         keys = [key for key, (size, _, _) in self.jobs.items() if size == world]
         jobs = [self.jobs[key][1:] for key in keys]
         try:
-            if world == 1:
+            if world == 1 and self.local:
                 values = in_one_thread(lambda: run_jobs(jobs))
             else:
                 values = launch(run_jobs, world, jobs, timeout=self.timeout)
@@ -99,15 +117,12 @@ class SharedLaunches:
             self.failed[world] = e  # once: every test of this world size says so, none relaunches
             raise
         self.results |= dict(zip(keys, values))
+        self.launched.add(world)
 
     def result(self, key: Hashable) -> list[Any]:
         import pytest
 
-        world = self.jobs[key][0]
-        if world in self.failed:
-            raise RuntimeError(f"the {world}-rank launch failed") from self.failed[world]
-        if key not in self.results:
-            self._launch(world)
+        self.launch(self.jobs[key][0])
         values = self.results[key]
         failures = [f"rank {rank}:\n{v.error}" for rank, v in enumerate(values) if isinstance(v, Failed)]
         if failures:
