@@ -164,12 +164,6 @@ def smollm2_gguf() -> Path:
     return Path(glob.glob(spec.submodule_search_locations[0] + "/*.gguf")[0])
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory) -> tuple[Path, Path]:
-    src = smollm2_gguf()
-    return src, import_gguf(src, tmp_path_factory.mktemp("smol") / "hf", dtype="float32")
-
-
 def test_smollm2_logits_match_hf_reading_the_gguf(smollm2):
     src, out = smollm2
     ids = torch.tensor([[1, 9690, 198, 2683, 314, 253, 5356, 30, 2]])
