@@ -126,7 +126,10 @@ def train_keeping_every_save(job):
                              sources=sources)
 
     run.save_training = keep
-    return run.train_rank(job)
+    try:
+        return run.train_rank(job)
+    finally:  # the next job of a shared launch saves as usual
+        run.save_training = save_training
 
 
 def zero3_losses_by_work_dtype(checkpoint: str, work_dtypes: list) -> list[list[float]]:
