@@ -39,8 +39,12 @@ SERVER = f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import forked_python
+del sys.path[0]  # a command's sys.path is what python -c/-m gives it
 forked_python.serve()
 """
+# The environment the test session started with: the server's imports see it, whatever a test has patched by the
+# time the first command runs (each command gets the environment of its own call).
+BASE_ENV = dict(os.environ)
 
 
 # The server side: runs in the server process and its children.
@@ -97,8 +101,6 @@ def _child(request: dict[str, Any]) -> None:
         sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8")
         sys.stderr = sys.__stderr__ = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                                        errors="backslashreplace", line_buffering=True)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
         main = sys.modules["__main__"]
         main.__dict__.clear()
         main.__dict__.update(__name__="__main__", __doc__=None, __package__=None, __spec__=None,
@@ -145,7 +147,8 @@ def _exit_code(e: SystemExit) -> int:
 
 class _Server:
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=BASE_ENV)
         self.lock = threading.Lock()
         self.buffer = b""
         if self._line(None) != b"ready":
@@ -193,13 +196,13 @@ class _Server:
             pid = self._reply(None)["pid"]
             reply = self._reply(timeout)
             if reply is None:
-                _kill_family(pid)
+                _kill(pid)
                 self._reply(None)
                 raise subprocess.TimeoutExpired(argv, timeout, out.read_bytes(), err.read_bytes())
             return reply["returncode"], out.read_text(errors="replace"), err.read_text(errors="replace")
 
 
-def _kill_family(pid: int) -> None:
+def _kill(pid: int) -> None:
     """SIGKILL a timed-out command; its ranks die with it (they ask the kernel to)."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
