@@ -100,3 +100,14 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def references(checkpoints) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {name: hf_reference(path, PROMPT, STEPS) for name, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> tuple[Path, Path]:
+    """The SmolLM2 GGUF and its fp32 import, once per session (135M parameters to dequantize and write)."""
+    from test_gguf import smollm2_gguf
+
+    from shardwise.io.gguf.importer import import_gguf
+
+    src = smollm2_gguf()
+    return src, import_gguf(src, tmp_path_factory.mktemp("smol") / "hf", dtype="float32")

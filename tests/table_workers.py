@@ -27,11 +27,12 @@ def add_o_bias(arch: str = "llama") -> None:
     ARCHS[arch] = replace(ARCHS[arch], layer=ARCHS[arch].layer + (O_BIAS,))
 
 
-def run_with_o_bias(path: str, ids: torch.Tensor, steps: int, out: str, tp: int) -> dict:
-    """Under the edited table: logits and greedy tokens, an export of the loaded weights, and 8 training steps."""
+def run_with_o_bias(path: str, ids: torch.Tensor, steps: int, out: str, tp: int, expected: tw.Expected) -> dict:
+    """Under the edited table: logits and greedy tokens, an export of the loaded weights, and 8 training steps
+    against HF's (``expected``)."""
     add_o_bias()
     with load_model(path, Layout(tp), progress=False) as model:
         result = {"logits": model(ids), "tokens": model.generate(ids, steps)}
         export(model, out, progress=False)
-    result["train"] = tw.train(path, tp, 1, "zero3" if tp > 1 else "resident")
+    result["train"] = tw.train(path, tp, 1, "zero3" if tp > 1 else "resident", expected=expected)
     return result

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PROMPT, VOCAB
+from forked_python import run as python_run
 
 from shardwise import Layout, load_spec, plan_rank
 
@@ -34,7 +35,7 @@ def shardwise(*args: str, torchrun: int = 0) -> subprocess.CompletedProcess:
     else:
         cmd = [sys.executable, "-m", "shardwise.cli", *args]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, check=False)
+    return python_run(cmd, capture_output=True, text=True, timeout=180, env=env, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ NO_SPAWN = ("import importlib, pkgutil, sys, shardwise.cli as cli\n"
 def test_bad_arguments_are_one_line_errors_before_any_rank_starts(checkpoints, with_tokenizer, tmp_path, args, error):
     names = {"llama": checkpoints["llama-untied"], "tok": with_tokenizer, "tmp": tmp_path}
     argv = [a.format(**names) for a in args]
-    out = subprocess.run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
+    out = python_run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "SPAWNED" not in out.stderr, out.stderr
     assert error in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not out.stderr.splitlines()[-1].startswith("shardwise: rank "), "an error no rank caused names a rank"
@@ -159,8 +160,8 @@ def test_bad_arguments_are_one_line_errors_before_any_rank_starts(checkpoints, w
 def test_cuda_without_a_gpu_is_refused_before_spawning(with_tokenizer):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    out = subprocess.run([sys.executable, "-c", NO_SPAWN, "generate", str(with_tokenizer), "--prompt", "t1",
-                          "--device", "cuda"], capture_output=True, text=True, timeout=120)
+    out = python_run([sys.executable, "-c", NO_SPAWN, "generate", str(with_tokenizer), "--prompt", "t1",
+                      "--device", "cuda"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "--device cuda needs 1 GPU, this machine has 0" in out.stderr, out.stderr
 
 
@@ -177,14 +178,14 @@ def test_version_help_defaults_and_verbose_anywhere(checkpoints):
 
 
 def test_warnings_for_options_without_effect(with_tokenizer):
-    out = subprocess.run([sys.executable, "-c", NO_SPAWN, "generate", str(with_tokenizer), "--prompt", "t1",
-                          "--top-k", "5", "--max-new-tokens", "100"], capture_output=True, text=True, timeout=120)
+    out = python_run([sys.executable, "-c", NO_SPAWN, "generate", str(with_tokenizer), "--prompt", "t1",
+                      "--top-k", "5", "--max-new-tokens", "100"], capture_output=True, text=True, timeout=120)
     assert "--top-k/--top-p have no effect without --temperature" in out.stderr, out.stderr
     assert "run past the model's 64 positions" in out.stderr, out.stderr
 
 
 def shardwise_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shardwise.cli", *args], capture_output=True, text=True, timeout=120)
+    return python_run([sys.executable, "-m", "shardwise.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_generate_a_batch_of_prompts_of_different_lengths(with_tokenizer, tmp_path):
@@ -245,8 +246,8 @@ NO_START = ("import importlib, os, sys, shardwise.cli as cli\n"
 def test_more_ranks_than_cores_is_one_warning_saying_what_it_costs(with_tokenizer, tp, pp, cores, warning):
     argv = ["generate", str(with_tokenizer), "--tp", str(tp), "--pp", str(pp), "--prompt", "t1", "--max-new-tokens",
             "8"]
-    out = subprocess.run([sys.executable, "-c", NO_START, *argv], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "CORES": str(cores)})
+    out = python_run([sys.executable, "-c", NO_START, *argv], capture_output=True, text=True, timeout=120,
+                     env={**os.environ, "CORES": str(cores)})
     *said, last = out.stderr.splitlines()
     assert last == "STARTING" and len(said) == (warning is not None), out.stderr
     if warning:

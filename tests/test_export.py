@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CHECKPOINTS, PROMPT
+from shared_launch import SharedLaunches
 from test_cli import shardwise
 from workers import export_all, export_and_die, export_model, forward_and_generate, reshard_all
 
@@ -35,17 +36,38 @@ def assert_same_checkpoint(original: Path, exported: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def round_trip(checkpoints, tmp_path_factory) -> dict[str, Path]:
-    """HF -> sharded at TP=3 x PP=2 -> resharded to TP=2 -> exported by those 2 ranks, for every checkpoint."""
-    work = tmp_path_factory.mktemp("roundtrip")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("roundtrip")
+
+
+@pytest.fixture(scope="module")
+def launches(checkpoints, work) -> SharedLaunches:
+    """The writes of this module, one launch per world size: spawning ranks is the slow part. The 6 ranks write the
+    sharded checkpoints that the 2 and 4 ranks read."""
     src = {n: str(p) for n, p in checkpoints.items()}
     s32 = {n: str(work / f"{n}-tp3pp2") for n in src}
     s2 = {n: str(work / f"{n}-tp2") for n in src}
     hf = {n: str(work / f"{n}-hf") for n in src}
-    launch(reshard_all, 6, src, s32, 3, 2, timeout=600)
-    launch(reshard_all, 2, s32, s2, 2, 1, timeout=600)
-    launch(export_all, 2, s2, hf, 2, 1, timeout=600)
-    return {n: Path(p) for n, p in hf.items()} | {f"{n}-tp3pp2": Path(p) for n, p in s32.items()}
+    jobs = {
+        # HF -> sharded at TP=3 x PP=2 -> resharded to TP=2 -> exported by those 2 ranks, for every checkpoint
+        ("reshard", 6): (6, reshard_all, (src, s32, 3, 2)),
+        ("reshard", 2): (2, reshard_all, (s32, s2, 2, 1)),
+        ("export", 2): (2, export_all, (s2, hf, 2, 1)),
+        # the checkpoint a killed export must leave intact
+        ("previous",): (2, export_all, ({"m": src["mistral-untied"]}, {"m": str(work / "ckpts" / "model")}, 2, 1)),
+        ("another layout",): (4, forward_and_generate, (4, 1, {"q": s32["qwen3-untied"]}, PROMPT, 16)),
+        # bf16 on disk, run in fp32 at TP=2 x PP=2
+        ("fp32",): (4, export_model, (src["llama-tied"], str(work / "fp32-out"), 2, 2)),
+    }
+    return SharedLaunches(jobs, timeout=600, needs={2: (6,), 4: (6,)})
+
+
+@pytest.fixture(scope="module")
+def round_trip(checkpoints, work, launches) -> dict[str, Path]:
+    """HF -> sharded at TP=3 x PP=2 -> resharded to TP=2 -> exported by those 2 ranks, for every checkpoint."""
+    for step in (("reshard", 6), ("reshard", 2), ("export", 2)):
+        launches.result(step)
+    return {n: work / f"{n}-hf" for n in checkpoints} | {f"{n}-tp3pp2": work / f"{n}-tp3pp2" for n in checkpoints}
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
@@ -53,19 +75,19 @@ def test_round_trip_is_bit_exact(name, checkpoints, round_trip):
     assert_same_checkpoint(checkpoints[name], round_trip[name])
 
 
-def test_sharded_checkpoint_runs_under_another_layout(checkpoints, references, round_trip):
+def test_sharded_checkpoint_runs_under_another_layout(checkpoints, references, round_trip, launches):
     sharded = round_trip["qwen3-untied-tp3pp2"]
     assert ShardedCheckpoint(sharded).layout.world_size == 6
-    logits, tokens = launch(forward_and_generate, 4, 4, 1, {"q": str(sharded)}, PROMPT, 16, timeout=600)["q"]
+    logits, tokens = launches.result(("another layout",))[0]["q"]
     ref_logits, ref_tokens = references["qwen3-untied"]
     assert (logits - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()
     assert torch.equal(tokens, ref_tokens)
 
 
-def test_export_from_fp32_model_keeps_original_dtypes(checkpoints, tmp_path):
+def test_export_from_fp32_model_keeps_original_dtypes(checkpoints, work, launches):
     src = checkpoints["llama-tied"]  # bf16 on disk, run in fp32 at TP=2 x PP=2
-    launch(export_model, 4, str(src), str(tmp_path / "out"), 2, 2, timeout=300)
-    assert_same_checkpoint(src, tmp_path / "out")
+    launches.result(("fp32",))
+    assert_same_checkpoint(src, work / "fp32-out")
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -80,10 +102,9 @@ def looks_complete(directory: Path) -> bool:
     return all((directory / f).exists() for f in files)
 
 
-def test_killed_rank_leaves_previous_checkpoint_intact(checkpoints, tmp_path):
-    src = checkpoints["mistral-untied"]
-    out = tmp_path / "ckpts" / "model"
-    launch(export_all, 2, {"m": str(src)}, {"m": str(out)}, 2, 1, timeout=300)
+def test_killed_rank_leaves_previous_checkpoint_intact(checkpoints, work, launches):
+    out = work / "ckpts" / "model"
+    launches.result(("previous",))  # mistral-untied, exported by 2 ranks
     before = digest(out)
     with pytest.raises(RankError, match="rank 1 died with exit code 9"):
         launch(export_and_die, 2, str(checkpoints["qwen2-untied"]), str(out), 2, 1, timeout=300)

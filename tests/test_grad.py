@@ -13,8 +13,9 @@ from __future__ import annotations
 import grad_workers as gw
 import pytest
 from conftest import CHECKPOINTS
+from shared_launch import SharedLaunches
 
-from shardwise import Layout, launch, load_spec, plan_rank
+from shardwise import Layout, load_spec, plan_rank
 from shardwise.train.grads import tp_partials
 
 # (checkpoint, tp): every architecture at tp=2; tp=3 splitting 3 KV heads; tp=3 and 4 replicating 2 KV heads;
@@ -22,30 +23,41 @@ from shardwise.train.grads import tp_partials
 CASES = ([(n, 1) for n in ("llama-tied", "qwen3-untied")] + [(name, 2) for name in CHECKPOINTS]
          + [(f"{a}-{t}", 3) for a in ("llama", "qwen2") for t in ("tied", "untied")]
          + [("mistral-untied", 3), ("mistral-tied", 4), ("qwen3-tied", 3), ("olmo2-untied", 4), ("phi3-untied", 3)])
+UNREDUCED = [("qwen3-untied", 2), ("mistral-untied", 3)]
 TOLERANCE = 1e-5
 
 
-def errors(path: str, tp: int, reduce: bool = True) -> dict[str, float]:
-    return gw.tp_gradients(path, tp, reduce) if tp == 1 else launch(gw.tp_gradients, tp, path, tp, reduce,
-                                                                      timeout=120)
+@pytest.fixture(scope="module")
+def runs(checkpoints) -> SharedLaunches:
+    """Every case's errors, one launch per TP degree; HF's gradient of each checkpoint is computed once, here."""
+    jobs = {}
+    for reduce, cases in ((True, CASES), (False, UNREDUCED)):
+        for name, tp in cases:
+            path = str(checkpoints[name])
+            jobs[name, tp, reduce] = (tp, gw.tp_gradients, (path, tp, reduce, gw.hf_gradients(path)))
+    return SharedLaunches(jobs, timeout=300)
+
+
+def errors(runs: SharedLaunches, name: str, tp: int, reduce: bool = True) -> dict[str, float]:
+    return runs.result((name, tp, reduce))[0]
 
 
 @pytest.mark.parametrize("name,tp", CASES, ids=str)
-def test_local_gradients_are_hf_gradient_boxes(checkpoints, name, tp):
-    found = errors(str(checkpoints[name]), tp)
+def test_local_gradients_are_hf_gradient_boxes(runs, name, tp):
+    found = errors(runs, name, tp)
     assert found, "no tensors compared"
     bad = {k: v for k, v in found.items() if not v <= TOLERANCE}
     assert not bad, f"{name} at tp={tp}: {bad}"
 
 
-@pytest.mark.parametrize("name,tp", [("qwen3-untied", 2), ("mistral-untied", 3)], ids=str)
-def test_without_the_reduction_exactly_the_partial_tensors_are_wrong(checkpoints, name, tp):
+@pytest.mark.parametrize("name,tp", UNREDUCED, ids=str)
+def test_without_the_reduction_exactly_the_partial_tensors_are_wrong(checkpoints, runs, name, tp):
     """The reduction is needed, and only where the plan says: unreduced, the tensors with a partial region are
     the ones off HF's gradient."""
     path = checkpoints[name]
     spec, layout = load_spec(path), Layout(tp=tp)
     partial = {f"rank {r} {p.name}" for r in range(tp) for p in tp_partials(plan_rank(spec, layout, r))}
-    wrong = {k for k, v in errors(str(path), tp, reduce=False).items() if not v <= TOLERANCE}
+    wrong = {k for k, v in errors(runs, name, tp, reduce=False).items() if not v <= TOLERANCE}
     assert partial and wrong == partial
 
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 import zero3_workers as zw
-from test_gguf import smollm2_gguf
 
 from shardwise import launch
-from shardwise.io.gguf.importer import import_gguf
 from shardwise.model.text import Text
 
 PASSAGE = (
@@ -49,11 +47,11 @@ def kl_from(reference: torch.Tensor, logits: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def divergences(tmp_path_factory) -> dict[torch.dtype, tuple[float, float]]:
+def divergences(smollm2) -> dict[torch.dtype, tuple[float, float]]:
     """Per quantized dtype: (KL of shardwise's gathers, KL of HF's model quantized the same way) from HF's fp32."""
     import transformers
 
-    path = import_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smol") / "hf", dtype="float32")
+    path = smollm2[1]  # imported in float32 (conftest)
     ids = torch.tensor([Text(path).encode(PASSAGE)])
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     originals = {name: p.detach().clone() for name, p in model.named_parameters() if p.dim() == 2}

@@ -11,6 +11,7 @@ import logging
 
 import pytest
 import torch
+import train_workers as tw
 from conftest import PROMPT, STEPS, hf_config, hf_reference
 from safetensors.torch import load_file
 from table_workers import add_o_bias, drop_o_bias, run_with_o_bias
@@ -55,7 +56,7 @@ def test_without_the_entry_the_bias_is_ignored_with_a_warning(o_bias_checkpoint,
 def test_one_table_entry_loads_trains_and_exports_it(o_bias_checkpoint, tmp_path, table, tp):
     add_o_bias()
     out = tmp_path / "export"
-    args = (str(o_bias_checkpoint), PROMPT, STEPS, str(out), tp)
+    args = (str(o_bias_checkpoint), PROMPT, STEPS, str(out), tp, tw.hf_run(str(o_bias_checkpoint), None))
     found = run_with_o_bias(*args) if tp == 1 else launch(run_with_o_bias, tp, *args, timeout=600)
     ref_logits, ref_tokens = hf_reference(o_bias_checkpoint, PROMPT, STEPS)
     assert (found["logits"] - ref_logits).abs().max() <= 1e-4 * ref_logits.abs().max()

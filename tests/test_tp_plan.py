@@ -203,7 +203,8 @@ def test_training_under_a_user_plan_matches_hf(checkpoints, provider, dp):
     dividing by sqrt(v), turns the rounding of a differently summed residual gradient into that much)."""
     paths = [str(checkpoints[name]) for name in ("qwen3-untied", "llama-tied")]
     plans = {plan: PLANS[plan] for plan in ("mlp replicated", "attention and MLP gathered")}
-    runs = launch(tw.train_under_plans, 2 * dp, paths, 2, dp, provider, plans, timeout=600)
+    expected = [tw.hf_run(path, None) for path in paths]  # in this process: the ranks need no transformers
+    runs = launch(tw.train_under_plans, 2 * dp, paths, 2, dp, provider, plans, expected, timeout=600)
     for plan, found in runs.items():
         for name, out in zip(("qwen3-untied", "llama-tied"), found):
             for rank, o in out.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import train_workers as tw
+from shared_launch import SharedLaunches, with_env
 
 from shardwise import launch
 
@@ -27,20 +28,35 @@ WEIGHTS = 1e-4
 NOISY_WEIGHTS = {"olmo2-untied": 2e-4}
 PROVIDERS = ("resident", "zero3")
 CLIP = 0.5  # below every first-step norm of these models: clipping acts from the first step
-
-
-def run_mesh(paths: list[str], dp: int, tp: int, provider: str, clip: float | None = None, micro: int = 1):
-    if dp * tp == 1:
-        return tw.train_all(paths, 1, 1, provider, clip, micro)
-    return launch(tw.train_all, dp * tp, paths, tp, dp, provider, clip, micro, timeout=600)
+CLIPPED = ("qwen3-untied", "llama-tied")  # dp=2 x tp=2, 2 micro-batches, clipped
+WORK_DTYPES = [None, torch.bfloat16, torch.float8_e4m3fn, torch.int8]
+MEMORY = [  # (tp, dp, provider, work dtype, prefetch, offload): replicas, TP, zero3 as it is and offloaded
+    (1, 2, "resident", None, 1, False),
+    (2, 1, "resident", None, 1, False),
+    (1, 2, "zero3", None, 1, False),
+    (1, 2, "zero3", "bfloat16", 2, True),
+]
 
 
 @pytest.fixture(scope="module")
-def runs(checkpoints) -> dict[tuple[str, int, int], dict[str, dict]]:
-    """Every config trained on every mesh and provider, one launch per mesh."""
-    paths = [str(checkpoints[name]) for name in CONFIGS]
-    return {(provider, dp, tp): dict(zip(CONFIGS, run_mesh(paths, dp, tp, provider)))
-            for provider in PROVIDERS for dp, tp in MESHES}
+def runs(checkpoints) -> SharedLaunches:
+    """Every training run of this module, one launch per world size (every mesh and provider of that size); HF's
+    run of each checkpoint is computed once, here, and handed to the ranks."""
+    jobs = {}
+    for provider in PROVIDERS:
+        for dp, tp in MESHES:
+            for name in CONFIGS:
+                path = str(checkpoints[name])
+                jobs["train", provider, dp, tp, name] = (dp * tp, tw.train, (path, tp, dp, provider, None, 1,
+                                                                             tw.hf_run(path, None)))
+    for provider in PROVIDERS:
+        for name in CLIPPED:
+            path = str(checkpoints[name])
+            jobs["clip", provider, name] = (4, tw.train, (path, 2, 2, provider, CLIP, 2, tw.hf_run(path, CLIP)))
+    jobs["work dtypes",] = (2, tw.zero3_losses_by_work_dtype, (str(checkpoints["qwen3-untied"]), WORK_DTYPES))
+    # through gloo, whose work buffers and staging the plan gives (through shared memory the DP ranks share them)
+    jobs["memory",] = (2, with_env, ({"SHARDWISE_SHM": "0"}, tw.step_memory, str(checkpoints["llama-tied"]), MEMORY))
+    return SharedLaunches(jobs, timeout=600)
 
 
 def check(found: dict, what: str, weights: float = WEIGHTS) -> None:
@@ -56,15 +72,15 @@ def check(found: dict, what: str, weights: float = WEIGHTS) -> None:
 @pytest.mark.parametrize("dp,tp", MESHES, ids=str)
 @pytest.mark.parametrize("name", CONFIGS)
 def test_training_matches_hf(runs, name, dp, tp, provider):
-    check(runs[provider, dp, tp][name], f"{name} {provider} dp={dp} tp={tp}", NOISY_WEIGHTS.get(name, WEIGHTS))
+    check(runs.result(("train", provider, dp, tp, name))[0], f"{name} {provider} dp={dp} tp={tp}",
+          NOISY_WEIGHTS.get(name, WEIGHTS))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_clipping_and_accumulation_match_hf(checkpoints, provider):
+def test_clipping_and_accumulation_match_hf(runs, provider):
     """dp=2 x tp=2, each rank's sequences in 2 micro-batches, the norm clipped to 0.5 as torch's clip_grad_norm_."""
-    names = ("qwen3-untied", "llama-tied")
-    found = run_mesh([str(checkpoints[n]) for n in names], 2, 2, provider, CLIP, micro=2)
-    for name, out in zip(names, found):
+    for name in CLIPPED:
+        out = runs.result(("clip", provider, name))[0]
         assert out["rank 0"]["clipped"], f"{name}: the norm never exceeded {CLIP}, so clipping went untested"
         check(out, f"{name} {provider} clip={CLIP} micro=2")
 
@@ -82,21 +98,21 @@ def test_clipped_norm_counts_a_kv_head_replicated_over_tp_once(tmp_path):
     torch.manual_seed(7)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mqa")
     path = str(tmp_path / "mqa")
-    single = tw.train(path, 1, 1, "resident", CLIP)["rank 0"]
-    sharded = launch(tw.train_all, 6, [path], 2, 3, "zero3", CLIP, timeout=600)[0]
+    expected = tw.hf_run(path, CLIP)
+    single = tw.train(path, 1, 1, "resident", CLIP, expected=expected)["rank 0"]
+    sharded = launch(tw.train, 6, path, 2, 3, "zero3", CLIP, 1, expected, timeout=600)
     for what, found in (("resident dp=1", {"rank 0": single}), ("zero3 tp=2 dp=3", sharded)):
         assert found["rank 0"]["clipped"], f"{what}: the norm never exceeded {CLIP}, so clipping went untested"
         check(found, what)
     assert sharded["rank 0"]["norms"] == pytest.approx(single["norms"], rel=1e-5)
 
 
-def test_zero3_trains_in_any_work_dtype(checkpoints):
+def test_zero3_trains_in_any_work_dtype(runs):
     """fp32 masters, gathered and computed in bf16 (or gathered as fp8 / int8): the same descent as fp32 work, to
     the work dtype's precision; the quantized gathers re-derive their scales from the updated masters each step."""
-    dtypes = [None, torch.bfloat16, torch.float8_e4m3fn, torch.int8]
-    fp32, *others = launch(tw.zero3_losses_by_work_dtype, 2, str(checkpoints["qwen3-untied"]), dtypes)
+    fp32, *others = runs.result(("work dtypes",))[0]
     assert fp32[-1] < fp32[0] - 1, fp32
-    for dtype, losses in zip(dtypes[1:], others):
+    for dtype, losses in zip(WORK_DTYPES[1:], others):
         assert losses == pytest.approx(fp32, rel=2e-2), f"{dtype}: {losses} against fp32 work {fp32}"
 
 
@@ -229,15 +245,7 @@ def test_offload_keeps_what_scales_with_the_masters_in_host_memory(checkpoints, 
             t.numel() for t in w.buffers.values()))
 
 
-MEMORY = [  # (tp, dp, provider, work dtype, prefetch, offload): replicas, TP, zero3 as it is and offloaded
-    (1, 2, "resident", None, 1, False),
-    (2, 1, "resident", None, 1, False),
-    (1, 2, "zero3", None, 1, False),
-    (1, 2, "zero3", "bfloat16", 2, True),
-]
-
-
-def test_plan_train_is_what_a_step_allocates(checkpoints, monkeypatch, capsys):
+def test_plan_train_is_what_a_step_allocates(checkpoints, runs, monkeypatch, capsys):
     """`shardwise plan --train` prints, per rank and role, the bytes a Trainer holds after a step; the plan behind it
     (``training_memory``) equals them to the byte. Gathers through gloo, whose work buffers and staging the plan
     gives (through shared memory the DP ranks share them)."""
@@ -251,7 +259,7 @@ def test_plan_train_is_what_a_step_allocates(checkpoints, monkeypatch, capsys):
 
     monkeypatch.setenv("SHARDWISE_SHM", "0")
     path = str(checkpoints["llama-tied"])  # a tied head: one tensor, counted once
-    measured = launch(tw.step_memory, 2, path, MEMORY, timeout=300)
+    measured = runs.result(("memory",))[0]  # measured with SHARDWISE_SHM=0 in the ranks
     for (tp, dp, provider, work, prefetch, offload), per_rank in zip(MEMORY, measured):
         argv = ["plan", path, "--tp", str(tp), "--dp", str(dp), "--provider", provider, "--prefetch", str(prefetch),
                 "--train", *(["--work-dtype", work] if work else []), *(["--offload"] if offload else [])]

@@ -6,15 +6,18 @@ import dataclasses
 import json
 import re
 import shutil
-import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import VOCAB
+from forked_python import run as python_run
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from shared_launch import SharedLaunches
 from test_cli import NO_SPAWN
 
 from shardwise import Layout
@@ -170,7 +173,7 @@ def test_bad_arguments_are_one_line_errors_before_any_rank_starts(checkpoints, w
     base = ["train", str(with_tokenizer), "--data", str(data), "--steps", "2", "--batch", "2", "--seq", "4",
             "--save", str(tmp_path / "out")]
     argv = base + [a.format(**names) for a in args]
-    out = subprocess.run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
+    out = python_run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "SPAWNED" not in out.stderr, out.stderr
     assert error in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not out.stderr.splitlines()[-1].startswith("shardwise: rank "), out.stderr
@@ -190,7 +193,7 @@ def test_a_short_text_is_trained_on_with_a_warning_that_gives_the_numbers(with_t
     data.write_text(" ".join(f"t{i % 100 + 1}" for i in range(words)))  # + EOS
     argv = ["train", str(with_tokenizer), "--data", str(data), "--steps", "2", "--batch", str(batch), "--seq", "4",
             "--save", str(tmp_path / "out")]
-    out = subprocess.run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
+    out = python_run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
     lines = out.stderr.splitlines()
     assert lines[-1] == "SPAWNED" and len(lines) == len(warnings) + 1, out.stderr
     for warning, line in zip(warnings, lines):
@@ -208,7 +211,7 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
     command = [sys.executable, "-m", "shardwise.cli", "train", str(with_tokenizer), "--data", str(data), "--steps", "6",
                "--dp", "2", "--provider", provider, "--batch", "4", "--seq", "16", "--accumulate", "2", "--lr", "3e-3",
                "--warmup", "1", "--save-every", "2"]
-    run = subprocess.run([*command, "--save", str(out), "--log", str(log)], capture_output=True, text=True, timeout=300)
+    run = python_run([*command, "--save", str(out), "--log", str(log)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     header, *rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert header == {"log": "shardwise train log", "model": str(with_tokenizer.resolve())}
@@ -234,8 +237,8 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
         import transformers
 
         hf = tmp_path / "hf"
-        run = subprocess.run([sys.executable, "-m", "shardwise.cli", "export", str(out), str(hf)],
-                             capture_output=True, text=True, timeout=300)
+        run = python_run([sys.executable, "-m", "shardwise.cli", "export", str(out), str(hf)],
+                         capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
         assert re.search(r"^\[shardwise\] exporting \d+ boxes in [\d.]+s$", run.stderr, re.M), run.stderr
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
@@ -244,8 +247,8 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
             torch.testing.assert_close(hf_model(input_ids=ids).logits, trained(ids), rtol=1e-5, atol=1e-5)
     if provider == "zero3":  # --offload: masters, moments and gradient sums in host memory train the same numbers
         offloaded = tmp_path / "offloaded"
-        run = subprocess.run([*command, "--offload", "--save", str(offloaded), "--log", str(tmp_path / "off.jsonl")],
-                             capture_output=True, text=True, timeout=300)
+        run = python_run([*command, "--offload", "--save", str(offloaded), "--log", str(tmp_path / "off.jsonl")],
+                         capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
         _, *offloaded_rows = [json.loads(line) for line in (tmp_path / "off.jsonl").read_text().splitlines()]
         assert [r["loss"] for r in offloaded_rows] == losses
@@ -253,11 +256,11 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
         assert sorted(f.name for f in offloaded.iterdir()) == files
         assert not [f for f in files if (out / f).read_bytes() != (offloaded / f).read_bytes()]
     if provider == "zero3":  # and go on from it, resident at tp 2, two steps more
-        run = subprocess.run([sys.executable, "-m", "shardwise.cli", "train", str(with_tokenizer), "--resume", str(out),
-                              "--data", str(data),
-                              "--steps", "8", "--tp", "2", "--batch", "4", "--seq", "16", "--lr", "3e-3",
-                              "--save", str(tmp_path / "more"), "--log", str(log)],
-                             capture_output=True, text=True, timeout=300)
+        run = python_run([sys.executable, "-m", "shardwise.cli", "train", str(with_tokenizer), "--resume", str(out),
+                          "--data", str(data),
+                          "--steps", "8", "--tp", "2", "--batch", "4", "--seq", "16", "--lr", "3e-3",
+                          "--save", str(tmp_path / "more"), "--log", str(log)],
+                         capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
         assert [json.loads(line).get("step") for line in log.read_text().splitlines()] == [None, *range(1, 9)]
         assert "trained steps 7..8" in run.stdout, run.stdout
@@ -287,15 +290,7 @@ def _losses(log: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in log.read_text().splitlines()[1:]]
 
 
-@pytest.fixture(scope="module")
-def halfway(with_tokenizer, tmp_path_factory):
-    """Uninterrupted 4-step runs (resident and zero3, dp 2), each also saving a training checkpoint at step 2."""
-    tmp = tmp_path_factory.mktemp("resume")
-    stream = _resume_stream(with_tokenizer, tmp)
-    full, saved = {}, {}
-    for provider in ("resident", "zero3"):
-        full[provider], saved[provider] = _run_keeping_step_2(with_tokenizer, stream, provider, tmp)
-    return stream, full, saved
+RESUMED_TIED = (Layout(dp=2), "zero3")  # the tied bf16 model's run, resumed
 
 
 def _resume_stream(checkpoint: Path, tmp: Path) -> TokenStream:
@@ -304,34 +299,68 @@ def _resume_stream(checkpoint: Path, tmp: Path) -> TokenStream:
     return TokenStream.from_file(checkpoint, data, 16, 6, 3)  # 6 windows a step: even over dp 2 and 3
 
 
-def _run_keeping_step_2(checkpoint: Path, stream: TokenStream, provider: str, tmp: Path) -> tuple[list[float], Path]:
-    """An uninterrupted 4-step run at dp 2: its losses, and the training checkpoint it saved at step 2."""
+def _keeping_step_2(checkpoint: Path, stream: TokenStream, provider: str, tmp: Path) -> tuple[int, Callable, tuple]:
+    """An uninterrupted 4-step run at dp 2, logging to ``tmp/<provider>.jsonl`` and keeping the training checkpoint
+    it saves at step 2 as ``tmp/<provider>-2``."""
     from train_workers import train_keeping_every_save
 
-    from shardwise.launch import launch
-
     job = _job(checkpoint, stream, Layout(dp=2), provider, 4, tmp / provider, tmp / f"{provider}.jsonl")
-    launch(train_keeping_every_save, 2, dataclasses.replace(job, save_every=2))
-    return _losses(tmp / f"{provider}.jsonl"), tmp / f"{provider}-2"
+    return 2, train_keeping_every_save, (dataclasses.replace(job, save_every=2),)
 
 
-def _resume(checkpoint: Path, stream: TokenStream, layout: Layout, provider: str, saved: Path, tmp: Path
-            ) -> list[float]:
-    """Steps 3 and 4 resumed from ``saved`` under ``layout`` and ``provider``: their losses."""
-    from shardwise.launch import launch
+def _resuming(checkpoint: Path, stream: TokenStream, layout: Layout, provider: str, saved: Path, tmp: Path
+              ) -> tuple[int, Callable, tuple]:
+    """Steps 3 and 4 resumed from ``saved`` under ``layout`` and ``provider``, saved to ``tmp/out`` and logged to
+    ``tmp/log.jsonl``."""
     from shardwise.train.run import train_rank
 
+    tmp.mkdir(parents=True)
     job = _job(checkpoint, stream, layout, provider, 4, tmp / "out", tmp / "log.jsonl", resume=str(saved))
-    assert launch(train_rank, layout.world_size, job)["first_step"] == 3
+    return layout.world_size, train_rank, (job,)
+
+
+@pytest.fixture(scope="module")
+def runs(with_tokenizer, checkpoints, tmp_path_factory) -> dict[str, Any]:
+    """Every training run of the resume tests, one launch per world size (spawning ranks is the slow part): the
+    uninterrupted runs that keep their step-2 checkpoints (resident and zero3 on the untied fp32 model, resident on
+    a tied bf16 one), then, in the same launch, each resume of them."""
+    tmp, tied_tmp = tmp_path_factory.mktemp("resume"), tmp_path_factory.mktemp("tied")
+    tied = _with_tokenizer(checkpoints["qwen2-tied"], tied_tmp / "tied")
+    stream, tied_stream = _resume_stream(with_tokenizer, tmp), _resume_stream(tied, tied_tmp)
+    jobs = {("halfway", provider): _keeping_step_2(with_tokenizer, stream, provider, tmp)
+            for provider in ("resident", "zero3")}
+    jobs["halfway", "tied"] = _keeping_step_2(tied, tied_stream, "resident", tied_tmp)
+    for name, (layout, provider, saved_by) in RESUMES.items():
+        jobs["resume", name] = _resuming(with_tokenizer, stream, layout, provider, tmp / f"{saved_by}-2",
+                                         tmp / "resumed" / name)
+    jobs["resume", "tied"] = _resuming(tied, tied_stream, *RESUMED_TIED, tied_tmp / "resident-2", tied_tmp / "resumed")
+    return dict(launches=SharedLaunches(jobs, timeout=600, needs={3: (2,)}), tmp=tmp, stream=stream, tied=tied,
+                tied_tmp=tied_tmp, tied_stream=tied_stream)
+
+
+@pytest.fixture(scope="module")
+def halfway(runs):
+    """Uninterrupted 4-step runs (resident and zero3, dp 2), each also saving a training checkpoint at step 2."""
+    full, saved = {}, {}
+    for provider in ("resident", "zero3"):
+        runs["launches"].result(("halfway", provider))
+        full[provider], saved[provider] = _losses(runs["tmp"] / f"{provider}.jsonl"), runs["tmp"] / f"{provider}-2"
+    return runs["stream"], full, saved
+
+
+def _resumed(runs: dict[str, Any], name: str) -> list[float]:
+    """The losses of steps 3 and 4 of the resume ``name``, which started at step 3 and saved step 4."""
+    launches, tmp = runs["launches"], runs["tied_tmp"] / "resumed" if name == "tied" else runs["tmp"] / "resumed" / name
+    assert launches.result(("resume", name))[0]["first_step"] == 3
     assert Record.read(tmp / "out").step == 4
     return _losses(tmp / "log.jsonl")
 
 
 @pytest.mark.parametrize("name", RESUMES)
-def test_resume_continues_the_uninterrupted_run(with_tokenizer, halfway, tmp_path, name):
+def test_resume_continues_the_uninterrupted_run(halfway, runs, name):
     stream, full, saved = halfway
     layout, provider, saved_by = RESUMES[name]
-    resumed, expected = _resume(with_tokenizer, stream, layout, provider, saved[saved_by], tmp_path), full[saved_by][2:]
+    resumed, expected = _resumed(runs, name), full[saved_by][2:]
     if name.startswith("same layout"):
         assert resumed == expected  # bit for bit
     else:
@@ -339,19 +368,18 @@ def test_resume_continues_the_uninterrupted_run(with_tokenizer, halfway, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def tied(checkpoints, tmp_path_factory):
+def tied(runs):
     """A tied bf16 model with a tokenizer, its token stream, and an uninterrupted 4-step resident run at dp 2: its
     losses and the training checkpoint it saved at step 2."""
-    tmp = tmp_path_factory.mktemp("tied")
-    checkpoint = _with_tokenizer(checkpoints["qwen2-tied"], tmp / "tied")
-    stream = _resume_stream(checkpoint, tmp)
-    return checkpoint, stream, *_run_keeping_step_2(checkpoint, stream, "resident", tmp)
+    runs["launches"].result(("halfway", "tied"))
+    tmp = runs["tied_tmp"]
+    return runs["tied"], runs["tied_stream"], _losses(tmp / "resident.jsonl"), tmp / "resident-2"
 
 
-def test_resume_of_a_tied_bf16_model_from_resident_to_zero3(tied, tmp_path):
+def test_resume_of_a_tied_bf16_model_from_resident_to_zero3(tied, runs):
     """One tensor for the embedding and the head: its moments saved once, and restored into both providers' plans."""
     checkpoint, stream, full, saved = tied
-    resumed = _resume(checkpoint, stream, Layout(dp=2), "zero3", saved, tmp_path)
+    resumed = _resumed(runs, "tied")  # at dp 2 on zero3 (RESUMED_TIED)
     assert resumed == pytest.approx(full[2:], abs=1e-5, rel=0)
 
 
@@ -375,8 +403,8 @@ def test_a_training_checkpoint_exports_in_the_dtype_of_the_model_it_was_trained_
     (old / "config.json").write_text(json.dumps(json.loads((old / "config.json").read_text()) | {"dtype": "float16"}))
     for argv in (["export", saved, tmp_path / "hf"], ["export", old, tmp_path / "old-hf"],
                  ["reshard", saved, tmp_path / "f32", "--dtype", "float32"]):
-        run = subprocess.run([sys.executable, "-m", "shardwise.cli", *map(str, argv)], capture_output=True, text=True,
-                             timeout=300)
+        run = python_run([sys.executable, "-m", "shardwise.cli", *map(str, argv)], capture_output=True, text=True,
+                         timeout=300)
         assert run.returncode == 0, run.stderr
     for name, dtype in (("hf", torch.bfloat16), ("old-hf", torch.float16)):
         with Checkpoint(tmp_path / name) as hf:
@@ -397,12 +425,12 @@ def test_resume_in_place_replaces_the_run_with_each_save_as_if_it_never_stopped(
     argv = ["train", str(with_tokenizer), "--resume", str(run), "--save", str(run), "--save-every", "1",
             "--data", str(tmp_path / "d.txt"), "--steps", "4", "--dp", "2", "--batch", "6", "--seq", "16",
             "--lr", "3e-3", "--warmup", "1", "--weight-decay", "0.1", "--log", str(log), "--seed"]
-    refused = subprocess.run([sys.executable, "-c", NO_SPAWN, *argv, "4"], capture_output=True, text=True, timeout=120)
+    refused = python_run([sys.executable, "-c", NO_SPAWN, *argv, "4"], capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "SPAWNED" not in refused.stderr, refused.stderr
     assert "training on seed 3, but this run has 4: --seed must match to resume" in refused.stderr, refused.stderr
     assert Record.read(run).step == 2
-    done = subprocess.run([sys.executable, "-m", "shardwise.cli", *argv, "3"], capture_output=True, text=True,
-                          timeout=300)
+    done = python_run([sys.executable, "-m", "shardwise.cli", *argv, "3"], capture_output=True, text=True,
+                      timeout=300)
     assert done.returncode == 0, done.stderr
     assert "trained steps 3..4" in done.stdout and _losses(log) == full["resident"][2:]
     assert Record.read(run).step == 4
@@ -477,10 +505,10 @@ def test_resume_refuses_a_randperm_that_orders_the_windows_otherwise(halfway, wi
     saved = halfway[2]["resident"]
     argv = ["train", str(with_tokenizer), "--resume", str(saved), "--data", str(saved.parent / "d.txt"), "--steps",
             "4", "--dp", "2", "--batch", "6", "--seq", "16", "--seed", "3", "--save", str(tmp_path / "out")]
-    same = subprocess.run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
+    same = python_run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
     assert same.stderr.splitlines()[-1] == "SPAWNED", same.stderr
-    other = subprocess.run([sys.executable, "-c", OTHER_RANDPERM + NO_SPAWN, *argv], capture_output=True, text=True,
-                           timeout=120)
+    other = python_run([sys.executable, "-c", OTHER_RANDPERM + NO_SPAWN, *argv], capture_output=True, text=True,
+                       timeout=120)
     assert other.returncode != 0 and other.stdout == "", other.stderr
     assert len(other.stderr.splitlines()) == 1, other.stderr
     assert re.fullmatch(rf"shardwise: ValueError: {re.escape(str(saved))}: saved at step 2 training on order \w+, but "

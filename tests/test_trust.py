@@ -9,10 +9,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from forked_python import run as python_run
 from publish_workers import bytes_written_by_export, faults_at_every_step
+from shared_launch import SharedLaunches
 from test_cli import shardwise, with_tokenizer  # noqa: F401 - with_tokenizer is a fixture
 from test_export import assert_same_checkpoint, digest
 from workers import reshard_all
@@ -23,7 +26,6 @@ from shardwise import (
     Layout,
     ShardedCheckpoint,
     SpecError,
-    launch,
     load_spec,
     load_weights,
     save_sharded,
@@ -49,11 +51,30 @@ def _untouched(models: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def sharded(checkpoints, tmp_path_factory) -> Path:
-    """A TP=2 sharded checkpoint of an untied fp32 model."""
-    out = tmp_path_factory.mktemp("sharded") / "s"
-    launch(reshard_all, 2, {"m": str(checkpoints["mistral-untied"])}, {"m": str(out)}, 2, 1, timeout=300)
+def launched(checkpoints, tmp_path_factory) -> SimpleNamespace:
+    """This module's writes by ranks, one launch per world size (spawning ranks is the slow part), and where they
+    write: ``launches.result(job)`` runs them."""
+    work = tmp_path_factory.mktemp("launched")
+    mistral, llama = str(checkpoints["mistral-untied"]), str(checkpoints["llama-untied"])
+    out = SimpleNamespace(sharded=work / "sharded" / "s", faults=work / "faults" / "ckpt",
+                          exported=work / "exported" / "out", sharded_tp4=work / "sharded-tp4" / "s")
+    reshard_all({"m": mistral}, {"m": str(out.faults)}, 1, 1)  # the checkpoint the faults must leave intact
+    out.before_faults = digest(out.faults)
+    out.launches = SharedLaunches({
+        "sharded": (2, reshard_all, ({"m": mistral}, {"m": str(out.sharded)}, 2, 1)),
+        "faults": (2, faults_at_every_step, (mistral, str(out.faults), _fault_cases())),
+        # llama-untied: 9 query / 3 KV heads: at TP=4 each KV head sits on several ranks, at different offsets
+        "export at tp=4": (4, bytes_written_by_export, (llama, str(out.exported), 4)),
+        "sharded at tp=4": (4, reshard_all, ({"m": llama}, {"m": str(out.sharded_tp4)}, 4, 1)),
+    }, timeout=600)
     return out
+
+
+@pytest.fixture(scope="module")
+def sharded(launched) -> Path:
+    """A TP=2 sharded checkpoint of an untied fp32 model."""
+    launched.launches.result("sharded")
+    return launched.sharded
 
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
@@ -141,7 +162,8 @@ def test_a_write_killed_while_removing_the_checkpoint_it_replaced_leaves_it_to_t
         "out = Path(sys.argv[1])\nwrite_checkpoint(out, write('{\"old\": 1}'))\n"
         "pub.remove_checkpoint = lambda old: os._exit(9)  # killed just as the old checkpoint's removal starts\n"
         "write_checkpoint(out, write('{}'), overwrite=True)\n")
-    assert subprocess.run([sys.executable, "-c", killed, str(out)], timeout=120).returncode == 9
+    assert python_run([sys.executable, "-c", killed, str(out)], capture_output=True, text=True,
+                      timeout=120).returncode == 9
     (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
     assert (left / OWNER_FILE).exists() and (out / "config.json").read_text() == "{}"
     write_checkpoint(out, [("writing data", lambda tmp: (tmp / "model.safetensors").write_bytes(b"x"))],
@@ -160,12 +182,10 @@ def _fault_cases() -> list[tuple[str, str, int, str]]:
     return raised + full_disk
 
 
-def test_a_fault_on_any_rank_at_any_step_ends_every_rank_with_the_old_checkpoint_intact(checkpoints, tmp_path):
-    src, out = checkpoints["mistral-untied"], tmp_path / "ckpt"
-    launch(reshard_all, 1, {"m": str(src)}, {"m": str(out)}, 1, 1, timeout=300)
-    before = digest(out)
+def test_a_fault_on_any_rank_at_any_step_ends_every_rank_with_the_old_checkpoint_intact(launched):
+    out = launched.faults  # mistral-untied, written by one rank before the launch
     cases = _fault_cases()
-    every = launch(faults_at_every_step, 2, str(src), str(out), cases, timeout=600)
+    every = launched.launches.result("faults")[0]
     for i, (writer, step, victim, how) in enumerate(cases):
         for rank, outcomes in enumerate(every):
             seconds, error = outcomes[i]
@@ -173,28 +193,29 @@ def test_a_fault_on_any_rank_at_any_step_ends_every_rank_with_the_old_checkpoint
             assert f"rank {victim} failed while {step}" in error, error
             assert ("File too large" if how == "fsize" else "injected fault") in error, error
             assert seconds < 10, f"rank {rank} took {seconds:.1f}s to learn of the failure"
-    assert digest(out) == before, "the previous checkpoint changed"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "a temporary directory was left behind"
+    assert digest(out) == launched.before_faults, "the previous checkpoint changed"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ckpt"], "a temporary directory was left behind"
 
 
-def test_export_writes_every_byte_once_when_kv_heads_are_replicated(checkpoints, tmp_path):
+def test_export_writes_every_byte_once_when_kv_heads_are_replicated(checkpoints, launched):
     src = checkpoints["llama-untied"]  # 9 query / 3 KV heads: at TP=4 each KV head sits on several ranks
-    written = launch(bytes_written_by_export, 4, str(src), str(tmp_path / "out"), 4, timeout=300)
+    written = launched.launches.result("export at tp=4")[0]
     with Checkpoint(src) as ck:
         total = sum(math.prod(e.shape) * e.dtype.itemsize for e in ck.entries.values())
     assert sum(written) == total, f"ranks wrote {written} bytes, the checkpoint has {total}"
-    assert_same_checkpoint(src, tmp_path / "out")
+    assert_same_checkpoint(src, launched.exported)
 
 
-def test_sharded_checkpoint_stores_each_element_once(checkpoints, tmp_path):
+def test_sharded_checkpoint_stores_each_element_once(checkpoints, launched):
     src = checkpoints["llama-untied"]  # at TP=4 KV heads are replicated at different offsets of the ranks' qkv
-    launch(reshard_all, 4, {"m": str(src)}, {"m": str(tmp_path / "s")}, 4, 1, timeout=300)
-    ck = ShardedCheckpoint(tmp_path / "s")
+    launched.launches.result("sharded at tp=4")
+    ck = ShardedCheckpoint(launched.sharded_tp4)
     stored = [p.box for pieces in ck.stored.values() for p in pieces]
     assert sum(b.numel for b in stored) == sum(math.prod(shape) for shape, _ in ck.tensors.values()), \
         "an element is stored more than once, or not at all"
     expected = load_weights(src, progress=False).tensors
-    assert all(torch.equal(load_weights(tmp_path / "s", progress=False).tensors[n], t) for n, t in expected.items())
+    assert all(torch.equal(load_weights(launched.sharded_tp4, progress=False).tensors[n], t)
+               for n, t in expected.items())
 
 
 # --- chat templates: untrusted code ------------------------------------------------------------------------------
@@ -351,7 +372,8 @@ def test_a_write_killed_between_the_fallback_renames_leaves_it_all_to_the_next_w
         "    rename(a, b)\n"
         "pub.os.rename = killed_before_the_new_moves_in\n"
         "write_checkpoint(out, write('new'), overwrite=True)\n")
-    assert subprocess.run([sys.executable, "-c", killed, str(out)], timeout=120).returncode == 9
+    assert python_run([sys.executable, "-c", killed, str(out)], capture_output=True, text=True,
+                      timeout=120).returncode == 9
     assert not out.exists() and len([p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]) == 2
     with pytest.raises(OSError, match="a checkpoint is already there; pass --overwrite"):
         _write(out, "newer")

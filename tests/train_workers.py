@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import transformers
 from conftest import VOCAB
 
 from shardwise import Layout, load_model
@@ -28,8 +29,16 @@ def batch(step: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(100))
 
 
-def hf_run(path: str, clip: float | None) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
-    """HF's model trained in this one process: its losses and gradient norms, and its weights after the last step."""
+Expected = tuple[list[float], list[float], dict[str, torch.Tensor]]
+
+
+@functools.cache
+def hf_run(path: str, clip: float | None) -> Expected:
+    """HF's model trained in this one process: its losses and gradient norms, and its weights after the last step.
+    The tests compute it once per checkpoint in their own process and hand it to the ranks, which then never
+    import transformers."""
+    import transformers
+
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), **HYPER)
     losses, norms = [], []
@@ -49,21 +58,26 @@ def hf_run(path: str, clip: float | None) -> tuple[list[float], list[float], dic
 
 
 def train_all(paths: list[str], tp: int, dp: int, provider: str = "resident", clip: float | None = None,
-              micro: int = 1, tp_plan: dict | None = None) -> list[dict[str, object]]:
+              micro: int = 1, expected: list[Expected] | None = None, tp_plan: dict | None = None
+              ) -> list[dict[str, object]]:
     """``train`` for each checkpoint in one launch (spawning ranks is the slow part)."""
-    return [train(path, tp, dp, provider, clip, micro, tp_plan) for path in paths]
+    return [train(path, tp, dp, provider, clip, micro, expected and expected[i], tp_plan)
+            for i, path in enumerate(paths)]
 
 
-def train_under_plans(paths: list[str], tp: int, dp: int, provider: str, plans: dict[str, dict]) -> dict:
+def train_under_plans(paths: list[str], tp: int, dp: int, provider: str, plans: dict[str, dict],
+                      expected: list[Expected] | None = None) -> dict:
     """``train_all`` under each named TP plan, in one launch."""
-    return {plan: train_all(paths, tp, dp, provider, tp_plan=tp_plan) for plan, tp_plan in plans.items()}
+    return {plan: train_all(paths, tp, dp, provider, expected=expected, tp_plan=tp_plan)
+            for plan, tp_plan in plans.items()}
 
 
 def train(path: str, tp: int, dp: int, provider: str = "resident", clip: float | None = None,
-          micro: int = 1, tp_plan: dict | None = None) -> dict[str, object]:
-    """Every step's loss and gradient-norm relative error against HF, and each rank's largest weight error relative
-    to max |w|; each DP rank's sequences are cut into ``micro`` micro-batches (gradient accumulation)."""
-    expected_losses, expected_norms, expected = hf_run(path, clip)
+          micro: int = 1, expected: Expected | None = None, tp_plan: dict | None = None) -> dict[str, object]:
+    """Every step's loss and gradient-norm relative error against HF (``expected``, from ``hf_run(path, clip)``,
+    computed here if not given), and each rank's largest weight error relative to max |w|; each DP rank's sequences
+    are cut into ``micro`` micro-batches (gradient accumulation)."""
+    expected_losses, expected_norms, expected = expected or hf_run(path, clip)
     with load_model(path, Layout(tp=tp, dp=dp), dtype=torch.float32, progress=False, provider=provider,
                     tp_plan=tp_plan) as model:
         trainer = Trainer(model, AdamW(model.provider, **HYPER), max_grad_norm=clip)
@@ -122,7 +136,10 @@ def train_keeping_every_save(job):
                              sources=sources)
 
     run.save_training = keep
-    return run.train_rank(job)
+    try:
+        return run.train_rank(job)
+    finally:  # the next job of a shared launch saves as usual
+        run.save_training = save_training
 
 
 def zero3_losses_by_work_dtype(checkpoint: str, work_dtypes: list) -> list[list[float]]:
