@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import glob
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import PROMPT, hf_reference
+from shared_launch import SharedLaunches
 from workers import load_close_cycles, logits_despite_shm_trouble
-
-from shardwise import launch
 
 NAME = "qwen2-untied"
 CYCLES, WARMUP = 20, 2
@@ -20,9 +20,23 @@ CYCLES, WARMUP = 20, 2
 RSS_SLACK = 1 << 20
 
 
+TROUBLES = ["too_small", "apart"]
+
+
 @pytest.fixture(scope="module")
 def reference(checkpoints) -> torch.Tensor:
     return hf_reference(checkpoints[NAME], PROMPT, 0)[0]
+
+
+@pytest.fixture(scope="module")
+def launched(checkpoints, tmp_path_factory) -> SimpleNamespace:
+    """Both tests' ranks, in one launch (spawning ranks is the slow part): the load/close cycles first, in ranks that
+    have done nothing else, then each kind of trouble (which each puts right when done). The segment files there
+    before the launch are noted: each test checks that no other is left after it."""
+    path, other = str(checkpoints[NAME]), str(tmp_path_factory.mktemp("other-shm"))
+    jobs = {"cycles": (2, load_close_cycles, (path, PROMPT, CYCLES))}
+    jobs |= {trouble: (2, logits_despite_shm_trouble, (path, PROMPT, trouble, other)) for trouble in TROUBLES}
+    return SimpleNamespace(before=segment_files(), launches=SharedLaunches(jobs, timeout=300))
 
 
 def segment_files() -> set[str]:
@@ -42,10 +56,9 @@ def assert_matches_hf(logits: torch.Tensor, reference: torch.Tensor) -> None:
     assert err <= 1e-4 * reference.abs().max().item(), f"max abs diff {err:.3g} from HF"
 
 
-def test_load_close_cycles_keep_fds_and_rss_flat(checkpoints, reference):
+def test_load_close_cycles_keep_fds_and_rss_flat(launched, reference):
     """20 TP=2 load/forward/close cycles: no fd, mapping or segment file left, RSS flat; then a with-block."""
-    before = segment_files()
-    ranks = launch(load_close_cycles, 2, str(checkpoints[NAME]), PROMPT, CYCLES, timeout=300)
+    ranks = launched.launches.result("cycles")[0]
     for rank, out in enumerate(ranks):
         fds, rss, mapped = zip(*out["samples"])
         assert set(mapped) == {0}, f"rank {rank}: shared-memory mappings left after close: {mapped}"
@@ -56,15 +69,13 @@ def test_load_close_cycles_keep_fds_and_rss_flat(checkpoints, reference):
         assert out["freed"], f"rank {rank}: a closed model still holds its weights"
         assert out["after"][0] == fds[-1] and out["after"][2] == 0, f"rank {rank}: the with-block leaked {out['after']}"
         assert_matches_hf(out["logits"], reference)
-    assert not leaked_segments(before)
+    assert not leaked_segments(launched.before)
 
 
-@pytest.mark.parametrize("trouble", ["too_small", "apart"])
-def test_shared_memory_trouble_falls_back_to_gloo_on_every_rank(trouble, checkpoints, reference, tmp_path):
+@pytest.mark.parametrize("trouble", TROUBLES)
+def test_shared_memory_trouble_falls_back_to_gloo_on_every_rank(trouble, launched, reference):
     """A /dev/shm too small for the segment, or a rank that cannot see it: one warning, gloo everywhere, same logits."""
-    before = segment_files()
-    ranks = launch(logits_despite_shm_trouble, 2, str(checkpoints[NAME]), PROMPT, trouble, str(tmp_path),
-                   timeout=300)
+    ranks = launched.launches.result(trouble)[0]
     assert [out["normal"][1] for out in ranks] == [True, True], "shared memory should work before the trouble"
     assert [out["troubled"][1] for out in ranks] == [False, False], "every rank must fall back to gloo"
     warnings = [w for out in ranks for w in out["warnings"]]
@@ -74,4 +85,4 @@ def test_shared_memory_trouble_falls_back_to_gloo_on_every_rank(trouble, checkpo
     for out in ranks:
         assert torch.equal(out["troubled"][0], out["normal"][0]), "gloo and shared memory sum two ranks alike"
         assert_matches_hf(out["troubled"][0], reference)
-    assert not leaked_segments(before)
+    assert not leaked_segments(launched.before)

@@ -19,6 +19,7 @@ import torch
 import zero3_workers as zw
 from conftest import CHECKPOINTS, PROMPT, STEPS
 from safetensors import safe_open
+from shared_launch import Failed, run_jobs, with_env
 
 from shardwise import Layout, launch, load_model, load_spec, load_weights, plan_rank
 from shardwise.dist.comm import Comm
@@ -37,6 +38,7 @@ UPDATED = ("llama-tied", "mistral-untied")  # the update round trip, at dp=1 and
 SEED = 1234
 PAGE = zw.PAGE
 TIMEOUT = 180  # a rank stuck in a collective (a lockstep bug) fails the launch after this
+SHM = ("1", "0")  # SHARDWISE_SHM: DP gathers through shared memory, or through gloo
 
 
 def size(mesh: Mesh) -> int:
@@ -77,6 +79,10 @@ class Worlds:
             for name in UPDATED:
                 args = (self.paths[name], 1, 1, world, True, PROMPT, ("embed", "layers.1"))
                 jobs["update", world, name] = (zw.update_round_trip, args)
+        if world == 3:  # gathers through shared memory, and through gloo (SHARDWISE_SHM=0 set in the ranks)
+            for shm in SHM:
+                jobs["shm", shm] = (with_env, ({"SHARDWISE_SHM": shm}, zw.zero3_matches_resident,
+                                               self.paths["qwen2-untied"], Layout(dp=3), PROMPT))
         if world == 2:  # last: a lockstep bug hangs the launch
             jobs["fail",] = (zw.fail_mid_gather, (self.paths["qwen2-untied"], PROMPT))
             jobs["eos",] = (zw.eos_lockstep, (self.paths, PROMPT, STEPS))
@@ -92,15 +98,19 @@ class Worlds:
             jobs = self.jobs(world)
             try:
                 if world == 1:
-                    values = in_process(lambda: zw.run_jobs(list(jobs.values())))
+                    values = in_process(lambda: run_jobs(list(jobs.values())))
                 else:
-                    values = launch(zw.run_jobs, world, list(jobs.values()), timeout=TIMEOUT)
+                    values = launch(run_jobs, world, list(jobs.values()), timeout=TIMEOUT)
             except Exception as e:
                 self.failed[world] = e
                 raise
             self.results |= dict(zip(jobs, values))
             self.launched.add(world)
-        return self.results[key]
+        values = self.results[key]
+        failures = [f"rank {rank}:\n{v.error}" for rank, v in enumerate(values) if isinstance(v, Failed)]
+        if failures:  # this job alone: the others of its launch ran on
+            pytest.fail(f"job {key} raised:\n" + "\n".join(failures), pytrace=False)
+        return values
 
 
 def in_process(fn: Callable[[], Any]) -> Any:
@@ -504,12 +514,10 @@ def test_load_model_refuses_bad_options_before_reading(tmp_path, options, messag
         load_model(tmp_path / "missing", progress=False, **options)
 
 
-@pytest.mark.parametrize("shm", ["1", "0"])
-def test_gathers_through_shared_memory_and_gloo_agree(checkpoints, monkeypatch, shm):
+@pytest.mark.parametrize("shm", SHM)
+def test_gathers_through_shared_memory_and_gloo_agree(worlds, shm):
     """Same-host DP ranks gather through shared memory; with SHARDWISE_SHM=0 through gloo; both are exact."""
-    monkeypatch.setenv("SHARDWISE_SHM", shm)
-    equal, transfer = launch(zw.zero3_matches_resident, 3, str(checkpoints["qwen2-untied"]), Layout(dp=3),
-                             PROMPT, timeout=TIMEOUT)
+    equal, transfer = worlds.result(3, "shm", shm)[0]
     assert equal, f"ZeRO-3 bf16 gathers over {transfer} differ from a resident bf16 model"
     assert transfer == ("ShmGather" if shm == "1" else "Gather")
 

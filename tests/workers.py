@@ -172,6 +172,7 @@ def logits_despite_shm_trouble(path: str, ids: torch.Tensor, trouble: str, other
             return model(ids), model.comm.shm is not None
 
     normal = run()
+    capacity, segment_dir = shm.CAPACITY, shm.SEGMENT_DIR
     if trouble == "too_small":
         fs = os.statvfs(shm.SEGMENT_DIR)
         shm.CAPACITY = fs.f_blocks * fs.f_frsize  # each slot as big as all of /dev/shm: the real ENOSPC, no mount
@@ -180,7 +181,11 @@ def logits_despite_shm_trouble(path: str, ids: torch.Tensor, trouble: str, other
     logged = logging.handlers.BufferingHandler(capacity=1000)
     logged.setLevel(logging.WARNING)
     logging.getLogger("shardwise").addHandler(logged)
-    troubled = run()
+    try:
+        troubled = run()
+    finally:  # the trouble ends with this job: the next one of a shared launch has working shared memory
+        shm.CAPACITY, shm.SEGMENT_DIR = capacity, segment_dir
+        logging.getLogger("shardwise").removeHandler(logged)
     mine = dict(normal=normal, troubled=troubled, warnings=[r.getMessage() for r in logged.buffer])
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
