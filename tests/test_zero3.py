@@ -19,7 +19,7 @@ import torch
 import zero3_workers as zw
 from conftest import CHECKPOINTS, PROMPT, STEPS
 from safetensors import safe_open
-from shared_launch import Failed, run_jobs, with_env
+from shared_launch import Failed, in_one_thread, run_jobs, with_env
 
 from shardwise import Layout, launch, load_model, load_spec, load_weights, plan_rank
 from shardwise.dist.comm import Comm
@@ -98,7 +98,7 @@ class Worlds:
             jobs = self.jobs(world)
             try:
                 if world == 1:
-                    values = in_process(lambda: run_jobs(list(jobs.values())))
+                    values = in_one_thread(lambda: run_jobs(list(jobs.values())))
                 else:
                     values = launch(run_jobs, world, list(jobs.values()), timeout=TIMEOUT)
             except Exception as e:
@@ -111,16 +111,6 @@ class Worlds:
         if failures:  # this job alone: the others of its launch ran on
             pytest.fail(f"job {key} raised:\n" + "\n".join(failures), pytrace=False)
         return values
-
-
-def in_process(fn: Callable[[], Any]) -> Any:
-    """Run as a launched rank would: one thread, since a busy second core makes tiny ops wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from shared_launch import everyone
 
 import shardwise.io.reader as reader
 from shardwise import Layout, Model, RankPlan, export, load_model, load_spec, load_weights, save_sharded
@@ -23,25 +24,10 @@ from shardwise.model.init import init_weights
 QUANTIZED = (torch.float8_e4m3fn, torch.int8)
 LIMITS = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
 ROUNDING = 2.0**-22  # two fp32 roundings (x / s, then q * s), relative: the bound's slack
-Job = tuple[Callable[..., Any], tuple]
 
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def everyone(value: Any) -> list[Any]:
-    """Every rank's ``value``, in rank order."""
-    if not dist.is_initialized():
-        return [value]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
-def run_jobs(jobs: list[Job]) -> list[list[Any]]:
-    """Run the jobs in order on every rank: for each job, the list of every rank's result."""
-    return [everyone(fn(*args)) for fn, args in jobs]
 
 
 # Reading.
