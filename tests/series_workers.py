@@ -9,40 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import zero3_workers as zw
+from shared_launch import everyone
 
 import shardwise.io.reader as reader
 from shardwise import Layout, Model, ProviderError, RankPlan, export, load_model, load_weights, save_sharded
 from shardwise.io.sharded import stored_name
 from shardwise.plan.boxes import first_holders
 from shardwise.plan.series import Series
-
-Job = zw.Job
-
-
-@dataclass(frozen=True)
-class Failed:
-    """A job that raised on this rank, with its traceback: the test reading its result raises it."""
-
-    error: str
-
-
-def run_jobs(jobs: list[Job]) -> list[list[Any]]:
-    """zero3_workers.run_jobs, except that a job raising (on every rank alike) becomes a ``Failed`` value."""
-    return [zw.everyone(_run(fn, args)) for fn, args in jobs]
-
-
-def _run(fn: Callable[..., Any], args: tuple) -> Any:
-    try:
-        return fn(*args)
-    except Exception:  # noqa: BLE001 - handed to the test that reads this job
-        return Failed(traceback.format_exc())
 
 
 def parse(declared: tuple[str, ...]) -> tuple[Series, ...]:
@@ -235,7 +213,7 @@ def eos_lockstep(paths: dict[str, str], ids: torch.Tensor, steps: int, declared:
     mine, prompt = ids[zw.rank() : zw.rank() + 1], ids.shape[1]
     for name, path in paths.items():
         with load_model(path, layout, progress=False) as resident:
-            first, second = (t[0, prompt:].tolist() for t in zw.everyone(resident.generate(mine, steps)))
+            first, second = (t[0, prompt:].tolist() for t in everyone(resident.generate(mine, steps)))
             eos = next((t for t in first[:-1] if t not in second), None)
             if eos is None:
                 continue

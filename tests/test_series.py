@@ -22,6 +22,7 @@ import series_workers as sw
 import torch
 from conftest import PROMPT, STEPS, write_checkpoint
 from safetensors import safe_open
+from shared_launch import Failed, run_jobs
 
 from shardwise import Layout, launch, load_model, load_spec, load_weights, plan_rank
 from shardwise.bench.load import source_bytes
@@ -149,14 +150,14 @@ class Worlds:
         if world not in self.launched:
             jobs = self.jobs(world)
             try:
-                values = launch(sw.run_jobs, world, list(jobs.values()), timeout=TIMEOUT)
+                values = launch(run_jobs, world, list(jobs.values()), timeout=TIMEOUT)
             except Exception as e:
                 self.failed[world] = e
                 raise
             self.results |= dict(zip(jobs, values))
             self.launched.add(world)
         values = self.results[key]
-        failures = [f"rank {rank}:\n{v.error}" for rank, v in enumerate(values) if isinstance(v, sw.Failed)]
+        failures = [f"rank {rank}:\n{v.error}" for rank, v in enumerate(values) if isinstance(v, Failed)]
         if failures:
             pytest.fail(f"job {key} raised:\n" + "\n".join(failures), pytrace=False)
         return values

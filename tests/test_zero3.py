@@ -19,7 +19,7 @@ import torch
 import zero3_workers as zw
 from conftest import CHECKPOINTS, PROMPT, STEPS
 from safetensors import safe_open
-from shared_launch import Failed, in_one_thread, run_jobs, with_env
+from shared_launch import Failed, Job, in_one_thread, run_jobs, with_env
 
 from shardwise import Layout, launch, load_model, load_spec, load_weights, plan_rank
 from shardwise.dist.comm import Comm
@@ -58,8 +58,8 @@ class Worlds:
     def dirs(self, kind: str, names) -> dict[str, str]:
         return {name: str(self.root / kind / name) for name in names}
 
-    def jobs(self, world: int) -> dict[tuple, zw.Job]:
-        jobs: dict[tuple, zw.Job] = {}
+    def jobs(self, world: int) -> dict[tuple, Job]:
+        jobs: dict[tuple, Job] = {}
         for mesh in EXACT:
             if size(mesh) == world:
                 args = (*mesh, self.paths, PROMPT, STEPS, mesh in QUANT_MESHES)
