@@ -4,7 +4,7 @@ A test module lists its jobs up front, each a module-level function with its arg
 runs on; the first test that asks for a job's result launches every job of that world size at once, in order,
 and later tests read theirs from the cache. A job that raises (on every rank alike) becomes a ``Failed`` value
 that fails only the tests reading it, with its traceback, so one broken check does not fail its neighbours.
-A one-rank world runs in the test process itself.
+A one-rank world runs in the test process itself, unless the module asks for a launched rank.
 
 The rank side (``run_jobs``) needs nothing but torch: importing this module in a rank stays cheap.
 """

@@ -350,8 +350,8 @@ def halfway(runs):
 
 def _resumed(runs: dict[str, Any], name: str) -> list[float]:
     """The losses of steps 3 and 4 of the resume ``name``, which started at step 3 and saved step 4."""
-    launches, tmp = runs["launches"], runs["tied_tmp"] / "resumed" if name == "tied" else runs["tmp"] / "resumed" / name
-    assert launches.result(("resume", name))[0]["first_step"] == 3
+    tmp = runs["tied_tmp"] / "resumed" if name == "tied" else runs["tmp"] / "resumed" / name
+    assert runs["launches"].result(("resume", name))[0]["first_step"] == 3
     assert Record.read(tmp / "out").step == 4
     return _losses(tmp / "log.jsonl")
 
