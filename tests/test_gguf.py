@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import importlib.util
+import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +26,34 @@ gguf = pytest.importorskip("gguf", reason="the gguf package (the `hf` extra) is 
 Q, V = gguf.GGMLQuantizationType, gguf.GGUFValueType
 
 
+@contextlib.contextmanager
+def hf_parsing_each_gguf_once() -> Iterator[None]:
+    """While transformers reads a GGUF: it parses the file's metadata with gguf's reader once for the config and
+    again for the weights (and the tokenizer), and rebuilds gguf's tensor-name table for every submodule of the
+    model; for SmolLM2 that is most of the ~20 s the reference takes. Both are pure functions of their arguments
+    that nothing writes to, so here each is computed once: transformers reads what it would have read."""
+    readers: dict[tuple, object] = {}
+    real_reader, real_names = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def reader(path, *args, **kwargs):
+        key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = real_reader(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_names)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_names
+
+
 def hf_logits_from_gguf(path: Path, ids: torch.Tensor) -> torch.Tensor:
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with hf_parsing_each_gguf_once():
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                  dtype=torch.float32)
     with torch.no_grad():
         return model.eval()(ids).logits
 

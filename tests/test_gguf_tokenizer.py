@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_gguf import smollm2_gguf
+from test_gguf import hf_parsing_each_gguf_once, smollm2_gguf
 
 from shardwise.io.gguf.file import GGUFError
 from shardwise.io.gguf.tokenizer import tokenizer_files
@@ -162,13 +162,14 @@ def test_imported_tokenizer_matches_the_original(pre, tmp_path):
 
 def test_smollm2_matches_its_original_rules_where_transformers_does_not(tmp_path):
     src = smollm2_gguf()
-    meta = gguf_meta(src)
+    with hf_parsing_each_gguf_once():  # the file's metadata, parsed once for this test and for transformers
+        meta = gguf_meta(src)
+        theirs = transformers.AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     write_tokenizer(meta, tmp_path)
     ours = transformers.AutoTokenizer.from_pretrained(tmp_path)
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     ref = original("smollm", {t: i for i, t in enumerate(tokens)}, meta["tokenizer.ggml.merges"],
                    [t for t, kind in zip(tokens, types) if kind == 3], tmp_path / "original.json")
-    theirs = transformers.AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     for text in STRINGS:
         assert ids(ours, text) == ids(ref, text), text
     assert {text for text in STRINGS if ids(theirs, text) != ids(ref, text)} == {SPACED_NUMBERS}
