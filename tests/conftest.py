@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import zlib
 from pathlib import Path
@@ -32,6 +33,10 @@ def _ranks_skip_pytests_main() -> None:
 
 
 _ranks_skip_pytests_main()
+
+# The suite starts a few hundred ranks: they fork from a server that imported torch once (shardwise.launch's
+# forkserver start) instead of each starting a Python of its own. Tests of the default, spawn, set it themselves.
+os.environ.setdefault("SHARDWISE_START_METHOD", "forkserver")
 
 VOCAB = 131  # prime: no TP degree divides it
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from workers import fail_on_rank, layout_from_world, load_only
 
 from shardwise import (
@@ -20,6 +22,7 @@ from shardwise import (
     load_spec,
     plan_rank,
 )
+from shardwise.launch import START_METHOD_ENV
 
 
 @pytest.fixture
@@ -112,26 +115,51 @@ def test_layout_must_match_world(checkpoints):
         load_model(checkpoints["llama-tied"], Layout(tp=2))
 
 
-def test_rank_that_raises():
+@pytest.fixture(params=["spawn", "forkserver"])
+def start(request, monkeypatch) -> str:
+    """Both ways ranks start: spawned (the default), and forked from a forkserver."""
+    monkeypatch.setenv(START_METHOD_ENV, request.param)
+    return request.param
+
+
+def test_rank_that_raises(start):
     with pytest.raises(RankError, match=r"rank 1 failed:(.|\n)*ValueError: boom on rank 1") as info:
         launch(fail_on_rank, 3, 1, "raise", timeout=120)
     assert info.value.rank == 1 and isinstance(info.value.__cause__, ValueError)
 
 
-def test_rank_that_dies():
+def test_rank_that_dies(start):
     with pytest.raises(RankError, match="rank 2 died with exit code 3"):
         launch(fail_on_rank, 3, 2, "die", timeout=120)
 
 
-def test_rank_that_stalls_times_out():
+def test_rank_that_stalls_times_out(start):
     # The launch's deadline runs from its start, each rank's collective timeout (the same seconds) from its barrier:
     # the launcher always calls the stall first, however long the ranks took to start.
     with pytest.raises(LaunchTimeout, match=r"^(rank 1|ranks 0, 1) did not finish within 4s$"):  # rank 0 may lag
         launch(fail_on_rank, 2, 1, "stall", timeout=4)
 
 
+def test_an_unknown_start_method_is_refused(monkeypatch):
+    monkeypatch.setenv(START_METHOD_ENV, "fork")
+    with pytest.raises(ValueError, match="SHARDWISE_START_METHOD='fork': expected one of spawn, forkserver"):
+        launch(torch.arange, 2, 5, timeout=120)
+
+
+def test_ranks_see_the_launchers_environment_as_it_is_now(start, monkeypatch):
+    launch(torch.arange, 1, 1, timeout=120)  # a forkserver starts here, with the environment before the change
+    monkeypatch.setenv("SHARDWISE_TEST_PROBE", "now")
+    assert launch(os.getenv, 2, "SHARDWISE_TEST_PROBE", timeout=120) == "now"
+
+
+def test_arguments_of_many_tensors_reach_the_ranks(start):
+    """Hundreds of tensors as arguments: a process pickled with them would need a file descriptor per storage, more
+    than a forkserver passes."""
+    pieces = [torch.full((1,), float(i)) for i in range(300)]
+    assert torch.equal(launch(torch.cat, 2, pieces, timeout=120), torch.arange(300.0))
+
+
 def test_launch_returns_rank0_tensors():
-    import torch
     from workers import forward_and_generate  # noqa: F401 - proves the worker module imports in a fresh rank
 
     out = launch(torch.arange, 2, 5, timeout=120)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from shardwise.launch import START_METHOD_ENV
+
 README = Path(__file__).parent.parent / "README.md"
 
 
-def run(code: str, tmp_path: Path, how: str = "file") -> subprocess.CompletedProcess:
+def run(code: str, tmp_path: Path, how: str = "file", start: str = "spawn") -> subprocess.CompletedProcess:
+    """Run ``code`` as a user would (a file, ``-c`` or stdin), its launches starting ranks as ``start`` says."""
     if how == "file":
         (tmp_path / "example.py").write_text(code)
         cmd, stdin = [sys.executable, str(tmp_path / "example.py")], None
@@ -18,7 +24,8 @@ def run(code: str, tmp_path: Path, how: str = "file") -> subprocess.CompletedPro
         cmd, stdin = [sys.executable, "-c", code], None
     else:
         cmd, stdin = [sys.executable, "-"], code
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, START_METHOD_ENV: start})
 
 
 def test_the_readme_python_example_runs_as_written(checkpoints, tmp_path):
@@ -40,12 +47,13 @@ def test_launch_from_python_c_or_stdin_says_what_to_change(tmp_path):
         assert "'job' is defined interactively" in out.stderr and "define it in a .py file" in out.stderr, out.stderr
 
 
-def test_launch_without_a_main_guard_says_what_to_change(tmp_path):
-    out = run(JOB, tmp_path)
+@pytest.mark.parametrize("start", ["spawn", "forkserver"])
+def test_launch_without_a_main_guard_says_what_to_change(tmp_path, start):
+    out = run(JOB, tmp_path, start=start)
     assert out.returncode != 0
     assert 'call it under `if __name__ == "__main__":`' in out.stderr, out.stderr
     guarded = JOB.replace("print(", 'if __name__ == "__main__":\n    print(')
-    out = run(guarded, tmp_path)
+    out = run(guarded, tmp_path, start=start)
     assert out.returncode == 0 and out.stdout.strip() == "1", out.stderr
 
 

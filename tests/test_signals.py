@@ -1,4 +1,5 @@
-"""Signals stop everything: SIGTERM or SIGINT to `shardwise export`/`reshard`, or SIGKILL, leaves no rank running.
+"""Signals stop everything: SIGTERM or SIGINT to `shardwise export`/`reshard`, or SIGKILL, leaves no rank running,
+whether the ranks were spawned or forked from a forkserver.
 
 Each job runs the real CLI in a driver process whose ranks pause right after their
 first write, so the signal always lands mid-job. Orphaned ranks would finish that job
@@ -31,7 +32,7 @@ from workers import fail_on_rank, reshard_all
 
 from shardwise import launch
 from shardwise.io.publish import TMP_PREFIX
-from shardwise.launch import LaunchInterrupted
+from shardwise.launch import START_METHOD_ENV, LaunchInterrupted
 
 PAUSE = 6.0  # seconds each rank pauses after its first write: longer than the test takes to stop it
 GONE_WITHIN = 5.0  # seconds after the signal by which every process of the job must have ended
@@ -133,10 +134,11 @@ class Outcome:
     temps: list[Path]  # the temporary directories there when the signal was sent
 
 
-def run_stopped(work: Path, argv: list[str], rank_fn: str, world: int, sig: signal.Signals, to: str) -> Outcome:
-    """Run the CLI until all ``world`` ranks are mid-write in its ``rank_fn`` (module.function), send ``sig`` to the
-    launching process, to its process group (as a terminal's Ctrl-C does) or to one rank, as ``to`` says, and report
-    what is left of the job."""
+def run_stopped(work: Path, argv: list[str], rank_fn: str, world: int, sig: signal.Signals, to: str,
+                start: str = "spawn") -> Outcome:
+    """Run the CLI, its ranks started as ``start`` says (spawned, or forked from a forkserver), until all ``world``
+    ranks are mid-write in its ``rank_fn`` (module.function), send ``sig`` to the launching process, to its process
+    group (as a terminal's Ctrl-C does) or to one rank, as ``to`` says, and report what is left of the job."""
     marks, out = work / "marks", work / "out" / "ckpt"
     marks.mkdir(parents=True)
     out.parent.mkdir()
@@ -144,6 +146,7 @@ def run_stopped(work: Path, argv: list[str], rank_fn: str, world: int, sig: sign
     driver = DRIVER.format(tests=str(Path(__file__).parent), module=module, fn=fn, rank_fn=rank_fn, marks=str(marks),
                            argv=[*argv, str(out)])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "TORCHELASTIC_RUN_ID")}
+    env[START_METHOD_ENV] = start
     with open(work / "stderr", "w+") as err:
         proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.DEVNULL, stderr=err, env=env,
                                 start_new_session=True)
@@ -183,7 +186,7 @@ def stopped(checkpoints, tmp_path_factory) -> Iterator[dict[str, Future[Outcome]
     sharded = str(root / "sharded-tp2")
     tokenized = str(_with_tokenizer(checkpoints["qwen2-untied"], root / "tokenized"))
     (root / "d.txt").write_text(" ".join(f"t{i}" for i in range(1, 40)))
-    with ThreadPoolExecutor(5) as pool:
+    with ThreadPoolExecutor(6) as pool:
         def start(name: str, *job) -> Future[Outcome]:
             return pool.submit(run_stopped, root / name, *job)
 
@@ -191,16 +194,16 @@ def stopped(checkpoints, tmp_path_factory) -> Iterator[dict[str, Future[Outcome]
             "reshard-SIGTERM": start("reshard-SIGTERM", ["reshard", "--tp", "3", "--pp", "2", hf], WRITE_RANK, 6,
                                      signal.SIGTERM, "launcher"),
             "reshard-SIGINT": start("reshard-SIGINT", ["reshard", "--tp", "2", hf], WRITE_RANK, 2, signal.SIGINT,
-                                    "group"),
+                                    "group", "forkserver"),
             "train-rank-SIGKILL": start("train-rank-SIGKILL", ["train", tokenized, "--data", str(root / "d.txt"),
                                                                "--steps", "3", "--dp", "2", "--batch", "2", "--seq",
                                                                "8", "--save-every", "1", "--save"], TRAIN_RANK, 2,
                                         signal.SIGKILL, "rank"),
         }
         launch(reshard_all, 2, {"m": hf}, {"m": sharded}, 2, 1, timeout=300)  # for the exports, while those start
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            jobs[f"export-{sig.name}"] = start(f"export-{sig.name}", ["export", sharded], WRITE_RANK, 2, sig,
-                                               "launcher")
+        for name, sig, how in (("export-SIGTERM", signal.SIGTERM, "forkserver"), ("export-SIGKILL", signal.SIGKILL,
+                                "spawn"), ("export-SIGKILL-forkserver", signal.SIGKILL, "forkserver")):
+            jobs[name] = start(name, ["export", sharded], WRITE_RANK, 2, sig, "launcher", how)
         yield jobs
 
 
@@ -237,8 +240,10 @@ def test_a_rank_killed_during_a_training_save_leaves_nothing_behind(stopped):
     _removal_said(outcome)
 
 
-def test_killed_parent_takes_its_ranks_with_it(stopped):
-    outcome = stopped["export-SIGKILL"].result()
+@pytest.mark.parametrize("job", ["export-SIGKILL", "export-SIGKILL-forkserver"])
+def test_killed_parent_takes_its_ranks_with_it(stopped, job):
+    """Spawned ranks die with their parent (the kernel's parent-death signal); forked ones watch their launcher."""
+    outcome = stopped[job].result()
     assert outcome.returncode == -signal.SIGKILL
     assert not outcome.survivors, f"ranks outlived their killed parent by {GONE_WITHIN:.0f}s: {outcome.survivors}"
     assert not outcome.published, f"published after the parent was killed: {outcome.published}"

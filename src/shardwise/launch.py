@@ -12,6 +12,11 @@ ranks would finish the job and publish a checkpoint that nobody is waiting for.
 A rank stopped in the middle of a write leaves its temporary directory (possibly many
 GB, hidden beside the target). Its ranks note each one in the launch's journal, and once
 they are all stopped the parent removes those left behind, saying which.
+
+Ranks are spawned: each is a new Python that imports torch, about 1.5 s of CPU. A process
+that launches many short jobs (a test suite, a notebook) can set
+``SHARDWISE_START_METHOD=forkserver``: a server process imports torch and shardwise once, at
+the first launch, and forks every later rank from that, ready in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import select
 import signal
 import socket
 import sys
@@ -50,6 +56,9 @@ EXIT_GRACE = 30.0  # seconds ranks that all succeeded get to exit on their own
 KILL_AFTER = 5.0  # seconds between terminating a rank and killing it
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PR_SET_PDEATHSIG = 1
+START_METHOD_ENV = "SHARDWISE_START_METHOD"
+START_METHODS = ("spawn", "forkserver")
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "shardwise"]
 UNGUARDED_EXIT = 87  # a rank whose start re-ran a launch() at the top level of the main script
 
 
@@ -147,6 +156,27 @@ def _init(backend: str | None, rank: int, world_size: int, timeout: float) -> No
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
 
 
+def _context() -> mp.context.BaseContext:
+    """How ranks start: spawned (the default), or forked from a server that imported torch once."""
+    method = os.environ.get(START_METHOD_ENV, "spawn")
+    if method not in START_METHODS:
+        raise ValueError(f"{START_METHOD_ENV}={method!r}: expected one of {', '.join(START_METHODS)}")
+    if method == "forkserver" and not hasattr(os, "pidfd_open"):
+        raise ValueError(f"{START_METHOD_ENV}=forkserver needs Linux (pidfd_open, to stop ranks whose launcher died)")
+    ctx = mp.get_context(method)
+    if method == "forkserver":  # read when the server starts, at the first launch of this process
+        ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return ctx
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent of process ``pid`` as /proc tells; None if it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _watch_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(0.5)
@@ -154,7 +184,7 @@ def _watch_parent(parent: int) -> None:
 
 
 def _die_with_parent(parent: int) -> None:
-    """Have the kernel kill this rank when its parent dies, however it dies.
+    """Have the kernel kill this spawned rank when its parent, the launcher, dies, however it dies.
 
     The parent may already have died before this ran (unpickling the launch imports
     torch, which takes seconds): then we were reparented and exit at once. Without
@@ -165,6 +195,27 @@ def _die_with_parent(parent: int) -> None:
         threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
     if os.getppid() != parent:
         os._exit(1)
+
+
+def _exit_when_gone(pidfd: int) -> None:
+    select.select([pidfd], [], [])
+    os._exit(1)
+
+
+def _die_with_launcher(launcher: int) -> None:
+    """Exit this forked rank when its launcher (its grandparent: the forkserver is the parent) dies, however it dies.
+
+    The kernel's parent-death signal cannot serve: the forkserver outlives the launcher for as long as any rank
+    holds its pipe open, ranks included. A thread waits on a pidfd of the launcher instead, opened before checking
+    that the launcher is still the forkserver's parent, so that a pid reused after its death is never watched.
+    """
+    try:
+        pidfd = os.pidfd_open(launcher)
+    except ProcessLookupError:
+        os._exit(1)
+    if _parent_of(os.getppid()) != launcher:
+        os._exit(1)
+    threading.Thread(target=_exit_when_gone, args=(pidfd,), name="watch-launcher", daemon=True).start()
 
 
 def _quiet_signals() -> None:
@@ -211,10 +262,15 @@ def _warn_if_oversubscribed(world_size: int) -> None:
 
 
 def _worker(rank: int, world_size: int, port: int, backend: str | None, timeout: float,
-            fn: Callable, args: tuple, results: mp.Queue, parent: int, journal: str) -> None:
-    _die_with_parent(parent)
+            fn: Callable, packed_args: bytes, results: mp.Queue, launcher: int, served: bool, env: dict[str, str],
+            journal: str) -> None:
+    (_die_with_launcher if served else _die_with_parent)(launcher)
     _quiet_signals()
     _untracked_progress_lock()
+    # The launcher's environment as it is now: a forkserver's rank would otherwise have the server's, from the
+    # first launch. (Variables read as torch is imported still come from there.)
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       SHARDWISE_TIMEOUT=str(timeout), **{JOURNAL_ENV: journal})
@@ -222,7 +278,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str | None, timeout:
     torch.set_num_threads(max(1, usable_cores() // world_size))
     try:
         _init(backend, rank, world_size, timeout)
-        value = fn(*args)
+        value = fn(*_loads(packed_args))
         results.put((rank, True, _dumps(value) if rank == 0 else None))
     except BaseException as e:  # noqa: BLE001 - everything must reach the parent
         try:
@@ -335,6 +391,8 @@ def _failure(procs: list[mp.Process], results: mp.Queue, done: set[int], first: 
         try:
             rank, ok, payload = results.get(timeout=0.1)
         except queue.Empty:
+            if all(p.exitcode is not None for p in procs):
+                break  # every rank has exited: all they reported is in
             continue
         if ok:
             done.add(rank)
@@ -425,13 +483,18 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_T
         return _run_joined(fn, world_size, args, backend, timeout)
     _check_spawnable(fn)
     _warn_if_oversubscribed(world_size)
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = _free_port()
     fd, journal = tempfile.mkstemp(prefix="shardwise-launch-", suffix=".temps")
     os.close(fd)
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, timeout, fn, args, results, os.getpid(),
-                                               journal)) for r in range(world_size)]
+    served = ctx.get_start_method() == "forkserver"
+    # The arguments travel as bytes: pickled for a process, each tensor would take a file descriptor to share its
+    # storage, and a forkserver passes a new rank fewer than 256.
+    packed = _dumps(args)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, timeout, fn, packed, results,
+                                               os.getpid(), served, dict(os.environ), journal))
+             for r in range(world_size)]
     with _StopSignals() as stop:
         try:
             _start(procs)
