@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -140,6 +144,38 @@ def test_rank_that_stalls_times_out(start):
         launch(fail_on_rank, 2, 1, "stall", timeout=4)
 
 
+def _children(pid: int) -> dict[int, bytes]:
+    """The processes whose parent is ``pid``, with their command lines."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, IndexError):
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found[int(proc.name)] = (proc / "cmdline").read_bytes()
+    return found
+
+
+def test_a_killed_forkserver_takes_its_ranks_along(monkeypatch):
+    """The forked ranks' parent is the forkserver: killed (the OOM killer's way), it ends the launch with an error,
+    and its ranks with it, however long they would have stalled."""
+    monkeypatch.setenv(START_METHOD_ENV, "forkserver")
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(launch, fail_on_rank, 2, 1, "stall", timeout=120)
+        ranks: dict[int, bytes] = {}
+        deadline = time.monotonic() + 60
+        while len(ranks) < 2 and time.monotonic() < deadline:
+            servers = [pid for pid, cmd in _children(os.getpid()).items() if b"multiprocessing.forkserver" in cmd]
+            ranks = _children(servers[0]) if servers else {}
+            time.sleep(0.05)
+        assert len(ranks) == 2, f"no forkserver with 2 ranks among {_children(os.getpid())}"
+        os.kill(servers[0], signal.SIGKILL)
+        with pytest.raises(RankError, match="died with exit code"):
+            job.result(timeout=30)
+    deadline = time.monotonic() + 5
+    while any(Path(f"/proc/{pid}").exists() for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks), "ranks outlived their killed forkserver"
+
+
 def test_an_unknown_start_method_is_refused(monkeypatch):
     monkeypatch.setenv(START_METHOD_ENV, "fork")
     with pytest.raises(ValueError, match="SHARDWISE_START_METHOD='fork': expected one of spawn, forkserver"):
@@ -147,7 +183,7 @@ def test_an_unknown_start_method_is_refused(monkeypatch):
 
 
 def test_ranks_see_the_launchers_environment_as_it_is_now(start, monkeypatch):
-    launch(torch.arange, 1, 1, timeout=120)  # a forkserver starts here, with the environment before the change
+    launch(torch.arange, 1, 1, timeout=120)  # by now any forkserver has started, with the environment before
     monkeypatch.setenv("SHARDWISE_TEST_PROBE", "now")
     assert launch(os.getenv, 2, "SHARDWISE_TEST_PROBE", timeout=120) == "now"
 

@@ -161,11 +161,13 @@ def _context() -> mp.context.BaseContext:
     method = os.environ.get(START_METHOD_ENV, "spawn")
     if method not in START_METHODS:
         raise ValueError(f"{START_METHOD_ENV}={method!r}: expected one of {', '.join(START_METHODS)}")
-    if method == "forkserver" and not hasattr(os, "pidfd_open"):
-        raise ValueError(f"{START_METHOD_ENV}=forkserver needs Linux (pidfd_open, to stop ranks whose launcher died)")
     ctx = mp.get_context(method)
-    if method == "forkserver":  # read when the server starts, at the first launch of this process
-        ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    if method == "forkserver":
+        try:  # what forked ranks watch their launcher with
+            os.close(os.pidfd_open(os.getpid()))
+        except (AttributeError, OSError) as e:
+            raise ValueError(f"{START_METHOD_ENV}=forkserver needs Linux 5.3 or later (pidfd_open: {e})") from None
+        ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # read when the server starts, at the first launch
     return ctx
 
 
@@ -183,32 +185,16 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _die_with_parent(parent: int) -> None:
-    """Have the kernel kill this spawned rank when its parent, the launcher, dies, however it dies.
-
-    The parent may already have died before this ran (unpickling the launch imports
-    torch, which takes seconds): then we were reparented and exit at once. Without
-    prctl (not Linux), a thread polls for the same reparenting.
-    """
-    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
-    if prctl is None or prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL)) != 0:
-        threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
-    if os.getppid() != parent:
-        os._exit(1)
-
-
 def _exit_when_gone(pidfd: int) -> None:
-    select.select([pidfd], [], [])
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    poller.poll()
     os._exit(1)
 
 
-def _die_with_launcher(launcher: int) -> None:
-    """Exit this forked rank when its launcher (its grandparent: the forkserver is the parent) dies, however it dies.
-
-    The kernel's parent-death signal cannot serve: the forkserver outlives the launcher for as long as any rank
-    holds its pipe open, ranks included. A thread waits on a pidfd of the launcher instead, opened before checking
-    that the launcher is still the forkserver's parent, so that a pid reused after its death is never watched.
-    """
+def _watch_launcher(launcher: int) -> None:
+    """Exit when the launcher exits, through a pidfd opened before checking that the launcher is still the
+    forkserver's parent: a pid reused after its death is never watched."""
     try:
         pidfd = os.pidfd_open(launcher)
     except ProcessLookupError:
@@ -216,6 +202,27 @@ def _die_with_launcher(launcher: int) -> None:
     if _parent_of(os.getppid()) != launcher:
         os._exit(1)
     threading.Thread(target=_exit_when_gone, args=(pidfd,), name="watch-launcher", daemon=True).start()
+
+
+def _die_with_launcher(launcher: int, forked: bool) -> None:
+    """Have this rank end when its launcher ends, however it ends.
+
+    Every rank asks the kernel to kill it when its parent dies: a spawned rank's parent is
+    the launcher, a forked rank's the forkserver (a server killed under it takes it along).
+    The forkserver outlives the launcher for as long as any rank holds its pipe open, ranks
+    included, so a forked rank also watches the launcher itself. Either may have died before
+    this ran (a spawned rank imports torch first, which takes seconds): then the rank has
+    been reparented and exits at once. Without prctl (not Linux), a thread polls for the
+    same reparenting.
+    """
+    parent = os.getppid()
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    if prctl is None or prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL)) != 0:
+        threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+    if forked:
+        _watch_launcher(launcher)
+    elif os.getppid() != launcher:
+        os._exit(1)
 
 
 def _quiet_signals() -> None:
@@ -262,15 +269,18 @@ def _warn_if_oversubscribed(world_size: int) -> None:
 
 
 def _worker(rank: int, world_size: int, port: int, backend: str | None, timeout: float,
-            fn: Callable, packed_args: bytes, results: mp.Queue, launcher: int, served: bool, env: dict[str, str],
+            fn: Callable, args: tuple | bytes, results: mp.Queue, launcher: int, env: dict[str, str] | None,
             journal: str) -> None:
-    (_die_with_launcher if served else _die_with_parent)(launcher)
+    """One rank. A forked rank gets its arguments packed, and the launcher's environment (it would otherwise have
+    the forkserver's, from the first launch); a spawned one has both already."""
+    forked = env is not None
+    _die_with_launcher(launcher, forked)
     _quiet_signals()
     _untracked_progress_lock()
-    # The launcher's environment as it is now: a forkserver's rank would otherwise have the server's, from the
-    # first launch. (Variables read as torch is imported still come from there.)
-    os.environ.clear()
-    os.environ.update(env)
+    if forked:
+        os.environ.clear()
+        os.environ.update(env)
+        args = _loads(args)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       SHARDWISE_TIMEOUT=str(timeout), **{JOURNAL_ENV: journal})
@@ -278,7 +288,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str | None, timeout:
     torch.set_num_threads(max(1, usable_cores() // world_size))
     try:
         _init(backend, rank, world_size, timeout)
-        value = fn(*_loads(packed_args))
+        value = fn(*args)
         results.put((rank, True, _dumps(value) if rank == 0 else None))
     except BaseException as e:  # noqa: BLE001 - everything must reach the parent
         try:
@@ -317,7 +327,8 @@ def _run_joined(fn: Callable, world_size: int, args: tuple, backend: str | None,
 
 
 def _start(procs: list[mp.Process]) -> None:
-    """Start ranks with SIGINT blocked, a mask they inherit.
+    """Start ranks with SIGINT blocked, a mask they inherit (as does a forkserver started by the first launch, and
+    the ranks it forks).
 
     A Ctrl-C while they still import torch then waits until ``_quiet_signals`` has made
     it silent, instead of printing a KeyboardInterrupt traceback from every rank. In
@@ -388,11 +399,12 @@ def _failure(procs: list[mp.Process], results: mp.Queue, done: set[int], first: 
     errors = [first] if first else []
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
+        exited = all(p.exitcode is not None for p in procs)  # before reading: all they reported is in the queue
         try:
             rank, ok, payload = results.get(timeout=0.1)
         except queue.Empty:
-            if all(p.exitcode is not None for p in procs):
-                break  # every rank has exited: all they reported is in
+            if exited:
+                break
             continue
         if ok:
             done.add(rank)
@@ -473,7 +485,7 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_T
            backend: str | None = None) -> Any:
     """Run ``fn(*args)`` on ``world_size`` ranks and return rank 0's value.
 
-    ``fn`` must be importable (a module-level function), since ranks are spawned.
+    ``fn`` must be importable (a module-level function): ranks import it by name.
     Under torchrun, ``fn`` runs in the current process as its rank instead.
     ``timeout`` bounds both each collective and the whole launch. SIGINT or SIGTERM
     stops every rank and raises ``LaunchInterrupted``. Temporary directories of writes
@@ -484,17 +496,16 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_T
     _check_spawnable(fn)
     _warn_if_oversubscribed(world_size)
     ctx = _context()
+    forked = ctx.get_start_method() == "forkserver"
+    # A forked rank's arguments travel as bytes: pickled for a process, each tensor would take a file descriptor to
+    # share its storage, and a forkserver passes a new rank fewer than 256. Its environment is the launcher's now.
+    sent, env = (_dumps(args), dict(os.environ)) if forked else (args, None)
     results = ctx.Queue()
     port = _free_port()
     fd, journal = tempfile.mkstemp(prefix="shardwise-launch-", suffix=".temps")
     os.close(fd)
-    served = ctx.get_start_method() == "forkserver"
-    # The arguments travel as bytes: pickled for a process, each tensor would take a file descriptor to share its
-    # storage, and a forkserver passes a new rank fewer than 256.
-    packed = _dumps(args)
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, timeout, fn, packed, results,
-                                               os.getpid(), served, dict(os.environ), journal))
-             for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, timeout, fn, sent, results,
+                                               os.getpid(), env, journal)) for r in range(world_size)]
     with _StopSignals() as stop:
         try:
             _start(procs)
