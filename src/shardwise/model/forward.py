@@ -22,6 +22,7 @@ from ..dist.comm import Comm
 from ..plan.rank import RankPlan
 from ..providers.base import Provider
 from .layers import embedding, gather_output, linear, rms_norm
+from .moe import MoE
 from .pipeline import Pass, walk
 from .qk_norm import full_width_qk_norm
 
@@ -192,7 +193,8 @@ class DecoderLayer:
         spec = plan.spec
         self.eps = spec.rms_eps
         self.post_norms, self.fp32_scale = spec.table.post_norms, spec.table.fp32_scale
-        self.attn, self.mlp = Attention(plan, comm, n), MLP(plan, comm)
+        sparse = spec.sparse_layers[n] if spec.sparse_layers else False
+        self.attn, self.mlp = Attention(plan, comm, n), MoE(plan) if sparse else MLP(plan, comm)
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, weight, self.eps, self.fp32_scale)

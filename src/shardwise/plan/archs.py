@@ -10,14 +10,21 @@ counts in. The planner, the gradient reducer, initialisation, the plan report an
 spec's list of checkpoint tensors all read these tables; adding a tensor is one entry.
 
 Sizes are named, not numbers: ``q`` is heads x head_dim, ``kv`` KV heads x head_dim,
-``ffn`` the intermediate size, ``vocab``, ``hidden``, ``head_dim``. A part's ``unit`` is
-the size TP splits it by: the rank's query heads (``q``), its KV heads (``kv``), its ffn
-range (``ffn``) or its vocab range (``vocab``); ``None`` keeps it whole.
+``ffn`` the intermediate size, ``vocab``, ``hidden``, ``head_dim``; a mixture of experts adds
+``experts`` (routed experts), ``moe_ffn`` (one expert's intermediate size), ``shared_ffn``
+(the shared expert's) and ``one``. A part's ``unit`` is the size TP splits it by: the rank's
+query heads (``q``), its KV heads (``kv``), its ffn range (``ffn``) or its vocab range
+(``vocab``); ``None`` keeps it whole.
+
+A routed expert's kind (``expert``) names its parts with ``{e}`` as well as ``{n}``: its local
+tensor stacks every expert the rank computes, each expert's parts in turn, along dim 0, so
+which experts a rank holds is a list of boxes like any other split. ``when="sparse"`` kinds
+are in the layers that route to experts, ``when="dense"`` ones in the others.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 STYLES = ("colwise", "colwise_gather_output", "rowwise", "embedding_rowwise", "replicated",
           "replicated_with_grad_allreduce")
@@ -54,10 +61,24 @@ class Kind:
     report: str = "norms"
     when: str | None = None  # a ModelSpec flag that must be set for the checkpoint to hold this kind
     follows: str | None = None  # split exactly as this kind is, whatever the plan says (a bias, a full-width norm)
+    expert: bool = False  # one copy per routed expert, ``{e}`` in its part names (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.style not in STYLES or self.init not in INITS or self.report not in REPORTS:
             raise ValueError(f"kind {self.local!r}: style {self.style!r}, init {self.init!r}, report {self.report!r}")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a mixture of experts' config.json describes its routing, and the one numeric choice that differs."""
+
+    experts: tuple[str, ...]  # the keys of the routed-expert count, the first one present read
+    expert_ffn: str  # the key of one expert's intermediate size
+    norm_topk: str | bool  # the key of the switch that renormalizes the top-k weights, or always
+    sparse_step: bool = True  # ``decoder_sparse_step`` and ``mlp_only_layers`` pick the sparse layers (else all are)
+    shared_ffn: str | None = None  # the key of the shared expert's intermediate size
+    weights_in_fp32: bool = False
+    """The top-k weights multiply the expert outputs in fp32 (Mixtral), not cast to the activations' dtype first."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +107,8 @@ class Arch:
     fp32_scale: bool = False
     """RMSNorm gains and rope's cos/sin multiply in fp32 and the product is cast back once (OLMo-2), where Llama
     casts first and multiplies in the activations' dtype."""
+    routing: Routing | None = None
+    """A mixture of experts: how its config routes tokens (None: a dense model)."""
     qk_norm: str = "head"
     """What the q/k norms normalize over: each head (``head``, Qwen3: one head_dim gain shared by every head) or
     the whole projection (``full``, OLMo-2: gains as wide as q and k, split with their heads)."""
@@ -182,6 +205,32 @@ OLMO2_LAYER = (
 """No input norm: each sublayer's output is normalized before the residual add; q and k are normalized over all
 heads, before rope."""
 
+
+
+def _swiglu(local: str, prefix: str, gate: str, up: str, down: str, size: str, when: str | None,
+            expert: bool = False) -> tuple[Kind, Kind]:
+    """A SwiGLU MLP's two kinds, whole (a routed expert, a shared one): gate and up stacked, then down."""
+    return (Kind(f"{local}gate_up", (Part(f"{prefix}.{gate}.weight", (size, "hidden")),
+                                     Part(f"{prefix}.{up}.weight", (size, "hidden"))), report="mlp", when=when,
+                 expert=expert),
+            Kind(f"{local}down", (Part(f"{prefix}.{down}.weight", ("hidden", size)),), init="residual", report="mlp",
+                 when=when, expert=expert))
+
+
+def _moe(block: str, gate: str, up: str, down: str) -> tuple[Kind, ...]:
+    """A sparse layer's router (every expert's logits, replicated) and its routed experts."""
+    return (Kind("router", (Part(f"{L}.{block}.gate.weight", ("experts", "hidden")),), report="mlp", when="sparse"),
+            *_swiglu("experts_", f"{L}.{block}.experts.{{e}}", gate, up, down, "moe_ffn", "sparse", expert=True))
+
+
+DENSE_MLP = (replace(GATE_UP, when="dense"), replace(DOWN, when="dense"))
+QWEN_MOE = _moe("mlp", "gate_proj", "up_proj", "down_proj")
+SHARED_EXPERT = (*_swiglu("shared_", f"{L}.mlp.shared_expert", "gate_proj", "up_proj", "down_proj", "shared_ffn",
+                          "shared_expert"),
+                 Kind("shared_gate", (Part(f"{L}.mlp.shared_expert_gate.weight", ("one", "hidden")),), report="mlp",
+                      when="shared_expert"))
+QK_NORMS = LLAMA_LAYER[-2:]
+
 ATTENTION_BIAS = (("qkv_bias", "attention_bias"), ("o_bias", "attention_bias"))
 ARCHS = {
     "llama": Arch("llama", EMBED, LLAMA_LAYER, HEAD, (*ATTENTION_BIAS, ("mlp_bias", "mlp_bias"))),
@@ -194,20 +243,21 @@ ARCHS = {
                  ropes=("default", "longrope"), window_every_layer=True),
     "olmo2": Arch("olmo2", EMBED, OLMO2_LAYER, HEAD, (*ATTENTION_BIAS, ("qk_norm", True)),
                   defaults=(("rms_norm_eps", 1e-5),), post_norms=True, fp32_scale=True, qk_norm="full"),
+    "mixtral": Arch("mixtral", EMBED, (ATTN_NORM, QKV, O_PROJ, MLP_NORM, *_moe("block_sparse_moe", "w1", "w3", "w2")),
+                    HEAD, window_every_layer=True,
+                    routing=Routing(("num_local_experts",), "intermediate_size", True, sparse_step=False,
+                                    weights_in_fp32=True)),
+    "qwen2_moe": Arch("qwen2_moe", EMBED, (ATTN_NORM, QKV, O_PROJ, MLP_NORM, *DENSE_MLP, *QWEN_MOE, *SHARED_EXPERT,
+                                           QKV_BIAS), HEAD, (("qkv_bias", True),),
+                      routing=Routing(("num_experts",), "moe_intermediate_size", "norm_topk_prob",
+                                      shared_ffn="shared_expert_intermediate_size")),
+    "qwen3_moe": Arch("qwen3_moe", EMBED, (ATTN_NORM, QKV, O_PROJ, MLP_NORM, *DENSE_MLP, *QWEN_MOE, QKV_BIAS, O_BIAS,
+                                           *QK_NORMS), HEAD, (*ATTENTION_BIAS, ("qk_norm", True)),
+                      routing=Routing(("num_experts", "num_local_experts"), "moe_intermediate_size",
+                                      "norm_topk_prob")),
 }
 """Llama, Mistral, Qwen2 and Qwen3 share one layer: they differ in which optional kinds (biases, q/k norms) their
-checkpoints hold. Phi-3 packs Llama's projections; OLMo-2 moves the norms."""
+checkpoints hold. Phi-3 packs Llama's projections; OLMo-2 moves the norms. The mixtures of experts keep Llama's
+attention and route some or all layers' MLPs to experts: Mixtral every layer, Qwen2-MoE and Qwen3-MoE the layers
+their config makes sparse (the others keep a dense MLP), Qwen2-MoE beside a shared expert behind a sigmoid gate."""
 
-
-def by_source(arch: Arch, layers: int, holds, source) -> dict[str, Kind]:
-    """Every checkpoint tensor name of a model with ``layers`` layers, mapped to the first kind that reads it.
-
-    ``holds(kind)`` says which optional kinds the checkpoint has, and ``source(part, n)`` names a part's tensor
-    in layer ``n`` (a tied LM head reads the embedding, which keeps its own kind)."""
-    out = {}
-    for kind in arch.kinds():
-        if holds(kind):
-            for part in kind.parts:
-                for n in range(layers) if "{n}" in part.source else (0,):
-                    out.setdefault(source(part, n), kind)
-    return out

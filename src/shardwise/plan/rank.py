@@ -33,7 +33,8 @@ class RankPlan:
     """Everything one rank computes with and holds, as box lists keyed by local tensor name.
 
     ``styles`` is the TP style each tensor kind runs with (``tp.resolve``); ``heads``, ``ffn``
-    and ``vocab`` are the rank's share where they are split, else the whole.
+    and ``vocab`` are the rank's share where they are split, else the whole; ``experts`` the
+    routed experts it computes (its range of them; all of them in a dense model's empty range).
     ``work`` are the TP-local tensors the model computes with, handed out per block
     (``blocks``: "embed", "layers.N", "head"); ``alias`` maps a tensor that is another
     one on this rank (a tied LM head beside its embedding) to it. ``tensors`` is what
@@ -51,6 +52,7 @@ class RankPlan:
     heads: Heads
     ffn: tuple[int, int]
     vocab: tuple[int, int]
+    experts: tuple[int, int]
     styles: dict[str, str]
     work: dict[str, ShardedTensor]
     blocks: dict[str, tuple[str, ...]]
@@ -135,14 +137,28 @@ def local_tensor(spec: ModelSpec, kind: Kind, name: str, n: int, ranges: dict[st
     return ShardedTensor(name, local, tuple(boxes))
 
 
+def expert_tensor(spec: ModelSpec, kind: Kind, name: str, n: int, experts: tuple[int, int]) -> ShardedTensor:
+    """A routed expert kind's local tensor in layer ``n``: the rank's experts, each whole, each its parts in turn,
+    stacked along dim 0 (an (experts, rows, cols) tensor read as 2-D)."""
+    boxes, at = [], 0
+    for e in range(*experts):
+        for part in kind.parts:
+            shape = tuple(spec.size(s) for s in part.shape)
+            boxes.append(Box(spec.source_of(part, n, e), (0, 0), shape, (at, 0)))
+            at += shape[0]
+    return ShardedTensor(name, (at, spec.size(kind.parts[0].shape[1])), tuple(boxes))
+
+
 def _block_tensors(spec: ModelSpec, kinds: tuple[Kind, ...], block: Block, ranges: dict[str, tuple[int, int]],
                    styles: dict[str, str]) -> dict[TensorName, ShardedTensor]:
     """The local tensors of one block (the embedding, a decoder layer, the head), in table order."""
     out = {}
     for kind in kinds:
-        if spec.holds(kind):
+        if spec.holds(kind, block.layer):
             name = TensorName(block, kind.local)
-            out[name] = local_tensor(spec, kind, name, block.layer or 0, ranges, styles[kind.local])
+            n = block.layer or 0
+            out[name] = (expert_tensor(spec, kind, name, n, ranges["experts"]) if kind.expert else
+                         local_tensor(spec, kind, name, n, ranges, styles[kind.local]))
     return out
 
 
@@ -175,8 +191,9 @@ def _plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str, series
 
     arch = spec.table
     d = spec.head_dim
+    experts = (0, spec.experts)
     ranges = {"q": (heads.q[0] * d, heads.q[1] * d), "kv": (heads.kv[0] * d, heads.kv[1] * d), "ffn": ffn,
-              "vocab": vocab}
+              "vocab": vocab, "experts": experts}
     work: dict[str, ShardedTensor] = {}
     blocks: dict[Block, tuple[TensorName, ...]] = {}
     mine = ([(EMBED, arch.embed)] if stage == 0 else []) + [(Block.of_layer(n), arch.layer) for n in layers] + (
@@ -197,8 +214,8 @@ def _plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str, series
         elsewhere = {name for s in in_series for name in s.names if name not in s.owned(dp_rank)}
         tensors = {name: t for name, t in work.items() if name not in elsewhere}
         buffers = _resident_buffers(tensors, alias)
-    return RankPlan(spec, layout, rank, provider, layers, heads, ffn, vocab, styles, work, blocks, alias, flats,
-                    tensors, buffers, in_series, tuple(series))
+    return RankPlan(spec, layout, rank, provider, layers, heads, ffn, vocab, experts, styles, work, blocks, alias,
+                    flats, tensors, buffers, in_series, tuple(series))
 
 
 def _tp_share(spec: ModelSpec, tp: int, tp_rank: int, styles: dict[str, str]
@@ -211,7 +228,7 @@ def _tp_share(spec: ModelSpec, tp: int, tp_rank: int, styles: dict[str, str]
     for unit, kinds, what, size in (("vocab", ("embed", "lm_head"), "vocab", spec.vocab),
                                     ("ffn", ("gate_up",), "intermediate size", spec.intermediate)):
         shares[unit] = (0, size)
-        if any(styles[k] != "replicated" for k in kinds):
+        if any(styles.get(k, "replicated") != "replicated" for k in kinds):
             if tp > size:
                 raise LayoutError(f"tp={tp} exceeds the {what} {size}")
             shares[unit] = split_evenly(size, tp)[tp_rank]

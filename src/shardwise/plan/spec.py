@@ -9,7 +9,7 @@ class covers them all instead of a class per architecture.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..untrusted import UntrustedJSON, is_int, parse_json, shown
-from .archs import ARCHS, TIED_SOURCE, Arch, Kind, Part, by_source
+from .archs import ARCHS, TIED_SOURCE, Arch, Kind, Part
 from .tp import TpPlan, TpPlanError, plan_in_force, resolve
 
 SUPPORTED_ARCHS = tuple(ARCHS)
@@ -114,6 +114,12 @@ class ModelSpec:
     mlp_bias: bool = False
     qk_norm: bool = False
     sliding_windows: tuple[int | None, ...] = ()
+    experts: int = 0  # routed experts of a mixture of experts (0: a dense model)
+    top_k: int = 0  # experts each token is routed to
+    moe_ffn: int = 0  # one expert's intermediate size
+    shared_ffn: int = 0  # the shared expert's intermediate size (0: none)
+    norm_topk: bool = False  # the top-k routing weights are renormalized to sum to one
+    sparse_layers: tuple[bool, ...] = ()  # which layers route to experts
     tp_plan: TpPlan | None = None  # config.json's base_model_tp_plan, which replaces the built-in plan
     table: Arch | None = None  # the architecture's table (every tensor kind, its parts, its split); None: ARCHS'
     config: dict = field(default_factory=dict, compare=False, repr=False)
@@ -136,25 +142,57 @@ class ModelSpec:
         """The named sizes the architecture tables speak in (do not mutate)."""
         d = self.head_dim
         return {"hidden": self.hidden, "q": self.heads * d, "kv": self.kv_heads * d, "ffn": self.intermediate,
-                "vocab": self.vocab, "head_dim": d}
+                "vocab": self.vocab, "head_dim": d, "experts": self.experts, "moe_ffn": self.moe_ffn,
+                "shared_ffn": self.shared_ffn, "one": 1}
 
     def size(self, expr: str) -> int:
         """A named size, or a sum of them (``q+kv+kv``: the rows of a packed QKV projection)."""
         return sum(self.sizes[term] for term in expr.split("+"))
 
-    def holds(self, kind: Kind) -> bool:
-        """Whether the checkpoint holds this kind: its flag is set (biases, q/k norms), or it needs none."""
+    @property
+    def sparse(self) -> bool:
+        """Some layer routes to experts (a ``when="sparse"`` kind's flag)."""
+        return any(self.sparse_layers)
+
+    @property
+    def dense(self) -> bool:
+        """Some layer has a dense MLP (a ``when="dense"`` kind's flag)."""
+        return not all(self.sparse_layers) if self.sparse_layers else True
+
+    @property
+    def shared_expert(self) -> bool:
+        return self.shared_ffn > 0
+
+    def holds(self, kind: Kind, layer: int | None = None) -> bool:
+        """Whether the checkpoint holds this kind (in ``layer``, or anywhere): its flag is set (biases, q/k norms,
+        sparse or dense MLPs), or it needs none."""
+        if layer is not None and kind.when in ("sparse", "dense") and self.sparse_layers:
+            return self.sparse_layers[layer] == (kind.when == "sparse")
         return kind.when is None or getattr(self, kind.when)
 
-    def source_of(self, part: Part, n: int) -> str:
-        """The checkpoint name of a part in layer ``n``; a tied LM head reads the embedding."""
-        name = part.source.format(n=n)
+    def source_of(self, part: Part, n: int, e: int = 0) -> str:
+        """The checkpoint name of a part in layer ``n`` (of routed expert ``e``); a tied LM head reads the
+        embedding."""
+        name = part.source.format(n=n, e=e)
         return TIED_SOURCE if self.tied and name == "lm_head.weight" else name
+
+    def sources(self) -> Iterator[tuple[str, Kind, Part]]:
+        """Every checkpoint tensor name of the model, with the kind and part that read it, in table order (a tied LM
+        head's reads the embedding, which comes first)."""
+        for kind in self.table.kinds():
+            for part in kind.parts:
+                for n in range(self.layers) if "{n}" in part.source else (None,):
+                    if self.holds(kind, n):
+                        for e in range(self.experts) if kind.expert else (0,):
+                            yield self.source_of(part, n or 0, e), kind, part
 
     @cached_property
     def source_kinds(self) -> dict[str, Kind]:
         """Every checkpoint tensor of the model, mapped to the first kind that reads it (do not mutate)."""
-        return by_source(self.table, self.layers, self.holds, self.source_of)
+        out: dict[str, Kind] = {}
+        for name, kind, _ in self.sources():
+            out.setdefault(name, kind)
+        return out
 
     def tensors(self) -> dict[str, TensorInfo]:
         """Every tensor an HF checkpoint of this model holds, in HF names (computed once; do not mutate)."""
@@ -162,13 +200,9 @@ class ModelSpec:
 
     @cached_property
     def _tensors(self) -> dict[str, TensorInfo]:
-        out = {}
-        for kind in self.table.kinds():
-            if self.holds(kind):
-                for part in kind.parts:
-                    shape = tuple(self.size(s) for s in part.shape)
-                    for n in range(self.layers) if "{n}" in part.source else (0,):
-                        out.setdefault(self.source_of(part, n), TensorInfo(shape, self.dtype))
+        out: dict[str, TensorInfo] = {}
+        for name, _, part in self.sources():
+            out.setdefault(name, TensorInfo(tuple(self.size(s) for s in part.shape), self.dtype))
         return out
 
 
@@ -350,8 +384,29 @@ def spec_from_config(cfg: dict) -> ModelSpec:
         **flags,
         tp_plan=_tp_plan(cfg),
         sliding_windows=_sliding_windows(read, arch, layers),
+        **_routing(read, arch, layers),
         config=cfg,
     )
+
+
+def _routing(cfg: dict, arch: Arch, layers: int) -> dict:
+    """A mixture of experts' fields: its experts, how many each token takes, their sizes, and which layers route."""
+    routing = arch.routing
+    if routing is None:
+        return {}
+    key = next((k for k in routing.experts if k in cfg), routing.experts[0])  # transformers 5 renamed Qwen3-MoE's
+    experts, top_k = _size(cfg, key), _size(cfg, "num_experts_per_tok")
+    if top_k > experts:
+        raise SpecError(f"num_experts_per_tok={top_k} exceeds the {experts} experts ({key})")
+    sparse = (True,) * layers
+    if routing.sparse_step:
+        step, dense = _size(cfg, "decoder_sparse_step", 1), cfg.get("mlp_only_layers") or []
+        if not isinstance(dense, list) or not all(is_int(n) for n in dense):
+            raise SpecError(f"field 'mlp_only_layers' is {shown(dense)}, expected a list of layer numbers")
+        sparse = tuple(n not in dense and (n + 1) % step == 0 for n in range(layers))
+    norm = routing.norm_topk if isinstance(routing.norm_topk, bool) else _flag(cfg, routing.norm_topk)
+    return dict(experts=experts, top_k=top_k, moe_ffn=_size(cfg, routing.expert_ffn), norm_topk=norm,
+                shared_ffn=_size(cfg, routing.shared_ffn) if routing.shared_ffn else 0, sparse_layers=sparse)
 
 
 def naming_dtype(config: dict, dtypes: Iterable[torch.dtype]) -> dict:

@@ -119,7 +119,7 @@ def _full_name(pattern: str) -> str:
 def module_of(source: str) -> str:
     """The module pattern a checkpoint tensor belongs to: ``model.layers.{n}.mlp.up_proj.weight`` ->
     ``model.layers.*.mlp.up_proj``."""
-    return source.replace("{n}", "*").rsplit(".", 1)[0]
+    return source.replace("{n}", "*").replace("{e}", "*").rsplit(".", 1)[0]
 
 
 def builtin_plan(spec: ModelSpec) -> dict[str, str]:

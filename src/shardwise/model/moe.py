@@ -1,0 +1,55 @@
+"""A sparse MLP block: the router picks each token's experts, the rank's experts compute, the outputs are summed.
+
+The math follows HF's mixture-of-experts blocks step for step: router logits in the
+activations' dtype, softmax in fp32, top-k, the optional renormalization, the weights cast
+to the activations' dtype (Qwen) or kept in fp32 (Mixtral), each expert's SwiGLU on the
+tokens routed to it, weighted and accumulated in expert order, and Qwen2-MoE's shared
+expert behind its sigmoid gate. The router runs whole on every rank; the experts are the
+rank's (``RankPlan.experts``), stacked into one tensor per kind by the plan.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..plan.rank import RankPlan
+
+
+class MoE:
+    """One sparse layer's experts over this rank's share of them."""
+
+    def __init__(self, plan: RankPlan):
+        spec, routing = plan.spec, plan.spec.table.routing
+        self.top_k, self.norm_topk, self.fp32_weights = spec.top_k, spec.norm_topk, routing.weights_in_fp32
+        self.experts = range(*plan.experts)
+        self.shared = spec.shared_expert
+
+    def route(self, x: torch.Tensor, router: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's top-k experts and their weights, (tokens, k) each."""
+        probs = F.softmax(F.linear(x, router), dim=-1, dtype=torch.float)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return (weights if self.fp32_weights else weights.to(x.dtype)), chosen
+
+    def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, chosen = self.route(x, w["router"])
+        local = len(self.experts)
+        gate_up = w["experts_gate_up"].view(local, -1, x.shape[-1])
+        down = w["experts_down"].view(local, x.shape[-1], -1)
+        out = torch.zeros_like(x)
+        for i, e in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            if token.numel() == 0:
+                continue
+            gate, up = F.linear(x[token], gate_up[i]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, down[i]) * weights[token, slot, None]
+            out = out.index_add(0, token, y.to(out.dtype))
+        if self.shared:
+            gate, up = F.linear(x, w["shared_gate_up"]).chunk(2, dim=-1)
+            shared = F.linear(F.silu(gate) * up, w["shared_down"])
+            out = out + torch.sigmoid(F.linear(x, w["shared_gate"])) * shared
+        return out.view(shape)
