@@ -64,6 +64,8 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=POSITIVE, default=1, help="tensor-parallel degree")
     p.add_argument("--pp", type=POSITIVE, default=1, help="pipeline-parallel degree (stages)")
     p.add_argument("--dp", type=POSITIVE, default=1, help="data-parallel degree (replicas, or ZeRO-3 shards)")
+    p.add_argument("--ep", type=POSITIVE, default=1, help="expert-parallel degree: ranks that share out a mixture "
+                   "of experts' routed experts (each reads and computes only its own)")
     p.add_argument("--tp-plan", metavar="FILE.json", help="a TP plan in HF's vocabulary replacing the model's "
                    "('shardwise plan --show-tp-plan' prints it): module pattern -> style; what it leaves out is "
                    "replicated")
@@ -97,7 +99,7 @@ def _provider_args(p: argparse.ArgumentParser) -> None:
 
 def _layout(args) -> Layout:
     """The mesh and TP plan the flags ask for (a plan file is read, not yet checked against the model)."""
-    return Layout(args.tp, args.pp, args.dp, None if args.tp_plan is None else TpPlan.of(args.tp_plan))
+    return Layout(args.tp, args.pp, args.dp, None if args.tp_plan is None else TpPlan.of(args.tp_plan), args.ep)
 
 
 def _provide(args) -> Provide:
@@ -120,8 +122,8 @@ def _written_dtype_arg(p: argparse.ArgumentParser) -> None:
 def _world(args) -> int:
     world = _layout(args).world_size
     if in_torchrun() and int(os.environ["WORLD_SIZE"]) != world:
-        sys.exit(f"--tp {args.tp} x --pp {args.pp} x --dp {args.dp} = {plural(world, 'rank')}, but torchrun "
-                 f"started {os.environ['WORLD_SIZE']}")
+        sys.exit(f"--tp {args.tp} x --pp {args.pp} x --dp {args.dp} x --ep {args.ep} = {plural(world, 'rank')}, "
+                 f"but torchrun started {os.environ['WORLD_SIZE']}")
     return world
 
 

@@ -28,6 +28,7 @@ class Comm:
     rank: int
     tp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
+    ep_group: dist.ProcessGroup | None = None
     replica_group: dist.ProcessGroup | None = None
     dp_ranks: list[int] = field(default_factory=list)  # global ranks of the DP group, in DP order
     shm: ShmAllReduce | None = None
@@ -49,7 +50,7 @@ class Comm:
                 dist.barrier()
             for group in self.groups:
                 dist.destroy_process_group(group)
-        self.groups, self.tp_group, self.dp_group, self.replica_group = [], None, None, None
+        self.groups, self.tp_group, self.dp_group, self.ep_group, self.replica_group = [], None, None, None, None
 
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout.tp > 1 and not (self.shm is not None and self.shm(x)):
@@ -75,13 +76,13 @@ class Comm:
         return bool(x.item())
 
     def send_next(self, x: torch.Tensor) -> None:
-        """Hand activations to the same (replica, TP) rank of the next pipeline stage."""
-        stage, d, t = self.layout.coords(self.rank)
-        dist.send(x.contiguous(), self.layout.rank_of(stage + 1, d, t))
+        """Hand activations to the same (replica, EP, TP) rank of the next pipeline stage."""
+        stage, d, e, t = self.layout.position(self.rank)
+        dist.send(x.contiguous(), self.layout.rank_of(stage + 1, d, t, e))
 
     def recv_prev(self, like: torch.Tensor) -> torch.Tensor:
-        stage, d, t = self.layout.coords(self.rank)
-        dist.recv(like, self.layout.rank_of(stage - 1, d, t))
+        stage, d, e, t = self.layout.position(self.rank)
+        dist.recv(like, self.layout.rank_of(stage - 1, d, t, e))
         return like
 
     def from_last_stage(self, x: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
@@ -126,6 +127,8 @@ def make_comm(layout: Layout, device: torch.device | None = None) -> Comm:
         return found
 
     (comm.tp_group, tp_ranks), (comm.dp_group, comm.dp_ranks) = mine(layout.tp_groups()), mine(layout.dp_groups())
+    if layout.ep > 1:
+        comm.ep_group = mine(layout.ep_groups())[0]
     if layout.pp > 1:
         comm.replica_group = mine(layout.replica_groups())[0]
     on_cpu = device is None or device.type == "cpu"

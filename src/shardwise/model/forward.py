@@ -194,7 +194,7 @@ class DecoderLayer:
         self.eps = spec.rms_eps
         self.post_norms, self.fp32_scale = spec.table.post_norms, spec.table.fp32_scale
         sparse = spec.sparse_layers[n] if spec.sparse_layers else False
-        self.attn, self.mlp = Attention(plan, comm, n), MoE(plan) if sparse else MLP(plan, comm)
+        self.attn, self.mlp = Attention(plan, comm, n), MoE(plan, comm) if sparse else MLP(plan, comm)
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, weight, self.eps, self.fp32_scale)

@@ -5,7 +5,9 @@ activations' dtype, softmax in fp32, top-k, the optional renormalization, the we
 to the activations' dtype (Qwen) or kept in fp32 (Mixtral), each expert's SwiGLU on the
 tokens routed to it, weighted and accumulated in expert order, and Qwen2-MoE's shared
 expert behind its sigmoid gate. The router runs whole on every rank; the experts are the
-rank's (``RankPlan.experts``), stacked into one tensor per kind by the plan.
+rank's (``RankPlan.experts``), stacked into one tensor per kind by the plan, and the EP
+ranks' sums are added up over the EP group (autograd's all-reduce, whose backward hands each
+rank the whole gradient).
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..dist.collectives import copy_to, reduce_from
+from ..dist.comm import Comm
 from ..plan.rank import RankPlan
 
 
 class MoE:
     """One sparse layer's experts over this rank's share of them."""
 
-    def __init__(self, plan: RankPlan):
+    def __init__(self, plan: RankPlan, comm: Comm):
         spec, routing = plan.spec, plan.spec.table.routing
+        self.group = comm.ep_group if plan.layout.ep > 1 else None
         self.top_k, self.norm_topk, self.fp32_weights = spec.top_k, spec.norm_topk, routing.weights_in_fp32
         self.experts = range(*plan.experts)
         self.shared = spec.shared_expert
@@ -36,7 +41,8 @@ class MoE:
     def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, chosen = self.route(x, w["router"])
+        routed = copy_to(x, self.group)  # each EP rank's experts send back their part of its gradient
+        weights, chosen = self.route(routed, w["router"])
         local = len(self.experts)
         gate_up = w["experts_gate_up"].view(local, -1, x.shape[-1])
         down = w["experts_down"].view(local, x.shape[-1], -1)
@@ -45,9 +51,11 @@ class MoE:
             token, slot = torch.where(chosen == e)
             if token.numel() == 0:
                 continue
-            gate, up = F.linear(x[token], gate_up[i]).chunk(2, dim=-1)
+            gate, up = F.linear(routed[token], gate_up[i]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, down[i]) * weights[token, slot, None]
             out = out.index_add(0, token, y.to(out.dtype))
+        if self.group is not None:  # every EP rank's experts, summed; the shared expert is whole on each, added once
+            out = reduce_from(out, self.group)
         if self.shared:
             gate, up = F.linear(x, w["shared_gate_up"]).chunk(2, dim=-1)
             shared = F.linear(F.silu(gate) * up, w["shared_down"])

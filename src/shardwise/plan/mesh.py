@@ -1,7 +1,9 @@
-"""The rank grid: a ``Layout`` is a PP x DP x TP mesh; ``head_split`` places attention heads on its TP ranks.
+"""The rank grid: a ``Layout`` is a PP x DP x EP x TP mesh; ``head_split`` places attention heads on its TP ranks.
 
-Ranks are ordered (pp, dp, tp), TP innermost as in torchtitan and Megatron, so a TP
-group is a run of consecutive ranks.
+Ranks are ordered (pp, dp, ep, tp), TP innermost as in torchtitan and Megatron, so a TP
+group is a run of consecutive ranks. The EP ranks of a replica see the same tokens, as its
+TP ranks do: each computes its share of the routed experts (attention is split over TP
+within each) and their outputs are summed over the EP group.
 """
 
 from __future__ import annotations
@@ -31,50 +33,76 @@ class Layout:
     pp: int = 1
     dp: int = 1
     tp_plan: TpPlan | None = None
+    ep: int = 1
 
     def __post_init__(self) -> None:
-        if self.tp < 1 or self.pp < 1 or self.dp < 1:
-            raise LayoutError(f"tp, pp and dp must be >= 1, got tp={self.tp} pp={self.pp} dp={self.dp}")
+        if self.tp < 1 or self.pp < 1 or self.dp < 1 or self.ep < 1:
+            raise LayoutError(f"tp, pp, dp and ep must be >= 1, got {self}")
 
     def __str__(self) -> str:
-        return f"tp={self.tp} pp={self.pp} dp={self.dp}"
+        return f"tp={self.tp} pp={self.pp} dp={self.dp}" + (f" ep={self.ep}" if self.ep != 1 else "")
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.ep
+
+    def position(self, rank: int) -> tuple[int, int, int, int]:
+        """(pipeline stage, data-parallel rank, expert-parallel rank, tensor-parallel rank) of a global rank."""
+        stage, rest = divmod(rank, self.dp * self.ep * self.tp)
+        d, rest = divmod(rest, self.ep * self.tp)
+        return (stage, d, *divmod(rest, self.tp))
 
     def coords(self, rank: int) -> tuple[int, int, int]:
         """(pipeline stage, data-parallel rank, tensor-parallel rank) of a global rank."""
-        stage, rest = divmod(rank, self.dp * self.tp)
-        return (stage, *divmod(rest, self.tp))
+        stage, d, _, t = self.position(rank)
+        return stage, d, t
 
-    def rank_of(self, stage: int, dp_rank: int, tp_rank: int) -> int:
-        return (stage * self.dp + dp_rank) * self.tp + tp_rank
+    def ep_rank(self, rank: int) -> int:
+        return self.position(rank)[2]
 
-    def tp_groups(self) -> Iterator[list[int]]:
-        """Ranks that split each layer's heads: one group per (stage, replica)."""
+    def rank_of(self, stage: int, dp_rank: int, tp_rank: int, ep_rank: int = 0) -> int:
+        return ((stage * self.dp + dp_rank) * self.ep + ep_rank) * self.tp + tp_rank
+
+    def _every(self) -> Iterator[tuple[int, int, int]]:
         for stage in range(self.pp):
             for d in range(self.dp):
-                yield [self.rank_of(stage, d, t) for t in range(self.tp)]
+                for e in range(self.ep):
+                    yield stage, d, e
+
+    def tp_groups(self) -> Iterator[list[int]]:
+        """Ranks that split each layer's heads: one group per (stage, replica, EP rank)."""
+        for stage, d, e in self._every():
+            yield [self.rank_of(stage, d, t, e) for t in range(self.tp)]
+
+    def ep_groups(self) -> Iterator[list[int]]:
+        """Ranks that share out each layer's routed experts: one group per (stage, replica, TP rank)."""
+        for stage in range(self.pp):
+            for d in range(self.dp):
+                for t in range(self.tp):
+                    yield [self.rank_of(stage, d, t, e) for e in range(self.ep)]
 
     def dp_groups(self) -> Iterator[list[int]]:
-        """Ranks that hold the same piece of the model in different replicas: one group per (stage, TP rank)."""
+        """Ranks that hold the same piece of the model in different replicas: one group per (stage, EP rank, TP
+        rank)."""
         for stage in range(self.pp):
-            for t in range(self.tp):
-                yield [self.rank_of(stage, d, t) for d in range(self.dp)]
+            for e in range(self.ep):
+                for t in range(self.tp):
+                    yield [self.rank_of(stage, d, t, e) for d in range(self.dp)]
 
     def replica_groups(self) -> Iterator[list[int]]:
-        """All ranks of one replica (every stage and TP rank), which see the same input ids."""
+        """All ranks of one replica (every stage, EP and TP rank), which see the same input ids."""
         for d in range(self.dp):
-            yield [self.rank_of(stage, d, t) for stage in range(self.pp) for t in range(self.tp)]
+            yield [self.rank_of(stage, d, t, e) for stage in range(self.pp) for e in range(self.ep)
+                   for t in range(self.tp)]
 
     @classmethod
-    def from_world(cls, pp: int = 1, dp: int = 1) -> Layout:
-        """The layout that uses every rank of the initialized world, TP filling what PP and DP leave."""
+    def from_world(cls, pp: int = 1, dp: int = 1, ep: int = 1) -> Layout:
+        """The layout that uses every rank of the initialized world, TP filling what PP, DP and EP leave."""
         world = dist.get_world_size()
-        if world % (pp * dp):
-            raise LayoutError(f"world size {world} is not divisible by pp={pp} x dp={dp}")
-        return cls(tp=world // (pp * dp), pp=pp, dp=dp)
+        if world % (pp * dp * ep):
+            raise LayoutError(f"world size {world} is not divisible by pp={pp} x dp={dp}"
+                              + (f" x ep={ep}" if ep != 1 else ""))
+        return cls(tp=world // (pp * dp * ep), pp=pp, dp=dp, ep=ep)
 
     def check_world(self) -> None:
         world = dist.get_world_size() if dist.is_initialized() else 1

@@ -85,8 +85,8 @@ class RankPlan:
 
     def tp_peers(self) -> list[RankPlan]:
         """The plans of this rank's TP group (this one included), in TP order."""
-        stage, dp_rank, _ = self.layout.coords(self.rank)
-        return [self.peer(self.layout.rank_of(stage, dp_rank, t)) for t in range(self.layout.tp)]
+        stage, dp_rank, ep_rank, _ = self.layout.position(self.rank)
+        return [self.peer(self.layout.rank_of(stage, dp_rank, t, ep_rank)) for t in range(self.layout.tp)]
 
     def peer(self, rank: int) -> RankPlan:
         """Another rank's plan under the same layout, provider and series."""
@@ -191,7 +191,7 @@ def _plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str, series
 
     arch = spec.table
     d = spec.head_dim
-    experts = (0, spec.experts)
+    experts = _ep_share(spec, layout, rank)
     ranges = {"q": (heads.q[0] * d, heads.q[1] * d), "kv": (heads.kv[0] * d, heads.kv[1] * d), "ffn": ffn,
               "vocab": vocab, "experts": experts}
     work: dict[str, ShardedTensor] = {}
@@ -236,6 +236,19 @@ def _tp_share(spec: ModelSpec, tp: int, tp_rank: int, styles: dict[str, str]
     if styles["qkv"] != "replicated":
         heads = head_split(spec.heads, spec.kv_heads, tp)[tp_rank]
     return heads, shares["ffn"], shares["vocab"]
+
+
+def _ep_share(spec: ModelSpec, layout: Layout, rank: int) -> tuple[int, int]:
+    """The routed experts this rank computes: a contiguous run of them, as even as the count allows (6 over EP 4
+    is 2, 2, 1, 1)."""
+    if layout.ep == 1:
+        return 0, spec.experts
+    if not spec.experts:
+        raise LayoutError(f"ep={layout.ep} needs a mixture of experts; {spec.arch} has none")
+    if layout.ep > spec.experts:
+        raise LayoutError(f"ep={layout.ep} exceeds the {plural(spec.experts, 'routed expert')}: some rank would hold "
+                          "none")
+    return split_evenly(spec.experts, layout.ep)[layout.ep_rank(rank)]
 
 
 def _resident_buffers(work: dict[str, ShardedTensor], alias: dict[str, str]) -> tuple[Buffer, ...]:

@@ -1,0 +1,144 @@
+"""Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) compute what HF computes under every mesh, expert-parallel
+ones included, and each rank holds only its routed experts.
+
+The checkpoints are written by transformers itself: 6 experts, so that EP 4 shares them out unevenly (2, 2, 1, 1);
+Qwen2-MoE with its shared expert, Qwen3-MoE with a dense layer among the sparse ones (``mlp_only_layers``) and
+renormalized top-3 weights, Mixtral with top-2 and its own tensor names.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PROMPT, STEPS, VOCAB, hf_reference, randomize_norms_and_biases
+from moe_workers import export_under, moe_outputs
+from safetensors import safe_open
+from shared_launch import SharedLaunches
+from test_export import assert_same_checkpoint
+
+from shardwise import Layout, LayoutError, load_spec, plan_rank
+
+FAMILIES = {
+    "mixtral": ("MixtralConfig", dict(num_local_experts=6, num_experts_per_tok=2, hidden_size=64,
+                                      num_attention_heads=8, num_key_value_heads=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+                                         shared_expert_intermediate_size=40, hidden_size=72, num_attention_heads=9,
+                                         num_key_value_heads=3, norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=24,
+                                         mlp_only_layers=[1], norm_topk_prob=True, hidden_size=48,
+                                         num_attention_heads=8, num_key_value_heads=4, head_dim=16)),
+}
+MOE = [f"{family}-{tie}" for family in FAMILIES for tie in ("tied", "untied")]
+EXPERTS = 6
+MESHES = [  # (layout, provider): EP alone (even, uneven), with TP, with PP, and ZeRO-3 over DP within each expert
+    (Layout(), "resident"), (Layout(ep=2), "resident"), (Layout(ep=3), "resident"), (Layout(ep=4), "resident"),
+    (Layout(tp=2, ep=2), "resident"), (Layout(pp=2, ep=2), "resident"), (Layout(dp=2, ep=2), "zero3"),
+    (Layout(tp=3), "resident")]
+
+
+def write_moe_checkpoint(name: str, directory: Path) -> Path:
+    """A random mixture of experts saved by HF: tied ones in bf16, untied in fp32 over several files."""
+    import transformers
+
+    family, tie = name.split("-")
+    cls, sizes = FAMILIES[family]
+    config = getattr(transformers, cls)(vocab_size=VOCAB, intermediate_size=100, num_hidden_layers=3,
+                                       max_position_embeddings=64, tie_word_embeddings=tie == "tied",
+                                       initializer_range=0.1, **sizes)
+    torch.manual_seed(zlib.crc32(name.encode()) % 1000)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    randomize_norms_and_biases(model)
+    path = directory / name
+    if tie == "tied":
+        model.to(torch.bfloat16).save_pretrained(path)
+    else:
+        model.save_pretrained(path, max_shard_size="40KB")
+    return path
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("moe")
+    return {name: write_moe_checkpoint(name, root) for name in MOE}
+
+
+@pytest.fixture(scope="module")
+def moe_references(moe_checkpoints) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {name: hf_reference(path, PROMPT, STEPS) for name, path in moe_checkpoints.items()}
+
+
+EXPORTS = [(Layout(ep=3), "resident"), (Layout(tp=2, ep=2), "resident"), (Layout(dp=2, ep=2), "zero3")]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("moe-export")
+
+
+@pytest.fixture(scope="module")
+def runs(moe_checkpoints, exported) -> SharedLaunches:
+    """One launch per world size: every mesh's outputs and exports."""
+    paths = {name: str(p) for name, p in moe_checkpoints.items()}
+    jobs: dict = {mesh: (mesh[0].world_size, moe_outputs, (*mesh, paths, PROMPT, STEPS)) for mesh in MESHES}
+    for i, mesh in enumerate(EXPORTS):
+        outs = {name: str(exported / str(i) / name) for name in paths}
+        jobs["export", mesh] = (mesh[0].world_size, export_under, (*mesh, paths, outs))
+    return SharedLaunches(jobs, timeout=600)
+
+
+@pytest.mark.parametrize("name", MOE)
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}-{m[1]}".replace(" ", ","))
+def test_matches_hf(mesh, name, runs, moe_references):
+    ref_logits, ref_tokens = moe_references[name]
+    logits, tokens = runs.result(mesh)[0][name]
+    err = (logits - ref_logits).abs().max().item()
+    scale = ref_logits.abs().max().item()
+    assert err <= 1e-4 * scale, f"{name} {mesh}: max abs diff {err:.3g} vs max |logit| {scale:.3g}"
+    assert torch.equal(tokens, ref_tokens), f"{name} {mesh}: greedy tokens differ from HF"
+
+
+@pytest.mark.parametrize("name", MOE)
+@pytest.mark.parametrize("mesh", EXPORTS, ids=lambda m: f"{m[0]}-{m[1]}".replace(" ", ","))
+def test_export_writes_the_checkpoint_back_bit_for_bit(mesh, name, runs, moe_checkpoints, exported):
+    """Each expert written once, by the rank that holds it, under its own per-expert name."""
+    runs.result(("export", mesh))
+    assert_same_checkpoint(moe_checkpoints[name], exported / str(EXPORTS.index(mesh)) / name)
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_the_spec_lists_what_hf_wrote(moe_checkpoints, name):
+    """The tensors the table derives (per-expert names, the dense layer, the shared expert) are the checkpoint's."""
+    path = moe_checkpoints[name]
+    written = {}
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            keys = f.keys()  # noqa: SIM118 - safe_open is not a mapping
+            written |= {key: tuple(f.get_slice(key).get_shape()) for key in keys}
+    spec = load_spec(path)
+    assert {key: info.shape for key, info in spec.tensors().items()} == written
+
+
+@pytest.mark.parametrize("ep,shares", [(2, [3, 3]), (3, [2, 2, 2]), (4, [2, 2, 1, 1])])
+def test_each_rank_holds_only_its_experts(moe_checkpoints, ep, shares):
+    """A rank's boxes name its own experts' tensors and no other's: that is all it reads. Together the ranks hold
+    every expert once; the router and attention are whole on each."""
+    spec = load_spec(moe_checkpoints["qwen2_moe-untied"])
+    held = []
+    for rank in range(ep):
+        plan = plan_rank(spec, Layout(ep=ep), rank)
+        sources = {box.source for t in plan.tensors.values() for box in t.boxes}
+        experts = {int(s.split(".experts.")[1].split(".")[0]) for s in sources if ".experts." in s}
+        assert len(experts) == shares[rank] and experts == set(range(*plan.experts)), (rank, experts)
+        assert all(s in sources for s in spec.tensors() if ".experts." not in s), f"rank {rank} lacks a shared tensor"
+        held += sorted(experts)
+    assert held == list(range(EXPERTS))
+
+
+def test_ep_is_refused_where_it_cannot_run(moe_checkpoints, checkpoints):
+    with pytest.raises(LayoutError, match="ep=7 exceeds the 6 routed experts"):
+        plan_rank(load_spec(moe_checkpoints["mixtral-tied"]), Layout(ep=7), 0)
+    with pytest.raises(LayoutError, match="ep=2 needs a mixture of experts; llama has none"):
+        plan_rank(load_spec(checkpoints["llama-tied"]), Layout(ep=2), 0)
