@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import PROMPT
 
 from shardwise import Layout, load_model
-from shardwise.train.grads import TpGradReducer
+from shardwise.train.grads import PartialGradReducer
 
 
 def loss_of(logits: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ def tp_gradients(path: str, tp: int, reduce: bool = True,
         loss_of(model.forward(PROMPT)).backward()
         grads = {name: t.grad for name, t in tensors.items()}
         if reduce:
-            reducer = TpGradReducer(model.plan)
+            reducer = PartialGradReducer(model.plan)
             reducer.reduce(grads)
             reducer.close()
         out = {}

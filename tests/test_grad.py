@@ -4,7 +4,7 @@ The model runs under grad mode with its resident weights requiring a gradient, a
 loss is HF's next-token cross-entropy on the same ids. TP-sharded tensors and replicated
 ones fed identical inputs (norms, biases of row-parallel layers) come out exact with no
 reduction, because the TP collectives carry their backward; the regions the plan finds
-partial (q/k norms, KV heads replicated over TP ranks) match once ``TpGradReducer`` has
+partial (q/k norms, KV heads replicated over TP ranks) match once ``PartialGradReducer`` has
 summed them, and do not before.
 """
 

@@ -41,27 +41,44 @@ def hf_run(path: str, clip: float | None) -> Expected:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), **HYPER)
+    balance = getattr(model.config, "output_router_logits", False)  # a mixture of experts' balancing loss
     losses, norms = [], []
     for step in range(STEPS):
         ids = batch(step)
-        logits = model(ids).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        out = model(ids, output_router_logits=True) if balance else model(ids)
+        loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        if balance:
+            loss = loss + model.config.router_aux_loss_coef * out.aux_loss
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))))
         opt.step()
         opt.zero_grad()
         losses.append(float(loss.detach()))
     weights = {name: p.detach() for name, p in model.named_parameters()}
+    if hasattr(model.config, "num_experts_per_tok"):  # experts fused in memory: their checkpoint names, as saved
+        weights = _as_saved(model)
     if model.config.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     return losses, norms, weights
 
 
+def _as_saved(model) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names transformers writes (per expert), by writing them."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return {k: v for f in Path(tmp).glob("*.safetensors") for k, v in load_file(f).items()}
+
+
 def train_all(paths: list[str], tp: int, dp: int, provider: str = "resident", clip: float | None = None,
-              micro: int = 1, expected: list[Expected] | None = None, tp_plan: dict | None = None
+              micro: int = 1, expected: list[Expected] | None = None, tp_plan: dict | None = None, ep: int = 1
               ) -> list[dict[str, object]]:
     """``train`` for each checkpoint in one launch (spawning ranks is the slow part)."""
-    return [train(path, tp, dp, provider, clip, micro, expected and expected[i], tp_plan)
+    return [train(path, tp, dp, provider, clip, micro, expected and expected[i], tp_plan, ep)
             for i, path in enumerate(paths)]
 
 
@@ -73,12 +90,13 @@ def train_under_plans(paths: list[str], tp: int, dp: int, provider: str, plans: 
 
 
 def train(path: str, tp: int, dp: int, provider: str = "resident", clip: float | None = None,
-          micro: int = 1, expected: Expected | None = None, tp_plan: dict | None = None) -> dict[str, object]:
+          micro: int = 1, expected: Expected | None = None, tp_plan: dict | None = None, ep: int = 1
+          ) -> dict[str, object]:
     """Every step's loss and gradient-norm relative error against HF (``expected``, from ``hf_run(path, clip)``,
     computed here if not given), and each rank's largest weight error relative to max |w|; each DP rank's sequences
     are cut into ``micro`` micro-batches (gradient accumulation)."""
     expected_losses, expected_norms, expected = expected or hf_run(path, clip)
-    with load_model(path, Layout(tp=tp, dp=dp), dtype=torch.float32, progress=False, provider=provider,
+    with load_model(path, Layout(tp=tp, dp=dp, ep=ep), dtype=torch.float32, progress=False, provider=provider,
                     tp_plan=tp_plan) as model:
         trainer = Trainer(model, AdamW(model.provider, **HYPER), max_grad_norm=clip)
         lo, hi = split_evenly(BATCH, dp)[model.plan.dp_rank]

@@ -290,7 +290,7 @@ class Model(nn.Module):
         Under grad mode, with weights that require a gradient, the TP collectives are autograd's (see
         ``layers``), so ``backward`` gives each rank the gradient of its local tensors, except the
         regions ``grads.tp_partials`` names (used per head by several TP ranks), which
-        ``grads.TpGradReducer`` sums. Pipeline stages do not pass gradients yet. With ``local_vocab``
+        ``grads.PartialGradReducer`` sums. Pipeline stages do not pass gradients yet. With ``local_vocab``
         (pp=1) each TP rank returns only its vocab slice of the logits, ``plan.vocab``, as the
         vocab-parallel loss takes them.
         """

@@ -29,11 +29,15 @@ class MoE:
         self.top_k, self.norm_topk, self.fp32_weights = spec.top_k, spec.norm_topk, routing.weights_in_fp32
         self.experts = range(*plan.experts)
         self.shared = spec.shared_expert
+        self.remember = False  # keep the last call's routing (training's balancing loss reads it)
+        self.routed: tuple[torch.Tensor, torch.Tensor] | None = None  # (probabilities, chosen experts)
 
     def route(self, x: torch.Tensor, router: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's top-k experts and their weights, (tokens, k) each."""
         probs = F.softmax(F.linear(x, router), dim=-1, dtype=torch.float)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.remember:
+            self.routed = probs, chosen
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return (weights if self.fp32_weights else weights.to(x.dtype)), chosen

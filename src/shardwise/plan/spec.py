@@ -120,6 +120,7 @@ class ModelSpec:
     shared_ffn: int = 0  # the shared expert's intermediate size (0: none)
     norm_topk: bool = False  # the top-k routing weights are renormalized to sum to one
     sparse_layers: tuple[bool, ...] = ()  # which layers route to experts
+    aux_loss_coef: float = 0.0  # the balancing loss's weight in training (0: HF adds none, output_router_logits off)
     tp_plan: TpPlan | None = None  # config.json's base_model_tp_plan, which replaces the built-in plan
     table: Arch | None = None  # the architecture's table (every tensor kind, its parts, its split); None: ARCHS'
     config: dict = field(default_factory=dict, compare=False, repr=False)
@@ -405,8 +406,10 @@ def _routing(cfg: dict, arch: Arch, layers: int) -> dict:
             raise SpecError(f"field 'mlp_only_layers' is {shown(dense)}, expected a list of layer numbers")
         sparse = tuple(n not in dense and (n + 1) % step == 0 for n in range(layers))
     norm = routing.norm_topk if isinstance(routing.norm_topk, bool) else _flag(cfg, routing.norm_topk)
+    aux = _number(cfg, "router_aux_loss_coef", 0.001) if _flag(cfg, "output_router_logits") else 0.0
     return dict(experts=experts, top_k=top_k, moe_ffn=_size(cfg, routing.expert_ffn), norm_topk=norm,
-                shared_ffn=_size(cfg, routing.shared_ffn) if routing.shared_ffn else 0, sparse_layers=sparse)
+                shared_ffn=_size(cfg, routing.shared_ffn) if routing.shared_ffn else 0, sparse_layers=sparse,
+                aux_loss_coef=aux)
 
 
 def naming_dtype(config: dict, dtypes: Iterable[torch.dtype]) -> dict:

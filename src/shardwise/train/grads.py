@@ -1,4 +1,4 @@
-"""How each local gradient must be reduced, over tensor and data parallelism, derived from the plan.
+"""How each local gradient must be reduced, over tensor, expert and data parallelism, derived from the plan.
 
 With the TP collectives carrying their backward (``collectives``, ``layers``), most local
 gradients come out complete: a TP-sharded tensor's gradient is its own, and a tensor
@@ -11,8 +11,14 @@ a region covers only its heads, and the true gradient is their sum.
 
 Which regions those are is not listed by hand per tensor: a tensor used per head
 (``per_head`` in its architecture's table) has a partial region exactly where the plans of the TP group hold the
-same box. ``tp_partials`` finds them, and ``TpGradReducer`` sums each over the ranks
+same box. ``tp_partials`` finds them, and ``PartialGradReducer`` sums each over the ranks
 that share it (one process group per distinct set of ranks, created collectively).
+
+Under expert parallelism the router is partial the same way: its output weighs only each
+EP rank's own experts (``weighs_experts`` in the table), so each rank's gradient is its
+experts' share and the true one the sum over the EP group (``ep_partials``). Everything
+else an EP group holds alike gets the whole gradient on each rank: the routed tokens'
+gradient is summed over the group on its way back (``collectives.copy_to``).
 """
 
 from __future__ import annotations
@@ -53,16 +59,33 @@ def tp_partials(plan: RankPlan) -> tuple[Partial, ...]:
     return tuple(out)
 
 
+def ep_partials(plan: RankPlan) -> tuple[Partial, ...]:
+    """This rank's tensors whose output weighs only its own routed experts, partial over its EP group."""
+    layout = plan.layout
+    if layout.ep == 1:
+        return ()
+    stage, d, _, t = layout.position(plan.rank)
+    group = tuple(layout.rank_of(stage, d, t, e) for e in range(layout.ep))
+    arch = plan.spec.table
+    return tuple(Partial(name, (slice(None),) * len(tensor.shape), group) for name, tensor in plan.work.items()
+                 if arch.kind(name.kind).weighs_experts)
+
+
+def partials(plan: RankPlan) -> tuple[Partial, ...]:
+    """Every region of this rank's work tensors whose gradient is partial, over TP or over EP."""
+    return tp_partials(plan) + ep_partials(plan)
+
+
 def _every_group(plan: RankPlan) -> list[tuple[int, ...]]:
     """Every distinct set of ranks any rank of the layout sums a partial gradient over, in one order for all."""
-    return sorted({p.ranks for rank in range(plan.layout.world_size) for p in tp_partials(plan.peer(rank))})
+    return sorted({p.ranks for rank in range(plan.layout.world_size) for p in partials(plan.peer(rank))})
 
 
-class TpGradReducer:
-    """Sums the partial TP gradients of one rank's work tensors; construction is collective over the world."""
+class PartialGradReducer:
+    """Sums the partial TP and EP gradients of one rank's work tensors; construction is collective over the world."""
 
     def __init__(self, plan: RankPlan):
-        self.partials = tp_partials(plan)
+        self.partials = partials(plan)
         self.groups: dict[tuple[int, ...], dist.ProcessGroup] = {}  # the ones this rank is in
         self.created: list[dist.ProcessGroup] = []
         if dist.is_initialized():

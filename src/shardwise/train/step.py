@@ -19,8 +19,8 @@ The step walks the provider's blocks, as the forward does, and then walks them b
 With offload the gradient sums, like the masters and AdamW's moments, live in host memory
 (``Provider.state_device``), so the device holds only what the block at hand needs.
 
-Within TP the collectives carry their backward and ``TpGradReducer`` sums the regions the
-plan finds partial. The global gradient norm counts each element once, on the rank that
+Within TP and EP the collectives carry their backward and ``PartialGradReducer`` sums the
+regions the plan finds partial. The global gradient norm counts each element once, on the rank that
 owns it (``RankPlan.owned``), and clipping scales by ``max_grad_norm / norm`` as torch's
 ``clip_grad_norm_`` does.
 """
@@ -40,7 +40,8 @@ from ..plan.rank import RankPlan
 from ..providers.base import short_names
 from ..providers.weights import allocate
 from ..providers.zero3 import memory_plan
-from .grads import DpGradReducer, TpGradReducer
+from .balance import Balance
+from .grads import DpGradReducer, PartialGradReducer
 from .loss import vocab_parallel_cross_entropy
 from .optim import MOMENTS, AdamW
 
@@ -100,9 +101,11 @@ class Trainer:
                 if t.grad is None:
                     t.requires_grad_()
                     t.grad = self.grads[name]
-        self.tp = TpGradReducer(plan)
+        self.partial = PartialGradReducer(plan)
         self.dp = DpGradReducer(plan, model.comm, self.flats, model.device)
         self.owned = [(self.grads[name], box.local_index()) for name, box in plan.owned()]
+        coef = plan.spec.aux_loss_coef
+        self.balance = Balance(model, coef) if coef else None
 
     def step(self, batches: list[torch.Tensor], global_tokens: int) -> StepResult:
         """Train on this DP rank's micro-batches (each (batch, seq) ids), then update once.
@@ -112,7 +115,8 @@ class Trainer:
         """
         if not batches:
             raise ValueError(f"rank {self.model.plan.rank}: a step needs at least one micro-batch")
-        loss = sum(self._micro_batch(ids, global_tokens, i == len(batches) - 1) for i, ids in enumerate(batches))
+        loss = sum(self._micro_batch(ids, global_tokens, i == len(batches) - 1, len(batches))
+                   for i, ids in enumerate(batches))
         self.dp.wait()
         loss = loss.reshape(1)
         if self.model.comm.layout.dp > 1:
@@ -130,8 +134,9 @@ class Trainer:
                 "moments": optimizer["moments"], "work": held["work"],
                 "staging": held["staging"] + self.dp.nbytes() + optimizer["staging"]}
 
-    def _micro_batch(self, ids: torch.Tensor, global_tokens: int, last: bool) -> torch.Tensor:
-        """Forward and backward of one micro-batch; its share of the global mean loss (detached)."""
+    def _micro_batch(self, ids: torch.Tensor, global_tokens: int, last: bool, micro_batches: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch; its share of the global mean loss (detached), a mixture of
+        experts' balancing loss included (see ``balance``)."""
         model, provider, keep = self.model, self.model.provider, not self.recompute
         ids = ids.to(model.device)
         p = Pass(ids, *model.rope(torch.arange(ids.shape[1], device=model.device)))
@@ -156,6 +161,7 @@ class Trainer:
                 saved.append((block, x, h if keep else None))
         if not keep:
             saved.append((blocks[-1], h.detach(), None))
+        balance = None if self.balance is None else self.balance.count(micro_batches)
 
         grad, loss = None, None
         with provider.stream([block for block, _, _ in reversed(saved)]) as weights:
@@ -168,13 +174,15 @@ class Trainer:
                     loss = out.detach()
                     out.backward()
                 else:
-                    out.backward(grad)
+                    term = None if balance is None or block.layer is None else self.balance.term(block.layer)
+                    torch.autograd.backward([out] if term is None else [out, term],
+                                            [grad] if term is None else [grad, None])
                 grad = None if x is None else x.grad
                 self._reduce(block, w, last)
-        return loss
+        return loss if balance is None else loss + balance
 
     def _reduce(self, block: str, w: dict[str, torch.Tensor], last: bool) -> None:
-        """Sum a block's gradients as the plan says: TP partial regions, then over DP.
+        """Sum a block's gradients as the plan says: TP and EP partial regions, then over DP.
 
         Resident gradients accumulate in place over micro-batches and are reduced once, after
         the last; ZeRO-3 gradients are fresh per micro-batch and go home to the masters each time.
@@ -182,10 +190,10 @@ class Trainer:
         plan = self.model.plan
         if self.recompute:
             grads = {name: w[short].grad for name, short in short_names(plan, block).items()}
-            self.tp.reduce(grads)
+            self.partial.reduce(grads)
             self.dp.scatter(grads)
         elif last:
-            self.tp.reduce({name: self.grads[name] for name in plan.blocks[block] if name not in plan.alias})
+            self.partial.reduce({name: self.grads[name] for name in plan.blocks[block] if name not in plan.alias})
             self.dp.all_reduce(block)
 
     def _clip(self) -> float:
@@ -205,4 +213,4 @@ class Trainer:
         return norm
 
     def close(self) -> None:
-        self.tp.close()
+        self.partial.close()
