@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PROMPT, STEPS, VOCAB, hf_reference, randomize_norms_and_biases
-from moe_workers import export_under, moe_outputs
+from moe_workers import export_under, moe_outputs, train_in_two_runs
 from safetensors import safe_open
 from shared_launch import SharedLaunches
 from test_export import assert_same_checkpoint
+from train_workers import STEPS as STEPS_TRAINED
 from train_workers import hf_run, train_all
 
 from shardwise import Layout, LayoutError, load_spec, plan_rank
@@ -43,6 +44,7 @@ MESHES = [  # (layout, provider): EP alone (even, uneven), with TP, with PP, and
 BALANCED = [f"{family}-balanced" for family in FAMILIES]
 """Untied, with HF's balancing loss in training (``output_router_logits``), weighted 0.05 so that it counts."""
 TRAINED = [f"{family}-untied" for family in FAMILIES] + BALANCED
+RESUMED = "qwen2_moe-balanced"  # trained 4 steps at EP 2, saved, resumed at EP 3 for 4 more
 TRAIN_MESHES = [(1, 1, 1, "resident"), (1, 1, 2, "resident"), (1, 2, 2, "resident"), (1, 2, 2, "zero3"),
                 (2, 1, 2, "resident")]  # (tp, dp, ep, provider)
 
@@ -101,7 +103,10 @@ def runs(moe_checkpoints, exported) -> SharedLaunches:
     for i, mesh in enumerate(EXPORTS):
         outs = {name: str(exported / str(i) / name) for name in paths}
         jobs["export", mesh] = (mesh[0].world_size, export_under, (*mesh, paths, outs))
-    return SharedLaunches(jobs, timeout=600)
+    resumed, save = TRAINED.index(RESUMED), str(exported / "resume")
+    jobs["resume", 2] = (2, train_in_two_runs, (trained[resumed], save, 2, expected[resumed], 0))
+    jobs["resume", 3] = (3, train_in_two_runs, (trained[resumed], save, 3, expected[resumed], STEPS_TRAINED // 2))
+    return SharedLaunches(jobs, timeout=600, needs={3: (2,)})
 
 
 @pytest.mark.parametrize("name", MOE)
@@ -135,6 +140,17 @@ def test_training_matches_hf(mesh, runs):
             assert out["loss"] <= 1e-5, f"{what}: losses {out['losses']} vs {out['expected']}"
             assert out["norm"] <= 1e-5, f"{what}: gradient norms off by {out['norm']} relative"
             assert out["weights"] <= tolerance, f"{what}: weight error {out['weights']}"
+
+
+def test_training_resumes_under_another_ep_degree(runs, moe_checkpoints):
+    """Saved at EP 2 after 4 steps (masters and AdamW's moments, each expert by its holder), resumed at EP 3 (other
+    ranks hold other experts): the 8 losses and the final weights are HF's uninterrupted run's."""
+    expected_losses, _, _ = hf_run(str(moe_checkpoints[RESUMED]), None)
+    first, then = runs.result(("resume", 2))[0], runs.result(("resume", 3))[0]
+    losses = first["losses"] + then["losses"]
+    assert len(losses) == STEPS_TRAINED
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, expected_losses)) <= 1e-5, (losses, expected_losses)
+    assert then["weights"] <= 4e-4, then["weights"]
 
 
 @pytest.mark.parametrize("name", MOE)

@@ -172,7 +172,7 @@ class ShardedCheckpoint:
     def _layout(self, raw: object) -> Layout:
         layout = _field(raw, "layout", dict, self.path)
         tp, pp = (_field(layout.get(k), f"layout.{k}", int, self.path) for k in ("tp", "pp"))
-        dp = _field(layout.get("dp", 1), "layout.dp", int, self.path)
+        dp, ep = (_field(layout.get(k, 1), f"layout.{k}", int, self.path) for k in ("dp", "ep"))
         self.provider = _field(layout.get("provider", "resident"), "layout.provider", str, self.path)
         if self.provider not in PROVIDERS:
             raise CheckpointError(f"{self.path}: field 'layout.provider' is {shown(self.provider)}, expected one of "
@@ -183,7 +183,7 @@ class ShardedCheckpoint:
         except SeriesError as e:
             raise CheckpointError(f"{self.path}: field 'layout.series': {e}") from None
         try:
-            return Layout(tp, pp, dp)
+            return Layout(tp, pp, dp, ep=ep)
         except LayoutError as e:
             raise CheckpointError(f"{self.path}: field 'layout': {e}") from None
 
@@ -336,7 +336,8 @@ def manifest(weights: Weights, state: State | None = None) -> dict:
                 for ns in namespaces[1:] for name, info in spec.tensors().items()}
     return {
         "format": FORMAT,
-        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "provider": weights.plan.provider,
+        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep,
+                   "provider": weights.plan.provider,
                    "series": [str(s) for s in weights.plan.declared]},
         "tensors": tensors,
         "files": files,
