@@ -124,6 +124,51 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {name: write_checkpoint(name, root) for name in CHECKPOINTS}
 
 
+# Mixtures of experts: 6 experts, so that EP 4 shares them out unevenly (2, 2, 1, 1); Qwen2-MoE with its shared
+# expert, Qwen3-MoE with a dense layer among the sparse ones and renormalized top-3 weights, Mixtral with top-2.
+FAMILIES = {
+    "mixtral": ("MixtralConfig", dict(num_local_experts=6, num_experts_per_tok=2, hidden_size=64,
+                                      num_attention_heads=8, num_key_value_heads=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+                                         shared_expert_intermediate_size=40, hidden_size=72, num_attention_heads=9,
+                                         num_key_value_heads=3, norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=24,
+                                         mlp_only_layers=[1], norm_topk_prob=True, hidden_size=48,
+                                         num_attention_heads=8, num_key_value_heads=4, head_dim=16)),
+}
+MOE = [f"{family}-{tie}" for family in FAMILIES for tie in ("tied", "untied")]
+BALANCED = [f"{family}-balanced" for family in FAMILIES]
+"""Untied, with HF's balancing loss in training (``output_router_logits``), weighted 0.05 so that it counts."""
+
+
+def write_moe_checkpoint(name: str, directory: Path) -> Path:
+    """A random mixture of experts saved by HF: tied ones in bf16, untied (and balanced) in fp32 over several
+    files."""
+    import transformers
+
+    family, tie = name.split("-")
+    cls, sizes = FAMILIES[family]
+    balanced = dict(output_router_logits=True, router_aux_loss_coef=0.05) if tie == "balanced" else {}
+    config = getattr(transformers, cls)(vocab_size=VOCAB, intermediate_size=100, num_hidden_layers=3,
+                                       max_position_embeddings=64, tie_word_embeddings=tie == "tied",
+                                       initializer_range=0.1, **sizes, **balanced)
+    torch.manual_seed(zlib.crc32(name.encode()) % 1000)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    randomize_norms_and_biases(model)
+    path = directory / name
+    if tie == "tied":
+        model.to(torch.bfloat16).save_pretrained(path)
+    else:
+        model.save_pretrained(path, max_shard_size="40KB")
+    return path
+
+
+@pytest.fixture(scope="session")
+def moe_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("moe")
+    return {name: write_moe_checkpoint(name, root) for name in MOE + BALANCED}
+
+
 @pytest.fixture(scope="session")
 def references(checkpoints) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {name: hf_reference(path, PROMPT, STEPS) for name, path in checkpoints.items()}

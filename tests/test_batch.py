@@ -7,16 +7,19 @@ import torch
 from conftest import VOCAB
 from workers import batched_generate
 
-from shardwise import launch
+from shardwise import Layout, launch
 from shardwise.model.forward import left_pad
 
 LENGTHS = (3, 9, 17, 30)  # 30 crosses mistral's sliding window of 7 in prompt and generation alike
 PROMPTS = [torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in LENGTHS]
-NAMES = ("llama-untied", "mistral-tied")
-LAYOUTS = [(2, 1), (2, 2)]
+DENSE = ("llama-untied", "mistral-tied")
+SPARSE = ("qwen2_moe-untied", "mixtral-tied")  # mixtures of experts, under expert parallelism
+CASES = [(layout, name) for layout in (Layout(tp=2), Layout(tp=2, pp=2)) for name in DENSE] + [
+    (layout, name) for layout in (Layout(ep=2), Layout(tp=2, ep=2)) for name in SPARSE]
+CASE_IDS = [f"{layout}-{name}".replace(" ", ",") for layout, name in CASES]
 STEPS = 16
 PAD = 0
-_runs: dict[tuple[int, int], dict] = {}
+_runs: dict[Layout, dict] = {}
 
 
 def hf_model(path):
@@ -34,13 +37,18 @@ def eos_for(model) -> int:
 
 
 @pytest.fixture(scope="module")
-def references(checkpoints) -> dict[str, dict]:
+def paths(checkpoints, moe_checkpoints) -> dict[str, str]:
+    return {name: str(checkpoints[name] if name in DENSE else moe_checkpoints[name]) for name in DENSE + SPARSE}
+
+
+@pytest.fixture(scope="module")
+def references(paths) -> dict[str, dict]:
     """HF's masked logits (positions as its generate derives them) and batched greedy output, with an EOS id."""
     ids, mask = left_pad(PROMPTS, PAD)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     out = {}
-    for name in NAMES:
-        model = hf_model(checkpoints[name])
+    for name in paths:
+        model = hf_model(paths[name])
         eos = eos_for(model)
         with torch.no_grad():
             logits = model(ids, attention_mask=mask, position_ids=positions).logits
@@ -50,48 +58,46 @@ def references(checkpoints) -> dict[str, dict]:
     return out
 
 
-def run_layout(tp: int, pp: int, checkpoints, references) -> dict:
-    """One launch per layout serves both checkpoints: spawning ranks is the slow part."""
-    if (tp, pp) not in _runs:
-        paths = {name: str(checkpoints[name]) for name in NAMES}
-        eos = {name: references[name]["eos"] for name in NAMES}
-        _runs[tp, pp] = launch(batched_generate, tp * pp, tp, pp, paths, PROMPTS, STEPS, eos, PAD, timeout=300)
-    return _runs[tp, pp]
+def run_layout(layout: Layout, paths, references) -> dict:
+    """One launch per layout serves its checkpoints: spawning ranks is the slow part."""
+    if layout not in _runs:
+        names = [name for case, name in CASES if case == layout]
+        eos = {name: references[name]["eos"] for name in names}
+        _runs[layout] = launch(batched_generate, layout.world_size, layout, {name: paths[name] for name in names},
+                               PROMPTS, STEPS, eos, PAD, timeout=300)
+    return _runs[layout]
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("tp,pp", LAYOUTS)
-def test_masked_logits_match_hf_on_real_tokens(tp, pp, name, checkpoints, references):
+@pytest.mark.parametrize("layout,name", CASES, ids=CASE_IDS)
+def test_masked_logits_match_hf_on_real_tokens(layout, name, paths, references):
     ref = references[name]["logits"]
-    logits = run_layout(tp, pp, checkpoints, references)[name]["logits"]
+    logits = run_layout(layout, paths, references)[name]["logits"]
     real = left_pad(PROMPTS, PAD)[1].bool()
     assert logits.shape == ref.shape
     err = (logits[real] - ref[real]).abs().max().item()
     scale = ref[real].abs().max().item()
-    assert err <= 1e-4 * scale, f"{name} tp={tp} pp={pp}: max abs diff {err:.3g} vs max |logit| {scale:.3g}"
+    assert err <= 1e-4 * scale, f"{name} {layout}: max abs diff {err:.3g} vs max |logit| {scale:.3g}"
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("tp,pp", LAYOUTS)
-def test_batched_generation_matches_hf(tp, pp, name, checkpoints, references):
+@pytest.mark.parametrize("layout,name", CASES, ids=CASE_IDS)
+def test_batched_generation_matches_hf(layout, name, paths, references):
     """A list of prompts and the same batch as padded tensor plus mask both give HF's padded output."""
     ref = references[name]["tokens"]
-    out = run_layout(tp, pp, checkpoints, references)[name]
-    assert torch.equal(out["batched"], ref), f"{name} tp={tp} pp={pp}: batched greedy tokens differ from HF"
+    out = run_layout(layout, paths, references)[name]
+    assert torch.equal(out["batched"], ref), f"{name} {layout}: batched greedy tokens differ from HF"
     assert torch.equal(out["from_tensor"], ref)
     assert (ref[0, -1] == PAD) and (ref[1:, -1] != PAD).any(), "the test wants one row to finish early"
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("tp,pp", LAYOUTS)
-def test_each_row_equals_its_prompt_alone(tp, pp, name, checkpoints, references):
+@pytest.mark.parametrize("layout,name", CASES, ids=CASE_IDS)
+def test_each_row_equals_its_prompt_alone(layout, name, paths, references):
     """Padding changes nothing about a row: it continues as alone, then (after its EOS) with the pad id."""
-    out = run_layout(tp, pp, checkpoints, references)[name]
+    out = run_layout(layout, paths, references)[name]
     longest = max(LENGTHS)
     for row, alone, n in zip(out["batched"], out["alone"], LENGTHS, strict=True):
         assert (row[: longest - n] == PAD).all()
         mine = row[longest - n :]
-        assert torch.equal(mine[: len(alone)], alone), f"{name} tp={tp} pp={pp}: prompt of {n} tokens differs"
+        assert torch.equal(mine[: len(alone)], alone), f"{name} {layout}: prompt of {n} tokens differs"
         assert (mine[len(alone) :] == PAD).all()
 
 

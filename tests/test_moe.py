@@ -8,12 +8,12 @@ renormalized top-3 weights, Mixtral with top-2 and its own tensor names.
 
 from __future__ import annotations
 
-import zlib
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPT, STEPS, VOCAB, hf_reference, randomize_norms_and_biases
+from conftest import BALANCED, FAMILIES, MOE, PROMPT, STEPS, hf_reference
 from moe_workers import export_under, moe_outputs, train_in_two_runs
 from safetensors import safe_open
 from shared_launch import SharedLaunches
@@ -23,17 +23,6 @@ from train_workers import hf_run, train_all
 
 from shardwise import Layout, LayoutError, load_spec, plan_rank
 
-FAMILIES = {
-    "mixtral": ("MixtralConfig", dict(num_local_experts=6, num_experts_per_tok=2, hidden_size=64,
-                                      num_attention_heads=8, num_key_value_heads=2)),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
-                                         shared_expert_intermediate_size=40, hidden_size=72, num_attention_heads=9,
-                                         num_key_value_heads=3, norm_topk_prob=False)),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=24,
-                                         mlp_only_layers=[1], norm_topk_prob=True, hidden_size=48,
-                                         num_attention_heads=8, num_key_value_heads=4, head_dim=16)),
-}
-MOE = [f"{family}-{tie}" for family in FAMILIES for tie in ("tied", "untied")]
 EXPERTS = 6
 MESHES = [  # (layout, provider): EP alone (even, uneven), with TP, with PP, and ZeRO-3 over DP within each expert
     (Layout(), "resident"), (Layout(ep=2), "resident"), (Layout(ep=3), "resident"), (Layout(ep=4), "resident"),
@@ -41,40 +30,10 @@ MESHES = [  # (layout, provider): EP alone (even, uneven), with TP, with PP, and
     (Layout(tp=3), "resident")]
 
 
-BALANCED = [f"{family}-balanced" for family in FAMILIES]
-"""Untied, with HF's balancing loss in training (``output_router_logits``), weighted 0.05 so that it counts."""
 TRAINED = [f"{family}-untied" for family in FAMILIES] + BALANCED
 RESUMED = "qwen2_moe-balanced"  # trained 4 steps at EP 2, saved, resumed at EP 3 for 4 more
 TRAIN_MESHES = [(1, 1, 1, "resident"), (1, 1, 2, "resident"), (1, 2, 2, "resident"), (1, 2, 2, "zero3"),
                 (2, 1, 2, "resident")]  # (tp, dp, ep, provider)
-
-
-def write_moe_checkpoint(name: str, directory: Path) -> Path:
-    """A random mixture of experts saved by HF: tied ones in bf16, untied (and balanced) in fp32 over several
-    files."""
-    import transformers
-
-    family, tie = name.split("-")
-    cls, sizes = FAMILIES[family]
-    balanced = dict(output_router_logits=True, router_aux_loss_coef=0.05) if tie == "balanced" else {}
-    config = getattr(transformers, cls)(vocab_size=VOCAB, intermediate_size=100, num_hidden_layers=3,
-                                       max_position_embeddings=64, tie_word_embeddings=tie == "tied",
-                                       initializer_range=0.1, **sizes, **balanced)
-    torch.manual_seed(zlib.crc32(name.encode()) % 1000)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    randomize_norms_and_biases(model)
-    path = directory / name
-    if tie == "tied":
-        model.to(torch.bfloat16).save_pretrained(path)
-    else:
-        model.save_pretrained(path, max_shard_size="40KB")
-    return path
-
-
-@pytest.fixture(scope="module")
-def moe_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("moe")
-    return {name: write_moe_checkpoint(name, root) for name in MOE + BALANCED}
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +139,20 @@ def test_each_rank_holds_only_its_experts(moe_checkpoints, ep, shares):
         assert all(s in sources for s in spec.tensors() if ".experts." not in s), f"rank {rank} lacks a shared tensor"
         held += sorted(experts)
     assert held == list(range(EXPERTS))
+
+
+def test_plan_shows_each_ranks_experts_and_their_bytes(moe_checkpoints, capsys):
+    from shardwise.cli import main
+
+    main(["plan", str(moe_checkpoints["qwen2_moe-untied"]), "--ep", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    columns = lines[1].split("q/kv heads")[1].split()
+    assert columns[:2] == ["ep", "experts"], lines[1]
+    megabytes = columns[2:].index("experts")  # the column of the experts' bytes
+    rows = [line.split() for line in lines[2:6]]
+    assert [(row[6], row[7]) for row in rows] == [("0", "0-1"), ("1", "2-3"), ("2", "4"), ("3", "5")]
+    held = [float(re.findall(r"([\d.]+) MB", line)[megabytes]) for line in lines[2:6]]
+    assert held[0] == held[1] == 2 * held[2] == 2 * held[3] > 0, lines
 
 
 def test_ep_is_refused_where_it_cannot_run(moe_checkpoints, checkpoints):

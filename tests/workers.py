@@ -192,7 +192,7 @@ def logits_despite_shm_trouble(path: str, ids: torch.Tensor, trouble: str, other
     return every
 
 
-def batched_generate(tp: int, pp: int, checkpoints: dict[str, str], prompts: list[list[int]], steps: int,
+def batched_generate(layout: Layout, checkpoints: dict[str, str], prompts: list[list[int]], steps: int,
                      eos: dict[str, int], pad: int) -> dict:
     """Per checkpoint: masked logits of the left-padded batch, its greedy generation from the list of prompts
     and from the padded tensor plus mask, and each prompt generated alone."""
@@ -201,7 +201,7 @@ def batched_generate(tp: int, pp: int, checkpoints: dict[str, str], prompts: lis
     ids, mask = left_pad(prompts, pad)
     out = {}
     for name, path in checkpoints.items():
-        with load_model(path, Layout(tp, pp), progress=False) as model:
+        with load_model(path, layout, progress=False) as model:
             settings = dict(eos_token_id=eos[name], pad_token_id=pad)
             out[name] = dict(
                 logits=model(ids, attention_mask=mask),

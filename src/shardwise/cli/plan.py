@@ -34,7 +34,7 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
                          f"float32 masters, not --provider {provide.provider} --pp {layout.pp} --dtype "
                          f"{str(dtype).removeprefix('torch.')}")
     zero3, series = provide.provider == "zero3", provide.provider == "series"
-    columns = ["embedding", "attention", "mlp", "norms", "lm_head"]
+    columns = ["embedding", "attention", "mlp", *(["experts"] if spec.experts else []), "norms", "lm_head"]
     columns += ["gradients", "moments", "work", "staging"] if train else ["work", "staging"] if zero3 else \
         ["windows"] if series else []
     how = provide.provider
@@ -46,6 +46,7 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
              f"{plural(spec.kv_heads, 'KV head')}, vocab {spec.vocab}, {layout}, {str(dtype).removeprefix('torch.')}, "
              f"{how}{'' if layout.tp_plan is None else ', ' + layout.tp_plan.origin}",
              f"{'rank':>4} {'stage':>5} {'dp':>3} {'tp':>3} {'layers':>9} {'q/kv heads':>10} "
+             + (f"{'ep':>3} {'experts':>8} " if spec.experts else "")
              + " ".join(f"{c:>11}" for c in columns) + f" {'total':>11}"]
     saved: dict[str, list[str]] = defaultdict(list)  # series -> one line per rank
     for rank in range(layout.world_size):
@@ -73,8 +74,11 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
                                f"{_mb(m['windows'])}, saves {_mb(m['unsharded'] - m['held'] - m['windows'])}")
         layers = f"{plan.layers.start}-{plan.layers.stop - 1}"
         heads = f"{plan.heads.n_q}/{plan.heads.n_kv}"
+        lo, hi = plan.experts
+        held = f"{lo}-{hi - 1}" if hi - lo > 1 else str(lo)
+        experts = f"{layout.ep_rank(rank):>3} {held:>8} " if spec.experts else ""
         lines.append(f"{rank:>4} {plan.stage:>5} {plan.dp_rank:>3} {plan.tp_rank:>3} {layers:>9} {heads:>10} "
-                     + " ".join(f"{_mb(kinds[c]):>11}" for c in columns) + f" {_mb(total):>11}")
+                     + experts + " ".join(f"{_mb(kinds[c]):>11}" for c in columns) + f" {_mb(total):>11}")
     if train:
         lines.append("training: fp32 masters by kind, their gradient sums and AdamW's two moments; work and staging as "
                      "a step allocates them (zero3: gathered blocks; cast chunks, the per-block DP gradient buffers, "

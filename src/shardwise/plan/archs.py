@@ -35,7 +35,7 @@ INITS = ("normal", "residual", "ones", "zeros")
 """normal(0, std); normal scaled by 1/sqrt(2 layers) for projections into the residual stream; ones for norm
 gains; zeros for biases."""
 
-REPORTS = ("embedding", "attention", "mlp", "norms", "lm_head")
+REPORTS = ("embedding", "attention", "mlp", "experts", "norms", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -213,10 +213,11 @@ heads, before rope."""
 def _swiglu(local: str, prefix: str, gate: str, up: str, down: str, size: str, when: str | None,
             expert: bool = False) -> tuple[Kind, Kind]:
     """A SwiGLU MLP's two kinds, whole (a routed expert, a shared one): gate and up stacked, then down."""
+    report = "experts" if expert else "mlp"
     return (Kind(f"{local}gate_up", (Part(f"{prefix}.{gate}.weight", (size, "hidden")),
-                                     Part(f"{prefix}.{up}.weight", (size, "hidden"))), report="mlp", when=when,
+                                     Part(f"{prefix}.{up}.weight", (size, "hidden"))), report=report, when=when,
                  expert=expert),
-            Kind(f"{local}down", (Part(f"{prefix}.{down}.weight", ("hidden", size)),), init="residual", report="mlp",
+            Kind(f"{local}down", (Part(f"{prefix}.{down}.weight", ("hidden", size)),), init="residual", report=report,
                  when=when, expert=expert))
 
 
