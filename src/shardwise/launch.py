@@ -158,7 +158,7 @@ def _init(backend: str | None, rank: int, world_size: int, timeout: float) -> No
 
 def _context() -> mp.context.BaseContext:
     """How ranks start: spawned (the default), or forked from a server that imported torch once."""
-    method = os.environ.get(START_METHOD_ENV, "spawn")
+    method = os.environ.get(START_METHOD_ENV) or "spawn"  # set but empty: the default, as if unset
     if method not in START_METHODS:
         raise ValueError(f"{START_METHOD_ENV}={method!r}: expected one of {', '.join(START_METHODS)}")
     ctx = mp.get_context(method)

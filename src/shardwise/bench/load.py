@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from ..plan.rank import plan_rank
 from ..plan.series import Series
 from ..plan.spec import load_spec
 from ..providers.weights import arena
-from .measure import PeakRSS, barrier, checkpoint_files
+from .measure import PeakRSS, barrier, bytes_read, checkpoint_files
 
 
 def read_floor(directory: str | Path, nbytes: int, rank: int) -> float:
@@ -70,14 +71,20 @@ def bench_load_rank(directory: str, layout: Layout, dtype: torch.dtype, with_hf:
     provide = provide or Provide()
     rank = dist.get_rank() if dist.is_initialized() else 0
     share = source_bytes(directory, layout, rank, provide.provider, provide.series)
-    row: dict = {"rank": rank, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "provider": provide.provider,
-                 "dtype": str(dtype).removeprefix("torch."), "bytes": share}
+    row: dict = {"rank": rank, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep,
+                 "provider": provide.provider, "dtype": str(dtype).removeprefix("torch."), "bytes": share}
+    if layout.ep > 1:  # what this rank would read if it read every routed expert, as a loader without EP does
+        whole = replace(layout, ep=1)
+        row["every_expert_bytes"] = source_bytes(directory, whole, whole.rank_of(*layout.coords(rank)),
+                                                 provide.provider, provide.series)
     barrier()
     with PeakRSS() as mem:
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, r0 = time.perf_counter(), time.process_time(), bytes_read()
         model = load_model(directory, layout, dtype=dtype, progress=False, **vars(provide))
         row["load_s"] = time.perf_counter() - t0
         row["cpu_s"] = time.process_time() - c0  # apart from core contention when ranks outnumber cores
+        if r0 is not None:
+            row["read_bytes"] = bytes_read() - r0
     row["shard_bytes"] = model.plan.nbytes(dtype)
     row["peak_rss_growth"] = mem.growth
     row["rss_ratio"] = mem.growth / row["shard_bytes"]

@@ -33,6 +33,18 @@ class PeakRSS:
         self.growth = _status_kb("VmHWM") * 1024 - self.start
 
 
+def bytes_read() -> int | None:
+    """Bytes this process has read through system calls so far (``rchar`` of /proc/self/io: page-cache hits
+    included), or None where the OS does not say."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def rss_bytes() -> int:
     return _status_kb("VmRSS") * 1024
 

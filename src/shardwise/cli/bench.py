@@ -27,8 +27,11 @@ def cmd_bench_load(args) -> None:
             print(json.dumps(row))
         else:
             hf = f", HF {row['hf_load_s']:.3f}s" if "hf_load_s" in row else ""
+            read = f", read {row['read_bytes'] / 1e6:.1f} MB of {row['bytes'] / 1e6:.1f} MB planned" \
+                if "read_bytes" in row else ""
+            every = f" (every expert: {row['every_expert_bytes'] / 1e6:.1f} MB)" if "every_expert_bytes" in row else ""
             print(f"rank {row['rank']}: load {row['load_s']:.3f}s (floor {row['floor_s']:.3f}s{hf}), "
-                  f"{row['shard_bytes'] / 1e6:.1f} MB, peak RSS growth x{row['rss_ratio']:.2f}")
+                  f"{row['shard_bytes'] / 1e6:.1f} MB, peak RSS growth x{row['rss_ratio']:.2f}{read}{every}")
 
 
 def cmd_bench_generate(args) -> None:
