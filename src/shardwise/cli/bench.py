@@ -34,6 +34,28 @@ def cmd_bench_load(args) -> None:
                   f"{row['shard_bytes'] / 1e6:.1f} MB, peak RSS growth x{row['rss_ratio']:.2f}{read}{every}")
 
 
+def cmd_bench_moe(args) -> None:
+    """EP N, EP 1 and HF's model, one after the other in one run, on the same prompts."""
+    from ..bench.moe import bench_moe_hf, bench_moe_rank
+    from ..plan.mesh import Layout
+
+    layout = _layout(args)
+    spec = _plan_everywhere(args.checkpoint, layout, "resident", ())
+    if not spec.experts:
+        raise ValueError(f"{args.checkpoint}: {spec.arch} is not a mixture of experts")
+    rows = {f"ep{layout.ep}": launch(bench_moe_rank, _world(args), args.checkpoint, layout, args.dtype,
+                                     args.max_new_tokens),
+            "ep1": launch(bench_moe_rank, layout.tp, args.checkpoint, Layout(tp=layout.tp), args.dtype,
+                          args.max_new_tokens),
+            "hf": bench_moe_hf(args.checkpoint, args.dtype, args.max_new_tokens)}
+    if args.json:
+        print(json.dumps(rows))
+        return
+    for name, row in rows.items():
+        print(f"{name}: prefill {row['prefill_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.1f} tok/s "
+              f"(batch {row['batch']}, {row['prompt_tokens']}-token prompts, {row['new_tokens']} new tokens)")
+
+
 def cmd_bench_generate(args) -> None:
     from ..model.text import Text
 

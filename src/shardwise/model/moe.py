@@ -3,11 +3,11 @@
 The math follows HF's mixture-of-experts blocks step for step: router logits in the
 activations' dtype, softmax in fp32, top-k, the optional renormalization, the weights cast
 to the activations' dtype (Qwen) or kept in fp32 (Mixtral), each expert's SwiGLU on the
-tokens routed to it, weighted and accumulated in expert order, and Qwen2-MoE's shared
-expert behind its sigmoid gate. The router runs whole on every rank; the experts are the
-rank's (``RankPlan.experts``), stacked into one tensor per kind by the plan, and the EP
-ranks' sums are added up over the EP group (autograd's all-reduce, whose backward hands each
-rank the whole gradient).
+tokens routed to it (grouped by expert: one grouped matmul per projection), weighted and
+summed over each token's slots, and Qwen2-MoE's shared expert behind its sigmoid gate. The
+router runs whole on every rank; the experts are the rank's (``RankPlan.experts``), stacked
+into one tensor per kind by the plan, and the EP ranks' sums are added up over the EP group
+(autograd's all-reduce, whose backward hands each rank the whole gradient).
 """
 
 from __future__ import annotations
@@ -47,17 +47,7 @@ class MoE:
         x = x.reshape(-1, shape[-1])
         routed = copy_to(x, self.group)  # each EP rank's experts send back their part of its gradient
         weights, chosen = self.route(routed, w["router"])
-        local = len(self.experts)
-        gate_up = w["experts_gate_up"].view(local, -1, x.shape[-1])
-        down = w["experts_down"].view(local, x.shape[-1], -1)
-        out = torch.zeros_like(x)
-        for i, e in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)
-            if token.numel() == 0:
-                continue
-            gate, up = F.linear(routed[token], gate_up[i]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, down[i]) * weights[token, slot, None]
-            out = out.index_add(0, token, y.to(out.dtype))
+        out = self.experts_sum(routed, weights, chosen, w["experts_gate_up"], w["experts_down"])
         if self.group is not None:  # every EP rank's experts, summed; the shared expert is whole on each, added once
             out = reduce_from(out, self.group)
         if self.shared:
@@ -65,3 +55,34 @@ class MoE:
             shared = F.linear(F.silu(gate) * up, w["shared_down"])
             out = out + torch.sigmoid(F.linear(x, w["shared_gate"])) * shared
         return out.view(shape)
+
+    def experts_sum(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, gate_up: torch.Tensor,
+                    down: torch.Tensor) -> torch.Tensor:
+        """Each token's weighted sum of its chosen experts' outputs, over the experts this rank holds.
+
+        As HF's grouped path: the (token, slot) choices of this rank's experts sorted by expert, both projections
+        one grouped matmul each, weighted, put back in (token, slot) order and summed over the slots (the other
+        ranks' slots are zero here).
+        """
+        tokens, k = chosen.shape
+        local = len(self.experts)
+        flat = chosen.reshape(-1) - self.experts.start
+        mine = ((flat >= 0) & (flat < local)).nonzero().squeeze(-1)
+        expert, order = torch.sort(flat[mine], stable=True)
+        slots = mine[order]  # (token, slot) positions, grouped by expert
+        ends = torch.bincount(expert, minlength=local).cumsum(0).to(torch.int32)
+        h = grouped_linear(x[slots // k], gate_up.view(local, -1, x.shape[-1]), ends)
+        gate, up = h.chunk(2, dim=-1)
+        y = grouped_linear(F.silu(gate) * up, down.view(local, x.shape[-1], -1), ends)
+        y = y * weights.reshape(-1)[slots, None]
+        out = y.new_zeros(tokens * k, x.shape[-1]).index_copy(0, slots, y)
+        return out.view(tokens, k, -1).sum(dim=1).to(x.dtype)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows ``ends[i-1]:ends[i]`` of ``x`` through ``weight[i]`` (out x in), for every i at once: torch's grouped
+    matmul where it runs (its kernels want 16-byte aligned rows), else one matmul per group."""
+    if hasattr(torch, "_grouped_mm") and all(n * x.element_size() % 16 == 0 for n in weight.shape[1:]):
+        return torch._grouped_mm(x.contiguous(), weight.transpose(-2, -1), offs=ends)
+    starts = [0, *ends[:-1].tolist()]
+    return torch.cat([x[a:b] @ w.T for a, b, w in zip(starts, ends.tolist(), weight)])
