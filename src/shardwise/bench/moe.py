@@ -46,24 +46,24 @@ def _rates(forward, generate, ids: torch.Tensor, new_tokens: int) -> dict:
     return {"prefill_tok_s": b * t / min(timings["prefill"]), "decode_tok_s": b * new_tokens / decode}
 
 
-def bench_moe_rank(directory: str, layout: Layout, dtype: torch.dtype, new_tokens: int) -> dict:
+def bench_moe_rank(directory: str, layout: Layout, dtype: torch.dtype, new_tokens: int, batch: int = BATCH) -> dict:
     """shardwise's rates under ``layout`` (every rank times the same calls; rank 0's row is returned)."""
-    ids = prompts(directory, BATCH, PROMPT)
+    ids = prompts(directory, batch, PROMPT)
     with load_model(directory, layout, dtype=dtype, progress=False) as model:
         row = _rates(model, model.generate, ids, new_tokens)
-    return {"ep": layout.ep, "tp": layout.tp, "batch": BATCH, "prompt_tokens": PROMPT, "new_tokens": new_tokens,
+    return {"ep": layout.ep, "tp": layout.tp, "batch": batch, "prompt_tokens": PROMPT, "new_tokens": new_tokens,
             **row}
 
 
-def bench_moe_hf(directory: str, dtype: torch.dtype, new_tokens: int) -> dict:
+def bench_moe_hf(directory: str, dtype: torch.dtype, new_tokens: int, batch: int = BATCH) -> dict:
     """HF's model in this one process, the same prompts and calls."""
     import transformers
 
-    ids = prompts(directory, BATCH, PROMPT)
+    ids = prompts(directory, batch, PROMPT)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
 
     def generate(x: torch.Tensor, n: int) -> torch.Tensor:
         return model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-    return {"batch": BATCH, "prompt_tokens": PROMPT, "new_tokens": new_tokens,
+    return {"batch": batch, "prompt_tokens": PROMPT, "new_tokens": new_tokens,
             **_rates(lambda x: model(x).logits, generate, ids, new_tokens)}

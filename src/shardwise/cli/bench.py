@@ -44,10 +44,10 @@ def cmd_bench_moe(args) -> None:
     if not spec.experts:
         raise ValueError(f"{args.checkpoint}: {spec.arch} is not a mixture of experts")
     rows = {f"ep{layout.ep}": launch(bench_moe_rank, _world(args), args.checkpoint, layout, args.dtype,
-                                     args.max_new_tokens),
+                                     args.max_new_tokens, args.batch),
             "ep1": launch(bench_moe_rank, layout.tp, args.checkpoint, Layout(tp=layout.tp), args.dtype,
-                          args.max_new_tokens),
-            "hf": bench_moe_hf(args.checkpoint, args.dtype, args.max_new_tokens)}
+                          args.max_new_tokens, args.batch),
+            "hf": bench_moe_hf(args.checkpoint, args.dtype, args.max_new_tokens, args.batch)}
     if args.json:
         print(json.dumps(rows))
         return

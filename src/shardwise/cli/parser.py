@@ -160,12 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     _provider_args(bl)
     bl.add_argument("--hf", action="store_true", help="also time HF from_pretrained(tp_plan='auto') in the same run")
     bl.add_argument("--json", action="store_true", help="one JSON object per rank per line")
-    bm = command(b, "moe", "a mixture of experts' prefill and decode tokens/s at a batch of 32: --ep N, EP 1 and HF",
+    bm = command(b, "moe", "a mixture of experts' prefill and decode tokens/s: --ep N, EP 1 and HF",
                  cmd_bench_moe)
     bm.add_argument("checkpoint")
     _layout_args(bm)
     bm.add_argument("--dtype", type=_dtype, default="float32", help="dtype the model computes in")
     bm.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="decode steps to time")
+    bm.add_argument("--batch", type=POSITIVE, default=32, help="sequences decoded together (32 keeps every expert "
+                    "busy each step)")
     bm.add_argument("--json", action="store_true", help="one JSON object: a row per setting")
     bg = command(b, "generate", "greedy fp32 tokens/s of shardwise and HF tp_plan='auto', side by side",
                  cmd_bench_generate)
