@@ -336,9 +336,8 @@ def manifest(weights: Weights, state: State | None = None) -> dict:
                 for ns in namespaces[1:] for name, info in spec.tensors().items()}
     return {
         "format": FORMAT,
-        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep,
-                   "provider": weights.plan.provider,
-                   "series": [str(s) for s in weights.plan.declared]},
+        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, **({"ep": layout.ep} if layout.ep > 1 else {}),
+                   "provider": weights.plan.provider, "series": [str(s) for s in weights.plan.declared]},
         "tensors": tensors,
         "files": files,
         **({"train": state.record} if state else {}),
