@@ -16,6 +16,8 @@ scatter    keep this rank's     all-gather
 gather     all-gather along     keep this rank's
            the last dim         slice
 sum        all-reduce (sum)     all-reduce (sum)
+exchange   all-to-all: rows     the reverse
+           to their ranks       all-to-all
 =========  ===================  ====================
 
 ``reduce`` serves a sum every rank then uses alike (a row-parallel output: each rank's
@@ -63,6 +65,19 @@ def scatter_to(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup |
 def gather_from(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None) -> torch.Tensor:
     """Every rank's slice, concatenated along the last dim; the backward keeps this rank's slice of the gradient."""
     return x if group is None else _Gather.apply(x, sizes, group)
+
+
+def exchange(x: torch.Tensor, send: list[int], receive: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+    """All-to-all of rows: ``send[r]`` consecutive rows of ``x`` go to rank r, ``receive[r]`` come from it, in rank
+    order; the backward sends each row's gradient back where the row came from."""
+    return _Exchange.apply(x, send, receive, group)
+
+
+def all_to_all_rows(x: torch.Tensor, send: list[int], receive: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+    """``exchange`` without autograd (ids, counts)."""
+    out = x.new_empty((sum(receive), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), receive, send, group=group)
+    return out
 
 
 def _slice(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup) -> torch.Tensor:
@@ -137,3 +152,14 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return _slice(grad, ctx.sizes, ctx.group), None, None
+
+
+class _Exchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: list[int], receive: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.send, ctx.receive, ctx.group = send, receive, group
+        return all_to_all_rows(x, send, receive, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return all_to_all_rows(grad, ctx.receive, ctx.send, ctx.group), None, None, None

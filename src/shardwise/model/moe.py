@@ -4,10 +4,15 @@ The math follows HF's mixture-of-experts blocks step for step: router logits in 
 activations' dtype, softmax in fp32, top-k, the optional renormalization, the weights cast
 to the activations' dtype (Qwen) or kept in fp32 (Mixtral), each expert's SwiGLU on the
 tokens routed to it (grouped by expert: one grouped matmul per projection), weighted and
-summed over each token's slots, and Qwen2-MoE's shared expert behind its sigmoid gate. The
-router runs whole on every rank; the experts are the rank's (``RankPlan.experts``), stacked
-into one tensor per kind by the plan, and the EP ranks' sums are added up over the EP group
-(autograd's all-reduce, whose backward hands each rank the whole gradient).
+summed over each token's slots, and Qwen2-MoE's shared expert behind its sigmoid gate.
+
+The experts are the rank's (``RankPlan.experts``), stacked into one tensor per kind by the
+plan. Under EP the ranks of a group hold the same tokens; each routes its own run of them,
+sends every (token, slot) row to the rank holding its expert and gets the output back
+(all-to-all both ways, ``collectives.exchange``), weighs and sums its tokens' slots, and
+the runs are gathered so that every rank has every token's output again. The shared
+expert runs whole on every rank. Each collective's backward is its dual, so training
+works through the dispatch.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dist.collectives import copy_to, reduce_from
+from ..dist.collectives import all_to_all_rows, exchange, gather_from, scatter_to
 from ..dist.comm import Comm
+from ..plan.boxes import split_evenly
 from ..plan.rank import RankPlan
 
 
@@ -25,7 +31,9 @@ class MoE:
 
     def __init__(self, plan: RankPlan, comm: Comm):
         spec, routing = plan.spec, plan.spec.table.routing
-        self.group = comm.ep_group if plan.layout.ep > 1 else None
+        self.group, self.ep = (comm.ep_group if plan.layout.ep > 1 else None), plan.layout.ep
+        # The first expert of each EP rank after the first: which rank holds a chosen expert.
+        self.bounds = torch.tensor([lo for lo, _ in split_evenly(spec.experts, self.ep)[1:]], dtype=torch.long)
         self.top_k, self.norm_topk, self.fp32_weights = spec.top_k, spec.norm_topk, routing.weights_in_fp32
         self.experts = range(*plan.experts)
         self.shared = spec.shared_expert
@@ -45,38 +53,51 @@ class MoE:
     def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        routed = copy_to(x, self.group)  # each EP rank's experts send back their part of its gradient
-        weights, chosen = self.route(routed, w["router"])
-        out = self.experts_sum(routed, weights, chosen, w["experts_gate_up"], w["experts_down"])
-        if self.group is not None:  # every EP rank's experts, summed; the shared expert is whole on each, added once
-            out = reduce_from(out, self.group)
+        mine = x if self.group is None else scatter_to(x.t(), self.shares(len(x)), self.group).t()
+        weights, chosen = self.route(mine, w["router"])
+        y = self.dispatch(mine, chosen.reshape(-1), w["experts_gate_up"], w["experts_down"])
+        out = (y.view(*chosen.shape, x.shape[-1]) * weights[..., None]).sum(dim=1).to(x.dtype)
+        if self.group is not None:
+            out = gather_from(out.t(), self.shares(len(x)), self.group).t()
         if self.shared:
             gate, up = F.linear(x, w["shared_gate_up"]).chunk(2, dim=-1)
             shared = F.linear(F.silu(gate) * up, w["shared_down"])
             out = out + torch.sigmoid(F.linear(x, w["shared_gate"])) * shared
         return out.view(shape)
 
-    def experts_sum(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, gate_up: torch.Tensor,
-                    down: torch.Tensor) -> torch.Tensor:
-        """Each token's weighted sum of its chosen experts' outputs, over the experts this rank holds.
+    def shares(self, tokens: int) -> list[int]:
+        """How many of the tokens each EP rank routes (all ranks hold all of them; each routes its own run)."""
+        return [hi - lo for lo, hi in split_evenly(tokens, self.ep)]
 
-        As HF's grouped path: the (token, slot) choices of this rank's experts sorted by expert, both projections
-        one grouped matmul each, weighted, put back in (token, slot) order and summed over the slots (the other
-        ranks' slots are zero here).
-        """
-        tokens, k = chosen.shape
-        local = len(self.experts)
-        flat = chosen.reshape(-1) - self.experts.start
-        mine = ((flat >= 0) & (flat < local)).nonzero().squeeze(-1)
-        expert, order = torch.sort(flat[mine], stable=True)
-        slots = mine[order]  # (token, slot) positions, grouped by expert
+    def dispatch(self, x: torch.Tensor, chosen: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+                 ) -> torch.Tensor:
+        """The chosen expert's output for every (token, slot) of ``x`` (in that order), unweighted: each row goes to
+        the EP rank holding its expert and its output comes back (all-to-all both ways)."""
+        k = len(chosen) // max(1, len(x))
+        rows = x[torch.arange(len(chosen), device=x.device) // k]
+        if self.group is None:
+            return self.compute(rows, chosen, gate_up, down)
+        owner = torch.bucketize(chosen, self.bounds, right=True)
+        order = torch.argsort(owner, stable=True)
+        send = torch.bincount(owner, minlength=self.ep)
+        receive = all_to_all_rows(send, [1] * self.ep, [1] * self.ep, self.group).tolist()
+        send = send.tolist()
+        ids = all_to_all_rows(chosen[order], send, receive, self.group)
+        y = self.compute(exchange(rows[order], send, receive, self.group), ids, gate_up, down)
+        back = exchange(y, receive, send, self.group)
+        return back.new_zeros(back.shape).index_copy(0, order, back)
+
+    def compute(self, rows: torch.Tensor, chosen: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+                ) -> torch.Tensor:
+        """Each row through its expert (one of this rank's), in the rows' order: grouped by expert, one grouped
+        matmul per projection, as HF's grouped path."""
+        local, hidden = len(self.experts), rows.shape[-1]
+        expert, order = torch.sort(chosen - self.experts.start, stable=True)
         ends = torch.bincount(expert, minlength=local).cumsum(0).to(torch.int32)
-        h = grouped_linear(x[slots // k], gate_up.view(local, -1, x.shape[-1]), ends)
+        h = grouped_linear(rows[order], gate_up.view(local, -1, hidden), ends)
         gate, up = h.chunk(2, dim=-1)
-        y = grouped_linear(F.silu(gate) * up, down.view(local, x.shape[-1], -1), ends)
-        y = y * weights.reshape(-1)[slots, None]
-        out = y.new_zeros(tokens * k, x.shape[-1]).index_copy(0, slots, y)
-        return out.view(tokens, k, -1).sum(dim=1).to(x.dtype)
+        y = grouped_linear(F.silu(gate) * up, down.view(local, hidden, -1), ends)
+        return y.new_zeros(y.shape).index_copy(0, order, y)
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@ rank: the batch is the global one), each layer's share of the gradient is its pr
 sums weighed by the counts, added to that layer's own backward (``term``). That holds
 however the backward runs, block by block and even recomputed under ZeRO-3.
 
-The router is whole on every EP rank and its gradient is summed over the EP group, so only
-EP rank 0 adds the terms: the sum then counts them once.
+Under EP each rank routes its own share of the tokens, so the counts and probability sums
+are summed over the EP group as well, and each rank adds the term of its own tokens (the
+router's gradient is summed over the group, as ``grads.ep_partials`` says).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ class Balance:
         self.layers = {n: layer.mlp for n, layer in model.layers.items() if isinstance(layer.mlp, MoE)}
         for moe in self.layers.values():
             moe.remember = True
-        self.adds = plan.layout.ep_rank(plan.rank) == 0
         self.weights: torch.Tensor | None = None
 
     def count(self, micro_batches: int) -> torch.Tensor:
@@ -43,8 +43,9 @@ class Balance:
         probs = sum(p.detach().sum(0) for p, _ in routed)
         rows = torch.tensor([float(sum(p.shape[0] for p, _ in routed))])
         totals = torch.cat([counts, probs, rows])
-        if self.comm.layout.dp > 1:
-            dist.all_reduce(totals, group=self.comm.dp_group)
+        for size, group in ((self.comm.layout.ep, self.comm.ep_group), (self.comm.layout.dp, self.comm.dp_group)):
+            if size > 1:
+                dist.all_reduce(totals, group=group)
         counts, probs, rows = totals[: self.experts], totals[self.experts: -1], totals[-1]
         scale = self.coef * self.experts / rows**2 / micro_batches
         self.weights = scale * counts
@@ -53,6 +54,6 @@ class Balance:
     def term(self, layer: int) -> torch.Tensor | None:
         """Layer ``layer``'s part of the loss, whose gradient its backward adds (None: nothing to add here)."""
         moe = self.layers.get(layer)
-        if moe is None or not self.adds:
+        if moe is None:
             return None
         return (self.weights * moe.routed[0].sum(0)).sum()

@@ -14,11 +14,11 @@ Which regions those are is not listed by hand per tensor: a tensor used per head
 same box. ``tp_partials`` finds them, and ``PartialGradReducer`` sums each over the ranks
 that share it (one process group per distinct set of ranks, created collectively).
 
-Under expert parallelism the router is partial the same way: its output weighs only each
-EP rank's own experts (``weighs_experts`` in the table), so each rank's gradient is its
-experts' share and the true one the sum over the EP group (``ep_partials``). Everything
-else an EP group holds alike gets the whole gradient on each rank: the routed tokens'
-gradient is summed over the group on its way back (``collectives.copy_to``).
+Under expert parallelism the router is partial the same way: each EP rank routes its own
+share of the tokens (``routes_a_share`` in the table), so each rank's gradient covers those
+tokens and the true one is the sum over the EP group (``ep_partials``). Everything else an
+EP group holds alike gets the whole gradient on each rank: the routed tokens' gradients are
+gathered over the group on their way back (``collectives.scatter_to``).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def tp_partials(plan: RankPlan) -> tuple[Partial, ...]:
 
 
 def ep_partials(plan: RankPlan) -> tuple[Partial, ...]:
-    """This rank's tensors whose output weighs only its own routed experts, partial over its EP group."""
+    """This rank's tensors applied to its own share of the tokens (the router), partial over its EP group."""
     layout = plan.layout
     if layout.ep == 1:
         return ()
@@ -68,7 +68,7 @@ def ep_partials(plan: RankPlan) -> tuple[Partial, ...]:
     group = tuple(layout.rank_of(stage, d, t, e) for e in range(layout.ep))
     arch = plan.spec.table
     return tuple(Partial(name, (slice(None),) * len(tensor.shape), group) for name, tensor in plan.work.items()
-                 if arch.kind(name.kind).weighs_experts)
+                 if arch.kind(name.kind).routes_a_share)
 
 
 def partials(plan: RankPlan) -> tuple[Partial, ...]:
