@@ -147,7 +147,7 @@ def test_plan_shows_each_ranks_experts_and_their_bytes(moe_checkpoints, capsys):
     main(["plan", str(moe_checkpoints["qwen2_moe-untied"]), "--ep", "4"])
     lines = capsys.readouterr().out.splitlines()
     columns = lines[1].split("q/kv heads")[1].split()
-    assert columns[:2] == ["ep", "experts"], lines[1]
+    assert columns[:2] == ["ep", "held"], lines[1]
     megabytes = columns[2:].index("experts")  # the column of the experts' bytes
     rows = [line.split() for line in lines[2:6]]
     assert [(row[6], row[7]) for row in rows] == [("0", "0-1"), ("1", "2-3"), ("2", "4"), ("3", "5")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from ..bench.export import bench_export_rank
 from ..bench.generate import bench_generate_rank
@@ -37,7 +38,6 @@ def cmd_bench_load(args) -> None:
 def cmd_bench_moe(args) -> None:
     """EP N, EP 1 and HF's model, one after the other in one run, on the same prompts."""
     from ..bench.moe import bench_moe_hf, bench_moe_rank
-    from ..plan.mesh import Layout
 
     layout = _layout(args)
     spec = _plan_everywhere(args.checkpoint, layout, "resident", ())
@@ -45,7 +45,7 @@ def cmd_bench_moe(args) -> None:
         raise ValueError(f"{args.checkpoint}: {spec.arch} is not a mixture of experts")
     rows = {f"ep{layout.ep}": launch(bench_moe_rank, _world(args), args.checkpoint, layout, args.dtype,
                                      args.max_new_tokens, args.batch),
-            "ep1": launch(bench_moe_rank, layout.tp, args.checkpoint, Layout(tp=layout.tp), args.dtype,
+            "ep1": launch(bench_moe_rank, layout.tp, args.checkpoint, replace(layout, ep=1, pp=1, dp=1), args.dtype,
                           args.max_new_tokens, args.batch),
             "hf": bench_moe_hf(args.checkpoint, args.dtype, args.max_new_tokens, args.batch)}
     if args.json:

@@ -46,7 +46,7 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
              f"{plural(spec.kv_heads, 'KV head')}, vocab {spec.vocab}, {layout}, {str(dtype).removeprefix('torch.')}, "
              f"{how}{'' if layout.tp_plan is None else ', ' + layout.tp_plan.origin}",
              f"{'rank':>4} {'stage':>5} {'dp':>3} {'tp':>3} {'layers':>9} {'q/kv heads':>10} "
-             + (f"{'ep':>3} {'experts':>8} " if spec.experts else "")
+             + (f"{'ep':>3} {'held':>8} " if spec.experts else "")
              + " ".join(f"{c:>11}" for c in columns) + f" {'total':>11}"]
     saved: dict[str, list[str]] = defaultdict(list)  # series -> one line per rank
     for rank in range(layout.world_size):

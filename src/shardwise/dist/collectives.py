@@ -1,4 +1,5 @@
-"""Collectives that know their backward: the four Megatron primitives, and a shared sum, as autograd functions.
+"""Collectives that know their backward: the four Megatron primitives, a shared sum and an exchange, as autograd
+functions.
 
 Tensor parallelism splits a layer's math over ranks, and each split point has a dual
 in the backward pass. Written as in-place ``dist`` calls (what inference uses), autograd
@@ -27,7 +28,7 @@ every rank's.
 
 Slices are given by ``sizes`` (one per rank of the group, any sizes), so uneven heads or
 vocabularies need no padding by the caller. With ``group`` None (a one-rank group) every
-primitive is the identity. Outside autograd (no input needs a gradient, or grad mode is
+primitive but the exchange (whose caller has nothing to exchange then) is the identity. Outside autograd (no input needs a gradient, or grad mode is
 off) the caller's fast path, such as the shared-memory all-reduce, is what to use; these
 functions always issue the plain ``dist`` collective.
 """

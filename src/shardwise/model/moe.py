@@ -77,7 +77,7 @@ class MoE:
         rows = x[torch.arange(len(chosen), device=x.device) // k]
         if self.group is None:
             return self.compute(rows, chosen, gate_up, down)
-        owner = torch.bucketize(chosen, self.bounds, right=True)
+        owner = torch.bucketize(chosen, self.bounds.to(chosen.device), right=True)
         order = torch.argsort(owner, stable=True)
         send = torch.bincount(owner, minlength=self.ep)
         receive = all_to_all_rows(send, [1] * self.ep, [1] * self.ep, self.group).tolist()
@@ -103,7 +103,17 @@ class MoE:
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Rows ``ends[i-1]:ends[i]`` of ``x`` through ``weight[i]`` (out x in), for every i at once: torch's grouped
     matmul where it runs (its kernels want 16-byte aligned rows), else one matmul per group."""
-    if hasattr(torch, "_grouped_mm") and all(n * x.element_size() % 16 == 0 for n in weight.shape[1:]):
+    if _grouped_mm_runs(x) and all(n * x.element_size() % 16 == 0 for n in weight.shape[1:]):
         return torch._grouped_mm(x.contiguous(), weight.transpose(-2, -1), offs=ends)
     starts = [0, *ends[:-1].tolist()]
     return torch.cat([x[a:b] @ w.T for a, b, w in zip(starts, ends.tolist(), weight)])
+
+
+def _grouped_mm_runs(x: torch.Tensor) -> bool:
+    """Whether torch's grouped matmul has a kernel for ``x``: on CPU from torch 2.9, on CUDA from compute
+    capability 8.0."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        return torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return x.device.type == "cpu" and tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9)

@@ -209,7 +209,6 @@ OLMO2_LAYER = (
 heads, before rope."""
 
 
-
 def _swiglu(local: str, prefix: str, gate: str, up: str, down: str, size: str, when: str | None,
             expert: bool = False) -> tuple[Kind, Kind]:
     """A SwiGLU MLP's two kinds, whole (a routed expert, a shared one): gate and up stacked, then down."""

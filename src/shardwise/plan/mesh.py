@@ -1,9 +1,9 @@
 """The rank grid: a ``Layout`` is a PP x DP x EP x TP mesh; ``head_split`` places attention heads on its TP ranks.
 
 Ranks are ordered (pp, dp, ep, tp), TP innermost as in torchtitan and Megatron, so a TP
-group is a run of consecutive ranks. The EP ranks of a replica see the same tokens, as its
-TP ranks do: each computes its share of the routed experts (attention is split over TP
-within each) and their outputs are summed over the EP group.
+group is a run of consecutive ranks. The EP ranks of a replica hold the same tokens, as its
+TP ranks do: each holds a share of the routed experts (attention is split over TP within
+each), and tokens travel to their experts' ranks and back (``model.moe``).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ class RankPlan:
 
     ``styles`` is the TP style each tensor kind runs with (``tp.resolve``); ``heads``, ``ffn``
     and ``vocab`` are the rank's share where they are split, else the whole; ``experts`` the
-    routed experts it computes (its range of them; all of them in a dense model's empty range).
+    range of routed experts it holds (all of them without EP; (0, 0) in a dense model).
     ``work`` are the TP-local tensors the model computes with, handed out per block
     (``blocks``: "embed", "layers.N", "head"); ``alias`` maps a tensor that is another
     one on this rank (a tied LM head beside its embedding) to it. ``tensors`` is what

@@ -21,6 +21,7 @@ from .archs import ARCHS, TIED_SOURCE, Arch, Kind, Part
 from .tp import TpPlan, TpPlanError, plan_in_force, resolve
 
 SUPPORTED_ARCHS = tuple(ARCHS)
+MAX_EXPERTS = 4096  # routed experts per layer (the largest open models have a few hundred)
 
 DTYPES = {
     "float32": torch.float32,
@@ -397,6 +398,8 @@ def _routing(cfg: dict, arch: Arch, layers: int) -> dict:
         return {}
     key = next((k for k in routing.experts if k in cfg), routing.experts[0])  # transformers 5 renamed Qwen3-MoE's
     experts, top_k = _size(cfg, key), _size(cfg, "num_experts_per_tok")
+    if experts > MAX_EXPERTS:  # the tensor list grows with it: a hostile count would exhaust memory before any check
+        raise SpecError(f"{key}={experts} exceeds the {MAX_EXPERTS} experts shardwise plans for")
     if top_k > experts:
         raise SpecError(f"num_experts_per_tok={top_k} exceeds the {experts} experts ({key})")
     sparse = (True,) * layers
@@ -404,6 +407,7 @@ def _routing(cfg: dict, arch: Arch, layers: int) -> dict:
         step, dense = _size(cfg, "decoder_sparse_step", 1), cfg.get("mlp_only_layers") or []
         if not isinstance(dense, list) or not all(is_int(n) for n in dense):
             raise SpecError(f"field 'mlp_only_layers' is {shown(dense)}, expected a list of layer numbers")
+        dense = set(dense)
         sparse = tuple(n not in dense and (n + 1) % step == 0 for n in range(layers))
     norm = routing.norm_topk if isinstance(routing.norm_topk, bool) else _flag(cfg, routing.norm_topk)
     aux = _number(cfg, "router_aux_loss_coef", 0.001) if _flag(cfg, "output_router_logits") else 0.0

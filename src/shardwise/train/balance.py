@@ -41,7 +41,7 @@ class Balance:
         counts = sum(torch.histc(chosen.reshape(-1).float(), bins=self.experts, min=0, max=self.experts)
                      for _, chosen in routed)
         probs = sum(p.detach().sum(0) for p, _ in routed)
-        rows = torch.tensor([float(sum(p.shape[0] for p, _ in routed))])
+        rows = probs.new_tensor([float(sum(p.shape[0] for p, _ in routed))])
         totals = torch.cat([counts, probs, rows])
         for size, group in ((self.comm.layout.ep, self.comm.ep_group), (self.comm.layout.dp, self.comm.dp_group)):
             if size > 1:

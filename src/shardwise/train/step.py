@@ -105,7 +105,7 @@ class Trainer:
         self.dp = DpGradReducer(plan, model.comm, self.flats, model.device)
         self.owned = [(self.grads[name], box.local_index()) for name, box in plan.owned()]
         coef = plan.spec.aux_loss_coef
-        self.balance = Balance(model, coef) if coef else None
+        self.balance = Balance(model, coef) if coef and plan.spec.sparse else None
 
     def step(self, batches: list[torch.Tensor], global_tokens: int) -> StepResult:
         """Train on this DP rank's micro-batches (each (batch, seq) ids), then update once.
