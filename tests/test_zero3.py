@@ -475,7 +475,7 @@ def test_memory_plan_is_what_zero3_allocates(checkpoints, layout):
             group[stage, tp_rank] = group.get((stage, tp_rank), 0) + sum(t.nbytes for t in w.buffers.values())
         one_replica = Layout(layout.tp, layout.pp)
         for (stage, tp_rank), total in group.items():
-            plan = plan_rank(load_spec(checkpoints[name]), one_replica, one_replica.rank_of(stage, 0, tp_rank))
+            plan = plan_rank(load_spec(checkpoints[name]), one_replica, one_replica.rank_of(stage, 0, 0, tp_rank))
             replica = plan.nbytes(torch.float32)
             slack = (ALIGN * len(plan.work) + layout.dp * len(plan.blocks)) * 4  # member alignment, chunk rounding
             assert replica <= total <= replica + slack, f"{name} stage {stage} tp rank {tp_rank}: {total} bytes"

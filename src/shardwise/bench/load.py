@@ -74,9 +74,9 @@ def bench_load_rank(directory: str, layout: Layout, dtype: torch.dtype, with_hf:
     row: dict = {"rank": rank, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep,
                  "provider": provide.provider, "dtype": str(dtype).removeprefix("torch."), "bytes": share}
     if layout.ep > 1:  # what this rank would read if it read every routed expert, as a loader without EP does
-        whole = replace(layout, ep=1)
-        row["every_expert_bytes"] = source_bytes(directory, whole, whole.rank_of(*layout.coords(rank)),
-                                                 provide.provider, provide.series)
+        whole, (stage, d, _, t) = replace(layout, ep=1), layout.position(rank)
+        row["every_expert_bytes"] = source_bytes(directory, whole, whole.rank_of(stage, d, 0, t), provide.provider,
+                                                 provide.series)
     barrier()
     with PeakRSS() as mem:
         t0, c0, r0 = time.perf_counter(), time.process_time(), bytes_read()

@@ -82,7 +82,7 @@ def generate_rank(args: GenerateArgs) -> dict:
     if dist.is_initialized():
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, mine)
-    replicas = [every[layout.rank_of(0, d, 0)] for d in range(layout.dp)]
+    replicas = [every[layout.rank_of(0, d, 0, 0)] for d in range(layout.dp)]
     if args.stream and rank == 0:
         for r in replicas[1:]:
             for i, ids in enumerate(r["answers"]):

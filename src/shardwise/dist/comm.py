@@ -78,11 +78,11 @@ class Comm:
     def send_next(self, x: torch.Tensor) -> None:
         """Hand activations to the same (replica, EP, TP) rank of the next pipeline stage."""
         stage, d, e, t = self.layout.position(self.rank)
-        dist.send(x.contiguous(), self.layout.rank_of(stage + 1, d, t, e))
+        dist.send(x.contiguous(), self.layout.rank_of(stage + 1, d, e, t))
 
     def recv_prev(self, like: torch.Tensor) -> torch.Tensor:
         stage, d, e, t = self.layout.position(self.rank)
-        dist.recv(like, self.layout.rank_of(stage - 1, d, t, e))
+        dist.recv(like, self.layout.rank_of(stage - 1, d, e, t))
         return like
 
     def from_last_stage(self, x: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
@@ -94,7 +94,7 @@ class Comm:
         if x is None:
             x = torch.empty(shape, dtype=dtype, device=device)
         _, d, _ = self.layout.coords(self.rank)
-        dist.broadcast(x, self.layout.rank_of(self.layout.pp - 1, d, 0), group=self.replica_group)
+        dist.broadcast(x, self.layout.rank_of(self.layout.pp - 1, d, 0, 0), group=self.replica_group)
         return x
 
 

@@ -60,7 +60,8 @@ class Layout:
     def ep_rank(self, rank: int) -> int:
         return self.position(rank)[2]
 
-    def rank_of(self, stage: int, dp_rank: int, tp_rank: int, ep_rank: int = 0) -> int:
+    def rank_of(self, stage: int, dp_rank: int, ep_rank: int, tp_rank: int) -> int:
+        """The global rank at a ``position``: every coordinate given, so none is taken for 0 by mistake."""
         return ((stage * self.dp + dp_rank) * self.ep + ep_rank) * self.tp + tp_rank
 
     def _every(self) -> Iterator[tuple[int, int, int]]:
@@ -72,14 +73,14 @@ class Layout:
     def tp_groups(self) -> Iterator[list[int]]:
         """Ranks that split each layer's heads: one group per (stage, replica, EP rank)."""
         for stage, d, e in self._every():
-            yield [self.rank_of(stage, d, t, e) for t in range(self.tp)]
+            yield [self.rank_of(stage, d, e, t) for t in range(self.tp)]
 
     def ep_groups(self) -> Iterator[list[int]]:
         """Ranks that share out each layer's routed experts: one group per (stage, replica, TP rank)."""
         for stage in range(self.pp):
             for d in range(self.dp):
                 for t in range(self.tp):
-                    yield [self.rank_of(stage, d, t, e) for e in range(self.ep)]
+                    yield [self.rank_of(stage, d, e, t) for e in range(self.ep)]
 
     def dp_groups(self) -> Iterator[list[int]]:
         """Ranks that hold the same piece of the model in different replicas: one group per (stage, EP rank, TP
@@ -87,12 +88,12 @@ class Layout:
         for stage in range(self.pp):
             for e in range(self.ep):
                 for t in range(self.tp):
-                    yield [self.rank_of(stage, d, t, e) for d in range(self.dp)]
+                    yield [self.rank_of(stage, d, e, t) for d in range(self.dp)]
 
     def replica_groups(self) -> Iterator[list[int]]:
         """All ranks of one replica (every stage, EP and TP rank), which see the same input ids."""
         for d in range(self.dp):
-            yield [self.rank_of(stage, d, t, e) for stage in range(self.pp) for e in range(self.ep)
+            yield [self.rank_of(stage, d, e, t) for stage in range(self.pp) for e in range(self.ep)
                    for t in range(self.tp)]
 
     @classmethod

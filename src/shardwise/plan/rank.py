@@ -86,7 +86,7 @@ class RankPlan:
     def tp_peers(self) -> list[RankPlan]:
         """The plans of this rank's TP group (this one included), in TP order."""
         stage, dp_rank, ep_rank, _ = self.layout.position(self.rank)
-        return [self.peer(self.layout.rank_of(stage, dp_rank, t, ep_rank)) for t in range(self.layout.tp)]
+        return [self.peer(self.layout.rank_of(stage, dp_rank, ep_rank, t)) for t in range(self.layout.tp)]
 
     def peer(self, rank: int) -> RankPlan:
         """Another rank's plan under the same layout, provider and series."""

@@ -65,7 +65,7 @@ def ep_partials(plan: RankPlan) -> tuple[Partial, ...]:
     if layout.ep == 1:
         return ()
     stage, d, _, t = layout.position(plan.rank)
-    group = tuple(layout.rank_of(stage, d, t, e) for e in range(layout.ep))
+    group = tuple(layout.rank_of(stage, d, e, t) for e in range(layout.ep))
     arch = plan.spec.table
     return tuple(Partial(name, (slice(None),) * len(tensor.shape), group) for name, tensor in plan.work.items()
                  if arch.kind(name.kind).routes_a_share)
