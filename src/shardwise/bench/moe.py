@@ -19,14 +19,12 @@ from ..plan.spec import load_spec
 from .measure import barrier
 
 BATCH, PROMPT = 32, 64
+REPEATS = 3  # each rate is the best of these
 
 
 def prompts(directory: str, batch: int, length: int) -> torch.Tensor:
     """The same random prompts everywhere (seeded), from the model's vocabulary."""
     return torch.randint(0, load_spec(directory).vocab, (batch, length), generator=torch.Generator().manual_seed(0))
-
-
-REPEATS = 3
 
 
 def _rates(forward, generate, ids: torch.Tensor, new_tokens: int) -> dict:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..dist.collectives import all_to_all_rows, exchange, gather_from, scatter_to
 from ..dist.comm import Comm
 from ..plan.boxes import split_evenly
-from ..plan.rank import RankPlan
+from ..plan.rank import RankPlan, expert_placement
 
 
 class MoE:
@@ -33,7 +33,7 @@ class MoE:
         spec, routing = plan.spec, plan.spec.table.routing
         self.group, self.ep = (comm.ep_group if plan.layout.ep > 1 else None), plan.layout.ep
         # The first expert of each EP rank after the first: which rank holds a chosen expert.
-        self.bounds = torch.tensor([lo for lo, _ in split_evenly(spec.experts, self.ep)[1:]], dtype=torch.long)
+        self.bounds = torch.tensor([lo for lo, _ in expert_placement(spec, plan.layout)[1:]], dtype=torch.long)
         self.top_k, self.norm_topk, self.fp32_weights = spec.top_k, spec.norm_topk, routing.weights_in_fp32
         self.experts = range(*plan.experts)
         self.shared = spec.shared_expert
@@ -73,8 +73,7 @@ class MoE:
                  ) -> torch.Tensor:
         """The chosen expert's output for every (token, slot) of ``x`` (in that order), unweighted: each row goes to
         the EP rank holding its expert and its output comes back (all-to-all both ways)."""
-        k = len(chosen) // max(1, len(x))
-        rows = x[torch.arange(len(chosen), device=x.device) // k]
+        rows = x.repeat_interleave(self.top_k, dim=0)
         if self.group is None:
             return self.compute(rows, chosen, gate_up, down)
         owner = torch.bucketize(chosen, self.bounds.to(chosen.device), right=True)

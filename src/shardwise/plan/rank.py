@@ -191,7 +191,7 @@ def _plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str, series
 
     arch = spec.table
     d = spec.head_dim
-    experts = _ep_share(spec, layout, rank)
+    experts = expert_placement(spec, layout)[layout.ep_rank(rank)]
     ranges = {"q": (heads.q[0] * d, heads.q[1] * d), "kv": (heads.kv[0] * d, heads.kv[1] * d), "ffn": ffn,
               "vocab": vocab, "experts": experts}
     work: dict[str, ShardedTensor] = {}
@@ -238,17 +238,17 @@ def _tp_share(spec: ModelSpec, tp: int, tp_rank: int, styles: dict[str, str]
     return heads, shares["ffn"], shares["vocab"]
 
 
-def _ep_share(spec: ModelSpec, layout: Layout, rank: int) -> tuple[int, int]:
-    """The routed experts this rank computes: a contiguous run of them, as even as the count allows (6 over EP 4
-    is 2, 2, 1, 1)."""
+def expert_placement(spec: ModelSpec, layout: Layout) -> list[tuple[int, int]]:
+    """The routed experts each EP rank holds: a contiguous run each, as even as the count allows (6 over EP 4 is 2,
+    2, 1, 1). The one place that decides it: the plan's boxes and the dispatch's routing both read it."""
     if layout.ep == 1:
-        return 0, spec.experts
+        return [(0, spec.experts)]
     if not spec.experts:
         raise LayoutError(f"ep={layout.ep} needs a mixture of experts; {spec.arch} has none")
     if layout.ep > spec.experts:
         raise LayoutError(f"ep={layout.ep} exceeds the {plural(spec.experts, 'routed expert')}: some rank would hold "
                           "none")
-    return split_evenly(spec.experts, layout.ep)[layout.ep_rank(rank)]
+    return split_evenly(spec.experts, layout.ep)
 
 
 def _resident_buffers(work: dict[str, ShardedTensor], alias: dict[str, str]) -> tuple[Buffer, ...]:
