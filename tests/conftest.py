@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pickle
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -118,10 +122,32 @@ def hf_reference(path: Path, ids: torch.Tensor, steps: int) -> tuple[torch.Tenso
     return logits, seq
 
 
+T = TypeVar("T")
+
+
+def once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], T]) -> T:
+    """``make(directory)``, run once per test session however many pytest-xdist workers share it (``make test``
+    runs two): the first worker to ask makes it under a lock and leaves the result beside the workers' own
+    directories; the others wait and read it. So each checkpoint is written, and each HF reference computed, once."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return make(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent  # the session's: each worker's own directory is inside it
+    made = root / f"{name}.pickle"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not made.exists():
+            (root / name).mkdir(exist_ok=True)  # a worker whose try raised (a skip, say) may have left it
+            value = make(root / name)
+            partial = made.with_suffix(".partial")
+            partial.write_bytes(pickle.dumps(value))
+            partial.rename(made)  # a worker that finds the file finds it whole
+            return value
+    return pickle.loads(made.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ckpts")
-    return {name: write_checkpoint(name, root) for name in CHECKPOINTS}
+    return once(tmp_path_factory, "ckpts", lambda root: {name: write_checkpoint(name, root) for name in CHECKPOINTS})
 
 
 # Mixtures of experts: 6 experts, so that EP 4 shares them out unevenly (2, 2, 1, 1); Qwen2-MoE with its shared
@@ -165,13 +191,14 @@ def write_moe_checkpoint(name: str, directory: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def moe_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("moe")
-    return {name: write_moe_checkpoint(name, root) for name in MOE + BALANCED}
+    return once(tmp_path_factory, "moe",
+                lambda root: {name: write_moe_checkpoint(name, root) for name in MOE + BALANCED})
 
 
 @pytest.fixture(scope="session")
-def references(checkpoints) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {name: hf_reference(path, PROMPT, STEPS) for name, path in checkpoints.items()}
+def references(checkpoints, tmp_path_factory) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return once(tmp_path_factory, "references",
+                lambda _: {name: hf_reference(path, PROMPT, STEPS) for name, path in checkpoints.items()})
 
 
 @pytest.fixture(scope="session")
@@ -182,4 +209,4 @@ def smollm2(tmp_path_factory) -> tuple[Path, Path]:
     from shardwise.io.gguf.importer import import_gguf
 
     src = smollm2_gguf()
-    return src, import_gguf(src, tmp_path_factory.mktemp("smol") / "hf", dtype="float32")
+    return src, once(tmp_path_factory, "smol", lambda root: import_gguf(src, root / "hf", dtype="float32"))
