@@ -24,11 +24,12 @@ def export_under(layout: Layout, provider: str, checkpoints: dict[str, str], out
         export(load_weights(path, layout, progress=False, provider=provider), outs[name])
 
 
-def train_in_two_runs(path: str, save: str, ep: int, expected, first: int) -> dict:
+def train_in_two_runs(path: str, save: str, layout: Layout, expected, first: int) -> dict:
     """Half of a training run in two: with ``first`` 0, the first half of the steps from the HF checkpoint under
-    ``ep``, saved as a training checkpoint at ``save``; with ``first`` the step to go on from, the rest, loaded from
-    ``save`` under this ``ep`` with AdamW's state restored. Returns the losses of its steps, and after the second
-    half the largest weight error against HF's final weights (``expected``), relative to each tensor's max |w|."""
+    ``layout``, saved as a training checkpoint at ``save``; with ``first`` the step to go on from, the rest, loaded
+    from ``save`` under this ``layout`` with AdamW's state restored. Returns the losses of its steps, and after the
+    second half the largest weight error against HF's final weights (``expected``), relative to each tensor's max
+    |w|."""
     import torch.distributed as dist
     from train_workers import BATCH, HYPER, SEQ, STEPS, batch
 
@@ -38,7 +39,7 @@ def train_in_two_runs(path: str, save: str, ep: int, expected, first: int) -> di
     from shardwise.train.step import Trainer
 
     source = path if first == 0 else save
-    with load_model(source, Layout(ep=ep), dtype=torch.float32, progress=False) as model:
+    with load_model(source, layout, dtype=torch.float32, progress=False) as model:
         optimizer = AdamW(model.provider, **HYPER)
         if first:
             restore(save, model, optimizer)

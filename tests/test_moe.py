@@ -24,14 +24,16 @@ from train_workers import hf_run, train_all
 from shardwise import Layout, LayoutError, load_spec, plan_rank
 
 EXPERTS = 6
-MESHES = [  # (layout, provider): EP alone (even, uneven), with TP, with PP, and ZeRO-3 over DP within each expert
+ROUND_ROBIN = "round-robin"
+MESHES = [  # (layout, provider): EP alone (even, uneven, round-robin), with TP, with PP, ZeRO-3 over DP per expert
     (Layout(), "resident"), (Layout(ep=2), "resident"), (Layout(ep=3), "resident"), (Layout(ep=4), "resident"),
+    (Layout(ep=4, expert_placement=ROUND_ROBIN), "resident"),
     (Layout(tp=2, ep=2), "resident"), (Layout(pp=2, ep=2), "resident"), (Layout(dp=2, ep=2), "zero3"),
     (Layout(tp=3), "resident")]
 
 
 TRAINED = [f"{family}-untied" for family in FAMILIES] + BALANCED
-RESUMED = "qwen2_moe-balanced"  # trained 4 steps at EP 2, saved, resumed at EP 3 for 4 more
+RESUMED = "qwen2_moe-balanced"  # trained 4 steps at EP 2 round-robin, saved, resumed at EP 3 contiguous for 4 more
 TRAIN_MESHES = [(1, 1, 1, "resident"), (1, 1, 2, "resident"), (1, 2, 2, "resident"), (1, 2, 2, "zero3"),
                 (2, 1, 2, "resident")]  # (tp, dp, ep, provider)
 
@@ -63,8 +65,10 @@ def runs(moe_checkpoints, exported) -> SharedLaunches:
         outs = {name: str(exported / str(i) / name) for name in paths}
         jobs["export", mesh] = (mesh[0].world_size, export_under, (*mesh, paths, outs))
     resumed, save = TRAINED.index(RESUMED), str(exported / "resume")
-    jobs["resume", 2] = (2, train_in_two_runs, (trained[resumed], save, 2, expected[resumed], 0))
-    jobs["resume", 3] = (3, train_in_two_runs, (trained[resumed], save, 3, expected[resumed], STEPS_TRAINED // 2))
+    jobs["resume", 2] = (2, train_in_two_runs, (trained[resumed], save, Layout(ep=2, expert_placement=ROUND_ROBIN),
+                                                expected[resumed], 0))
+    jobs["resume", 3] = (3, train_in_two_runs, (trained[resumed], save, Layout(ep=3), expected[resumed],
+                                                STEPS_TRAINED // 2))
     return SharedLaunches(jobs, timeout=600, needs={3: (2,)})
 
 
@@ -102,8 +106,9 @@ def test_training_matches_hf(mesh, runs):
 
 
 def test_training_resumes_under_another_ep_degree(runs, moe_checkpoints):
-    """Saved at EP 2 after 4 steps (masters and AdamW's moments, each expert by its holder), resumed at EP 3 (other
-    ranks hold other experts): the 8 losses and the final weights are HF's uninterrupted run's."""
+    """Saved at EP 2, round-robin, after 4 steps (masters and AdamW's moments, each expert by its holder), resumed at
+    EP 3, contiguous (other ranks hold other experts): the 8 losses and the final weights are HF's uninterrupted
+    run's."""
     expected_losses, _, _ = hf_run(str(moe_checkpoints[RESUMED]), None)
     first, then = runs.result(("resume", 2))[0], runs.result(("resume", 3))[0]
     losses = first["losses"] + then["losses"]
@@ -125,32 +130,33 @@ def test_the_spec_lists_what_hf_wrote(moe_checkpoints, name):
     assert {key: info.shape for key, info in spec.tensors().items()} == written
 
 
-@pytest.mark.parametrize("ep,shares", [(2, [3, 3]), (3, [2, 2, 2]), (4, [2, 2, 1, 1])])
-def test_each_rank_holds_only_its_experts(moe_checkpoints, ep, shares):
+@pytest.mark.parametrize("ep,placement,shares", [
+    (2, "contiguous", [{0, 1, 2}, {3, 4, 5}]), (3, "contiguous", [{0, 1}, {2, 3}, {4, 5}]),
+    (4, "contiguous", [{0, 1}, {2, 3}, {4}, {5}]), (4, ROUND_ROBIN, [{0, 4}, {1, 5}, {2}, {3}])])
+def test_each_rank_holds_only_its_experts(moe_checkpoints, ep, placement, shares):
     """A rank's boxes name its own experts' tensors and no other's: that is all it reads. Together the ranks hold
     every expert once; the router and attention are whole on each."""
     spec = load_spec(moe_checkpoints["qwen2_moe-untied"])
-    held = []
     for rank in range(ep):
-        plan = plan_rank(spec, Layout(ep=ep), rank)
+        plan = plan_rank(spec, Layout(ep=ep, expert_placement=placement), rank)
         sources = {box.source for t in plan.tensors.values() for box in t.boxes}
         experts = {int(s.split(".experts.")[1].split(".")[0]) for s in sources if ".experts." in s}
-        assert len(experts) == shares[rank] and experts == set(range(*plan.experts)), (rank, experts)
+        assert experts == shares[rank] == set(plan.experts), (rank, experts)
         assert all(s in sources for s in spec.tensors() if ".experts." not in s), f"rank {rank} lacks a shared tensor"
-        held += sorted(experts)
-    assert held == list(range(EXPERTS))
 
 
-def test_plan_shows_each_ranks_experts_and_their_bytes(moe_checkpoints, capsys):
+@pytest.mark.parametrize("placement,shares", [("contiguous", ["0-1", "2-3", "4", "5"]),
+                                               (ROUND_ROBIN, ["0::4", "1::4", "2", "3"])])
+def test_plan_shows_each_ranks_experts_and_their_bytes(moe_checkpoints, capsys, placement, shares):
     from shardwise.cli import main
 
-    main(["plan", str(moe_checkpoints["qwen2_moe-untied"]), "--ep", "4"])
+    main(["plan", str(moe_checkpoints["qwen2_moe-untied"]), "--ep", "4", "--expert-placement", placement])
     lines = capsys.readouterr().out.splitlines()
     columns = lines[1].split("q/kv heads")[1].split()
     assert columns[:2] == ["ep", "held"], lines[1]
     megabytes = columns[2:].index("experts")  # the column of the experts' bytes
     rows = [line.split() for line in lines[2:6]]
-    assert [(row[6], row[7]) for row in rows] == [("0", "0-1"), ("1", "2-3"), ("2", "4"), ("3", "5")]
+    assert [(row[6], row[7]) for row in rows] == list(zip("0123", shares))
     held = [float(re.findall(r"([\d.]+) MB", line)[megabytes]) for line in lines[2:6]]
     assert held[0] == held[1] == 2 * held[2] == 2 * held[3] > 0, lines
 

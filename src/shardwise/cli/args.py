@@ -13,7 +13,7 @@ import torch
 
 from ..io.loader import Provide, check_provider_options
 from ..launch import in_torchrun
-from ..plan.mesh import Layout
+from ..plan.mesh import PLACEMENTS, Layout
 from ..plan.rank import PROVIDERS, plan_rank
 from ..plan.series import Series, SeriesError
 from ..plan.spec import DTYPES, load_spec
@@ -66,6 +66,8 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp", type=POSITIVE, default=1, help="data-parallel degree (replicas, or ZeRO-3 shards)")
     p.add_argument("--ep", type=POSITIVE, default=1, help="expert-parallel degree: ranks that share out a mixture "
                    "of experts' routed experts (each reads and computes only its own)")
+    p.add_argument("--expert-placement", choices=PLACEMENTS, default="contiguous",
+                   help="which experts each EP rank holds: a contiguous run each, or every ep-th (round-robin)")
     p.add_argument("--tp-plan", metavar="FILE.json", help="a TP plan in HF's vocabulary replacing the model's "
                    "('shardwise plan --show-tp-plan' prints it): module pattern -> style; what it leaves out is "
                    "replicated")
@@ -99,7 +101,8 @@ def _provider_args(p: argparse.ArgumentParser) -> None:
 
 def _layout(args) -> Layout:
     """The mesh and TP plan the flags ask for (a plan file is read, not yet checked against the model)."""
-    return Layout(args.tp, args.pp, args.dp, None if args.tp_plan is None else TpPlan.of(args.tp_plan), args.ep)
+    return Layout(args.tp, args.pp, args.dp, None if args.tp_plan is None else TpPlan.of(args.tp_plan), args.ep,
+                  args.expert_placement)
 
 
 def _provide(args) -> Provide:

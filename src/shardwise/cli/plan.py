@@ -74,9 +74,7 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
                                f"{_mb(m['windows'])}, saves {_mb(m['unsharded'] - m['held'] - m['windows'])}")
         layers = f"{plan.layers.start}-{plan.layers.stop - 1}"
         heads = f"{plan.heads.n_q}/{plan.heads.n_kv}"
-        lo, hi = plan.experts
-        held = f"{lo}-{hi - 1}" if hi - lo > 1 else str(lo)
-        experts = f"{layout.ep_rank(rank):>3} {held:>8} " if spec.experts else ""
+        experts = f"{layout.ep_rank(rank):>3} {_held(plan.experts):>8} " if spec.experts else ""
         lines.append(f"{rank:>4} {plan.stage:>5} {plan.dp_rank:>3} {plan.tp_rank:>3} {layers:>9} {heads:>10} "
                      + experts + " ".join(f"{_mb(kinds[c]):>11}" for c in columns) + f" {_mb(total):>11}")
     if train:
@@ -104,3 +102,10 @@ def cmd_plan(args) -> None:
         print(json.dumps(plan_in_force(spec, layout.tp_plan).as_dict(), indent=2))
         return
     print(plan_table(args.path, layout, args.dtype, _provide(args), args.train))
+
+
+def _held(experts: range) -> str:
+    """A rank's experts: a run as ``lo-hi``, round-robin as a slice (``1::4``: every 4th from 1)."""
+    if len(experts) == 1:
+        return str(experts.start)
+    return f"{experts.start}-{experts[-1]}" if experts.step == 1 else f"{experts.start}::{experts.step}"

@@ -173,6 +173,7 @@ class ShardedCheckpoint:
         layout = _field(raw, "layout", dict, self.path)
         tp, pp = (_field(layout.get(k), f"layout.{k}", int, self.path) for k in ("tp", "pp"))
         dp, ep = (_field(layout.get(k, 1), f"layout.{k}", int, self.path) for k in ("dp", "ep"))
+        placement = _field(layout.get("expert_placement", "contiguous"), "layout.expert_placement", str, self.path)
         self.provider = _field(layout.get("provider", "resident"), "layout.provider", str, self.path)
         if self.provider not in PROVIDERS:
             raise CheckpointError(f"{self.path}: field 'layout.provider' is {shown(self.provider)}, expected one of "
@@ -183,7 +184,7 @@ class ShardedCheckpoint:
         except SeriesError as e:
             raise CheckpointError(f"{self.path}: field 'layout.series': {e}") from None
         try:
-            return Layout(tp, pp, dp, ep=ep)
+            return Layout(tp, pp, dp, ep=ep, expert_placement=placement)
         except LayoutError as e:
             raise CheckpointError(f"{self.path}: field 'layout': {e}") from None
 
@@ -318,6 +319,14 @@ def _stored_dtypes(weights: Weights, state: State | None) -> dict[str, torch.dty
     return {name: torch.float32 if state else weights.source_dtypes[name] for name in weights.plan.spec.tensors()}
 
 
+def _expert_layout(layout: Layout) -> dict:
+    """The EP fields of a manifest's layout, written only under EP: a dense model's manifest stays as it was."""
+    if layout.ep == 1:
+        return {}
+    return {"ep": layout.ep} | ({} if layout.expert_placement == "contiguous" else
+                                {"expert_placement": layout.expert_placement})
+
+
 def manifest(weights: Weights, state: State | None = None) -> dict:
     """The manifest of a sharded save, computed from plans alone: every rank could write it."""
     spec, layout = weights.plan.spec, weights.plan.layout
@@ -336,7 +345,7 @@ def manifest(weights: Weights, state: State | None = None) -> dict:
                 for ns in namespaces[1:] for name, info in spec.tensors().items()}
     return {
         "format": FORMAT,
-        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, **({"ep": layout.ep} if layout.ep > 1 else {}),
+        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, **_expert_layout(layout),
                    "provider": weights.plan.provider, "series": [str(s) for s in weights.plan.declared]},
         "tensors": tensors,
         "files": files,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..dist.collectives import all_to_all_rows, exchange, gather_from, scatter_to
 from ..dist.comm import Comm
 from ..plan.boxes import split_evenly
-from ..plan.rank import RankPlan, expert_placement
+from ..plan.rank import RankPlan, expert_shares
 
 
 class MoE:
@@ -32,10 +32,15 @@ class MoE:
     def __init__(self, plan: RankPlan, comm: Comm):
         spec, routing = plan.spec, plan.spec.table.routing
         self.group, self.ep = (comm.ep_group if plan.layout.ep > 1 else None), plan.layout.ep
-        # The first expert of each EP rank after the first: which rank holds a chosen expert.
-        self.bounds = torch.tensor([lo for lo, _ in expert_placement(spec, plan.layout)[1:]], dtype=torch.long)
+        # Each expert's EP rank, and its place in that rank's stack: a chosen expert's row goes to ``owner[e]``,
+        # which computes it with its ``slot[e]``-th expert.
+        self.owner = torch.empty(spec.experts, dtype=torch.long)
+        self.slot = torch.empty(spec.experts, dtype=torch.long)
+        for rank, share in enumerate(expert_shares(spec, plan.layout)):
+            self.owner[share.start:share.stop:share.step] = rank
+            self.slot[share.start:share.stop:share.step] = torch.arange(len(share))
         self.top_k, self.norm_topk, self.fp32_weights = spec.top_k, spec.norm_topk, routing.weights_in_fp32
-        self.experts = range(*plan.experts)
+        self.local_experts = len(plan.experts)
         self.shared = spec.shared_expert
         self.remember = False  # keep the last call's routing (training's balancing loss reads it)
         self.routed: tuple[torch.Tensor, torch.Tensor] | None = None  # (probabilities, chosen experts)
@@ -76,7 +81,7 @@ class MoE:
         rows = x.repeat_interleave(self.top_k, dim=0)
         if self.group is None:
             return self.compute(rows, chosen, gate_up, down)
-        owner = torch.bucketize(chosen, self.bounds.to(chosen.device), right=True)
+        owner = self.owner.to(chosen.device)[chosen]
         order = torch.argsort(owner, stable=True)
         send = torch.bincount(owner, minlength=self.ep)
         receive = all_to_all_rows(send, [1] * self.ep, [1] * self.ep, self.group).tolist()
@@ -90,8 +95,8 @@ class MoE:
                 ) -> torch.Tensor:
         """Each row through its expert (one of this rank's), in the rows' order: grouped by expert, one grouped
         matmul per projection, as HF's grouped path."""
-        local, hidden = len(self.experts), rows.shape[-1]
-        expert, order = torch.sort(chosen - self.experts.start, stable=True)
+        local, hidden = self.local_experts, rows.shape[-1]
+        expert, order = torch.sort(self.slot.to(chosen.device)[chosen], stable=True)
         ends = torch.bincount(expert, minlength=local).cumsum(0).to(torch.int32)
         h = grouped_linear(rows[order], gate_up.view(local, -1, hidden), ends)
         gate, up = h.chunk(2, dim=-1)

@@ -25,6 +25,9 @@ class LayoutError(ValueError):
     """No correct layout exists for this model on this grid."""
 
 
+PLACEMENTS = ("contiguous", "round-robin")  # how EP ranks share out the routed experts (plan.rank.expert_shares)
+
+
 @dataclass(frozen=True)
 class Layout:
     """The mesh, and the TP plan that says how each tensor splits over its TP ranks (None: the model's own)."""
@@ -34,13 +37,18 @@ class Layout:
     dp: int = 1
     tp_plan: TpPlan | None = None
     ep: int = 1
+    expert_placement: str = "contiguous"
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1 or self.dp < 1 or self.ep < 1:
             raise LayoutError(f"tp, pp, dp and ep must be >= 1, got {self}")
+        if self.expert_placement not in PLACEMENTS:
+            raise LayoutError(f"expert placement {self.expert_placement!r} is not one of {', '.join(PLACEMENTS)}")
 
     def __str__(self) -> str:
-        return f"tp={self.tp} pp={self.pp} dp={self.dp}" + (f" ep={self.ep}" if self.ep != 1 else "")
+        ep = f" ep={self.ep}" if self.ep != 1 else ""
+        return f"tp={self.tp} pp={self.pp} dp={self.dp}{ep}" + (
+            f" {self.expert_placement}" if self.ep != 1 and self.expert_placement != "contiguous" else "")
 
     @property
     def world_size(self) -> int:

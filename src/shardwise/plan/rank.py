@@ -34,7 +34,7 @@ class RankPlan:
 
     ``styles`` is the TP style each tensor kind runs with (``tp.resolve``); ``heads``, ``ffn``
     and ``vocab`` are the rank's share where they are split, else the whole; ``experts`` the
-    range of routed experts it holds (all of them without EP; (0, 0) in a dense model).
+    routed experts it holds, in the order it stacks them (all without EP; none in a dense model).
     ``work`` are the TP-local tensors the model computes with, handed out per block
     (``blocks``: "embed", "layers.N", "head"); ``alias`` maps a tensor that is another
     one on this rank (a tied LM head beside its embedding) to it. ``tensors`` is what
@@ -52,7 +52,7 @@ class RankPlan:
     heads: Heads
     ffn: tuple[int, int]
     vocab: tuple[int, int]
-    experts: tuple[int, int]
+    experts: range
     styles: dict[str, str]
     work: dict[str, ShardedTensor]
     blocks: dict[str, tuple[str, ...]]
@@ -137,11 +137,11 @@ def local_tensor(spec: ModelSpec, kind: Kind, name: str, n: int, ranges: dict[st
     return ShardedTensor(name, local, tuple(boxes))
 
 
-def expert_tensor(spec: ModelSpec, kind: Kind, name: str, n: int, experts: tuple[int, int]) -> ShardedTensor:
-    """A routed expert kind's local tensor in layer ``n``: the rank's experts, each whole, each its parts in turn,
-    stacked along dim 0 (an (experts, rows, cols) tensor read as 2-D)."""
+def expert_tensor(spec: ModelSpec, kind: Kind, name: str, n: int, experts: range) -> ShardedTensor:
+    """A routed expert kind's local tensor in layer ``n``: the rank's experts in order, each whole, each its parts in
+    turn, stacked along dim 0 (an (experts, rows, cols) tensor read as 2-D)."""
     boxes, at = [], 0
-    for e in range(*experts):
+    for e in experts:
         for part in kind.parts:
             shape = tuple(spec.size(s) for s in part.shape)
             boxes.append(Box(spec.source_of(part, n, e), (0, 0), shape, (at, 0)))
@@ -150,14 +150,14 @@ def expert_tensor(spec: ModelSpec, kind: Kind, name: str, n: int, experts: tuple
 
 
 def _block_tensors(spec: ModelSpec, kinds: tuple[Kind, ...], block: Block, ranges: dict[str, tuple[int, int]],
-                   styles: dict[str, str]) -> dict[TensorName, ShardedTensor]:
+                   experts: range, styles: dict[str, str]) -> dict[TensorName, ShardedTensor]:
     """The local tensors of one block (the embedding, a decoder layer, the head), in table order."""
     out = {}
     for kind in kinds:
         if spec.holds(kind, block.layer):
             name = TensorName(block, kind.local)
             n = block.layer or 0
-            out[name] = (expert_tensor(spec, kind, name, n, ranges["experts"]) if kind.expert else
+            out[name] = (expert_tensor(spec, kind, name, n, experts) if kind.expert else
                          local_tensor(spec, kind, name, n, ranges, styles[kind.local]))
     return out
 
@@ -191,15 +191,15 @@ def _plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str, series
 
     arch = spec.table
     d = spec.head_dim
-    experts = expert_placement(spec, layout)[layout.ep_rank(rank)]
+    experts = expert_shares(spec, layout)[layout.ep_rank(rank)]
     ranges = {"q": (heads.q[0] * d, heads.q[1] * d), "kv": (heads.kv[0] * d, heads.kv[1] * d), "ffn": ffn,
-              "vocab": vocab, "experts": experts}
+              "vocab": vocab}
     work: dict[str, ShardedTensor] = {}
     blocks: dict[Block, tuple[TensorName, ...]] = {}
     mine = ([(EMBED, arch.embed)] if stage == 0 else []) + [(Block.of_layer(n), arch.layer) for n in layers] + (
         [(HEAD, arch.head)] if stage == layout.pp - 1 else [])
     for block, kinds in mine:
-        tensors = _block_tensors(spec, kinds, block, ranges, styles)
+        tensors = _block_tensors(spec, kinds, block, ranges, experts, styles)
         work.update(tensors)
         blocks[block] = tuple(tensors)
     alias = _shared_storage(work)
@@ -238,17 +238,21 @@ def _tp_share(spec: ModelSpec, tp: int, tp_rank: int, styles: dict[str, str]
     return heads, shares["ffn"], shares["vocab"]
 
 
-def expert_placement(spec: ModelSpec, layout: Layout) -> list[tuple[int, int]]:
-    """The routed experts each EP rank holds: a contiguous run each, as even as the count allows (6 over EP 4 is 2,
-    2, 1, 1). The one place that decides it: the plan's boxes and the dispatch's routing both read it."""
+def expert_shares(spec: ModelSpec, layout: Layout) -> list[range]:
+    """The routed experts each EP rank holds, as ``layout.expert_placement`` says: a contiguous run each, as even as
+    the count allows (6 over EP 4 is 0-1, 2-3, 4, 5), or round-robin (rank r every ep-th expert from r: 0,4 / 1,5 /
+    2 / 3), which spreads neighbouring experts, often alike in load, over ranks. The one place that decides it: the
+    plan's boxes and the dispatch's routing both read it."""
     if layout.ep == 1:
-        return [(0, spec.experts)]
+        return [range(spec.experts)]
     if not spec.experts:
         raise LayoutError(f"ep={layout.ep} needs a mixture of experts; {spec.arch} has none")
     if layout.ep > spec.experts:
         raise LayoutError(f"ep={layout.ep} exceeds the {plural(spec.experts, 'routed expert')}: some rank would hold "
                           "none")
-    return split_evenly(spec.experts, layout.ep)
+    if layout.expert_placement == "round-robin":
+        return [range(r, spec.experts, layout.ep) for r in range(layout.ep)]
+    return [range(lo, hi) for lo, hi in split_evenly(spec.experts, layout.ep)]
 
 
 def _resident_buffers(work: dict[str, ShardedTensor], alias: dict[str, str]) -> tuple[Buffer, ...]:
