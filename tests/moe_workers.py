@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from shardwise import Layout, load_model
+from shardwise import Layout, Series, load_model
+
+EXPERT_SERIES = (Series("*.experts_down", prefetch=0), Series("*.experts_gate_up", prefetch=0))
+"""The series provider's declarations here: each sparse layer's experts stored by one DP rank (Qwen3-MoE's dense
+layer has none, so its series span the two sparse layers, and k is 0)."""
 
 
 def moe_outputs(layout: Layout, provider: str, checkpoints: dict[str, str], ids: torch.Tensor, steps: int) -> dict:
-    """Logits and greedy tokens of every checkpoint under one layout and provider."""
+    """Logits and greedy tokens of every checkpoint under one layout and provider (``EXPERT_SERIES`` for
+    ``series``)."""
     out = {}
+    series = EXPERT_SERIES if provider == "series" else ()
     for name, path in checkpoints.items():
-        with load_model(path, layout, progress=False, provider=provider) as model:
+        with load_model(path, layout, progress=False, provider=provider, series=series) as model:
             out[name] = (model(ids), model.generate(ids, steps))
     return out
 

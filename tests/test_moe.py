@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BALANCED, FAMILIES, MOE, PROMPT, STEPS, hf_reference
-from moe_workers import export_under, moe_outputs, train_in_two_runs
+from moe_workers import EXPERT_SERIES, export_under, moe_outputs, train_in_two_runs
 from safetensors import safe_open
 from shared_launch import SharedLaunches
 from test_export import assert_same_checkpoint
@@ -25,11 +25,12 @@ from shardwise import Layout, LayoutError, load_spec, plan_rank
 
 EXPERTS = 6
 ROUND_ROBIN = "round-robin"
-MESHES = [  # (layout, provider): EP alone (even, uneven, round-robin), with TP, with PP, ZeRO-3 over DP per expert
+MESHES = [  # (layout, provider): EP alone (even, uneven, round-robin), with TP, with PP, ZeRO-3 over DP per expert,
+    # each sparse layer's experts stored by one DP rank (series)
     (Layout(), "resident"), (Layout(ep=2), "resident"), (Layout(ep=3), "resident"), (Layout(ep=4), "resident"),
     (Layout(ep=4, expert_placement=ROUND_ROBIN), "resident"),
     (Layout(tp=2, ep=2), "resident"), (Layout(pp=2, ep=2), "resident"), (Layout(dp=2, ep=2), "zero3"),
-    (Layout(tp=3), "resident")]
+    (Layout(tp=3), "resident"), (Layout(dp=2), "series"), (Layout(dp=2, ep=2), "series")]
 
 
 TRAINED = [f"{family}-untied" for family in FAMILIES] + BALANCED
@@ -143,6 +144,19 @@ def test_each_rank_holds_only_its_experts(moe_checkpoints, ep, placement, shares
         experts = {int(s.split(".experts.")[1].split(".")[0]) for s in sources if ".experts." in s}
         assert experts == shares[rank] == set(plan.experts), (rank, experts)
         assert all(s in sources for s in spec.tensors() if ".experts." not in s), f"rank {rank} lacks a shared tensor"
+
+
+def test_a_series_of_expert_tensors_spans_the_sparse_layers(moe_checkpoints):
+    """Qwen3-MoE's layer 1 is dense: a series of expert tensors holds layers 0 and 2, each stored by one DP rank
+    with the experts its EP rank holds, and a rank's boxes name the experts of its own series layer only."""
+    spec = load_spec(moe_checkpoints["qwen3_moe-untied"])
+    layout = Layout(dp=2, ep=2)
+    for rank in range(layout.world_size):
+        plan = plan_rank(spec, layout, rank, "series", EXPERT_SERIES)
+        assert [[name.block.layer for name in s.names] for s in plan.series] == [[0, 2], [0, 2]]
+        stored = {int(box.source.split(".")[2]) for t in plan.tensors.values() for box in t.boxes
+                  if ".experts." in box.source}
+        assert stored == {2 * plan.dp_rank}, (rank, stored)
 
 
 @pytest.mark.parametrize("placement,shares", [("contiguous", ["0-1", "2-3", "4", "5"]),

@@ -93,9 +93,9 @@ def plan_series(declared: Iterable[Series], work: dict[str, ShardedTensor], stag
                 dp: int) -> tuple[SeriesPlan, ...]:
     """Each declaration's tensors on this stage, owned round-robin by the DP ranks; every mistake a ``SeriesError``.
 
-    A declaration must span at least two of the stage's layers with ``0 <= k <= layers - 2``
-    (k + 1 windows must be fewer than the layers, or nothing is saved), match exactly
-    one tensor in each of them, all of one shape, and claim no tensor another series has.
+    A declaration must match one tensor in at least two of the stage's layers, at most one per
+    layer, all of one shape, with ``0 <= k <= layers - 2`` (k + 1 windows must be fewer than the
+    layers, or nothing is saved), and claim no tensor another series has.
     """
     out, claimed = [], {}
     for series in declared:
@@ -112,15 +112,16 @@ def plan_series(declared: Iterable[Series], work: dict[str, ShardedTensor], stag
         span = [n for n in stage_layers if lo <= n < hi]
         if not span:
             continue
-        names = [_match(series, work, n) for n in span]
+        names = _matches(series, work, span)
         shapes = {work[name].shape for name in names}
         if len(shapes) > 1:
             raise SeriesError(f"series {series}: matches differently shaped tensors "
                               f"({', '.join(f'{n} {list(work[n].shape)}' for n in names)}): a series broadcasts "
                               "every layer into the same windows")
-        if not 0 <= series.prefetch <= len(span) - 2:
-            raise SeriesError(f"series {series}: k={series.prefetch} is out of range: with {len(span)} of its layers "
-                              f"on this stage ({span[0]}:{span[-1] + 1}), k must satisfy 0 <= k <= {len(span) - 2}")
+        if not 0 <= series.prefetch <= len(names) - 2:
+            raise SeriesError(f"series {series}: k={series.prefetch} is out of range: with {len(names)} of its layers "
+                              f"on this stage (layers {', '.join(str(n.block.layer) for n in names)}), k must satisfy "
+                              f"0 <= k <= {len(names) - 2}")
         for name in names:
             if name in claimed:
                 raise SeriesError(f"series {series} overlaps series {claimed[name]}: both claim {name}")
@@ -129,14 +130,27 @@ def plan_series(declared: Iterable[Series], work: dict[str, ShardedTensor], stag
     return tuple(out)
 
 
-def _match(series: Series, work: dict[str, ShardedTensor], layer: int) -> str:
-    """The one local tensor of ``layer`` that the pattern names."""
-    names = [name for name in work if name.block.layer == layer]
-    found = [name for name in names if fnmatch.fnmatchcase(name, series.pattern)]
+def _matches(series: Series, work: dict[str, ShardedTensor], span: list[int]) -> list[str]:
+    """The tensor the pattern names in each of the ``span`` layers that holds one.
+
+    A layer without a match is left out rather than refused: a mixture of experts may mix dense
+    layers in (Qwen3-MoE's ``mlp_only_layers``), and a series of expert tensors spans the sparse
+    ones. A pattern matching nothing in any layer is a mistake.
+    """
+    names = [name for layer in span if (name := _match(series, work, layer))]
+    if not names:
+        shorts = ", ".join(name.kind for name in work if name.block.layer == span[0])
+        raise SeriesError(f"series {series}: pattern {series.pattern!r} matches no tensor of layers "
+                          f"{span[0]}:{span[-1] + 1} (the tensors of layer {span[0]} are {shorts}; "
+                          "e.g. '*.o' or '*.down')")
+    return names
+
+
+def _match(series: Series, work: dict[str, ShardedTensor], layer: int) -> str | None:
+    """The one local tensor of ``layer`` that the pattern names, if any."""
+    found = [name for name in work if name.block.layer == layer and fnmatch.fnmatchcase(name, series.pattern)]
     if not found:
-        shorts = ", ".join(name.kind for name in names)
-        raise SeriesError(f"series {series}: pattern {series.pattern!r} matches no tensor of layer {layer} "
-                          f"(its tensors are {shorts}; e.g. '*.o' or '*.down')")
+        return None
     if len(found) > 1:
         shapes = {work[n].shape for n in found}
         kind = "differently shaped tensors" if len(shapes) > 1 else f"{len(found)} tensors"
