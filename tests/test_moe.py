@@ -131,6 +131,25 @@ def test_the_spec_lists_what_hf_wrote(moe_checkpoints, name):
     assert {key: info.shape for key, info in spec.tensors().items()} == written
 
 
+def test_training_says_it_leaves_out_mixtrals_router_jitter(moe_checkpoints, tmp_path, caplog):
+    """HF's Mixtral training multiplies each MoE input by random noise when ``router_jitter_noise`` is set; shardwise
+    trains without it and says so once, as the trainer starts."""
+    import json
+    import shutil
+
+    from shardwise import load_model
+    from shardwise.train.optim import AdamW
+    from shardwise.train.step import Trainer
+
+    path = shutil.copytree(moe_checkpoints["mixtral-untied"], tmp_path / "jitter")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"router_jitter_noise": 0.1}))
+    assert load_spec(path).router_jitter == 0.1 and load_spec(moe_checkpoints["mixtral-untied"]).router_jitter == 0
+    with load_model(path, progress=False) as model:
+        Trainer(model, AdamW(model.provider))
+    assert "router_jitter_noise=0.1" in caplog.text and "trains without it" in caplog.text
+
+
 @pytest.mark.parametrize("ep,placement,shares", [
     (2, "contiguous", [{0, 1, 2}, {3, 4, 5}]), (3, "contiguous", [{0, 1}, {2, 3}, {4, 5}]),
     (4, "contiguous", [{0, 1}, {2, 3}, {4}, {5}]), (4, ROUND_ROBIN, [{0, 4}, {1, 5}, {2}, {3}])])

@@ -122,6 +122,7 @@ class ModelSpec:
     norm_topk: bool = False  # the top-k routing weights are renormalized to sum to one
     sparse_layers: tuple[bool, ...] = ()  # which layers route to experts
     aux_loss_coef: float = 0.0  # the balancing loss's weight in training (0: HF adds none, output_router_logits off)
+    router_jitter: float = 0.0  # Mixtral's router_jitter_noise: HF's training scales the MoE input by random noise
     tp_plan: TpPlan | None = None  # config.json's base_model_tp_plan, which replaces the built-in plan
     table: Arch | None = None  # the architecture's table (every tensor kind, its parts, its split); None: ARCHS'
     config: dict = field(default_factory=dict, compare=False, repr=False)
@@ -411,9 +412,10 @@ def _routing(cfg: dict, arch: Arch, layers: int) -> dict:
         sparse = tuple(n not in dense and (n + 1) % step == 0 for n in range(layers))
     norm = routing.norm_topk if isinstance(routing.norm_topk, bool) else _flag(cfg, routing.norm_topk)
     aux = _number(cfg, "router_aux_loss_coef", 0.001) if _flag(cfg, "output_router_logits") else 0.0
+    jitter = _number(cfg, "router_jitter_noise") if cfg.get("router_jitter_noise") else 0.0
     return dict(experts=experts, top_k=top_k, moe_ffn=_size(cfg, routing.expert_ffn), norm_topk=norm,
                 shared_ffn=_size(cfg, routing.shared_ffn) if routing.shared_ffn else 0, sparse_layers=sparse,
-                aux_loss_coef=aux)
+                aux_loss_coef=aux, router_jitter=jitter)
 
 
 def naming_dtype(config: dict, dtypes: Iterable[torch.dtype]) -> dict:

@@ -27,6 +27,7 @@ owns it (``RankPlan.owned``), and clipping scales by ``max_grad_norm / norm`` as
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -44,6 +45,8 @@ from .balance import Balance
 from .grads import DpGradReducer, PartialGradReducer
 from .loss import vocab_parallel_cross_entropy
 from .optim import MOMENTS, AdamW
+
+log = logging.getLogger(__name__)
 
 TRAINABLE = ("resident", "zero3")
 FP32 = torch.float32.itemsize
@@ -106,6 +109,10 @@ class Trainer:
         self.owned = [(self.grads[name], box.local_index()) for name, box in plan.owned()]
         coef = plan.spec.aux_loss_coef
         self.balance = Balance(model, coef) if coef and plan.spec.sparse else None
+        if plan.spec.router_jitter and plan.rank == 0:
+            log.warning("config.json sets router_jitter_noise=%g: HF's training multiplies each MoE layer's input by "
+                        "random noise in [1 - %g, 1 + %g]; shardwise trains without it, so its steps are "
+                        "deterministic and equal on every layout", *[plan.spec.router_jitter] * 3)
 
     def step(self, batches: list[torch.Tensor], global_tokens: int) -> StepResult:
         """Train on this DP rank's micro-batches (each (batch, seq) ids), then update once.
