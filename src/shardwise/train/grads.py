@@ -64,8 +64,7 @@ def ep_partials(plan: RankPlan) -> tuple[Partial, ...]:
     layout = plan.layout
     if layout.ep == 1:
         return ()
-    stage, d, _, t = layout.position(plan.rank)
-    group = tuple(layout.rank_of(stage, d, e, t) for e in range(layout.ep))
+    group = next(tuple(g) for g in layout.ep_groups() if plan.rank in g)
     arch = plan.spec.table
     return tuple(Partial(name, (slice(None),) * len(tensor.shape), group) for name, tensor in plan.work.items()
                  if arch.kind(name.kind).routes_a_share)
