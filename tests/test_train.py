@@ -63,7 +63,7 @@ def check(found: dict, what: str, weights: float = WEIGHTS) -> None:
     for rank, out in found.items():
         assert out["loss"] <= 1e-5, f"{what} {rank}: losses {out['losses']} vs {out['expected']}"
         assert out["norm"] <= 1e-5, f"{what} {rank}: gradient norms off by {out['norm']} relative"
-        assert out["weights"] <= weights, f"{what} {rank}: weight error {out['weights']}"
+        assert out["weights"] <= weights, f"{what} {rank}: weight error {out['weights']} in {out['worst_at']}"
     losses = found["rank 0"]["losses"]
     assert losses[-1] < losses[0], f"{what}: the loss did not fall: {losses}"
 

@@ -105,13 +105,16 @@ def train(path: str, tp: int, dp: int, provider: str = "resident", clip: float |
                    for step in range(STEPS)]
         losses, norms = [r.loss for r in results], [r.grad_norm for r in results]
         trainer.close()
-        worst = 0.0
+        worst, worst_at = 0.0, None
         for name, sharded in model.plan.tensors.items():
             got = model.weights.tensors[name].detach()
             for box in (b for b in sharded.boxes if not b.source.endswith(NOISE_ONLY)):
                 want, scale = expected[box.source][box.source_index()], expected[box.source].abs().max()
-                worst = max(worst, float((got[box.local_index()] - want).abs().max() / scale))
+                error = float((got[box.local_index()] - want).abs().max() / scale)
+                if error > worst:
+                    worst, worst_at = error, box.source
     out = {"loss": max(abs(a - b) / abs(b) for a, b in zip(losses, expected_losses)), "weights": worst,
+           "worst_at": worst_at,
            "norm": max(abs(a - b) / abs(b) for a, b in zip(norms, expected_norms)), "clipped": norms[0] > (clip or 1e9),
            "losses": losses, "expected": expected_losses, "norms": norms}
     if not dist.is_initialized():

@@ -2,7 +2,7 @@
 
 A batch of 32 sequences keeps every expert busy at each decode step (32 tokens x top-k
 choices), so a step streams every expert's bytes: at EP N each rank streams 1/N of them,
-while attention, the router and the LM head run whole on every rank. Decode is timed as
+and runs attention, the router and the LM head on its 1/N of the rows. Decode is timed as
 the difference between generating N+1 tokens and 1 (the prefill and the first token), so
 it counts decode steps alone; prefill is one forward over the prompts.
 """

@@ -52,6 +52,14 @@ class Comm:
                 dist.destroy_process_group(group)
         self.groups, self.tp_group, self.dp_group, self.ep_group, self.replica_group = [], None, None, None, None
 
+    def token_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` in place over the ranks that compute different tokens of a step: the EP group, whose ranks
+        take their own rows of the batch (``RankPlan.batch_rows``), and the DP replicas."""
+        for size, group in ((self.layout.ep, self.ep_group), (self.layout.dp, self.dp_group)):
+            if size > 1:
+                dist.all_reduce(x, group=group)
+        return x
+
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout.tp > 1 and not (self.shm is not None and self.shm(x)):
             dist.all_reduce(x, group=self.tp_group)
@@ -76,13 +84,16 @@ class Comm:
         return bool(x.item())
 
     def send_next(self, x: torch.Tensor) -> None:
-        """Hand activations to the same (replica, EP, TP) rank of the next pipeline stage."""
+        """Hand activations to the same (replica, EP, TP) rank of the next pipeline stage (none when the rank has no
+        rows of the batch: both ends know the shape)."""
         stage, d, e, t = self.layout.position(self.rank)
-        dist.send(x.contiguous(), self.layout.rank_of(stage + 1, d, e, t))
+        if x.numel():
+            dist.send(x.contiguous(), self.layout.rank_of(stage + 1, d, e, t))
 
     def recv_prev(self, like: torch.Tensor) -> torch.Tensor:
         stage, d, e, t = self.layout.position(self.rank)
-        dist.recv(like, self.layout.rank_of(stage - 1, d, e, t))
+        if like.numel():
+            dist.recv(like, self.layout.rank_of(stage - 1, d, e, t))
         return like
 
     def from_last_stage(self, x: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,

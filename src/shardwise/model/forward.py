@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dist.collectives import gather_from
 from ..dist.comm import Comm
-from ..plan.rank import RankPlan
+from ..plan.rank import RankPlan, batch_shares
 from ..providers.base import Provider
 from .layers import embedding, gather_output, linear, rms_norm
 from .moe import MoE
@@ -299,6 +300,10 @@ class Model(nn.Module):
         input_ids = input_ids.to(self.device)
         b, t = input_ids.shape
         keys = padding_keys(attention_mask, (b, start + t), self.device)
+        rows = self.plan.batch_rows(b)
+        input_ids = input_ids[rows.start:rows.stop]
+        if keys is not None:
+            keys = keys[rows.start:rows.stop]
         if keys is None:
             positions = torch.arange(start, start + t, device=self.device)
         else:
@@ -309,12 +314,19 @@ class Model(nn.Module):
             return self.head(h[:, -1:] if last_only else h, w, local_vocab)
 
         logits = walk(self, Pass(input_ids, cos, sin, start, self.caches, keys), head)
+        if logits is not None and self.plan.layout.ep > 1:
+            logits = self.gather_rows(logits, b)
         if local_vocab:
             if self.plan.layout.pp > 1:
                 raise ValueError(f"rank {self.comm.rank}: local_vocab=True needs pp=1 (stages pass full logits)")
             return logits
         out_shape = (b, 1 if last_only else t, self.spec.vocab)
         return self.comm.from_last_stage(logits, out_shape, self.dtype, self.device)
+
+    def gather_rows(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """Every EP rank's rows of ``x`` (``batch_rows``), in batch order; the backward keeps this rank's."""
+        sizes = [len(rows) for rows in batch_shares(batch, self.plan.layout)]
+        return gather_from(x.movedim(0, -1), sizes, self.comm.ep_group).movedim(-1, 0).contiguous()
 
     def embed(self, ids: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
         """The "embed" block: this rank's vocab rows of the embedding, assembled over TP (or the whole table)."""
@@ -365,7 +377,7 @@ class Model(nn.Module):
         b, t = ids.shape
         if mask is not None:  # generated tokens are always real, like the ones HF appends to the mask
             mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)
-        self._allocate_caches(b, t + max_new_tokens)
+        self._allocate_caches(len(self.plan.batch_rows(b)), t + max_new_tokens)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         eos = torch.tensor(eos_ids, dtype=ids.dtype, device=self.device)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)

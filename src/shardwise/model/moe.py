@@ -7,12 +7,11 @@ tokens routed to it (grouped by expert: one grouped matmul per projection), weig
 summed over each token's slots, and Qwen2-MoE's shared expert behind its sigmoid gate.
 
 The experts are the rank's (``RankPlan.experts``), stacked into one tensor per kind by the
-plan. Under EP the ranks of a group hold the same tokens; each routes its own run of them,
-sends every (token, slot) row to the rank holding its expert and gets the output back
-(all-to-all both ways, ``collectives.exchange``), weighs and sums its tokens' slots, and
-the runs are gathered so that every rank has every token's output again. The shared
-expert runs whole on every rank. Each collective's backward is its dual, so training
-works through the dispatch.
+plan. Under EP each rank of a group computes its own rows of the batch (``RankPlan.batch_rows``);
+it routes its tokens, sends every (token, slot) row to the rank holding its expert and gets
+the output back (all-to-all both ways, ``collectives.exchange``), and weighs and sums its
+tokens' slots. The shared expert runs on the rank's tokens like any dense weight. Each
+collective's backward is its dual, so training works through the dispatch.
 """
 
 from __future__ import annotations
@@ -20,9 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dist.collectives import all_to_all_rows, exchange, gather_from, scatter_to
+from ..dist.collectives import all_to_all_rows, exchange
 from ..dist.comm import Comm
-from ..plan.boxes import split_evenly
 from ..plan.rank import RankPlan, expert_shares
 
 
@@ -58,21 +56,14 @@ class MoE:
     def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        mine = x if self.group is None else scatter_to(x.t(), self.shares(len(x)), self.group).t()
-        weights, chosen = self.route(mine, w["router"])
-        y = self.dispatch(mine, chosen.reshape(-1), w["experts_gate_up"], w["experts_down"])
+        weights, chosen = self.route(x, w["router"])
+        y = self.dispatch(x, chosen.reshape(-1), w["experts_gate_up"], w["experts_down"])
         out = (y.view(*chosen.shape, x.shape[-1]) * weights[..., None]).sum(dim=1).to(x.dtype)
-        if self.group is not None:
-            out = gather_from(out.t(), self.shares(len(x)), self.group).t()
         if self.shared:
             gate, up = F.linear(x, w["shared_gate_up"]).chunk(2, dim=-1)
             shared = F.linear(F.silu(gate) * up, w["shared_down"])
             out = out + torch.sigmoid(F.linear(x, w["shared_gate"])) * shared
         return out.view(shape)
-
-    def shares(self, tokens: int) -> list[int]:
-        """How many of the tokens each EP rank routes (all ranks hold all of them; each routes its own run)."""
-        return [hi - lo for lo, hi in split_evenly(tokens, self.ep)]
 
     def dispatch(self, x: torch.Tensor, chosen: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
                  ) -> torch.Tensor:

@@ -62,9 +62,6 @@ class Kind:
     when: str | None = None  # a ModelSpec flag that must be set for the checkpoint to hold this kind
     follows: str | None = None  # split exactly as this kind is, whatever the plan says (a bias, a full-width norm)
     expert: bool = False  # one copy per routed expert, ``{e}`` in its part names (see the module docstring)
-    routes_a_share: bool = False
-    """Applied under EP to the rank's own share of the tokens (the router: each EP rank routes its run of them), so
-    each rank's gradient covers those tokens and is summed over the EP group."""
 
     def __post_init__(self) -> None:
         if self.style not in STYLES or self.init not in INITS or self.report not in REPORTS:
@@ -222,8 +219,7 @@ def _swiglu(local: str, prefix: str, gate: str, up: str, down: str, size: str, w
 
 def _moe(block: str, gate: str, up: str, down: str) -> tuple[Kind, ...]:
     """A sparse layer's router (every expert's logits, replicated) and its routed experts."""
-    return (Kind("router", (Part(f"{L}.{block}.gate.weight", ("experts", "hidden")),), report="mlp", when="sparse",
-                 routes_a_share=True),
+    return (Kind("router", (Part(f"{L}.{block}.gate.weight", ("experts", "hidden")),), report="mlp", when="sparse"),
             *_swiglu("experts_", f"{L}.{block}.experts.{{e}}", gate, up, down, "moe_ffn", "sparse", expert=True))
 
 

@@ -1,9 +1,10 @@
 """The rank grid: a ``Layout`` is a PP x DP x EP x TP mesh; ``head_split`` places attention heads on its TP ranks.
 
 Ranks are ordered (pp, dp, ep, tp), TP innermost as in torchtitan and Megatron, so a TP
-group is a run of consecutive ranks. The EP ranks of a replica hold the same tokens, as its
-TP ranks do: each holds a share of the routed experts (attention is split over TP within
-each), and tokens travel to their experts' ranks and back (``model.moe``).
+group is a run of consecutive ranks. The EP ranks of a replica take the same ids, as its
+TP ranks do: each holds a share of the routed experts and computes its own rows of the batch
+(``RankPlan.batch_rows``; attention is split over TP within each), and tokens travel to their
+experts' ranks and back (``model.moe``).
 """
 
 from __future__ import annotations

@@ -83,6 +83,10 @@ class RankPlan:
     def is_last(self) -> bool:
         return self.stage == self.layout.pp - 1
 
+    def batch_rows(self, batch: int) -> range:
+        """The rows of a (batch, seq) input this rank computes (see ``batch_shares``)."""
+        return batch_shares(batch, self.layout)[self.layout.ep_rank(self.rank)]
+
     def tp_peers(self) -> list[RankPlan]:
         """The plans of this rank's TP group (this one included), in TP order."""
         stage, dp_rank, ep_rank, _ = self.layout.position(self.rank)
@@ -236,6 +240,19 @@ def _tp_share(spec: ModelSpec, tp: int, tp_rank: int, styles: dict[str, str]
     if styles["qkv"] != "replicated":
         heads = head_split(spec.heads, spec.kv_heads, tp)[tp_rank]
     return heads, shares["ffn"], shares["vocab"]
+
+
+def batch_shares(batch: int, layout: Layout) -> list[range]:
+    """The rows of a (batch, seq) input each EP rank computes: an even share each under EP, else all.
+
+    The ranks of an EP group take the same ids, and each holds every weight but the routed
+    experts. Splitting the batch's rows over them makes everything but the experts data
+    parallel within the group (vLLM's DP attention): each rank runs attention, the dense
+    layers and the LM head on its rows alone, and a sparse layer's all-to-all sends each
+    (token, expert) row to the expert's rank. A rank may get no rows (batch < ep); it still
+    takes part in every collective, computing its experts for the others.
+    """
+    return [range(lo, hi) for lo, hi in split_evenly(batch, layout.ep)]
 
 
 def expert_shares(spec: ModelSpec, layout: Layout) -> list[range]:

@@ -9,7 +9,7 @@ rank: the batch is the global one), each layer's share of the gradient is its pr
 sums weighed by the counts, added to that layer's own backward (``term``). That holds
 however the backward runs, block by block and even recomputed under ZeRO-3.
 
-Under EP each rank routes its own share of the tokens, so the counts and probability sums
+Under EP each rank routes its own rows of the batch, so the counts and probability sums
 are summed over the EP group as well, and each rank adds the term of its own tokens (the
 router's gradient is summed over the group, as ``grads.ep_partials`` says).
 """
@@ -17,7 +17,6 @@ router's gradient is summed over the group, as ``grads.ep_partials`` says).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from ..model.forward import Model
 from ..model.moe import MoE
@@ -35,21 +34,18 @@ class Balance:
         self.weights: torch.Tensor | None = None
 
     def count(self, micro_batches: int) -> torch.Tensor:
-        """After a forward: the global counts weighing each layer's probabilities; returns this DP rank's share of
-        the loss (the DP ranks' shares sum to it), as a mean over the step's ``micro_batches``."""
+        """After a forward: the global counts weighing each layer's probabilities; returns this rank's share of the
+        loss (the shares of the DP and EP ranks sum to it), as a mean over the step's ``micro_batches``."""
         routed = [moe.routed for moe in self.layers.values()]
         counts = sum(torch.histc(chosen.reshape(-1).float(), bins=self.experts, min=0, max=self.experts)
                      for _, chosen in routed)
         probs = sum(p.detach().sum(0) for p, _ in routed)
         rows = probs.new_tensor([float(sum(p.shape[0] for p, _ in routed))])
-        totals = torch.cat([counts, probs, rows])
-        for size, group in ((self.comm.layout.ep, self.comm.ep_group), (self.comm.layout.dp, self.comm.dp_group)):
-            if size > 1:
-                dist.all_reduce(totals, group=group)
+        totals = self.comm.token_sum(torch.cat([counts, probs, rows]))
         counts, probs, rows = totals[: self.experts], totals[self.experts: -1], totals[-1]
         scale = self.coef * self.experts / rows**2 / micro_batches
         self.weights = scale * counts
-        return (self.weights * probs).sum() / self.comm.layout.dp
+        return (self.weights * probs).sum() / (self.comm.layout.dp * self.comm.layout.ep)
 
     def term(self, layer: int) -> torch.Tensor | None:
         """Layer ``layer``'s part of the loss, whose gradient its backward adds (None: nothing to add here)."""

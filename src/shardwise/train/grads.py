@@ -14,11 +14,11 @@ Which regions those are is not listed by hand per tensor: a tensor used per head
 same box. ``tp_partials`` finds them, and ``PartialGradReducer`` sums each over the ranks
 that share it (one process group per distinct set of ranks, created collectively).
 
-Under expert parallelism the router is partial the same way: each EP rank routes its own
-share of the tokens (``routes_a_share`` in the table), so each rank's gradient covers those
-tokens and the true one is the sum over the EP group (``ep_partials``). Everything else an
-EP group holds alike gets the whole gradient on each rank: the routed tokens' gradients are
-gathered over the group on their way back (``collectives.scatter_to``).
+Under expert parallelism each rank of an EP group computes its own rows of the batch
+(``RankPlan.batch_rows``), so the gradient of every tensor the group holds alike (all but
+the routed experts) covers those rows, and the true one is the sum over the group
+(``ep_partials``), as over DP replicas. A routed expert's gradient is whole on its rank: the
+all-to-all's backward brings every token's gradient that reached it.
 """
 
 from __future__ import annotations
@@ -60,14 +60,14 @@ def tp_partials(plan: RankPlan) -> tuple[Partial, ...]:
 
 
 def ep_partials(plan: RankPlan) -> tuple[Partial, ...]:
-    """This rank's tensors applied to its own share of the tokens (the router), partial over its EP group."""
+    """This rank's tensors other than routed experts, applied to its own rows and so partial over its EP group."""
     layout = plan.layout
     if layout.ep == 1:
         return ()
     group = next(tuple(g) for g in layout.ep_groups() if plan.rank in g)
     arch = plan.spec.table
     return tuple(Partial(name, (slice(None),) * len(tensor.shape), group) for name, tensor in plan.work.items()
-                 if arch.kind(name.kind).routes_a_share)
+                 if not arch.kind(name.kind).expert and name not in plan.alias)
 
 
 def partials(plan: RankPlan) -> tuple[Partial, ...]:

@@ -125,9 +125,7 @@ class Trainer:
         loss = sum(self._micro_batch(ids, global_tokens, i == len(batches) - 1, len(batches))
                    for i, ids in enumerate(batches))
         self.dp.wait()
-        loss = loss.reshape(1)
-        if self.model.comm.layout.dp > 1:
-            dist.all_reduce(loss, group=self.model.comm.dp_group)
+        loss = self.model.comm.token_sum(loss.reshape(1))
         norm = self._clip()
         self.optimizer.step(self.flats if self.recompute else self.grads)
         for flat in self.flats.values():
@@ -145,7 +143,8 @@ class Trainer:
         """Forward and backward of one micro-batch; its share of the global mean loss (detached), a mixture of
         experts' balancing loss included (see ``balance``)."""
         model, provider, keep = self.model, self.model.provider, not self.recompute
-        ids = ids.to(model.device)
+        rows = model.plan.batch_rows(ids.shape[0])
+        ids = ids[rows.start:rows.stop].to(model.device)
         p = Pass(ids, *model.rope(torch.arange(ids.shape[1], device=model.device)))
 
         def head(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
