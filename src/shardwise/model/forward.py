@@ -152,12 +152,16 @@ class Attention:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, start)
-        group = self.n_q // self.n_kv
-        if group > 1:
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         mask = attention_mask(start, t, self.window, x.device, keys)
         causal = mask is not None and keys is None and start == 0 and self.window is None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal)
+        mask = None if causal else mask
+        # Without a mask SDPA shares each KV head among its query heads itself (as HF calls it); repeating the
+        # keys and values would copy the whole cache at every decode step.
+        group = self.n_q // self.n_kv
+        if group > 1 and mask is not None:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=group > 1 and mask is None)
         out = out.transpose(1, 2).reshape(b, t, self.n_q * d)
         if self.gathered:
             out = gather_output(self.comm, out, self.gathered)
