@@ -181,6 +181,23 @@ def test_a_series_of_expert_tensors_spans_the_sparse_layers(moe_checkpoints):
         assert stored == {2 * plan.dp_rank}, (rank, stored)
 
 
+def test_bench_moe_times_ep_n_ep_1_hf_and_what_bounds_a_step(moe_checkpoints, capsys):
+    """``shardwise bench moe --json``: prefill and decode rates at EP 2, EP 1 and HF's model, and the floor: a
+    decode step's expert matmuls at each, and one all-to-all of its rows at EP 2."""
+    import json
+
+    from shardwise.cli import main
+
+    main(["bench", "moe", str(moe_checkpoints["qwen2_moe-untied"]), "--ep", "2", "--batch", "4",
+          "--max-new-tokens", "2", "--json"])
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert {"ep2", "ep1", "hf", "floor"} <= out.keys()
+    assert all(out[run]["decode_tok_s"] > 0 and out[run]["prefill_tok_s"] > 0 for run in ("ep2", "ep1", "hf"))
+    assert out["ep2"]["ep"] == 2 and out["ep1"]["ep"] == 1
+    assert out["floor"]["ep2"]["exchange_s"] > 0 and "exchange_s" not in out["floor"]["ep1"]
+    assert out["floor"]["ep2"]["experts_s"] > 0 and out["floor"]["ep1"]["experts_s"] > 0
+
+
 @pytest.mark.parametrize("placement,shares", [("contiguous", ["0-1", "2-3", "4", "5"]),
                                                (ROUND_ROBIN, ["0::4", "1::4", "2", "3"])])
 def test_plan_shows_each_ranks_experts_and_their_bytes(moe_checkpoints, capsys, placement, shares):

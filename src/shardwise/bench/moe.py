@@ -5,6 +5,12 @@ choices), so a step streams every expert's bytes: at EP N each rank streams 1/N 
 and runs attention, the router and the LM head on its 1/N of the rows. Decode is timed as
 the difference between generating N+1 tokens and 1 (the prefill and the first token), so
 it counts decode steps alone; prefill is one forward over the prompts.
+
+What EP can divide is the experts' work, and what it adds is its all-to-alls, so the bench
+also times each alone (``step_floor``): one decode step's grouped matmuls over each rank's
+share of the experts, every rank at once, against the same over every expert in one process;
+and one all-to-all of a step's rows, of which each sparse layer makes two, beside a smaller
+one of the rows' expert ids and one of their counts.
 """
 
 from __future__ import annotations
@@ -12,11 +18,15 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 
 from ..io.loader import load_model
+from ..model.moe import grouped_linear
+from ..plan.boxes import split_evenly
 from ..plan.mesh import Layout
+from ..plan.rank import batch_shares, expert_shares
 from ..plan.spec import load_spec
-from .measure import barrier
+from .measure import all_ranks, barrier
 
 BATCH, PROMPT = 32, 64
 REPEATS = 3  # each rate is the best of these
@@ -65,3 +75,45 @@ def bench_moe_hf(directory: str, dtype: torch.dtype, new_tokens: int, batch: int
 
     return {"batch": batch, "prompt_tokens": PROMPT, "new_tokens": new_tokens,
             **_rates(lambda x: model(x).logits, generate, ids, new_tokens)}
+
+
+def step_floor(directory: str, layout: Layout, dtype: torch.dtype, batch: int = BATCH) -> dict:
+    """What bounds a decode step, on the slowest rank, each the best of ``REPEATS`` x 3: ``experts_s``, the seconds
+    of the experts' matmuls, each rank computing its share of the experts at once (random weights of the model's
+    sizes; the batch's ``batch x top_k`` rows spread evenly over the experts, through every sparse layer's gate/up
+    and down projections); under EP also ``exchange_s``, one all-to-all of a step's rows (each rank's ``batch /
+    ep x top_k``), which a sparse layer makes twice, beside its ids and counts."""
+    spec = load_spec(directory)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    mine = len(expert_shares(spec, layout)[layout.ep_rank(rank)])
+    per_expert = [hi - lo for lo, hi in split_evenly(batch * spec.top_k, spec.experts)][:mine]
+    ends = torch.tensor(per_expert).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(per_expert), spec.hidden, dtype=dtype)
+    layers = [(torch.randn(mine, 2 * spec.moe_ffn, spec.hidden, dtype=dtype),
+               torch.randn(mine, spec.hidden, spec.moe_ffn, dtype=dtype)) for _ in range(sum(spec.sparse_layers))]
+
+    def experts() -> None:
+        for gate_up, down in layers:
+            gate, up = grouped_linear(x, gate_up, ends).chunk(2, dim=-1)
+            grouped_linear(F.silu(gate) * up, down, ends)
+
+    out = {"experts_s": _slowest(experts)}
+    if layout.ep > 1:
+        sent = [len(rows) * spec.top_k for rows in batch_shares(batch, layout)]
+        rows = torch.randn(sent[layout.ep_rank(rank)] * layout.ep, spec.hidden, dtype=dtype)
+        received = torch.empty_like(rows)
+        split = [len(rows) // layout.ep] * layout.ep
+        out["exchange_s"] = _slowest(lambda: torch.distributed.all_to_all_single(received, rows, split, split))
+    return out
+
+
+def _slowest(run) -> float:
+    """The best time of ``run`` over ``REPEATS`` x 3 tries, each the slowest rank's (every rank runs it at once)."""
+    run()
+    best = float("inf")
+    for _ in range(REPEATS * 3):
+        barrier()
+        t0 = time.perf_counter()
+        run()
+        best = min(best, max(all_ranks(time.perf_counter() - t0)))
+    return best

@@ -37,7 +37,7 @@ def cmd_bench_load(args) -> None:
 
 def cmd_bench_moe(args) -> None:
     """EP N, EP 1 and HF's model, one after the other in one run, on the same prompts."""
-    from ..bench.moe import bench_moe_hf, bench_moe_rank
+    from ..bench.moe import bench_moe_hf, bench_moe_rank, step_floor
 
     layout = _layout(args)
     spec = _plan_everywhere(args.checkpoint, layout, "resident", ())
@@ -48,12 +48,20 @@ def cmd_bench_moe(args) -> None:
             "ep1": launch(bench_moe_rank, layout.tp, args.checkpoint, replace(layout, ep=1, pp=1, dp=1), args.dtype,
                           args.max_new_tokens, args.batch),
             "hf": bench_moe_hf(args.checkpoint, args.dtype, args.max_new_tokens, args.batch)}
+    ep1 = replace(layout, ep=1, pp=1, dp=1, tp=1)
+    floor = {f"ep{layout.ep}": launch(step_floor, layout.ep, args.checkpoint, replace(ep1, ep=layout.ep), args.dtype,
+                                      args.batch),
+             "ep1": launch(step_floor, 1, args.checkpoint, ep1, args.dtype, args.batch)}
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps(rows | {"floor": floor}))
         return
     for name, row in rows.items():
         print(f"{name}: prefill {row['prefill_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.1f} tok/s "
               f"(batch {row['batch']}, {row['prompt_tokens']}-token prompts, {row['new_tokens']} new tokens)")
+    split, whole = floor[f"ep{layout.ep}"], floor["ep1"]
+    print(f"a decode step's expert matmuls alone: ep{layout.ep} {split['experts_s'] * 1e3:.1f} ms (each rank its "
+          f"share, at once), ep1 {whole['experts_s'] * 1e3:.1f} ms: x{whole['experts_s'] / split['experts_s']:.2f}; "
+          f"one all-to-all of its rows {split.get('exchange_s', 0) * 1e3:.2f} ms")
 
 
 def cmd_bench_generate(args) -> None:
