@@ -181,14 +181,16 @@ def test_a_series_of_expert_tensors_spans_the_sparse_layers(moe_checkpoints):
         assert stored == {2 * plan.dp_rank}, (rank, stored)
 
 
-def test_bench_moe_times_ep_n_ep_1_hf_and_what_bounds_a_step(moe_checkpoints, capsys):
+@pytest.mark.parametrize("batch", [4, 1])
+def test_bench_moe_times_ep_n_ep_1_hf_and_what_bounds_a_step(moe_checkpoints, capsys, batch):
     """``shardwise bench moe --json``: prefill and decode rates at EP 2, EP 1 and HF's model, and the floor: a
-    decode step's expert matmuls at each, and one all-to-all of its rows at EP 2."""
+    decode step's expert matmuls at each, and one all-to-all of its rows at EP 2; at batch 1 too, where one EP
+    rank has no rows of the batch."""
     import json
 
     from shardwise.cli import main
 
-    main(["bench", "moe", str(moe_checkpoints["qwen2_moe-untied"]), "--ep", "2", "--batch", "4",
+    main(["bench", "moe", str(moe_checkpoints["qwen2_moe-untied"]), "--ep", "2", "--batch", str(batch),
           "--max-new-tokens", "2", "--json"])
     out = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert {"ep2", "ep1", "hf", "floor"} <= out.keys()

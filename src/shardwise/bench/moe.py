@@ -82,11 +82,12 @@ def step_floor(directory: str, layout: Layout, dtype: torch.dtype, batch: int = 
     of the experts' matmuls, each rank computing its share of the experts at once (random weights of the model's
     sizes; the batch's ``batch x top_k`` rows spread evenly over the experts, through every sparse layer's gate/up
     and down projections); under EP also ``exchange_s``, one all-to-all of a step's rows (each rank's ``batch /
-    ep x top_k``), which a sparse layer makes twice, beside its ids and counts."""
+    ep x top_k``, spread evenly over the ranks), which a sparse layer makes twice, beside its ids and counts."""
     spec = load_spec(directory)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    mine = len(expert_shares(spec, layout)[layout.ep_rank(rank)])
-    per_expert = [hi - lo for lo, hi in split_evenly(batch * spec.top_k, spec.experts)][:mine]
+    share = expert_shares(spec, layout)[layout.ep_rank(rank)]
+    spread = split_evenly(batch * spec.top_k, spec.experts)
+    mine, per_expert = len(share), [spread[e][1] - spread[e][0] for e in share]
     ends = torch.tensor(per_expert).cumsum(0).to(torch.int32)
     x = torch.randn(sum(per_expert), spec.hidden, dtype=dtype)
     layers = [(torch.randn(mine, 2 * spec.moe_ffn, spec.hidden, dtype=dtype),
@@ -99,11 +100,14 @@ def step_floor(directory: str, layout: Layout, dtype: torch.dtype, batch: int = 
 
     out = {"experts_s": _slowest(experts)}
     if layout.ep > 1:
-        sent = [len(rows) * spec.top_k for rows in batch_shares(batch, layout)]
-        rows = torch.randn(sent[layout.ep_rank(rank)] * layout.ep, spec.hidden, dtype=dtype)
-        received = torch.empty_like(rows)
-        split = [len(rows) // layout.ep] * layout.ep
-        out["exchange_s"] = _slowest(lambda: torch.distributed.all_to_all_single(received, rows, split, split))
+        # each rank's rows spread evenly over the ranks (a rank without rows of the batch sends none)
+        spread = [[hi - lo for lo, hi in split_evenly(len(rows) * spec.top_k, layout.ep)]
+                  for rows in batch_shares(batch, layout)]
+        me = layout.ep_rank(rank)
+        send, receive = spread[me], [sizes[me] for sizes in spread]
+        rows, received = torch.randn(sum(send), spec.hidden, dtype=dtype), torch.empty(sum(receive), spec.hidden,
+                                                                                        dtype=dtype)
+        out["exchange_s"] = _slowest(lambda: torch.distributed.all_to_all_single(received, rows, receive, send))
     return out
 
 
