@@ -109,6 +109,31 @@ def cross_entropy(sizes: tuple[int, ...], dtype: str) -> dict[str, float]:
     return out
 
 
+_SHM: list = []  # this rank's shared-memory all-to-all, attached once per launch
+
+
+def all_to_all(counts: tuple[tuple[int, ...], ...], row: tuple[int, ...], dtype: str) -> dict[str, object]:
+    """The shared-memory all-to-all against gloo's: rank r sends ``counts[r][d]`` seeded rows of shape ``row`` to
+    rank d. Returns whether the rows matched gloo's exactly and whether shared memory carried them (it declines,
+    on every rank alike, when any rank's rows do not fit its slot)."""
+    from shardwise.dist.collectives import all_to_all_rows
+    from shardwise.dist.shm import attach_all_to_all
+
+    if not _SHM:
+        _SHM.append(attach_all_to_all(dist.group.WORLD, list(range(dist.get_world_size())), 60))
+    shm, rank = _SHM[0], dist.get_rank()
+    send = list(counts[rank])
+    receive = [counts[r][rank] for r in range(len(counts))]
+    x = seeded(rank, sum(send), *row).to(getattr(torch, dtype))
+    expected = x.new_empty((sum(receive), *row))
+    dist.all_to_all_single(expected, x, receive, send)
+    got = x.new_empty((sum(receive), *row))
+    used = shm is not None and shm(got, x, receive, send)
+    if not used:
+        got = all_to_all_rows(x, send, receive, dist.group.WORLD, shm)
+    return {"equal": bool(torch.equal(got, expected)), "shared memory": bool(used)}
+
+
 def run(cases: list[tuple[str, tuple]]) -> list[list[dict[str, float]]]:
     """Every case (a function name here and its arguments), each rank's result, on rank 0."""
     results = []

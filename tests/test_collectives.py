@@ -6,6 +6,9 @@ cover even and uneven slices, and a rank whose slice is a single column.
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import collective_workers as cw
 import pytest
 import torch
@@ -20,8 +23,18 @@ DTYPES = {"float64": 1e-12, "float32": 1e-5}
 TIMEOUT = 120
 
 
+BIG = 1100  # rows of 4 KiB: more than a shared-memory slot holds
+EXCHANGES = {  # world -> (rows each rank sends each rank, row shape, dtype): uneven, empty, too big for one rank
+    2: [(((2, 3), (1, 0)), (8,), "float32"), (((0, 0), (0, 0)), (8,), "float32"), (((1, 1), (1, 1)), (), "int64"),
+        (((BIG, 1), (1, 1)), (1024,), "float32"), (((4, 0), (5, 6)), (3, 5), "bfloat16")],
+    3: [(((1, 2, 0), (0, 0, 3), (4, 1, 1)), (16,), "float32"), (((0, 1, 0), (0, 0, 0), (0, 0, BIG)), (1024,),
+                                                                     "float32")],
+}
+
+
 def cases(world: int) -> list[tuple[str, tuple]]:
     out = [("primitives", (sizes,)) for sizes in SIZES[world]]
+    out += [("all_to_all", exchange) for exchange in EXCHANGES[world]]
     return out + [("cross_entropy", (sizes, dtype)) for sizes in SIZES[world] for dtype in DTYPES]
 
 
@@ -46,6 +59,18 @@ def test_primitives_forward_and_gradient_match_one_process(results, world, sizes
                                for what in ("forward", "grad")}
         bad = {k: v for k, v in errors.items() if not v <= 1e-12}
         assert not bad, f"rank {rank} of {world}, sizes {sizes}: {bad}"
+
+
+@pytest.mark.parametrize("world,exchange", [(w, e) for w in EXCHANGES for e in EXCHANGES[w]], ids=str)
+def test_shared_memory_all_to_all_equals_gloo(results, world, exchange):
+    """The EP ranks' all-to-all through shared memory gives gloo's rows bit for bit, uneven and empty sends
+    included; where one rank's rows do not fit its slot, every rank declines alike and gloo carries them."""
+    counts, row, _ = exchange
+    fits = all(sum(sent) * max(1, torch.Size(row).numel()) * 4 < 4 << 20 for sent in counts)
+    for rank, out in enumerate(results[world][("all_to_all", exchange)]):
+        assert out["equal"], f"rank {rank} of {world}: {exchange}"
+        if sys.platform == "linux" and platform.machine() == "x86_64":
+            assert out["shared memory"] == fits, f"rank {rank} of {world}: {exchange}: {out}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -16,7 +16,7 @@ import torch
 from conftest import BALANCED, FAMILIES, MOE, PROMPT, STEPS, hf_reference
 from moe_workers import EXPERT_SERIES, export_under, moe_outputs, train_in_two_runs
 from safetensors import safe_open
-from shared_launch import SharedLaunches
+from shared_launch import SharedLaunches, with_env
 from test_export import assert_same_checkpoint
 from train_workers import STEPS as STEPS_TRAINED
 from train_workers import hf_run, train_all
@@ -65,6 +65,7 @@ def runs(moe_checkpoints, exported) -> SharedLaunches:
     for i, mesh in enumerate(EXPORTS):
         outs = {name: str(exported / str(i) / name) for name in paths}
         jobs["export", mesh] = (mesh[0].world_size, export_under, (*mesh, paths, outs))
+    jobs["gloo"] = (2, with_env, ({"SHARDWISE_SHM": "0"}, moe_outputs, Layout(ep=2), "resident", paths, PROMPT, STEPS))
     resumed, save = TRAINED.index(RESUMED), str(exported / "resume")
     jobs["resume", 2] = (2, train_in_two_runs, (trained[resumed], save, Layout(ep=2, expert_placement=ROUND_ROBIN),
                                                 expected[resumed], 0))
@@ -90,6 +91,16 @@ def test_export_writes_the_checkpoint_back_bit_for_bit(mesh, name, runs, moe_che
     """Each expert written once, by the rank that holds it, under its own per-expert name."""
     runs.result(("export", mesh))
     assert_same_checkpoint(moe_checkpoints[name], exported / str(EXPORTS.index(mesh)) / name)
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_matches_hf_through_gloo(name, runs, moe_references):
+    """EP 2 with shared memory turned off (SHARDWISE_SHM=0): the all-to-alls and the logits' gather go through
+    gloo, as between hosts, with the same results."""
+    ref_logits, ref_tokens = moe_references[name]
+    logits, tokens = runs.result("gloo")[0][name]
+    assert (logits - ref_logits).abs().max().item() <= 1e-4 * ref_logits.abs().max().item(), name
+    assert torch.equal(tokens, ref_tokens), name
 
 
 @pytest.mark.parametrize("mesh", TRAIN_MESHES, ids=lambda m: "tp{}-dp{}-ep{}-{}".format(*m))

@@ -20,6 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..dist.collectives import all_to_all_rows
+from ..dist.comm import make_comm
 from ..io.loader import load_model
 from ..model.moe import grouped_linear
 from ..plan.boxes import split_evenly
@@ -82,7 +84,8 @@ def step_floor(directory: str, layout: Layout, dtype: torch.dtype, batch: int = 
     of the experts' matmuls, each rank computing its share of the experts at once (random weights of the model's
     sizes; the batch's ``batch x top_k`` rows spread evenly over the experts, through every sparse layer's gate/up
     and down projections); under EP also ``exchange_s``, one all-to-all of a step's rows (each rank's ``batch /
-    ep x top_k``, spread evenly over the ranks), which a sparse layer makes twice, beside its ids and counts."""
+    ep x top_k``, spread evenly over the ranks) through the transport the model uses (shared memory on one x86
+    host, else gloo), which a sparse layer makes twice, beside its ids and counts."""
     spec = load_spec(directory)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     share = expert_shares(spec, layout)[layout.ep_rank(rank)]
@@ -105,9 +108,12 @@ def step_floor(directory: str, layout: Layout, dtype: torch.dtype, batch: int = 
                   for rows in batch_shares(batch, layout)]
         me = layout.ep_rank(rank)
         send, receive = spread[me], [sizes[me] for sizes in spread]
-        rows, received = torch.randn(sum(send), spec.hidden, dtype=dtype), torch.empty(sum(receive), spec.hidden,
-                                                                                        dtype=dtype)
-        out["exchange_s"] = _slowest(lambda: torch.distributed.all_to_all_single(received, rows, receive, send))
+        rows = torch.randn(sum(send), spec.hidden, dtype=dtype)
+        comm = make_comm(layout)
+        try:
+            out["exchange_s"] = _slowest(lambda: all_to_all_rows(rows, send, receive, comm.ep_group, comm.ep_shm))
+        finally:
+            comm.close()
     return out
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import all_gather_last
+from .shm import ShmAllToAll
 
 
 def copy_to(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -68,16 +69,26 @@ def gather_from(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup 
     return x if group is None else _Gather.apply(x, sizes, group)
 
 
-def exchange(x: torch.Tensor, send: list[int], receive: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup, shm: ShmAllToAll | None = None
+                ) -> torch.Tensor:
+    """Every rank's rows (``sizes[r]`` from rank r), concatenated in rank order; the backward keeps this rank's
+    rows of the gradient. Through shared memory where the group has it (each rank's rows sent to every rank)."""
+    return _GatherRows.apply(x, sizes, group, shm)
+
+
+def exchange(x: torch.Tensor, send: list[int], receive: list[int], group: dist.ProcessGroup,
+             shm: ShmAllToAll | None = None) -> torch.Tensor:
     """All-to-all of rows: ``send[r]`` consecutive rows of ``x`` go to rank r, ``receive[r]`` come from it, in rank
     order; the backward sends each row's gradient back where the row came from."""
-    return _Exchange.apply(x, send, receive, group)
+    return _Exchange.apply(x, send, receive, group, shm)
 
 
-def all_to_all_rows(x: torch.Tensor, send: list[int], receive: list[int], group: dist.ProcessGroup) -> torch.Tensor:
-    """``exchange`` without autograd (ids, counts)."""
+def all_to_all_rows(x: torch.Tensor, send: list[int], receive: list[int], group: dist.ProcessGroup,
+                    shm: ShmAllToAll | None = None) -> torch.Tensor:
+    """``exchange`` without autograd (ids, counts); through shared memory where the group has it and the rows fit."""
     out = x.new_empty((sum(receive), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), receive, send, group=group)
+    if shm is None or not shm(out, x, receive, send):
+        dist.all_to_all_single(out, x.contiguous(), receive, send, group=group)
     return out
 
 
@@ -155,12 +166,30 @@ class _Gather(torch.autograd.Function):
         return _slice(grad, ctx.sizes, ctx.group), None, None
 
 
-class _Exchange(torch.autograd.Function):
+class _GatherRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, send: list[int], receive: list[int], group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.send, ctx.receive, ctx.group = send, receive, group
-        return all_to_all_rows(x, send, receive, group)
+    def forward(ctx, x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup, shm: ShmAllToAll | None
+                ) -> torch.Tensor:
+        ctx.sizes, ctx.rank = sizes, dist.get_rank(group)
+        everyone = len(sizes)
+        out = x.new_empty((sum(sizes), *x.shape[1:]))
+        if shm is None or not shm(out, x.repeat(everyone, *[1] * (x.dim() - 1)), list(sizes), [len(x)] * everyone):
+            out = all_gather_last(x.movedim(0, -1), sizes, group).movedim(-1, 0).contiguous()
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return all_to_all_rows(grad, ctx.receive, ctx.send, ctx.group), None, None, None
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start: start + ctx.sizes[ctx.rank]], None, None, None
+
+
+class _Exchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: list[int], receive: list[int], group: dist.ProcessGroup,
+                shm: ShmAllToAll | None) -> torch.Tensor:
+        ctx.send, ctx.receive, ctx.group, ctx.shm = send, receive, group, shm
+        return all_to_all_rows(x, send, receive, group, shm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return all_to_all_rows(grad, ctx.receive, ctx.send, ctx.group, ctx.shm), None, None, None, None

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..plan.mesh import Layout
-from .shm import ShmAllReduce, attach, timeout_seconds
+from .shm import ShmAllReduce, ShmAllToAll, attach, attach_all_to_all, timeout_seconds
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Comm:
     replica_group: dist.ProcessGroup | None = None
     dp_ranks: list[int] = field(default_factory=list)  # global ranks of the DP group, in DP order
     shm: ShmAllReduce | None = None
+    ep_shm: ShmAllToAll | None = None  # the EP group's all-to-all through shared memory (None: gloo)
     groups: list[dist.ProcessGroup] = field(default_factory=list)  # all that make_comm created, in creation order
 
     def close(self, sync: bool = True) -> None:
@@ -42,9 +43,10 @@ class Comm:
         after an error, when peers may never arrive, ``sync=False`` skips it. Once the
         default group is gone (which destroyed ours with it) there is nothing left to do.
         """
-        if self.shm is not None:
-            self.shm.close()
-            self.shm = None
+        for shm in (self.shm, self.ep_shm):
+            if shm is not None:
+                shm.close()
+        self.shm, self.ep_shm = None, None
         if self.groups and dist.is_initialized():
             if sync:
                 dist.barrier()
@@ -139,10 +141,12 @@ def make_comm(layout: Layout, device: torch.device | None = None) -> Comm:
 
     (comm.tp_group, tp_ranks), (comm.dp_group, comm.dp_ranks) = mine(layout.tp_groups()), mine(layout.dp_groups())
     if layout.ep > 1:
-        comm.ep_group = mine(layout.ep_groups())[0]
+        comm.ep_group, ep_ranks = mine(layout.ep_groups())
     if layout.pp > 1:
         comm.replica_group = mine(layout.replica_groups())[0]
     on_cpu = device is None or device.type == "cpu"
     if layout.tp > 1 and on_cpu:
         comm.shm = attach(comm.tp_group, tp_ranks, timeout_seconds())
+    if layout.ep > 1 and on_cpu:
+        comm.ep_shm = attach_all_to_all(comm.ep_group, ep_ranks, timeout_seconds())
     return comm

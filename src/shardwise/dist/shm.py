@@ -1,4 +1,4 @@
-"""All-reduce through shared memory for TP ranks on one host, the CPU decode fast path.
+"""All-reduce and all-to-all through shared memory for ranks on one host, the CPU decode fast path.
 
 Token-by-token decoding sends a few kilobytes per collective, so its speed is set by
 latency, and gloo's loopback TCP costs 1-3 ms per all-reduce, which is most of the time
@@ -8,6 +8,11 @@ order, so every rank gets bit-identical results. Slots are double-buffered: a ra
 can only write step n+2 after all ranks have passed step n+1, by which time every
 rank has finished reading step n.
 
+The EP ranks' all-to-all (``ShmAllToAll``) follows the same protocol: each rank writes its
+rows, in destination order, behind a header of its send counts, and reads the rows meant
+for it out of every slot. A sparse layer makes four per step, so under gloo they cost more
+than the experts' matmuls at decode.
+
 The flag protocol relies on x86's total store order (data stores become visible
 before the flag store), so it is used only on x86-64; elsewhere gloo serves.
 """
@@ -15,6 +20,7 @@ before the flag store), so it is used only on x86-64; elsewhere gloo serves.
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 import platform
@@ -31,6 +37,7 @@ log = logging.getLogger("shardwise.shm")  # the name its log lines have always c
 
 FLAG_STRIDE = 8  # int64s per flag: one 64-byte cache line each, so ranks never share a line
 CAPACITY = 4 << 20  # bytes per slot; larger tensors (long prefills) go through gloo
+HEADER = 512  # bytes ahead of an all-to-all slot's rows: whether they were written, and the send counts
 SEGMENT_DIR = "/dev/shm"  # tests point one rank elsewhere to play a container with a /dev/shm of its own
 TOKEN_BYTES = 16
 
@@ -47,6 +54,14 @@ def attach(group: dist.ProcessGroup, ranks: list[int], timeout: float) -> ShmAll
     """The group's shared-memory all-reduce, or None (gloo) unless every rank proved it maps the same segment."""
     mem = share(group, ranks, segment_bytes(len(ranks)), "all-reduce")
     return None if mem is None else ShmAllReduce(mem, ranks.index(dist.get_rank()), len(ranks), timeout)
+
+
+def attach_all_to_all(group: dist.ProcessGroup, ranks: list[int], timeout: float) -> ShmAllToAll | None:
+    """The group's shared-memory all-to-all, or None (gloo), decided as ``attach`` decides."""
+    if len(ranks) > HEADER // 8 - 1:
+        return None
+    mem = share(group, ranks, segment_bytes(len(ranks)), "all-to-all")
+    return None if mem is None else ShmAllToAll(mem, ranks.index(dist.get_rank()), len(ranks), timeout)
 
 
 def share(group: dist.ProcessGroup, ranks: list[int], total: int, what: str) -> mmap.mmap | None:
@@ -194,3 +209,43 @@ class ShmAllReduce:
         for r in range(1, self.size):  # the same order on every rank: bit-identical sums, no temporaries
             x.add_(self._slot(buf, r, x))
         return True
+
+
+class ShmAllToAll(ShmAllReduce):
+    """``all_to_all_single`` of rows over the group, through the segment's slots."""
+
+    def __call__(self, out: torch.Tensor, x: torch.Tensor, receive: list[int], send: list[int]) -> bool:
+        """Rows ``x`` (``send[r]`` for rank r, in rank order) out, ``receive[r]`` rows from rank r into ``out``;
+        False (nothing done, on every rank alike) when any rank's rows do not fit its slot, or off the CPU."""
+        if x.device.type != "cpu":
+            return False
+        self.seq += 1
+        buf = self.seq % 2
+        mine = self._bytes(buf, self.rank)
+        head = mine[:HEADER].view(torch.int64)
+        rows = x.contiguous().view(-1).view(torch.uint8)
+        fits = HEADER + rows.numel() <= CAPACITY
+        head[1: 1 + self.size] = torch.tensor(send, dtype=torch.int64)
+        if fits:
+            mine[HEADER: HEADER + rows.numel()].copy_(rows)
+        head[0] = int(fits)
+        self.flags[self.rank] = self.seq
+        wait_for(self.flags, self.seq, self.timeout, "shared-memory all-to-all: EP ranks")
+        heads = [self._bytes(buf, r)[:HEADER].view(torch.int64)[: 1 + self.size].tolist() for r in range(self.size)]
+        if not all(h[0] for h in heads):
+            return False
+        width = math.prod(out.shape[1:]) * out.element_size()  # bytes per row
+        into, at = out.view(-1).view(torch.uint8), 0
+        for r, h in enumerate(heads):
+            sent = h[1:]
+            if sent[self.rank] != receive[r]:
+                raise RuntimeError(f"shared-memory all-to-all: EP rank {r} sends {sent[self.rank]} rows, this rank "
+                                   f"expected {receive[r]}")
+            start, n = HEADER + sum(sent[: self.rank]) * width, sent[self.rank] * width
+            into[at: at + n].copy_(self._bytes(buf, r)[start: start + n])
+            at += n
+        return True
+
+    def _bytes(self, buf: int, rank: int) -> torch.Tensor:
+        start = (buf * self.size + rank) * CAPACITY
+        return self.data[start: start + CAPACITY]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dist.collectives import gather_from
+from ..dist.collectives import gather_rows
 from ..dist.comm import Comm
 from ..plan.rank import RankPlan, batch_shares
 from ..providers.base import Provider
@@ -330,7 +330,7 @@ class Model(nn.Module):
     def gather_rows(self, x: torch.Tensor, batch: int) -> torch.Tensor:
         """Every EP rank's rows of ``x`` (``batch_rows``), in batch order; the backward keeps this rank's."""
         sizes = [len(rows) for rows in batch_shares(batch, self.plan.layout)]
-        return gather_from(x.movedim(0, -1), sizes, self.comm.ep_group).movedim(-1, 0).contiguous()
+        return gather_rows(x, sizes, self.comm.ep_group, self.comm.ep_shm)
 
     def embed(self, ids: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
         """The "embed" block: this rank's vocab rows of the embedding, assembled over TP (or the whole table)."""

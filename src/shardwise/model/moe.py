@@ -30,6 +30,7 @@ class MoE:
     def __init__(self, plan: RankPlan, comm: Comm):
         spec, routing = plan.spec, plan.spec.table.routing
         self.group, self.ep = (comm.ep_group if plan.layout.ep > 1 else None), plan.layout.ep
+        self.shm = comm.ep_shm
         # Each expert's EP rank, and its place in that rank's stack: a chosen expert's row goes to ``owner[e]``,
         # which computes it with its ``slot[e]``-th expert.
         self.owner = torch.empty(spec.experts, dtype=torch.long)
@@ -75,11 +76,11 @@ class MoE:
         owner = self.owner.to(chosen.device)[chosen]
         order = torch.argsort(owner, stable=True)
         send = torch.bincount(owner, minlength=self.ep)
-        receive = all_to_all_rows(send, [1] * self.ep, [1] * self.ep, self.group).tolist()
+        receive = all_to_all_rows(send, [1] * self.ep, [1] * self.ep, self.group, self.shm).tolist()
         send = send.tolist()
-        ids = all_to_all_rows(chosen[order], send, receive, self.group)
-        y = self.compute(exchange(rows[order], send, receive, self.group), ids, gate_up, down)
-        back = exchange(y, receive, send, self.group)
+        ids = all_to_all_rows(chosen[order], send, receive, self.group, self.shm)
+        y = self.compute(exchange(rows[order], send, receive, self.group, self.shm), ids, gate_up, down)
+        back = exchange(y, receive, send, self.group, self.shm)
         return back.new_zeros(back.shape).index_copy(0, order, back)
 
     def compute(self, rows: torch.Tensor, chosen: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
