@@ -179,7 +179,9 @@ def wait_for(flags: np.ndarray, target: int, timeout: float, who: str, ranks: li
                 raise TimeoutError(f"{who} {late} did not arrive within {timeout:.0f}s (dead peer?)")
 
 
-class ShmAllReduce:
+class _Slots:
+    """A group's segment: one sequence flag per rank, then two buffers of a ``CAPACITY`` slot per rank."""
+
     def __init__(self, mem: mmap.mmap, rank: int, size: int, timeout: float):
         self.mem, self.rank, self.size, self.timeout = mem, rank, size, timeout
         self.seq = 0
@@ -190,6 +192,10 @@ class ShmAllReduce:
         """Unmap the segment; the views go first, since mmap.close() raises BufferError while they export it."""
         del self.flags, self.data
         self.mem.close()
+
+
+class ShmAllReduce(_Slots):
+    """A sum over the group, in place, through the segment's slots."""
 
     def _slot(self, buf: int, rank: int, like: torch.Tensor) -> torch.Tensor:
         start = (buf * self.size + rank) * CAPACITY
@@ -211,7 +217,7 @@ class ShmAllReduce:
         return True
 
 
-class ShmAllToAll(ShmAllReduce):
+class ShmAllToAll(_Slots):
     """``all_to_all_single`` of rows over the group, through the segment's slots."""
 
     def __call__(self, out: torch.Tensor, x: torch.Tensor, receive: list[int], send: list[int]) -> bool:
