@@ -205,7 +205,8 @@ def test_bench_moe_times_ep_n_ep_1_hf_and_what_bounds_a_step(moe_checkpoints, ca
           "--max-new-tokens", "2", "--json"])
     out = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert {"ep2", "ep1", "hf", "floor"} <= out.keys()
-    assert all(out[run]["decode_tok_s"] > 0 and out[run]["prefill_tok_s"] > 0 for run in ("ep2", "ep1", "hf"))
+    for run in ("ep2", "ep1", "hf"):  # rates, not asserted: 2 new tokens may not rise above the timing noise
+        assert out[run]["prefill_tok_s"] > 0 and (out[run]["decode_tok_s"] is None or out[run]["decode_tok_s"] > 0)
     assert out["ep2"]["ep"] == 2 and out["ep1"]["ep"] == 1
     assert out["floor"]["ep2"]["exchange_s"] > 0 and "exchange_s" not in out["floor"]["ep1"]
     assert out["floor"]["ep2"]["experts_s"] > 0 and out["floor"]["ep1"]["experts_s"] > 0

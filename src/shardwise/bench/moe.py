@@ -52,8 +52,9 @@ def _rates(forward, generate, ids: torch.Tensor, new_tokens: int) -> dict:
                 run()
             timings[key].append(time.perf_counter() - t0)
     b, t = ids.shape
-    decode = min(timings["all"]) - min(timings["first"])
-    return {"prefill_tok_s": b * t / min(timings["prefill"]), "decode_tok_s": b * new_tokens / decode}
+    decode = min(timings["all"]) - min(timings["first"])  # None below: too few new tokens to rise above the noise
+    return {"prefill_tok_s": b * t / min(timings["prefill"]),
+            "decode_tok_s": b * new_tokens / decode if decode > 0 else None}
 
 
 def bench_moe_rank(directory: str, layout: Layout, dtype: torch.dtype, new_tokens: int, batch: int = BATCH) -> dict:

@@ -56,7 +56,8 @@ def cmd_bench_moe(args) -> None:
         print(json.dumps(rows | {"floor": floor}))
         return
     for name, row in rows.items():
-        print(f"{name}: prefill {row['prefill_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.1f} tok/s "
+        decode = "too short to time" if row["decode_tok_s"] is None else f"{row['decode_tok_s']:.1f} tok/s"
+        print(f"{name}: prefill {row['prefill_tok_s']:.0f} tok/s, decode {decode} "
               f"(batch {row['batch']}, {row['prompt_tokens']}-token prompts, {row['new_tokens']} new tokens)")
     split, whole = floor[f"ep{layout.ep}"], floor["ep1"]
     print(f"a decode step's expert matmuls alone: ep{layout.ep} {split['experts_s'] * 1e3:.1f} ms (each rank its "
