@@ -115,8 +115,9 @@ _SHM: list = []  # this rank's shared-memory all-to-all, attached once per launc
 def all_to_all(counts: tuple[tuple[int, ...], ...], row: tuple[int, ...], dtype: str) -> dict[str, object]:
     """The shared-memory all-to-all against gloo's: rank r sends ``counts[r][d]`` seeded rows of shape ``row`` to
     rank d. Returns whether the rows matched gloo's exactly and whether shared memory carried them (it declines,
-    on every rank alike, when any rank's rows do not fit its slot)."""
-    from shardwise.dist.collectives import all_to_all_rows
+    on every rank alike, when any rank's rows do not fit its slot); and the same of ``exchange_runs`` (the rows to
+    each rank in two runs, their counts carried along), through the group's transport and through gloo alone."""
+    from shardwise.dist.collectives import all_to_all_rows, exchange_runs
     from shardwise.dist.shm import attach_all_to_all
 
     if not _SHM:
@@ -131,7 +132,14 @@ def all_to_all(counts: tuple[tuple[int, ...], ...], row: tuple[int, ...], dtype:
     used = shm is not None and shm(got, x, receive, send)
     if not used:
         got = all_to_all_rows(x, send, receive, dist.group.WORLD, shm)
-    return {"equal": bool(torch.equal(got, expected)), "shared memory": bool(used)}
+    out = {"equal": bool(torch.equal(got, expected)), "shared memory": bool(used)}
+    halves = [[n // 2, n - n // 2] for n in send]
+    runs_expected = [[n // 2, n - n // 2] for n in receive]
+    for name, transport in (("runs", shm), ("runs over gloo", None)):
+        rows, runs, sent = exchange_runs(x, [c for pair in halves for c in pair], [2] * len(send), dist.group.WORLD,
+                                         transport)
+        out[name] = bool(torch.equal(rows, expected)) and runs == runs_expected and sent == send
+    return out
 
 
 def run(cases: list[tuple[str, tuple]]) -> list[list[dict[str, float]]]:

@@ -64,11 +64,12 @@ def test_primitives_forward_and_gradient_match_one_process(results, world, sizes
 @pytest.mark.parametrize("world,exchange", [(w, e) for w in EXCHANGES for e in EXCHANGES[w]], ids=str)
 def test_shared_memory_all_to_all_equals_gloo(results, world, exchange):
     """The EP ranks' all-to-all through shared memory gives gloo's rows bit for bit, uneven and empty sends
-    included; where one rank's rows do not fit its slot, every rank declines alike and gloo carries them."""
+    included; where one rank's rows do not fit its slot, every rank declines alike and gloo carries them. Rows
+    sent in runs with their counts (a sparse layer's dispatch) arrive as gloo's, with each sender's runs."""
     counts, row, _ = exchange
     fits = all(sum(sent) * max(1, torch.Size(row).numel()) * 4 < 4 << 20 for sent in counts)
     for rank, out in enumerate(results[world][("all_to_all", exchange)]):
-        assert out["equal"], f"rank {rank} of {world}: {exchange}"
+        assert out["equal"] and out["runs"] and out["runs over gloo"], f"rank {rank} of {world}: {exchange}: {out}"
         if sys.platform == "linux" and platform.machine() == "x86_64":
             assert out["shared memory"] == fits, f"rank {rank} of {world}: {exchange}: {out}"
 

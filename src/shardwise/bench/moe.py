@@ -9,8 +9,8 @@ it counts decode steps alone; prefill is one forward over the prompts.
 What EP can divide is the experts' work, and what it adds is its all-to-alls, so the bench
 also times each alone (``step_floor``): one decode step's grouped matmuls over each rank's
 share of the experts, every rank at once, against the same over every expert in one process;
-and one all-to-all of a step's rows, of which each sparse layer makes two, beside a smaller
-one of the rows' expert ids and one of their counts.
+and one all-to-all of a step's rows, of which each sparse layer makes two (the rows out, with
+their counts per expert, and their outputs back).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def step_floor(directory: str, layout: Layout, dtype: torch.dtype, batch: int = 
     sizes; the batch's ``batch x top_k`` rows spread evenly over the experts, through every sparse layer's gate/up
     and down projections); under EP also ``exchange_s``, one all-to-all of a step's rows (each rank's ``batch /
     ep x top_k``, spread evenly over the ranks) through the transport the model uses (shared memory on one x86
-    host, else gloo), which a sparse layer makes twice, beside its ids and counts."""
+    host, else gloo), which a sparse layer makes twice."""
     spec = load_spec(directory)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     share = expert_shares(spec, layout)[layout.ep_rank(rank)]

@@ -83,6 +83,24 @@ def exchange(x: torch.Tensor, send: list[int], receive: list[int], group: dist.P
     return _Exchange.apply(x, send, receive, group, shm)
 
 
+def exchange_runs(x: torch.Tensor, counts: list[int], widths: list[int], group: dist.ProcessGroup,
+                  shm: ShmAllToAll | None = None) -> tuple[torch.Tensor, list[list[int]], list[int]]:
+    """``exchange`` of rows in runs (the rows per expert): ``counts`` consecutive runs of ``x``, ``widths[r]`` of
+    them for rank r, in rank order. Returns the rows for this rank, each sender's runs for it (``[sender][run]``),
+    which order them, and the rows sent to each rank (what comes back when the receivers answer). Through shared
+    memory the counts ride in the rows' header (one exchange), else in a small all-to-all first."""
+    got = None if shm is None else shm.split(x.detach(), counts, widths)
+    if got is None:
+        mine = widths[dist.get_rank(group)]
+        runs = all_to_all_rows(torch.tensor(counts), widths, [mine] * len(widths), group).view(-1, mine).tolist()
+    else:
+        runs = got[1]
+    ends = [sum(widths[:r]) for r in range(len(widths) + 1)]
+    send = [sum(counts[a:b]) for a, b in zip(ends[:-1], ends[1:])]
+    rows = _Exchange.apply(x, send, [sum(r) for r in runs], group, shm, None if got is None else got[0])
+    return rows, runs, send
+
+
 def all_to_all_rows(x: torch.Tensor, send: list[int], receive: list[int], group: dist.ProcessGroup,
                     shm: ShmAllToAll | None = None) -> torch.Tensor:
     """``exchange`` without autograd (ids, counts); through shared memory where the group has it and the rows fit."""
@@ -186,10 +204,11 @@ class _GatherRows(torch.autograd.Function):
 class _Exchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, send: list[int], receive: list[int], group: dist.ProcessGroup,
-                shm: ShmAllToAll | None) -> torch.Tensor:
+                shm: ShmAllToAll | None, done: torch.Tensor | None = None) -> torch.Tensor:
+        """``done``: the rows already exchanged (``exchange_runs`` through shared memory), for autograd to see."""
         ctx.send, ctx.receive, ctx.group, ctx.shm = send, receive, group, shm
-        return all_to_all_rows(x, send, receive, group, shm)
+        return all_to_all_rows(x, send, receive, group, shm) if done is None else done
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return all_to_all_rows(grad, ctx.receive, ctx.send, ctx.group, ctx.shm), None, None, None, None
+        return all_to_all_rows(grad, ctx.receive, ctx.send, ctx.group, ctx.shm), None, None, None, None, None

@@ -37,7 +37,7 @@ log = logging.getLogger("shardwise.shm")  # the name its log lines have always c
 
 FLAG_STRIDE = 8  # int64s per flag: one 64-byte cache line each, so ranks never share a line
 CAPACITY = 4 << 20  # bytes per slot; larger tensors (long prefills) go through gloo
-HEADER = 512  # bytes ahead of an all-to-all slot's rows: whether they were written, and the send counts
+HEADER = 4096  # bytes ahead of an all-to-all slot's rows: whether they were written, the send counts, run counts
 SEGMENT_DIR = "/dev/shm"  # tests point one rank elsewhere to play a container with a /dev/shm of its own
 TOKEN_BYTES = 16
 
@@ -58,7 +58,7 @@ def attach(group: dist.ProcessGroup, ranks: list[int], timeout: float) -> ShmAll
 
 def attach_all_to_all(group: dist.ProcessGroup, ranks: list[int], timeout: float) -> ShmAllToAll | None:
     """The group's shared-memory all-to-all, or None (gloo), decided as ``attach`` decides."""
-    if len(ranks) > HEADER // 8 - 1:
+    if len(ranks) > HEADER // 8 - 2:
         return None
     mem = share(group, ranks, segment_bytes(len(ranks)), "all-to-all")
     return None if mem is None else ShmAllToAll(mem, ranks.index(dist.get_rank()), len(ranks), timeout)
@@ -218,39 +218,76 @@ class ShmAllReduce(_Slots):
 
 
 class ShmAllToAll(_Slots):
-    """``all_to_all_single`` of rows over the group, through the segment's slots."""
+    """``all_to_all_single`` of rows over the group, through the segment's slots.
+
+    A slot holds a header, then the rank's rows in destination order. The header says
+    whether the rows fit, how many go to each rank, and optionally per-destination counts
+    of the caller's own (``split``: the rows per expert, each rank's experts in turn), so
+    the receivers size their buffers and group the rows from the headers alone: one wait
+    per exchange where counts-then-rows would take two.
+    """
+
+    buf = 0  # the buffer of the latest exchange, which ``_read`` reads
 
     def __call__(self, out: torch.Tensor, x: torch.Tensor, receive: list[int], send: list[int]) -> bool:
         """Rows ``x`` (``send[r]`` for rank r, in rank order) out, ``receive[r]`` rows from rank r into ``out``;
         False (nothing done, on every rank alike) when any rank's rows do not fit its slot, or off the CPU."""
-        if x.device.type != "cpu":
+        heads = self._post(x, send, [])
+        if heads is None:
             return False
+        sent = [h[1: 1 + self.size][self.rank] for h in heads]
+        if sent != receive:
+            raise RuntimeError(f"shared-memory all-to-all: EP ranks send this rank {sent} rows, it expected {receive}")
+        self._read(out, heads)
+        return True
+
+    def split(self, x: torch.Tensor, counts: list[int], widths: list[int]
+              ) -> tuple[torch.Tensor, list[list[int]]] | None:
+        """Rows ``x`` out in ``counts`` runs (``widths[r]`` runs for rank r, in rank order), and back the rows for
+        this rank with each sender's runs for it, ``[sender][run]``; None (nothing done, on every rank alike) when
+        any rank's rows or counts do not fit, or off the CPU."""
+        ends = [int(e) for e in np.cumsum([0, *widths])]
+        send = [sum(counts[a:b]) for a, b in zip(ends[:-1], ends[1:])]
+        heads = self._post(x, send, counts)
+        if heads is None:
+            return None
+        first = 2 + self.size + ends[self.rank]
+        runs = [h[first: first + widths[self.rank]] for h in heads]
+        out = x.new_empty((sum(map(sum, runs)), *x.shape[1:]))
+        self._read(out, heads)
+        return out, runs
+
+    def _post(self, x: torch.Tensor, send: list[int], counts: list[int]) -> list[list[int]] | None:
+        """Write this rank's header and rows, wait for every rank's, and return the headers (None: something did not
+        fit somewhere, so the caller falls back to gloo on every rank alike)."""
+        if x.device.type != "cpu":
+            return None
         self.seq += 1
-        buf = self.seq % 2
-        mine = self._bytes(buf, self.rank)
+        self.buf = self.seq % 2
+        mine = self._bytes(self.buf, self.rank)
         head = mine[:HEADER].view(torch.int64)
         rows = x.contiguous().view(-1).view(torch.uint8)
-        fits = HEADER + rows.numel() <= CAPACITY
-        head[1: 1 + self.size] = torch.tensor(send, dtype=torch.int64)
+        fits = HEADER + rows.numel() <= CAPACITY and 2 + self.size + len(counts) <= HEADER // 8
         if fits:
+            head[1: 2 + self.size + len(counts)] = torch.tensor([*send, len(counts), *counts], dtype=torch.int64)
             mine[HEADER: HEADER + rows.numel()].copy_(rows)
         head[0] = int(fits)
         self.flags[self.rank] = self.seq
         wait_for(self.flags, self.seq, self.timeout, "shared-memory all-to-all: EP ranks")
-        heads = [self._bytes(buf, r)[:HEADER].view(torch.int64)[: 1 + self.size].tolist() for r in range(self.size)]
-        if not all(h[0] for h in heads):
-            return False
+        heads = [self._bytes(self.buf, r)[:HEADER].view(torch.int64) for r in range(self.size)]
+        if not all(int(h[0]) for h in heads):
+            return None
+        return [h[: 2 + self.size + int(h[1 + self.size])].tolist() for h in heads]
+
+    def _read(self, out: torch.Tensor, heads: list[list[int]]) -> None:
+        """Copy the rows each rank wrote for this one into ``out``, in rank order."""
         width = math.prod(out.shape[1:]) * out.element_size()  # bytes per row
         into, at = out.view(-1).view(torch.uint8), 0
         for r, h in enumerate(heads):
-            sent = h[1:]
-            if sent[self.rank] != receive[r]:
-                raise RuntimeError(f"shared-memory all-to-all: EP rank {r} sends {sent[self.rank]} rows, this rank "
-                                   f"expected {receive[r]}")
+            sent = h[1: 1 + self.size]
             start, n = HEADER + sum(sent[: self.rank]) * width, sent[self.rank] * width
-            into[at: at + n].copy_(self._bytes(buf, r)[start: start + n])
+            into[at: at + n].copy_(self._bytes(self.buf, r)[start: start + n])
             at += n
-        return True
 
     def _bytes(self, buf: int, rank: int) -> torch.Tensor:
         start = (buf * self.size + rank) * CAPACITY

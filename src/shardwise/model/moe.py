@@ -8,8 +8,9 @@ summed over each token's slots, and Qwen2-MoE's shared expert behind its sigmoid
 
 The experts are the rank's (``RankPlan.experts``), stacked into one tensor per kind by the
 plan. Under EP each rank of a group computes its own rows of the batch (``RankPlan.batch_rows``);
-it routes its tokens, sends every (token, slot) row to the rank holding its expert and gets
-the output back (all-to-all both ways, ``collectives.exchange``), and weighs and sums its
+it routes its tokens, sends every (token, slot) row to the rank holding its expert, the rows
+per expert counted in the same exchange, and gets the output back (all-to-all both ways,
+``collectives.exchange_runs`` and ``exchange``), and weighs and sums its
 tokens' slots. The shared expert runs on the rank's tokens like any dense weight. Each
 collective's backward is its dual, so training works through the dispatch.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dist.collectives import all_to_all_rows, exchange
+from ..dist.collectives import exchange, exchange_runs
 from ..dist.comm import Comm
 from ..plan.rank import RankPlan, expert_shares
 
@@ -31,13 +32,15 @@ class MoE:
         spec, routing = plan.spec, plan.spec.table.routing
         self.group, self.ep = (comm.ep_group if plan.layout.ep > 1 else None), plan.layout.ep
         self.shm = comm.ep_shm
-        # Each expert's EP rank, and its place in that rank's stack: a chosen expert's row goes to ``owner[e]``,
-        # which computes it with its ``slot[e]``-th expert.
-        self.owner = torch.empty(spec.experts, dtype=torch.long)
+        # Each expert's place in its EP rank's stack (``slot[e]``), and in all the ranks' stacks one after another
+        # (``position[e]``): rows sorted by position are in runs per expert, each rank's runs together.
+        shares = expert_shares(spec, plan.layout)
+        self.widths = [len(share) for share in shares]
         self.slot = torch.empty(spec.experts, dtype=torch.long)
-        for rank, share in enumerate(expert_shares(spec, plan.layout)):
-            self.owner[share.start:share.stop:share.step] = rank
+        self.position = torch.empty(spec.experts, dtype=torch.long)
+        for rank, share in enumerate(shares):
             self.slot[share.start:share.stop:share.step] = torch.arange(len(share))
+            self.position[share.start:share.stop:share.step] = torch.arange(len(share)) + sum(self.widths[:rank])
         self.top_k, self.norm_topk, self.fp32_weights = spec.top_k, spec.norm_topk, routing.weights_in_fp32
         self.local_experts = len(plan.experts)
         self.shared = spec.shared_expert
@@ -69,26 +72,26 @@ class MoE:
     def dispatch(self, x: torch.Tensor, chosen: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
                  ) -> torch.Tensor:
         """The chosen expert's output for every (token, slot) of ``x`` (in that order), unweighted: each row goes to
-        the EP rank holding its expert and its output comes back (all-to-all both ways)."""
+        the EP rank holding its expert, with the count of rows per expert, and its output comes back (all-to-all
+        both ways)."""
         rows = x.repeat_interleave(self.top_k, dim=0)
         if self.group is None:
-            return self.compute(rows, chosen, gate_up, down)
-        owner = self.owner.to(chosen.device)[chosen]
-        order = torch.argsort(owner, stable=True)
-        send = torch.bincount(owner, minlength=self.ep)
-        receive = all_to_all_rows(send, [1] * self.ep, [1] * self.ep, self.group, self.shm).tolist()
-        send = send.tolist()
-        ids = all_to_all_rows(chosen[order], send, receive, self.group, self.shm)
-        y = self.compute(exchange(rows[order], send, receive, self.group, self.shm), ids, gate_up, down)
-        back = exchange(y, receive, send, self.group, self.shm)
+            return self.compute(rows, self.slot.to(chosen.device)[chosen], gate_up, down)
+        position = self.position.to(chosen.device)[chosen]
+        order = torch.argsort(position, stable=True)
+        counts = torch.bincount(position, minlength=len(self.position)).tolist()
+        got, runs, send = exchange_runs(rows[order], counts, self.widths, self.group, self.shm)
+        slots = torch.arange(self.local_experts).repeat(self.ep).repeat_interleave(torch.tensor(runs).view(-1))
+        back = exchange(self.compute(got, slots.to(got.device), gate_up, down), [sum(r) for r in runs], send,
+                        self.group, self.shm)
         return back.new_zeros(back.shape).index_copy(0, order, back)
 
-    def compute(self, rows: torch.Tensor, chosen: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+    def compute(self, rows: torch.Tensor, slots: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
                 ) -> torch.Tensor:
-        """Each row through its expert (one of this rank's), in the rows' order: grouped by expert, one grouped
+        """Each row through this rank's ``slots[i]``-th expert, in the rows' order: grouped by expert, one grouped
         matmul per projection, as HF's grouped path."""
         local, hidden = self.local_experts, rows.shape[-1]
-        expert, order = torch.sort(self.slot.to(chosen.device)[chosen], stable=True)
+        expert, order = torch.sort(slots, stable=True)
         ends = torch.bincount(expert, minlength=local).cumsum(0).to(torch.int32)
         h = grouped_linear(rows[order], gate_up.view(local, -1, hidden), ends)
         gate, up = h.chunk(2, dim=-1)
