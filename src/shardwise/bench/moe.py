@@ -7,10 +7,10 @@ the difference between generating N+1 tokens and 1 (the prefill and the first to
 it counts decode steps alone; prefill is one forward over the prompts.
 
 What EP can divide is the experts' work, and what it adds is its all-to-alls, so the bench
-also times each alone (``step_floor``): one decode step's grouped matmuls over each rank's
-share of the experts, every rank at once, against the same over every expert in one process;
-and one all-to-all of a step's rows, of which each sparse layer makes two (the rows out, with
-their counts per expert, and their outputs back).
+also splits a decode step (``experts_s``): the time the slowest rank spends in the experts'
+grouped matmuls, profiled in the model itself on the same prompts, and the rest; and times
+one all-to-all of a step's rows alone (``exchange_time``), of which each sparse layer makes
+two (the rows out, with their counts per expert, and their outputs back).
 """
 
 from __future__ import annotations
@@ -18,15 +18,13 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 from ..dist.collectives import all_to_all_rows
 from ..dist.comm import make_comm
 from ..io.loader import load_model
-from ..model.moe import grouped_linear
 from ..plan.boxes import split_evenly
 from ..plan.mesh import Layout
-from ..plan.rank import batch_shares, expert_shares
+from ..plan.rank import batch_shares
 from ..plan.spec import load_spec
 from .measure import all_ranks, barrier
 
@@ -62,8 +60,22 @@ def bench_moe_rank(directory: str, layout: Layout, dtype: torch.dtype, new_token
     ids = prompts(directory, batch, PROMPT)
     with load_model(directory, layout, dtype=dtype, progress=False) as model:
         row = _rates(model, model.generate, ids, new_tokens)
+        row["experts_s"] = max(all_ranks(_experts_per_step(model.generate, ids, new_tokens)))
     return {"ep": layout.ep, "tp": layout.tp, "batch": batch, "prompt_tokens": PROMPT, "new_tokens": new_tokens,
             **row}
+
+
+def _experts_per_step(generate, ids: torch.Tensor, new_tokens: int) -> float:
+    """Seconds per decode step this rank spends in the experts' grouped matmuls (``aten::_grouped_mm`` with the
+    matmuls under it, as torch.profiler times them), from generating ``new_tokens + 1`` tokens less 1."""
+    from torch.profiler import profile
+
+    spent = []
+    for n in (1, new_tokens + 1):
+        with profile() as prof, torch.no_grad():
+            generate(ids, n)
+        spent.append(sum(e.cpu_time_total for e in prof.key_averages() if e.key == "aten::_grouped_mm") / 1e6)
+    return max(0.0, spent[1] - spent[0]) / new_tokens
 
 
 def bench_moe_hf(directory: str, dtype: torch.dtype, new_tokens: int, batch: int = BATCH) -> dict:
@@ -80,42 +92,33 @@ def bench_moe_hf(directory: str, dtype: torch.dtype, new_tokens: int, batch: int
             **_rates(lambda x: model(x).logits, generate, ids, new_tokens)}
 
 
-def step_floor(directory: str, layout: Layout, dtype: torch.dtype, batch: int = BATCH) -> dict:
-    """What bounds a decode step, on the slowest rank, each the best of ``REPEATS`` x 3: ``experts_s``, the seconds
-    of the experts' matmuls, each rank computing its share of the experts at once (random weights of the model's
-    sizes; the batch's ``batch x top_k`` rows spread evenly over the experts, through every sparse layer's gate/up
-    and down projections); under EP also ``exchange_s``, one all-to-all of a step's rows (each rank's ``batch /
-    ep x top_k``, spread evenly over the ranks) through the transport the model uses (shared memory on one x86
-    host, else gloo), which a sparse layer makes twice."""
+def ceiling(split: dict, whole: dict) -> float | None:
+    """How much faster EP N (``split``'s row) would decode than EP 1 (``whole``'s) if everything but the experts cost
+    it what it costs EP 1, with no exchange and no wait: EP 1's step over (EP 1's step less its experts plus EP N's
+    experts). None when a decode was too short to time."""
+    if split["decode_tok_s"] is None or whole["decode_tok_s"] is None:
+        return None
+    step = whole["batch"] / whole["decode_tok_s"]
+    return step / (step - whole["experts_s"] + split["experts_s"])
+
+
+def exchange_time(directory: str, layout: Layout, dtype: torch.dtype, batch: int = BATCH) -> float:
+    """Seconds of one all-to-all of a decode step's rows on the slowest rank, the best of ``REPEATS`` x 3: each
+    rank's ``batch / ep x top_k`` rows spread evenly over the ranks, through the transport the model uses (shared
+    memory on one x86 host, else gloo)."""
     spec = load_spec(directory)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    share = expert_shares(spec, layout)[layout.ep_rank(rank)]
-    spread = split_evenly(batch * spec.top_k, spec.experts)
-    mine, per_expert = len(share), [spread[e][1] - spread[e][0] for e in share]
-    ends = torch.tensor(per_expert).cumsum(0).to(torch.int32)
-    x = torch.randn(sum(per_expert), spec.hidden, dtype=dtype)
-    layers = [(torch.randn(mine, 2 * spec.moe_ffn, spec.hidden, dtype=dtype),
-               torch.randn(mine, spec.hidden, spec.moe_ffn, dtype=dtype)) for _ in range(sum(spec.sparse_layers))]
-
-    def experts() -> None:
-        for gate_up, down in layers:
-            gate, up = grouped_linear(x, gate_up, ends).chunk(2, dim=-1)
-            grouped_linear(F.silu(gate) * up, down, ends)
-
-    out = {"experts_s": _slowest(experts)}
-    if layout.ep > 1:
-        # each rank's rows spread evenly over the ranks (a rank without rows of the batch sends none)
-        spread = [[hi - lo for lo, hi in split_evenly(len(rows) * spec.top_k, layout.ep)]
-                  for rows in batch_shares(batch, layout)]
-        me = layout.ep_rank(rank)
-        send, receive = spread[me], [sizes[me] for sizes in spread]
-        rows = torch.randn(sum(send), spec.hidden, dtype=dtype)
-        comm = make_comm(layout)
-        try:
-            out["exchange_s"] = _slowest(lambda: all_to_all_rows(rows, send, receive, comm.ep_group, comm.ep_shm))
-        finally:
-            comm.close()
-    return out
+    rank = torch.distributed.get_rank()
+    # each rank's rows spread evenly over the ranks (a rank without rows of the batch sends none)
+    spread = [[hi - lo for lo, hi in split_evenly(len(rows) * spec.top_k, layout.ep)]
+              for rows in batch_shares(batch, layout)]
+    me = layout.ep_rank(rank)
+    send, receive = spread[me], [sizes[me] for sizes in spread]
+    rows = torch.randn(sum(send), spec.hidden, dtype=dtype)
+    comm = make_comm(layout)
+    try:
+        return _slowest(lambda: all_to_all_rows(rows, send, receive, comm.ep_group, comm.ep_shm))
+    finally:
+        comm.close()
 
 
 def _slowest(run) -> float:

@@ -37,32 +37,37 @@ def cmd_bench_load(args) -> None:
 
 def cmd_bench_moe(args) -> None:
     """EP N, EP 1 and HF's model, one after the other in one run, on the same prompts."""
-    from ..bench.moe import bench_moe_hf, bench_moe_rank, step_floor
+    from ..bench.moe import bench_moe_hf, bench_moe_rank, ceiling, exchange_time
 
     layout = _layout(args)
     spec = _plan_everywhere(args.checkpoint, layout, "resident", ())
     if not spec.experts:
         raise ValueError(f"{args.checkpoint}: {spec.arch} is not a mixture of experts")
-    rows = {f"ep{layout.ep}": launch(bench_moe_rank, _world(args), args.checkpoint, layout, args.dtype,
-                                     args.max_new_tokens, args.batch),
-            "ep1": launch(bench_moe_rank, layout.tp, args.checkpoint, replace(layout, ep=1, pp=1, dp=1), args.dtype,
+    split, whole = f"ep{layout.ep}", "ep1"
+    rows = {split: launch(bench_moe_rank, _world(args), args.checkpoint, layout, args.dtype, args.max_new_tokens,
+                          args.batch),
+            whole: launch(bench_moe_rank, layout.tp, args.checkpoint, replace(layout, ep=1, pp=1, dp=1), args.dtype,
                           args.max_new_tokens, args.batch),
             "hf": bench_moe_hf(args.checkpoint, args.dtype, args.max_new_tokens, args.batch)}
-    ep1 = replace(layout, ep=1, pp=1, dp=1, tp=1)
-    floor = {f"ep{layout.ep}": launch(step_floor, layout.ep, args.checkpoint, replace(ep1, ep=layout.ep), args.dtype,
-                                      args.batch),
-             "ep1": launch(step_floor, 1, args.checkpoint, ep1, args.dtype, args.batch)}
+    if layout.ep > 1:
+        rows[split]["exchange_s"] = launch(exchange_time, layout.ep, args.checkpoint,
+                                           replace(layout, ep=layout.ep, pp=1, dp=1, tp=1), args.dtype, args.batch)
+    bound = ceiling(rows[split], rows[whole])
     if args.json:
-        print(json.dumps(rows | {"floor": floor}))
+        print(json.dumps(rows | {"ceiling": bound}))
         return
     for name, row in rows.items():
         decode = "too short to time" if row["decode_tok_s"] is None else f"{row['decode_tok_s']:.1f} tok/s"
         print(f"{name}: prefill {row['prefill_tok_s']:.0f} tok/s, decode {decode} "
               f"(batch {row['batch']}, {row['prompt_tokens']}-token prompts, {row['new_tokens']} new tokens)")
-    split, whole = floor[f"ep{layout.ep}"], floor["ep1"]
-    print(f"a decode step's expert matmuls alone: ep{layout.ep} {split['experts_s'] * 1e3:.1f} ms (each rank its "
-          f"share, at once), ep1 {whole['experts_s'] * 1e3:.1f} ms: x{whole['experts_s'] / split['experts_s']:.2f}; "
-          f"one all-to-all of its rows {split.get('exchange_s', 0) * 1e3:.2f} ms")
+    if bound is None:
+        return
+    steps = {name: rows[name]["batch"] / rows[name]["decode_tok_s"] * 1e3 for name in (split, whole)}
+    print("a decode step: " + ", ".join(f"{name} {steps[name]:.1f} ms, {rows[name]['experts_s'] * 1e3:.1f} of them "
+                                        "in the experts' matmuls" for name in (split, whole))
+          + f" (slowest rank); one all-to-all of a step's rows {rows[split].get('exchange_s', 0) * 1e3:.2f} ms")
+    print(f"with the rest of a step costing {split} what it costs {whole} (no exchange, no wait), {split} would "
+          f"decode at x{bound:.2f} {whole}; it decodes at x{steps[whole] / steps[split]:.2f}")
 
 
 def cmd_bench_generate(args) -> None:
