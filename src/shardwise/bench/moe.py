@@ -7,8 +7,8 @@ the difference between generating N+1 tokens and 1 (the prefill and the first to
 it counts decode steps alone; prefill is one forward over the prompts.
 
 What EP can divide is the experts' work, and what it adds is its all-to-alls, so the bench
-also splits a decode step (``experts_s``): the time the slowest rank spends in the experts'
-grouped matmuls, profiled in the model itself on the same prompts, and the rest; and times
+also splits a decode step (``experts_s``): the time the slowest rank spends computing its
+experts, timed in the model itself on the same prompts, and the rest; and times
 one all-to-all of a step's rows alone (``exchange_time``), of which each sparse layer makes
 two (the rows out, with their counts per expert, and their outputs back).
 """
@@ -22,6 +22,7 @@ import torch
 from ..dist.collectives import all_to_all_rows
 from ..dist.comm import make_comm
 from ..io.loader import load_model
+from ..model.moe import MoE
 from ..plan.boxes import split_evenly
 from ..plan.mesh import Layout
 from ..plan.rank import batch_shares
@@ -60,36 +61,40 @@ def bench_moe_rank(directory: str, layout: Layout, dtype: torch.dtype, new_token
     ids = prompts(directory, batch, PROMPT)
     with load_model(directory, layout, dtype=dtype, progress=False) as model:
         row = _rates(model, model.generate, ids, new_tokens)
-        row["experts_s"] = max(all_ranks(_experts_per_step(model.generate, ids, new_tokens)))
+        row["experts_s"] = max(all_ranks(_experts_per_step(model, ids, new_tokens)))
     return {"ep": layout.ep, "tp": layout.tp, "batch": batch, "prompt_tokens": PROMPT, "new_tokens": new_tokens,
             **row}
 
 
-def _experts_per_step(generate, ids: torch.Tensor, new_tokens: int) -> float:
-    """Seconds per decode step this rank spends in the experts' grouped matmuls (``aten::_grouped_mm`` with the
-    matmuls under it, as torch.profiler times them), from generating ``new_tokens + 1`` tokens less 1."""
-    from torch.profiler import profile
+def _experts_per_step(model, ids: torch.Tensor, new_tokens: int) -> float:
+    """Seconds per decode step this rank spends computing its experts (``MoE.compute``: the rows grouped by expert,
+    the grouped matmuls and SwiGLU, the rows put back), from generating ``new_tokens + 1`` tokens less 1. Each
+    sparse layer's ``compute`` is timed by a wrapper for these two runs only."""
+    layers = [layer.mlp for layer in model.layers.values() if isinstance(layer.mlp, MoE)]
+    clock = [0.0]
+
+    def timed(compute):
+        def run(*args):
+            t0 = time.perf_counter()
+            try:
+                return compute(*args)
+            finally:
+                clock[0] += time.perf_counter() - t0
+        return run
 
     spent = []
-    for n in (1, new_tokens + 1):
-        with profile() as prof, torch.no_grad():
-            generate(ids, n)
-        spent.append(sum(e.cpu_time_total for e in prof.key_averages() if e.key == "aten::_grouped_mm") / 1e6)
+    for layer in layers:
+        layer.compute = timed(layer.compute)
+    try:
+        for n in (1, new_tokens + 1):
+            clock[0] = 0.0
+            with torch.no_grad():
+                model.generate(ids, n)
+            spent.append(clock[0])
+    finally:
+        for layer in layers:
+            del layer.compute  # the method again
     return max(0.0, spent[1] - spent[0]) / new_tokens
-
-
-def bench_moe_hf(directory: str, dtype: torch.dtype, new_tokens: int, batch: int = BATCH) -> dict:
-    """HF's model in this one process, the same prompts and calls."""
-    import transformers
-
-    ids = prompts(directory, batch, PROMPT)
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
-
-    def generate(x: torch.Tensor, n: int) -> torch.Tensor:
-        return model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-
-    return {"batch": batch, "prompt_tokens": PROMPT, "new_tokens": new_tokens,
-            **_rates(lambda x: model(x).logits, generate, ids, new_tokens)}
 
 
 def ceiling(split: dict, whole: dict) -> float | None:

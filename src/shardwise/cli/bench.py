@@ -64,7 +64,7 @@ def cmd_bench_moe(args) -> None:
         return
     steps = {name: rows[name]["batch"] / rows[name]["decode_tok_s"] * 1e3 for name in (split, whole)}
     print("a decode step: " + ", ".join(f"{name} {steps[name]:.1f} ms, {rows[name]['experts_s'] * 1e3:.1f} of them "
-                                        "in the experts' matmuls" for name in (split, whole))
+                                        "computing experts" for name in (split, whole))
           + f" (slowest rank); one all-to-all of a step's rows {rows[split].get('exchange_s', 0) * 1e3:.2f} ms")
     print(f"with the rest of a step costing {split} what it costs {whole} (no exchange, no wait), {split} would "
           f"decode at x{bound:.2f} {whole}; it decodes at x{steps[whole] / steps[split]:.2f}")
