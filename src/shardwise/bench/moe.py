@@ -97,6 +97,20 @@ def _experts_per_step(model, ids: torch.Tensor, new_tokens: int) -> float:
     return max(0.0, spent[1] - spent[0]) / new_tokens
 
 
+def bench_moe_hf(directory: str, dtype: torch.dtype, new_tokens: int, batch: int = BATCH) -> dict:
+    """HF's model in this one process, the same prompts and calls."""
+    import transformers
+
+    ids = prompts(directory, batch, PROMPT)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+
+    def generate(x: torch.Tensor, n: int) -> torch.Tensor:
+        return model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    return {"batch": batch, "prompt_tokens": PROMPT, "new_tokens": new_tokens,
+            **_rates(lambda x: model(x).logits, generate, ids, new_tokens)}
+
+
 def ceiling(split: dict, whole: dict) -> float | None:
     """How much faster EP N (``split``'s row) would decode than EP 1 (``whole``'s) if everything but the experts cost
     it what it costs EP 1, with no exchange and no wait: EP 1's step over (EP 1's step less its experts plus EP N's
