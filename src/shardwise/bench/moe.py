@@ -38,39 +38,37 @@ def prompts(directory: str, batch: int, length: int) -> torch.Tensor:
     return torch.randint(0, load_spec(directory).vocab, (batch, length), generator=torch.Generator().manual_seed(0))
 
 
-def _rates(forward, generate, ids: torch.Tensor, new_tokens: int) -> dict:
-    """Prefill and decode tokens/s of ``forward(ids)`` and ``generate(ids, n)``, each the best of ``REPEATS``."""
+def _rates(forward, generate, ids: torch.Tensor, new_tokens: int, clock: list[float] | None = None) -> dict:
+    """Prefill and decode tokens/s of ``forward(ids)`` and ``generate(ids, n)``, each the best of ``REPEATS``; with
+    a ``clock`` (seconds some part of the model has spent, kept by the caller) also that part's seconds per
+    decode step in the same best runs (``part_s``)."""
     generate(ids[:, :8], 2)  # warm-up: first-call allocations and thread pools
-    timings: dict[str, list[float]] = {"prefill": [], "first": [], "all": []}
+    timings: dict[str, list[tuple[float, float]]] = {"prefill": [], "first": [], "all": []}
+    kept = clock or [0.0]
     for _ in range(REPEATS):
         for key, run in (("prefill", lambda: forward(ids)), ("first", lambda: generate(ids, 1)),
                          ("all", lambda: generate(ids, new_tokens + 1))):
             barrier()
-            t0 = time.perf_counter()
+            t0, part = time.perf_counter(), kept[0]
             with torch.no_grad():
                 run()
-            timings[key].append(time.perf_counter() - t0)
+            timings[key].append((time.perf_counter() - t0, kept[0] - part))
+    best = {key: min(runs) for key, runs in timings.items()}
     b, t = ids.shape
-    decode = min(timings["all"]) - min(timings["first"])  # None below: too few new tokens to rise above the noise
-    return {"prefill_tok_s": b * t / min(timings["prefill"]),
-            "decode_tok_s": b * new_tokens / decode if decode > 0 else None}
+    decode = best["all"][0] - best["first"][0]  # None below: too few new tokens to rise above the noise
+    rates = {"prefill_tok_s": b * t / best["prefill"][0],
+             "decode_tok_s": b * new_tokens / decode if decode > 0 else None}
+    if clock is not None:
+        rates["part_s"] = max(0.0, best["all"][1] - best["first"][1]) / new_tokens
+    return rates
 
 
 def bench_moe_rank(directory: str, layout: Layout, dtype: torch.dtype, new_tokens: int, batch: int = BATCH) -> dict:
-    """shardwise's rates under ``layout`` (every rank times the same calls; rank 0's row is returned)."""
+    """shardwise's rates under ``layout`` (every rank times the same calls; rank 0's row is returned), and
+    ``experts_s``: the seconds per decode step the slowest rank spends computing its experts in those runs
+    (``MoE.compute``, each sparse layer's timed by a wrapper: the rows grouped by expert, the grouped matmuls and
+    SwiGLU, the rows put back)."""
     ids = prompts(directory, batch, PROMPT)
-    with load_model(directory, layout, dtype=dtype, progress=False) as model:
-        row = _rates(model, model.generate, ids, new_tokens)
-        row["experts_s"] = max(all_ranks(_experts_per_step(model, ids, new_tokens)))
-    return {"ep": layout.ep, "tp": layout.tp, "batch": batch, "prompt_tokens": PROMPT, "new_tokens": new_tokens,
-            **row}
-
-
-def _experts_per_step(model, ids: torch.Tensor, new_tokens: int) -> float:
-    """Seconds per decode step this rank spends computing its experts (``MoE.compute``: the rows grouped by expert,
-    the grouped matmuls and SwiGLU, the rows put back), from generating ``new_tokens + 1`` tokens less 1. Each
-    sparse layer's ``compute`` is timed by a wrapper for these two runs only."""
-    layers = [layer.mlp for layer in model.layers.values() if isinstance(layer.mlp, MoE)]
     clock = [0.0]
 
     def timed(compute):
@@ -82,19 +80,14 @@ def _experts_per_step(model, ids: torch.Tensor, new_tokens: int) -> float:
                 clock[0] += time.perf_counter() - t0
         return run
 
-    spent = []
-    for layer in layers:
-        layer.compute = timed(layer.compute)
-    try:
-        for n in (1, new_tokens + 1):
-            clock[0] = 0.0
-            with torch.no_grad():
-                model.generate(ids, n)
-            spent.append(clock[0])
-    finally:
-        for layer in layers:
-            del layer.compute  # the method again
-    return max(0.0, spent[1] - spent[0]) / new_tokens
+    with load_model(directory, layout, dtype=dtype, progress=False) as model:
+        for layer in model.layers.values():
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.compute = timed(layer.mlp.compute)
+        row = _rates(model, model.generate, ids, new_tokens, clock)
+    row["experts_s"] = max(all_ranks(row.pop("part_s")))
+    return {"ep": layout.ep, "tp": layout.tp, "batch": batch, "prompt_tokens": PROMPT, "new_tokens": new_tokens,
+            **row}
 
 
 def bench_moe_hf(directory: str, dtype: torch.dtype, new_tokens: int, batch: int = BATCH) -> dict:
