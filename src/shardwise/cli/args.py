@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.loader import Provide, check_provider_options
+from ..io.loader import WEIGHT_ONLY, Provide, check_provider_options, check_weight_only
 from ..launch import in_torchrun
 from ..plan.mesh import PLACEMENTS, Layout
 from ..plan.rank import PROVIDERS, plan_rank
@@ -86,7 +86,8 @@ def _series_arg(p: argparse.ArgumentParser) -> None:
                         "broadcast k layers ahead (k default 1); repeat for several series")
 
 
-def _provider_args(p: argparse.ArgumentParser) -> None:
+def _provider_args(p: argparse.ArgumentParser, inference: bool = True) -> None:
+    """The provider flags; ``inference``: also int8 weight-only (training updates full-precision masters)."""
     p.add_argument("--provider", choices=PROVIDERS, default="resident",
                    help="resident: every rank keeps its weights; zero3: 1/dp each, gathered block by block; "
                         "series: resident, except the --series layers, each stored by one DP rank")
@@ -97,6 +98,13 @@ def _provider_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", type=_bounded(int, 0), default=1, help="zero3: blocks gathered ahead")
     p.add_argument("--offload", action="store_true", help="zero3: keep the master shards in host memory (in "
                    "training, AdamW's moments and the gradient sums too)")
+    if not inference:
+        return
+    p.add_argument("--weight-only", choices=WEIGHT_ONLY, default=None,
+                   help="resident: quantize the projections at load (int8, a scale per output row) and compute "
+                        "with int8 weights")
+    p.add_argument("--quantize-head", action="store_true", help="--weight-only: the LM head too (default: kept in "
+                   "--dtype, where quantization error shows most and a tied head would need a copy)")
 
 
 def _layout(args) -> Layout:
@@ -108,7 +116,11 @@ def _layout(args) -> Layout:
 def _provide(args) -> Provide:
     """The provider options, checked before any rank is spawned."""
     check_provider_options(args.provider, args.dtype, args.work_dtype, args.prefetch, args.offload, flags=True)
-    return Provide(args.provider, args.work_dtype, args.prefetch, args.offload, tuple(args.series))
+    weight_only, head = getattr(args, "weight_only", None), getattr(args, "quantize_head", False)
+    check_weight_only(weight_only, args.provider, flags=True)
+    if head and not weight_only:
+        raise ValueError("--quantize-head needs --weight-only")
+    return Provide(args.provider, args.work_dtype, args.prefetch, args.offload, tuple(args.series), weight_only, head)
 
 
 def _overwrite_arg(p: argparse.ArgumentParser) -> None:

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--clip", type=_bounded(float, 0.0), default=1.0, help="max global gradient norm; 0: no clipping")
     t.add_argument("--seed", type=SEED, default=0, help="the data order follows from it (and the step) alone")
     _layout_args(t)
-    _provider_args(t)
+    _provider_args(t, inference=False)
     t.set_defaults(dtype=torch.float32)
     t.add_argument("--save", required=True, metavar="DIR", help="where the trained sharded checkpoint goes; may be "
                    "the --resume DIR itself, which each save then replaces with a later step")

@@ -9,6 +9,7 @@ from collections import defaultdict
 import torch
 
 from ..io.loader import Provide
+from ..model import weight_only
 from ..plan.mesh import Layout
 from ..plan.rank import plan_rank
 from ..plan.spec import load_spec
@@ -42,6 +43,8 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
         work = str(provide.work_dtype or dtype).removeprefix("torch.")
         how += f" (work {work}, prefetch {provide.prefetch}{', offload' if provide.offload else ''})"
     how += ", training" if train else ""
+    how += f", weight-only {provide.weight_only}{' with the head' if provide.quantize_head else ''}" \
+        if provide.weight_only else ""
     lines = [f"{spec.arch}: {plural(spec.layers, 'layer')}, {plural(spec.heads, 'head')} / "
              f"{plural(spec.kv_heads, 'KV head')}, vocab {spec.vocab}, {layout}, {str(dtype).removeprefix('torch.')}, "
              f"{how}{'' if layout.tp_plan is None else ', ' + layout.tp_plan.origin}",
@@ -59,6 +62,11 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
             for (_, shape), name in placed.items():
                 kinds[spec.table.kind(name).report] += math.prod(shape) * dtype.itemsize
         total = plan.nbytes(dtype)
+        if provide.weight_only:
+            for name in weight_only.quantized(plan, provide.quantize_head):
+                t, shared = plan.work[name], name in plan.alias
+                kinds[spec.table.kind(name.kind).report] += weight_only.stored_bytes(t, dtype, shared)
+            total = weight_only.nbytes(plan, dtype, provide.quantize_head)
         if train:
             memory = training_memory(plan, provide.work_dtype, provide.prefetch, provide.offload)
             kinds |= {role: memory[role] for role in ("gradients", "moments", "work", "staging")}

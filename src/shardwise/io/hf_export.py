@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..model.forward import Model
+from ..model.weight_only import Int8Weight
 from ..plan.boxes import Box
 from ..plan.spec import ModelSpec, naming_dtype
 from ..progress import progress_bar
@@ -64,7 +65,12 @@ def file_plan(spec: ModelSpec, dtypes: dict[str, torch.dtype], max_file_bytes: i
 
 def owned_boxes(weights: Weights) -> list[tuple[torch.Tensor, Box]]:
     """This rank's (tensor, box) pairs that it alone writes (``RankPlan.owned``): every byte is written once."""
-    return [(weights.tensors[name], box) for name, box in weights.plan.owned()]
+    return [(dense(weights.tensors[name]), box) for name, box in weights.plan.owned()]
+
+
+def dense(t: torch.Tensor | Int8Weight) -> torch.Tensor:
+    """A tensor as export writes it: an int8 weight-only one dequantized to its scales' dtype (the compute dtype)."""
+    return t.dequantize(t.scale.dtype) if isinstance(t, Int8Weight) else t
 
 
 def header_digest(files: list[OutFile]) -> str:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ..dist.comm import make_comm
 from ..model.forward import Model
+from ..model.weight_only import quantize_weights
 from ..plan.mesh import Layout
 from ..plan.rank import PROVIDERS, plan_rank
 from ..plan.series import Series
@@ -69,7 +70,8 @@ def load_weights(path: str | Path, layout: Layout | None = None, dtype: torch.dt
 def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, progress: bool = True, provider: str = "resident",
                work_dtype: torch.dtype | None = None, prefetch: int = 1, offload: bool = False,
-               series: tuple[Series, ...] = (), tp_plan: Mapping[str, str] | str | Path | None = None) -> Model:
+               series: tuple[Series, ...] = (), tp_plan: Mapping[str, str] | str | Path | None = None,
+               weight_only: str | None = None, quantize_head: bool = False) -> Model:
     """Load this rank's part of a checkpoint (HF or sharded) under ``layout``; collective over the layout's world.
 
     ``provider="resident"`` keeps every work weight on the rank (DP replicas are plain
@@ -85,6 +87,10 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
     JSON file holding one) replaces the model's TP plan (``shardwise.tp_plan(path)``): what it leaves out is
     replicated. It may also come as ``layout.tp_plan``.
 
+    ``weight_only="int8"`` (resident provider) quantizes each rank's projections at load to int8 with one
+    scale per output row and computes them with int8 weights (``model.weight_only``); the LM head too with
+    ``quantize_head``.
+
     The model holds process groups and shared memory: ``close()`` it, or use it as a
     context manager, when loading more than one per process.
     """
@@ -93,6 +99,7 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
         layout = replace(layout, tp_plan=TpPlan.of(tp_plan))
     device = resolve_device(device)
     check_provider_options(provider, dtype, work_dtype, prefetch, offload)
+    check_weight_only(weight_only, provider)
     comm = make_comm(layout, device)
     source: Provider | None = None
     try:
@@ -105,6 +112,9 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
         elif provider == "series":
             source = SeriesProvider(weights.plan, comm, weights.tensors, device)
         else:
+            if weight_only:
+                tensors = quantize_weights(weights.plan, weights.tensors, comm.tp_group, quantize_head)
+                weights = replace(weights, tensors=tensors, buffers={})
             source = Resident(weights.plan, weights.tensors)
         model = Model(weights, comm, source, device)
     except BaseException:
@@ -113,7 +123,7 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
         comm.close(sync=False)  # the peers may have failed too, or be stuck waiting: no barrier
         raise
     log.info("rank %d loaded %d tensors, %.1f MB", comm.rank, len(weights.tensors),
-             weights.plan.nbytes(dtype) / 1e6)
+             sum(source.nbytes().values()) / 1e6)
     return model
 
 
@@ -126,6 +136,20 @@ class Provide:
     prefetch: int = 1
     offload: bool = False
     series: tuple[Series, ...] = ()
+    weight_only: str | None = None
+    quantize_head: bool = False
+
+
+WEIGHT_ONLY = ("int8",)
+
+
+def check_weight_only(weight_only: str | None, provider: str, flags: bool = False) -> None:
+    """Weight-only quantization is a resident model's: refuse an unknown kind or another provider in one line."""
+    if weight_only is not None and weight_only not in WEIGHT_ONLY:
+        raise ValueError(f"unknown weight_only {weight_only!r} (choose from {', '.join(WEIGHT_ONLY)})")
+    if weight_only and provider != "resident":
+        need = "--weight-only needs --provider resident" if flags else "weight_only needs provider='resident'"
+        raise ValueError(f"{need}: ZeRO-3 quantizes its gathers instead (work dtype int8)")
 
 
 WORK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8)

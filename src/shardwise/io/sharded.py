@@ -361,7 +361,13 @@ def save_sharded(weights: Weights, out_dir: str | Path, overwrite: bool = False,
     ``sources`` (default: the directory the weights came from). With ``state``, this is a training checkpoint (see
     the module's docstring). config.json names the dtype the files hold.
     """
-    rank, dtypes = weights.plan.rank, _stored_dtypes(weights, state)
+    rank = weights.plan.rank
+    int8 = [name for name, t in weights.tensors.items() if not isinstance(t, torch.Tensor)]
+    if int8:
+        raise ValueError(f"rank {rank}: {len(int8)} tensors ({', '.join(int8[:3])}, ...) are int8 weight-only; a "
+                         "sharded checkpoint holds full-precision weights: save the model loaded without weight_only, "
+                         "or export it (dequantized)")
+    dtypes = _stored_dtypes(weights, state)
 
     def write_rank_file(tmp: Path) -> None:
         local = {}

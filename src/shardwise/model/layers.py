@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..dist.collectives import copy_to, gather_from, reduce_from
 from ..dist.comm import Comm
+from .weight_only import Int8Weight, int8_linear
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -39,16 +40,22 @@ def _enter(comm: Comm, x: torch.Tensor, *weights: torch.Tensor | None) -> torch.
     return copy_to(x, comm.tp_group) if comm.layout.tp > 1 and needs_grad(x, *weights) else x
 
 
-def linear(comm: Comm, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, style: str) -> torch.Tensor:
+def linear(comm: Comm, x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None, style: str
+           ) -> torch.Tensor:
     """A projection run as its TP style says (``plan.tp``): split by output features (colwise, with or without a
     later gather: the gather waits until after the per-head or per-element op that follows), by input features
-    (rowwise: partial sums all-reduced, then the replicated bias added once), or whole on every rank."""
+    (rowwise: partial sums all-reduced, then the replicated bias added once), or whole on every rank. The weight
+    may be int8 weight-only (``weight_only``)."""
     if style == "replicated" or comm.layout.tp == 1:
-        return F.linear(x, weight, bias)
+        return _matmul(x, weight, bias)
     if style == "rowwise":
-        y = _reduce(comm, F.linear(x, weight), x, weight)
+        y = _reduce(comm, _matmul(x, weight, None), x, weight)
         return y if bias is None else y + bias
-    return F.linear(_enter(comm, x, weight, bias), weight, bias)
+    return _matmul(_enter(comm, x, weight, bias), weight, bias)
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    return int8_linear(x, weight, bias) if isinstance(weight, Int8Weight) else F.linear(x, weight, bias)
 
 
 def gather_output(comm: Comm, local: torch.Tensor, sizes: list[int]) -> torch.Tensor:

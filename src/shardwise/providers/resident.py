@@ -12,8 +12,9 @@ class Resident(Provider):
     """Every work tensor stays on the rank: gather and release do nothing, and the masters are the work weights."""
 
     def __init__(self, plan: RankPlan, tensors: dict[str, torch.Tensor]):
-        super().__init__(plan, next(iter(tensors.values())).dtype)
-        self.tensors, self.device = tensors, next(iter(tensors.values())).device
+        plain = next(t for t in tensors.values() if isinstance(t, torch.Tensor))  # not an int8 weight-only pair
+        super().__init__(plan, plain.dtype)
+        self.tensors, self.device = tensors, plain.device
 
     def _wait(self, block: str) -> dict[str, torch.Tensor]:
         return self.tensors
