@@ -28,39 +28,9 @@ from ..plan.mesh import Layout
 from ..plan.rank import batch_shares
 from ..plan.spec import load_spec
 from .measure import all_ranks, barrier
+from .rates import REPEATS, hf_generate, prompts, rates
 
 BATCH, PROMPT = 32, 64
-REPEATS = 3  # each rate is the best of these
-
-
-def prompts(directory: str, batch: int, length: int) -> torch.Tensor:
-    """The same random prompts everywhere (seeded), from the model's vocabulary."""
-    return torch.randint(0, load_spec(directory).vocab, (batch, length), generator=torch.Generator().manual_seed(0))
-
-
-def _rates(forward, generate, ids: torch.Tensor, new_tokens: int, clock: list[float] | None = None) -> dict:
-    """Prefill and decode tokens/s of ``forward(ids)`` and ``generate(ids, n)``, each the best of ``REPEATS``; with
-    a ``clock`` (seconds some part of the model has spent, kept by the caller) also that part's seconds per
-    decode step in the same best runs (``part_s``)."""
-    generate(ids[:, :8], 2)  # warm-up: first-call allocations and thread pools
-    timings: dict[str, list[tuple[float, float]]] = {"prefill": [], "first": [], "all": []}
-    kept = clock or [0.0]
-    for _ in range(REPEATS):
-        for key, run in (("prefill", lambda: forward(ids)), ("first", lambda: generate(ids, 1)),
-                         ("all", lambda: generate(ids, new_tokens + 1))):
-            barrier()
-            t0, part = time.perf_counter(), kept[0]
-            with torch.no_grad():
-                run()
-            timings[key].append((time.perf_counter() - t0, kept[0] - part))
-    best = {key: min(runs) for key, runs in timings.items()}
-    b, t = ids.shape
-    decode = best["all"][0] - best["first"][0]  # None below: too few new tokens to rise above the noise
-    rates = {"prefill_tok_s": b * t / best["prefill"][0],
-             "decode_tok_s": b * new_tokens / decode if decode > 0 else None}
-    if clock is not None:
-        rates["part_s"] = max(0.0, best["all"][1] - best["first"][1]) / new_tokens
-    return rates
 
 
 def bench_moe_rank(directory: str, layout: Layout, dtype: torch.dtype, new_tokens: int, batch: int = BATCH) -> dict:
@@ -84,7 +54,7 @@ def bench_moe_rank(directory: str, layout: Layout, dtype: torch.dtype, new_token
         for layer in model.layers.values():
             if isinstance(layer.mlp, MoE):
                 layer.mlp.compute = timed(layer.mlp.compute)
-        row = _rates(model, model.generate, ids, new_tokens, clock)
+        row = rates(model, model.generate, ids, new_tokens, clock)
     row["experts_s"] = max(all_ranks(row.pop("part_s")))
     return {"ep": layout.ep, "tp": layout.tp, "batch": batch, "prompt_tokens": PROMPT, "new_tokens": new_tokens,
             **row}
@@ -96,12 +66,8 @@ def bench_moe_hf(directory: str, dtype: torch.dtype, new_tokens: int, batch: int
 
     ids = prompts(directory, batch, PROMPT)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
-
-    def generate(x: torch.Tensor, n: int) -> torch.Tensor:
-        return model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-
     return {"batch": batch, "prompt_tokens": PROMPT, "new_tokens": new_tokens,
-            **_rates(lambda x: model(x).logits, generate, ids, new_tokens)}
+            **rates(lambda x: model(x).logits, hf_generate(model), ids, new_tokens)}
 
 
 def ceiling(split: dict, whole: dict) -> float | None:

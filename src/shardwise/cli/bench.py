@@ -70,6 +70,32 @@ def cmd_bench_moe(args) -> None:
           f"decode at x{bound:.2f} {whole}; it decodes at x{steps[whole] / steps[split]:.2f}")
 
 
+def cmd_bench_decode(args) -> None:
+    """bf16 and int8 weight-only under the layout, then HF's bf16 and torchao int8, one after the other."""
+    from ..bench.decode import bench_decode_hf, bench_decode_rank
+
+    layout = _layout(args)
+    _plan_everywhere(args.checkpoint, layout, "resident", ())
+    rows = [launch(bench_decode_rank, _world(args), args.checkpoint, layout, weight_only, args.max_new_tokens)
+            for weight_only in (None, "int8")]
+    if not args.no_hf:
+        rows += [row for int8 in (False, True) if (row := bench_decode_hf(args.checkpoint, int8,
+                                                                           args.max_new_tokens)) is not None]
+    if args.json:
+        print(json.dumps(rows))
+        return
+    base = rows[0]["decode_tok_s"]
+    for row in rows:
+        where = f"tp {row['tp']}" if row["setting"].startswith("shardwise") else "1 process"
+        if row["decode_tok_s"] is None:
+            print(f"{row['setting']} ({where}): decode too short to time")
+            continue
+        held = f", {row['bytes'] / 1e6:.0f} MB on rank 0" if "bytes" in row else ""
+        ratio = f", x{row['decode_tok_s'] / base:.2f} shardwise bf16" if base else ""
+        print(f"{row['setting']} ({where}): {row['ms_per_token']:.1f} ms/token, {row['decode_tok_s']:.1f} tok/s"
+              f"{ratio}{held}")
+
+
 def cmd_bench_generate(args) -> None:
     from ..model.text import Text
 

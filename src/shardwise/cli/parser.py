@@ -25,6 +25,7 @@ from .args import (
     _written_dtype_arg,
 )
 from .bench import (
+    cmd_bench_decode,
     cmd_bench_export,
     cmd_bench_generate,
     cmd_bench_load,
@@ -169,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--batch", type=POSITIVE, default=32, help="sequences decoded together (32 keeps every expert "
                     "busy each step)")
     bm.add_argument("--json", action="store_true", help="one JSON object: a row per setting")
+    bd = command(b, "decode", "batch-1 decode ms/token: bf16 and int8 weight-only, HF bf16 and torchao int8",
+                 cmd_bench_decode)
+    bd.add_argument("checkpoint")
+    _layout_args(bd)
+    bd.add_argument("--max-new-tokens", type=POSITIVE, default=32, help="decode steps to time")
+    bd.add_argument("--no-hf", action="store_true", help="skip HF's model and torchao's")
+    bd.add_argument("--json", action="store_true", help="one JSON list: a row per setting")
     bg = command(b, "generate", "greedy fp32 tokens/s of shardwise and HF tp_plan='auto', side by side",
                  cmd_bench_generate)
     bg.add_argument("checkpoint")
