@@ -94,6 +94,9 @@ def cmd_bench_decode(args) -> None:
         ratio = f", x{row['decode_tok_s'] / base:.2f} shardwise bf16" if base else ""
         print(f"{row['setting']} ({where}): {row['ms_per_token']:.1f} ms/token, {row['decode_tok_s']:.1f} tok/s"
               f"{ratio}{held}")
+    bf16, int8 = rows[0]["projections_s"], rows[1]["projections_s"]
+    print(f"one token through every projection alone (slowest rank): bf16 {bf16 * 1e3:.1f} ms, int8 "
+          f"{int8 * 1e3:.1f} ms: x{bf16 / int8:.2f}")
 
 
 def cmd_bench_generate(args) -> None:

@@ -47,14 +47,15 @@ def linear(comm: Comm, x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias:
     (rowwise: partial sums all-reduced, then the replicated bias added once), or whole on every rank. The weight
     may be int8 weight-only (``weight_only``)."""
     if style == "replicated" or comm.layout.tp == 1:
-        return _matmul(x, weight, bias)
+        return matmul(x, weight, bias)
     if style == "rowwise":
-        y = _reduce(comm, _matmul(x, weight, None), x, weight)
+        y = _reduce(comm, matmul(x, weight, None), x, weight)
         return y if bias is None else y + bias
-    return _matmul(_enter(comm, x, weight, bias), weight, bias)
+    return matmul(_enter(comm, x, weight, bias), weight, bias)
 
 
-def _matmul(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+def matmul(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias``, whether the weight is a tensor or int8 weight-only."""
     return int8_linear(x, weight, bias) if isinstance(weight, Int8Weight) else F.linear(x, weight, bias)
 
 
