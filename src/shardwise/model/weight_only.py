@@ -31,7 +31,7 @@ from ..plan.boxes import ShardedTensor
 from ..plan.rank import RankPlan
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")  # the decoder layers' linear kinds
-BLOCK_ROWS = 1024  # output rows dequantized at once where torch has no int8 kernel: bounds the temporary
+BLOCK_ROWS = 1024  # rows quantized, or dequantized where torch has no int8 kernel, at once: bounds the temporaries
 
 
 @dataclass(frozen=True)
@@ -58,13 +58,18 @@ class Int8Weight:
 
 def quantize(w: torch.Tensor, group: dist.ProcessGroup | None = None) -> Int8Weight:
     """``w`` (out x in) as int8 with per-row scales ``amax / 127`` (rounded to ``w``'s dtype, then used as rounded);
-    ``group``: the ranks holding the other columns of the same rows, whose amax is agreed on first."""
-    amax = w.detach().float().abs().amax(dim=1)
+    ``group``: the ranks holding the other columns of the same rows, whose amax is agreed on first. Worked through
+    ``BLOCK_ROWS`` rows at a time, so the fp32 temporaries stay small next to the weights being loaded."""
+    w = w.detach()
+    amax = torch.cat([w[i: i + BLOCK_ROWS].abs().amax(dim=1).float() for i in range(0, w.shape[0], BLOCK_ROWS)])
     if group is not None:
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
     scale = (amax / 127).to(w.dtype)
     step = scale.float().masked_fill(scale == 0, 1.0)  # an all-zero row: q = 0 whatever the step
-    q = torch.round(w.detach().float() / step[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    for i in range(0, w.shape[0], BLOCK_ROWS):
+        rows = slice(i, i + BLOCK_ROWS)
+        q[rows] = torch.round(w[rows].float() / step[rows, None]).clamp_(-127, 127)
     return Int8Weight(q, scale)
 
 
