@@ -19,6 +19,7 @@ from ..launch import launch
 from ..model.text import LabelledAnswers, Streamer, Text
 from ..plan.boxes import split_evenly
 from ..plan.mesh import Layout
+from ..plan.spec import load_spec
 from ..words import plural
 from .args import _is_rank0, _layout, _plan_everywhere, _provide, _world
 
@@ -41,6 +42,8 @@ class GenerateArgs:
     stream: bool = True
     provide: Provide = Provide()
     labels: tuple[str, ...] = ()  # each prompt's answer is printed as [label]; default its number, from 1
+    prompt_tables: tuple[tuple[str, str], ...] = ()  # (task, directory of a PEFT prompt-tuning adapter)
+    task: str | None = None  # every prompt's task: its table's virtual tokens go first
 
 
 def generate_rank(args: GenerateArgs) -> dict:
@@ -64,14 +67,16 @@ def generate_rank(args: GenerateArgs) -> dict:
         many = len(args.prompts) > 1
         streamer = LabelledAnswers(text, sys.stdout, labels[lo:hi]) if many else Streamer(text, sys.stdout)
     t0 = time.perf_counter()
-    with load_model(args.checkpoint, layout, device=args.device, dtype=args.dtype, **vars(provide)) as model:
+    with load_model(args.checkpoint, layout, device=args.device, dtype=args.dtype,
+                    prompt_tables=dict(args.prompt_tables) or None, **vars(provide)) as model:
         load_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         answers: list[list[int]] = []
         if prompts or model.provider.lockstep:
             batch = prompts or [text.prompt_ids(args.prompts[0], args.chat)]
             out = model.generate(batch, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, seed=args.seed, eos_token_id=text.eos_ids(), on_token=streamer)
+                                 top_p=args.top_p, seed=args.seed, eos_token_id=text.eos_ids(), on_token=streamer,
+                                 task=args.task)
             width = max(len(p) for p in batch)
             answers = [_until_eos(row[width:].tolist(), text.eos_ids()) for row in out][: len(prompts)]
         gen_s = time.perf_counter() - t1
@@ -119,6 +124,23 @@ def _check_generate(args, prompts: tuple[str, ...], labels: tuple[str, ...]) -> 
     if isinstance(limit, int) and longest + args.max_new_tokens > limit:
         log.warning("%d prompt + %d new tokens run past the model's %d positions; expect degraded text",
                     longest, args.max_new_tokens, limit)
+
+
+def _prompt_tables(args) -> tuple[tuple[str, str], ...]:
+    """``--prompt-table [TASK=]DIR`` as (task, directory) pairs, a bare DIR named by its last part, each table
+    checked against the model before any rank is spawned, and ``--task`` one of them."""
+    from ..io.prompt_table import table_shape
+
+    tables: dict[str, str] = {}
+    for given in args.prompt_table:
+        task, _, directory = given.rpartition("=") if "=" in given else (Path(given).name, "", given)
+        if task in tables:
+            raise ValueError(f"--prompt-table {given}: task {task!r} is given twice")
+        table_shape(Path(directory), load_spec(args.checkpoint))
+        tables[task] = directory
+    if args.task is not None and args.task not in tables:
+        raise ValueError(f"--task {args.task!r}: no --prompt-table of that task (given: {', '.join(tables) or 'none'})")
+    return tuple(tables.items())
 
 
 def _check_device(device: str, world: int) -> None:
@@ -182,8 +204,10 @@ def cmd_generate(args) -> None:
     prompts, labels = _prompts(args)
     provide = _provide(args)
     _check_generate(args, prompts, labels)
+    tables = _prompt_tables(args)
     job = GenerateArgs(args.checkpoint, _layout(args), prompts, args.max_new_tokens, args.dtype, args.device,
-                       args.chat, args.temperature, args.top_k, args.top_p, args.seed, provide=provide, labels=labels)
+                       args.chat, args.temperature, args.top_k, args.top_p, args.seed, provide=provide, labels=labels,
+                       prompt_tables=tables, task=args.task)
     result = launch(generate_rank, _world(args), job)
     if _is_rank0():
         rss = " ".join(f"r{r}={b / 2**20:.0f}MiB" for r, b in enumerate(result["rss"]))

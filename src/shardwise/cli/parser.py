@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=_bounded(float, 0.0, 1.0, low_open=True),
                    help="sample from the smallest set of tokens whose probability reaches p (needs --temperature)")
     g.add_argument("--seed", type=SEED, default=0, help="sampling seed, the same on every rank")
+    g.add_argument("--prompt-table", action="append", default=[], metavar="[TASK=]DIR",
+                   help="a PEFT prompt-tuning adapter, as TASK's table (default task name: DIR's last part); repeat")
+    g.add_argument("--task", help="prepend this task's prompt table to every prompt")
     _provider_args(g)
 
     t = command(sub, "train", "fine-tune a checkpoint on a text file, on N ranks, and save it sharded", cmd_train)

@@ -29,6 +29,7 @@ from ..providers.resident import Resident
 from ..providers.series import SeriesProvider
 from ..providers.weights import Weights, allocate, buffer_dtype, pinned, resolve_device
 from ..providers.zero3 import Zero3
+from .prompt_table import load_tables
 from .reader import MANIFEST, Checkpoint
 from .sharded import ShardedCheckpoint
 
@@ -71,7 +72,8 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
                dtype: torch.dtype = torch.float32, progress: bool = True, provider: str = "resident",
                work_dtype: torch.dtype | None = None, prefetch: int = 1, offload: bool = False,
                series: tuple[Series, ...] = (), tp_plan: Mapping[str, str] | str | Path | None = None,
-               weight_only: str | None = None, quantize_head: bool = False) -> Model:
+               weight_only: str | None = None, quantize_head: bool = False,
+               prompt_tables: Mapping[str, str | Path] | None = None) -> Model:
     """Load this rank's part of a checkpoint (HF or sharded) under ``layout``; collective over the layout's world.
 
     ``provider="resident"`` keeps every work weight on the rank (DP replicas are plain
@@ -90,6 +92,9 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
     ``weight_only="int8"`` (resident provider) quantizes each rank's projections at load to int8 with one
     scale per output row and computes them with int8 weights (``model.weight_only``); the LM head too with
     ``quantize_head``.
+
+    ``prompt_tables`` ({task: directory of a PEFT prompt-tuning adapter}) loads a virtual-token table per task,
+    which ``generate(..., task=...)`` prepends (``io.prompt_table``).
 
     The model holds process groups and shared memory: ``close()`` it, or use it as a
     context manager, when loading more than one per process.
@@ -117,6 +122,8 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
                 weights = replace(weights, tensors=tensors, buffers={})
             source = Resident(weights.plan, weights.tensors)
         model = Model(weights, comm, source, device)
+        if prompt_tables:
+            model.prompts = load_tables(prompt_tables, weights.plan, model.dtype)
     except BaseException:
         if source is not None:
             source.close()

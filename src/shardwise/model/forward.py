@@ -28,6 +28,7 @@ from .pipeline import Pass, walk
 from .qk_norm import full_width_qk_norm
 
 if TYPE_CHECKING:
+    from ..io.prompt_table import PromptTables
     from ..providers.weights import Weights
 
 
@@ -242,6 +243,7 @@ class Model(nn.Module):
                              persistent=False)
         self.rope_dtype = torch.float32 if spec.table.fp32_scale else self.dtype
         self.caches: dict[int, KVCache] | None = None
+        self.prompts: PromptTables | None = None  # prompt-learning tables (``load_model(prompt_tables=...)``)
 
     @property
     def closed(self) -> bool:
@@ -333,10 +335,19 @@ class Model(nn.Module):
         return gather_rows(x, sizes, self.comm.ep_group, self.comm.ep_shm)
 
     def embed(self, ids: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The "embed" block: this rank's vocab rows of the embedding, assembled over TP (or the whole table)."""
+        """The "embed" block: this rank's vocab rows of the embedding, assembled over TP (or the whole table). Ids
+        past the vocabulary are the prompt tables' virtual tokens, looked up in their stack the same way."""
         rows = self.plan.work["embed"].boxes[0]
         split = self.plan.styles["embed"] != "replicated"
-        return embedding(self.comm, ids, w["embed"], (rows.start[0], rows.stop[0]) if split else None)
+        vocab = self.spec.vocab
+        virtual = ids >= vocab
+        if self.prompts is None or not bool(virtual.any()):
+            return embedding(self.comm, ids, w["embed"], (rows.start[0], rows.stop[0]) if split else None)
+        tokens = embedding(self.comm, ids.masked_fill(virtual, 0), w["embed"],
+                           (rows.start[0], rows.stop[0]) if split else None)
+        prompts = embedding(self.comm, (ids - vocab).clamp(min=0), self.prompts.local.to(tokens.device, tokens.dtype),
+                            self.prompts.rows if split else None)
+        return torch.where(virtual[..., None], prompts, tokens)
 
     def head(self, h: torch.Tensor, w: dict[str, torch.Tensor], local_vocab: bool = False) -> torch.Tensor:
         """The "head" block: final norm and LM head; full-vocabulary logits, or this rank's slice (``local_vocab``,
@@ -363,7 +374,8 @@ class Model(nn.Module):
     def generate(self, input_ids: torch.Tensor | Sequence[Sequence[int] | torch.Tensor], max_new_tokens: int,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                  eos_token_id: int | list[int] | None = None, on_token=None,
-                 attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
+                 task: str | Sequence[str] | None = None) -> torch.Tensor:
         """Greedy (temperature 0) or sampled continuation, with a KV cache; returns prompt plus new ids.
 
         ``input_ids`` is a (batch, seq) tensor, left-padded where ``attention_mask`` is 0, or a list of
@@ -374,10 +386,16 @@ class Model(nn.Module):
         Every rank samples from the same broadcast logits with the same seeded
         generator, so all ranks agree on every token without another collective.
         ``on_token(ids)`` is called with each new (batch,) tensor of ids, for streaming.
+
+        ``task`` (one for the batch, or one per row) prepends that task's prompt table's virtual tokens
+        to each prompt, as PEFT's prompt tuning does; they are not part of the result.
         """
         eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
         pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
         ids, mask = self._as_batch(input_ids, attention_mask, pad)
+        virtual = 0
+        if task is not None:
+            ids, mask, virtual = self._with_prompts(ids, mask, task, pad)
         b, t = ids.shape
         if mask is not None:  # generated tokens are always real, like the ones HF appends to the mask
             mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)
@@ -406,7 +424,28 @@ class Model(nn.Module):
                 step_ids = nxt[:, None]
         finally:
             self.caches = None
-        return torch.cat(out, dim=1)
+        return torch.cat(out, dim=1)[:, virtual:]
+
+    def _with_prompts(self, ids: torch.Tensor, keys: torch.Tensor | None, task: str | Sequence[str], pad: int
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Each row's task's virtual tokens prepended (rows of shorter tables left-padded to the longest), the
+        padding mask to match, and how many columns were prepended."""
+        if self.prompts is None:
+            raise ValueError(f"rank {self.comm.rank}: task {task!r} asks for a prompt table, and none is loaded "
+                             "(load_model(prompt_tables=...), --prompt-table)")
+        b, t = ids.shape
+        tasks = [task] * b if isinstance(task, str) else list(task)
+        if len(tasks) != b:
+            raise ValueError(f"{len(tasks)} tasks for a batch of {b}: give one task, or one per row")
+        prefixes = [self.prompts.ids(name, self.spec.vocab).to(ids.device) for name in tasks]
+        width = max(len(p) for p in prefixes)
+        pre = torch.full((b, width), pad, dtype=ids.dtype, device=ids.device)
+        real = torch.zeros(b, width, dtype=torch.bool, device=ids.device)
+        for i, p in enumerate(prefixes):
+            pre[i, width - len(p):], real[i, width - len(p):] = p, True
+        keys = torch.cat([real, keys if keys is not None else torch.ones(b, t, dtype=torch.bool, device=ids.device)],
+                         dim=1)
+        return torch.cat([pre, ids], dim=1), None if bool(keys.all()) else keys, width
 
     def _recompute_cache(self, start: int, end: int) -> bool:
         """Whether this step reruns the whole sequence: HF's Phi-3 generate drops its cache the first time the
