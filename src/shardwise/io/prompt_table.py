@@ -15,11 +15,11 @@ validated, its shape checked against the model before a byte of it is read.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..model.prompts import PromptTables
 from ..plan.boxes import Box, split_evenly
 from ..plan.rank import RankPlan
 from ..plan.spec import ModelSpec
@@ -27,23 +27,6 @@ from ..untrusted import UntrustedJSON, parse_json, shown
 from .reader import Checkpoint, CheckpointError, inside
 
 CONFIG, WEIGHTS, KEY = "adapter_config.json", "adapter_model.safetensors", "prompt_embeddings"
-
-
-@dataclass(frozen=True)
-class PromptTables:
-    """A model's tables: each task's first virtual id past the vocabulary and its length (``tasks``), and this
-    rank's rows ``rows`` of their stack (``local``), in the model's dtype."""
-
-    tasks: dict[str, tuple[int, int]]
-    rows: tuple[int, int]
-    local: torch.Tensor
-
-    def ids(self, task: str, vocab: int) -> torch.Tensor:
-        """The virtual token ids of ``task``: past the vocabulary, where the stack's rows are looked up."""
-        if task not in self.tasks:
-            raise ValueError(f"unknown task {task!r} (prompt tables: {', '.join(self.tasks) or 'none loaded'})")
-        start, length = self.tasks[task]
-        return torch.arange(vocab + start, vocab + start + length)
 
 
 def table_shape(directory: Path, spec: ModelSpec) -> int:

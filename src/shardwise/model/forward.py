@@ -25,10 +25,10 @@ from ..providers.base import Provider
 from .layers import embedding, gather_output, linear, rms_norm
 from .moe import MoE
 from .pipeline import Pass, walk
+from .prompts import PromptTables
 from .qk_norm import full_width_qk_norm
 
 if TYPE_CHECKING:
-    from ..io.prompt_table import PromptTables
     from ..providers.weights import Weights
 
 
