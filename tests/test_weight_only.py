@@ -20,6 +20,7 @@ from weight_only_workers import int8_runs
 from shardwise import Layout, launch
 from shardwise.cli.plan import plan_table
 from shardwise.io.loader import Provide
+from shardwise.io.reader import CheckpointError
 from shardwise.model.weight_only import BLOCK_ROWS, int8_linear, quantize
 
 NAMES = ["llama-tied", "llama-untied", "qwen3-untied", "mistral-untied"]
@@ -85,26 +86,47 @@ def test_plan_shows_the_bytes_the_provider_holds(checkpoints, runs, name, layout
     assert math.isclose(total_mb, sum(runs[layout, head][name]["bytes"].values()) / 1e6, abs_tol=0.006), table
 
 
-@pytest.mark.parametrize("head", [False, True])
-@pytest.mark.parametrize("name", NAMES)
-def test_export_writes_the_dequantized_weights_and_save_sharded_refuses(checkpoints, runs, tmp_path_factory, name,
-                                                                        head):
-    """Exported from TP 2, each projection is its int8 values times its scales, in the checkpoint's dtype; the
-    embedding and norms are the checkpoint's own. A sharded checkpoint (full-precision masters) is refused in one
-    line."""
-    row = runs[Layout(tp=2), head][name]
-    assert "int8 weight-only" in row["save_sharded"] and "\n" not in row["save_sharded"]
-    exported = {}
-    for f in (tmp_path_factory.getbasetemp() / "int8-export0" / f"{name}-2-{head}").glob("*.safetensors"):
-        exported |= load_file(f)
-    original = {}
-    for f in Path(checkpoints[name]).glob("*.safetensors"):
-        original |= load_file(f)
+def hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in Path(directory).glob("*.safetensors"):
+        out |= load_file(f)
+    return out
+
+
+def assert_dequantized(exported: dict[str, torch.Tensor], original: dict[str, torch.Tensor], head: bool) -> None:
+    """Each projection (and the head, if ``head``) is its int8 values times its scales in the checkpoint's dtype;
+    the other tensors are the checkpoint's own."""
     assert exported.keys() == original.keys()
     for key, w in original.items():
         quantized = key.split(".")[-2] in LINEARS or (head and key == "lm_head.weight")
         want = quantize(w.float()).dequantize(torch.float32).to(w.dtype) if quantized else w
         assert torch.equal(exported[key], want), key
+
+
+@pytest.mark.parametrize("head", [False, True])
+@pytest.mark.parametrize("name", NAMES)
+def test_export_writes_the_dequantized_weights(checkpoints, runs, tmp_path_factory, name, head):
+    """Exported from TP 2, in the checkpoint's dtype."""
+    exported = hf_tensors(tmp_path_factory.getbasetemp() / "int8-export0" / f"{name}-2-{head}")
+    assert_dequantized(exported, hf_tensors(checkpoints[name]), head)
+
+
+@pytest.mark.parametrize("head", [False, True])
+@pytest.mark.parametrize("name", ["llama-tied", "qwen3-untied"])
+def test_a_sharded_int8_checkpoint_reshards_bit_exact_and_loads_int8(checkpoints, runs, tmp_path_factory, tmp_path,
+                                                                     name, head):
+    """Saved sharded at TP 2 (int8 values and per-row scales as they are), resharded to TP 3 and then to TP 1 by
+    the CLI, and exported: still the same int8 values and scales. Loaded without weight_only it is refused."""
+    from shardwise import load_model
+    from shardwise.cli import main
+
+    saved = tmp_path_factory.getbasetemp() / "int8-export0" / f"{name}-2-{head}-sharded"
+    main(["reshard", str(saved), str(tmp_path / "tp3"), "--tp", "3"])
+    main(["reshard", str(tmp_path / "tp3"), str(tmp_path / "tp1")])
+    main(["export", str(tmp_path / "tp1"), str(tmp_path / "hf")])
+    assert_dequantized(hf_tensors(tmp_path / "hf"), hf_tensors(checkpoints[name]), head)
+    with pytest.raises(ValueError, match="holds int8 weight-only weights: load it with weight_only='int8'"):
+        load_model(tmp_path / "tp1", progress=False)
 
 
 @pytest.mark.parametrize("rows,cols", [(5, 7), (BLOCK_ROWS + 3, 16)])
@@ -170,3 +192,29 @@ def test_weight_only_is_refused_where_it_means_nothing(checkpoints, tmp_path, ca
         main(["train", path, "--weight-only", "int8", "--data", str(tmp_path / "t.txt"), "--steps", "1", "--save",
               str(tmp_path / "run")])
     assert "unrecognized arguments: --weight-only" in capsys.readouterr().err
+
+
+def test_a_manifest_that_lies_about_int8_is_refused(checkpoints, runs, tmp_path_factory, tmp_path):
+    """A tensor the manifest calls int8 weight-only that is stored as float, and one stored as int8 that it does
+    not call so, are refused by name before any data is read."""
+    import json
+    import shutil
+
+    from shardwise.io.sharded import ShardedCheckpoint
+    from shardwise.plan.spec import load_spec
+
+    saved = tmp_path_factory.getbasetemp() / "int8-export0" / "llama-untied-2-False-sharded"
+    spec = load_spec(checkpoints["llama-untied"])
+    for lie, match in (("float", r"'model.norm.weight' is F32 \[72\]: as int8 weight-only it must be I8"),
+                       ("unlisted", r"'model.layers.0.mlp.down_proj.weight' has dtype I8, expected one of")):
+        copy = tmp_path / lie
+        shutil.copytree(saved, copy)
+        manifest = json.loads((copy / "shardwise.json").read_text())
+        dtypes = manifest["weight_only"]["dtypes"]
+        if lie == "float":
+            dtypes["model.norm.weight"] = "F32"
+        else:
+            del dtypes["model.layers.0.mlp.down_proj.weight"]
+        (copy / "shardwise.json").write_text(json.dumps(manifest))
+        with pytest.raises(CheckpointError, match=match):
+            ShardedCheckpoint(copy).check(spec)

@@ -8,8 +8,8 @@ import torch
 def int8_runs(layout, checkpoints: dict[str, str], ids: torch.Tensor, steps: int, head: bool,
               exports: dict[str, str]) -> dict:
     """Every checkpoint loaded int8 weight-only under ``layout`` (fp32 compute, the LM head quantized if ``head``):
-    logits, greedy tokens, the provider's bytes, an export (to ``exports[name]``, where given), and what
-    ``save_sharded`` says."""
+    logits, greedy tokens, the provider's bytes, and where ``exports`` names a directory, an export to it and a
+    sharded save beside it (``-sharded``)."""
     from shardwise import export, load_model, save_sharded
 
     out = {}
@@ -18,9 +18,6 @@ def int8_runs(layout, checkpoints: dict[str, str], ids: torch.Tensor, steps: int
             row = {"logits": model(ids), "tokens": model.generate(ids, steps), "bytes": model.provider.nbytes()}
             if name in exports:
                 export(model, exports[name], progress=False)
-                try:
-                    save_sharded(model.weights, exports[name] + "-sharded")
-                except ValueError as e:
-                    row["save_sharded"] = str(e)
+                save_sharded(model.weights, exports[name] + "-sharded")
             out[name] = row
     return out

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ..dist.comm import make_comm
 from ..model.forward import Model
-from ..model.weight_only import quantize_weights
+from ..model.weight_only import quantize_weights, with_int8
 from ..plan.mesh import Layout
 from ..plan.rank import PROVIDERS, plan_rank
 from ..plan.series import Series
@@ -55,6 +55,10 @@ def load_weights(path: str | Path, layout: Layout | None = None, dtype: torch.dt
     plan = plan_rank(spec, layout, rank, provider, tuple(series))
     with open_source(path) as source:
         source.check(spec)
+        int8 = source.int8_names(plan) if isinstance(source, ShardedCheckpoint) else set()
+        if int8 and provider != "resident":
+            raise ValueError(f"{path} holds int8 weight-only weights, which the resident provider holds, not "
+                             f"provider {provider!r}")
         source_dtypes = {name: source.source_dtype(name) for name in spec.tensors()}
         dtypes = [dtype or buffer_dtype(b, plan, source_dtypes) for b in plan.buffers]
         flats, tensors = allocate(plan, dtypes, resolve_device(device))
@@ -63,8 +67,12 @@ def load_weights(path: str | Path, layout: Layout | None = None, dtype: torch.dt
         bar = progress_bar(unique.items(), progress and rank == 0, total=len(unique),
                            desc=f"rank {rank} loading", unit="tensor")
         for name, tensor in bar:
-            for box in plan.tensors[name].boxes:
+            for box in plan.tensors[name].boxes if name not in int8 else ():
                 source.read(box, tensor)
+        if int8:  # as stored: int8 values and their scales; export dequantizes to the dtype they were quantized from
+            made = with_int8(tensors, {name: lambda n, _: source.read_int8(plan.tensors[n], dtype) for name in int8})
+            weights = replace(weights, tensors=made, buffers={}, int8_head=source.int8_head,
+                              source_dtypes=source_dtypes | source.int8_dtypes)
     return weights
 
 
@@ -117,9 +125,13 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
         elif provider == "series":
             source = SeriesProvider(weights.plan, comm, weights.tensors, device)
         else:
-            if weight_only:
-                tensors = quantize_weights(weights.plan, weights.tensors, comm.tp_group, quantize_head)
-                weights = replace(weights, tensors=tensors, buffers={})
+            if weights.int8_head is not None and not weight_only:
+                raise ValueError(f"{checkpoint_dir} holds int8 weight-only weights: load it with weight_only='int8' "
+                                 "(--weight-only int8)")
+            if weight_only:  # a checkpoint stored int8 says whether its head is; a tied head's copy is made here
+                head = quantize_head if weights.int8_head is None else weights.int8_head
+                tensors = quantize_weights(weights.plan, weights.tensors, comm.tp_group, head)
+                weights = replace(weights, tensors=tensors, buffers={}, int8_head=head)
             source = Resident(weights.plan, weights.tensors)
         model = Model(weights, comm, source, device)
         if prompt_tables:

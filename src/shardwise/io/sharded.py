@@ -11,6 +11,10 @@ A training checkpoint also stores a ``State``: tensors laid out like the weights
 optimizer's moments), saved as boxes of namespaced HF names (``exp_avg/model.norm.weight``)
 so they reshard exactly as the weights do, and a JSON record of where training stands.
 The weights are then the fp32 masters themselves, not a cast back to the source dtype.
+
+An int8 weight-only model saves its projections as they are: int8 boxes, and beside each the
+scales of its rows as a box of ``int8_scale/<HF name>`` (one per output row), so they reshard
+as the weights do and load bit-exact at any TP degree.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..plan.boxes import Box, first_holders
+from ..model.weight_only import Int8Weight, quantized
+from ..plan.boxes import Box, ShardedTensor, first_holders
 from ..plan.mesh import Layout, LayoutError
 from ..plan.rank import PROVIDERS, RankPlan, plan_rank
 from ..plan.series import Series, SeriesError
@@ -36,13 +41,14 @@ from ..untrusted import UntrustedJSON, is_int, parse_json, shown
 from ..words import plural
 from .collective_write import write_checkpoint
 from .publish import copy_side_files
-from .reader import DTYPE_NAMES, DTYPES, MANIFEST, Checkpoint, CheckpointError, check_stored_as, inside
+from .reader import CASTABLE, DTYPE_NAMES, DTYPES, MANIFEST, Checkpoint, CheckpointError, check_stored_as, inside
 from .writer import save_safetensors
 
 if TYPE_CHECKING:
     from ..providers.weights import Weights
 
 FORMAT = "shardwise.sharded/1"
+SCALES = "int8_scale"  # the namespace of an int8 weight-only tensor's per-row scales
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,16 @@ class ShardedCheckpoint:
         self.layout = self._layout(root.get("layout"))
         self.tensors = self._tensors(root.get("tensors"))
         self.record = _field(root.get("train", {}), "train", dict, self.path)  # a training checkpoint's; else {}
+        weight_only = _field(root.get("weight_only", {}), "weight_only", dict, self.path)
+        self.int8_head: bool | None = None  # int8 weight-only: whether the LM head is int8 too; None: not quantized
+        self.int8_dtypes: dict[str, torch.dtype] = {}  # each int8 tensor's dtype before quantizing, which export writes
+        if weight_only:
+            self.int8_head = _field(weight_only.get("int8_head"), "weight_only.int8_head", bool, self.path)
+            for name, dtype in _field(weight_only.get("dtypes"), "weight_only.dtypes", dict, self.path).items():
+                if dtype not in DTYPES or DTYPES[dtype] not in CASTABLE:
+                    raise CheckpointError(f"{self.path}: weight_only.dtypes: tensor {name!r} has dtype {shown(dtype)}, "
+                                          f"expected one of {', '.join(DTYPE_NAMES[d] for d in CASTABLE)}")
+                self.int8_dtypes[name] = DTYPES[dtype]
         self.pieces: dict[str, list[Piece]] = {}
         self.stored: dict[str, list[Piece]] = {}  # every piece of each rank file, replicas included
         pieces = list(self._pieces(root.get("files")))
@@ -228,7 +244,11 @@ class ShardedCheckpoint:
         for name, info in spec.tensors().items():
             if name not in self.tensors or name not in self.pieces:
                 raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
-            check_stored_as(self.path, name, *self.tensors[name], info.shape)
+            shape, dtype = self.tensors[name]
+            if name in self.int8_dtypes:
+                self._check_scales(name, shape, dtype, info.shape)
+            else:
+                check_stored_as(self.path, name, shape, dtype, info.shape)
         try:
             for rank in range(self.layout.world_size):
                 plan_rank(spec, self.layout, rank, self.provider, self.series)
@@ -237,6 +257,32 @@ class ShardedCheckpoint:
         if len(self.stored) > self.layout.world_size:
             raise CheckpointError(f"{self.path}: {len(self.stored)} rank files for a layout of "
                                   f"{plural(self.layout.world_size, 'rank')}")
+
+    def _check_scales(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, expected: tuple[int, ...]
+                      ) -> None:
+        """A tensor the manifest calls int8 weight-only: stored as int8 of the config's shape, with a float scale per
+        row, all of them stored."""
+        scales = namespaced(SCALES, name)
+        if dtype != torch.int8 or shape != expected or scales not in self.tensors or scales not in self.pieces:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is {DTYPE_NAMES[dtype]} {list(shape)}: as int8 "
+                                  f"weight-only it must be I8 {list(expected)}, with its scales {scales!r} stored")
+        check_stored_as(self.path, scales, *self.tensors[scales], expected[:1])
+
+    def int8_names(self, plan: RankPlan) -> set[str]:
+        """The rank's tensors this checkpoint stores as int8 weight-only (every box from an int8 HF tensor)."""
+        if self.int8_head is None:
+            return set()
+        return {name for name, t in plan.tensors.items()
+                if t.boxes and all(b.source in self.int8_dtypes for b in t.boxes)}
+
+    def read_int8(self, t: ShardedTensor, dtype: torch.dtype | None) -> Int8Weight:
+        """An int8 weight-only tensor's values and scales (cast to ``dtype``; None: as stored) from its boxes."""
+        q = torch.empty(t.shape, dtype=torch.int8)
+        scale = torch.empty(t.shape[0], dtype=self.tensors[namespaced(SCALES, t.boxes[0].source)][1])
+        for box in t.boxes:
+            self.read(box, q)
+            self.read(Box(namespaced(SCALES, box.source), box.start[:1], box.stop[:1], box.offset[:1]), scale)
+        return Int8Weight(q, scale if dtype is None else scale.to(dtype))
 
     def check_state(self, spec: ModelSpec, namespaces: tuple[str, ...]) -> None:
         """Every namespace stores an fp32 tensor of each model tensor's shape (else this is no training checkpoint)."""
@@ -315,8 +361,23 @@ class ShardedCheckpoint:
 
 
 def _stored_dtypes(weights: Weights, state: State | None) -> dict[str, torch.dtype]:
-    """Each HF tensor's dtype on disk: the source's, or for a training checkpoint the fp32 masters'."""
-    return {name: torch.float32 if state else weights.source_dtypes[name] for name in weights.plan.spec.tensors()}
+    """Each HF tensor's dtype on disk: the source's, int8 for int8 weight-only ones, or for a training checkpoint
+    the fp32 masters'."""
+    int8 = _int8_sources(weights)
+    return {name: torch.float32 if state else torch.int8 if name in int8 else weights.source_dtypes[name]
+            for name in weights.plan.spec.tensors()}
+
+
+def _int8_sources(weights: Weights) -> dict[str, torch.dtype]:
+    """The HF tensors an int8 weight-only model holds as int8 on any rank (from the plans, as the manifest must be),
+    each with its scales' dtype. A tied head's int8 copy is not one: the embedding it is made from is stored."""
+    if weights.int8_head is None:
+        return {}
+    scales = next(t.scale.dtype for t in weights.tensors.values() if isinstance(t, Int8Weight))
+    plan = weights.plan
+    peers = [plan.peer(rank) for rank in range(plan.layout.world_size)]
+    return {box.source: scales for peer in peers for name in quantized(peer, weights.int8_head)
+            if name not in peer.alias for box in peer.tensors[name].boxes}
 
 
 def _expert_layout(layout: Layout) -> dict:
@@ -331,18 +392,25 @@ def manifest(weights: Weights, state: State | None = None) -> dict:
     """The manifest of a sharded save, computed from plans alone: every rank could write it."""
     spec, layout = weights.plan.spec, weights.plan.layout
     namespaces = [""] + list(state.tensors if state else [])
+    int8 = _int8_sources(weights)
     files = []
     for rank in range(layout.world_size):
+        owned = [box for _, box in weights.plan.peer(rank).owned()]
         pieces = [{"tensor": stored_name(box), **dataclasses.replace(box, offset=(0,) * len(box.offset)).to_json()}
-                  for _, box in weights.plan.peer(rank).owned()]
+                  for box in owned]
         pieces += [{**p, "tensor": namespaced(ns, p["tensor"]), "source": namespaced(ns, p["source"])}
                    for ns in namespaces[1:] for p in pieces]
+        pieces += [{"tensor": namespaced(SCALES, stored_name(box)), "source": namespaced(SCALES, box.source),
+                    "start": [box.start[0]], "stop": [box.stop[0]], "offset": [0]}
+                   for box in owned if box.source in int8]
         files.append({"file": rank_file(rank), "rank": rank, "pieces": pieces})
     dtypes = _stored_dtypes(weights, state)
     tensors = {name: {"shape": list(info.shape), "dtype": DTYPE_NAMES[dtypes[name]]}
                for name, info in spec.tensors().items()}
     tensors |= {namespaced(ns, name): {"shape": list(info.shape), "dtype": "F32"}
                 for ns in namespaces[1:] for name, info in spec.tensors().items()}
+    tensors |= {namespaced(SCALES, name): {"shape": [spec.tensors()[name].shape[0]], "dtype": DTYPE_NAMES[dtype]}
+                for name, dtype in int8.items()}
     return {
         "format": FORMAT,
         "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, **_expert_layout(layout),
@@ -350,6 +418,8 @@ def manifest(weights: Weights, state: State | None = None) -> dict:
         "tensors": tensors,
         "files": files,
         **({"train": state.record} if state else {}),
+        **({"weight_only": {"int8_head": weights.int8_head, "dtypes": {
+            name: DTYPE_NAMES[weights.source_dtypes[name]] for name in int8}}} if int8 else {}),
     }
 
 
@@ -361,19 +431,16 @@ def save_sharded(weights: Weights, out_dir: str | Path, overwrite: bool = False,
     ``sources`` (default: the directory the weights came from). With ``state``, this is a training checkpoint (see
     the module's docstring). config.json names the dtype the files hold.
     """
-    rank = weights.plan.rank
-    int8 = [name for name, t in weights.tensors.items() if not isinstance(t, torch.Tensor)]
-    if int8:
-        raise ValueError(f"rank {rank}: {len(int8)} tensors ({', '.join(int8[:3])}, ...) are int8 weight-only; a "
-                         "sharded checkpoint holds full-precision weights: save the model loaded without weight_only, "
-                         "or export it (dequantized)")
-    dtypes = _stored_dtypes(weights, state)
+    rank, dtypes = weights.plan.rank, _stored_dtypes(weights, state)
 
     def write_rank_file(tmp: Path) -> None:
         local = {}
         for name, box in weights.plan.owned():
-            key, index = stored_name(box), box.local_index()
-            local[key] = weights.tensors[name][index].to(dtypes[box.source])
+            key, index, t = stored_name(box), box.local_index(), weights.tensors[name]
+            if isinstance(t, Int8Weight):  # as it is: int8 values, and its rows' scales beside them
+                local[key], local[namespaced(SCALES, key)] = t.q[index], t.scale[index[0]]
+                continue
+            local[key] = t[index].to(dtypes[box.source])
             for namespace, tensors in (state.tensors if state else {}).items():
                 local[namespaced(namespace, key)] = tensors[name][index]
         save_safetensors(local, tmp / rank_file(rank))

@@ -21,6 +21,7 @@ MoE routers and experts stay in the compute dtype as well (no grouped int8 kerne
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,19 +105,31 @@ def stored_bytes(t: ShardedTensor, dtype: torch.dtype, shared: bool) -> int:
     return t.numel + t.shape[0] * dtype.itemsize - (0 if shared else t.numel * dtype.itemsize)
 
 
-def quantize_weights(plan: RankPlan, tensors: dict[str, torch.Tensor], tp_group: dist.ProcessGroup | None,
+def quantize_weights(plan: RankPlan, tensors: dict[str, torch.Tensor | Int8Weight], tp_group: dist.ProcessGroup | None,
                      head: bool) -> dict[str, torch.Tensor | Int8Weight]:
-    """``tensors`` with the ``quantized`` ones as ``Int8Weight``; a rowwise tensor's amax agreed over ``tp_group``.
-    The others are copied out of the load's arena, so the full-precision weights are freed with it."""
-    int8 = set(quantized(plan, head))
+    """``tensors`` with the ``quantized`` ones as ``Int8Weight`` (those read as int8 already kept); a rowwise
+    tensor's amax agreed over ``tp_group``."""
+    def make(name: str, t: torch.Tensor | Int8Weight) -> Int8Weight:
+        if isinstance(t, Int8Weight):
+            return t
+        rowwise = plan.styles[name.kind] == "rowwise" and plan.layout.tp > 1
+        return quantize(t, tp_group if rowwise else None)
+
+    return with_int8(tensors, {name: make for name in quantized(plan, head)})
+
+
+def with_int8(tensors: dict[str, torch.Tensor | Int8Weight], made: dict[str, Callable[[str, torch.Tensor], Int8Weight]]
+              ) -> dict[str, torch.Tensor | Int8Weight]:
+    """``tensors`` with each name of ``made`` replaced by what its function makes of it (quantized, or read as int8
+    from a quantized checkpoint); the others are copied out of the load's arena, so the full-precision weights
+    are freed with it."""
     out: dict[str, torch.Tensor | Int8Weight] = {}
     copies: dict[int, torch.Tensor] = {}
     for name, t in tensors.items():
-        if name in int8:
-            rowwise = plan.styles[name.kind] == "rowwise" and plan.layout.tp > 1
-            out[name] = quantize(t, tp_group if rowwise else None)
+        if name in made:
+            out[name] = made[name](name, t)
         else:
             if id(t) not in copies:
-                copies[id(t)] = t.clone()
+                copies[id(t)] = t.clone() if isinstance(t, torch.Tensor) else t
             out[name] = copies[id(t)]
     return out

@@ -32,6 +32,7 @@ class Weights:
     source_dtypes: dict[str, torch.dtype]
     source_dir: Path | None  # where the config and tokenizer came from; None for weights made from a bare spec
     buffers: dict[str, torch.Tensor]
+    int8_head: bool | None = None  # int8 weight-only (the projections int8): whether the LM head is too; None: not
 
     @property
     def sources(self) -> list[Path]:
