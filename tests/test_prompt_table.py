@@ -152,3 +152,19 @@ def test_generate_refuses_an_unknown_task(checkpoints, tables):
             model.generate(IDS, 2, task="c")
         with pytest.raises(ValueError, match="3 tasks for a batch of 2"):
             model.generate(IDS, 2, task=["a", "b", "a"])
+
+
+def test_a_table_shorter_than_the_tp_degree_leaves_a_rank_without_rows(checkpoints, tmp_path):
+    """One virtual token at TP 2: rank 1 holds no row of it, joins the lookup all the same, and the tokens equal
+    TP 1's."""
+    table = tmp_path / "one"
+    peft_model(checkpoints["llama-untied"], length=1, seed=7).save_pretrained(table)
+    got = {tp: launch(_one_token_task, tp, str(checkpoints["llama-untied"]), str(table), tp) for tp in (1, 2)}
+    assert torch.equal(got[1], got[2])
+
+
+def _one_token_task(path: str, table: str, tp: int) -> torch.Tensor:
+    from shardwise import load_model
+
+    with load_model(path, Layout(tp=tp), progress=False, prompt_tables={"one": table}) as model:
+        return model.generate(IDS, STEPS, task="one")

@@ -140,13 +140,15 @@ def test_quantize_keeps_every_element_within_half_a_step(rows, cols):
     assert bool((err <= q.scale[:, None] / 2 + 1e-6).all())
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_int8_linear_computes_the_dequantized_matmul(dtype, tol):
-    """torch's int8 kernel (16-bit inputs on CPU) and the blockwise fallback (fp32 here) give the matmul with the
+@pytest.mark.parametrize("dtype,tol,width", [(torch.float32, 1e-5, 64), (torch.bfloat16, 2e-2, 64),
+                                             (torch.bfloat16, 2e-2, 12), (torch.float16, 2e-3, 12)])
+def test_int8_linear_computes_the_dequantized_matmul(dtype, tol, width):
+    """torch's int8 kernel (16-bit inputs on CPU, widths a multiple of 8) and the blockwise fallback (fp32, and
+    widths an uneven TP split gives, where the kernel would crash the process) give the matmul with the
     dequantized weight, over more rows than one block."""
     g = torch.Generator().manual_seed(0)
-    w = quantize(torch.randn(BLOCK_ROWS + 5, 64, generator=g).to(dtype))
-    x, bias = torch.randn(3, 2, 64, generator=g).to(dtype), torch.randn(BLOCK_ROWS + 5, generator=g).to(dtype)
+    w = quantize(torch.randn(BLOCK_ROWS + 5, width, generator=g).to(dtype))
+    x, bias = torch.randn(3, 2, width, generator=g).to(dtype), torch.randn(BLOCK_ROWS + 5, generator=g).to(dtype)
     want = F.linear(x.float(), w.dequantize(torch.float32), bias.float())
     torch.testing.assert_close(int8_linear(x, w, bias).float(), want, rtol=tol, atol=tol * want.abs().max().item())
 
@@ -195,8 +197,8 @@ def test_weight_only_is_refused_where_it_means_nothing(checkpoints, tmp_path, ca
 
 
 def test_a_manifest_that_lies_about_int8_is_refused(checkpoints, runs, tmp_path_factory, tmp_path):
-    """A tensor the manifest calls int8 weight-only that is stored as float, and one stored as int8 that it does
-    not call so, are refused by name before any data is read."""
+    """A tensor the manifest calls int8 weight-only that is stored as float, one stored as int8 that it does not
+    call so, and a dtype that is no name are refused, by name, before any data is read."""
     import json
     import shutil
 
@@ -206,15 +208,18 @@ def test_a_manifest_that_lies_about_int8_is_refused(checkpoints, runs, tmp_path_
     saved = tmp_path_factory.getbasetemp() / "int8-export0" / "llama-untied-2-False-sharded"
     spec = load_spec(checkpoints["llama-untied"])
     for lie, match in (("float", r"'model.norm.weight' is F32 \[72\]: as int8 weight-only it must be I8"),
-                       ("unlisted", r"'model.layers.0.mlp.down_proj.weight' has dtype I8, expected one of")):
+                       ("unlisted", r"'model.layers.0.mlp.down_proj.weight' has dtype I8, expected one of"),
+                       ("not a name", r"weight_only.dtypes: tensor 'x' has dtype list \[\], expected one of")):
         copy = tmp_path / lie
         shutil.copytree(saved, copy)
         manifest = json.loads((copy / "shardwise.json").read_text())
         dtypes = manifest["weight_only"]["dtypes"]
         if lie == "float":
             dtypes["model.norm.weight"] = "F32"
-        else:
+        elif lie == "unlisted":
             del dtypes["model.layers.0.mlp.down_proj.weight"]
+        else:
+            dtypes["x"] = []
         (copy / "shardwise.json").write_text(json.dumps(manifest))
         with pytest.raises(CheckpointError, match=match):
             ShardedCheckpoint(copy).check(spec)

@@ -133,7 +133,7 @@ def _prompt_tables(args) -> tuple[tuple[str, str], ...]:
 
     tables: dict[str, str] = {}
     for given in args.prompt_table:
-        task, _, directory = given.rpartition("=") if "=" in given else (Path(given).name, "", given)
+        task, _, directory = given.partition("=") if "=" in given else (Path(given).name, "", given)
         if task in tables:
             raise ValueError(f"--prompt-table {given}: task {task!r} is given twice")
         table_shape(Path(directory), load_spec(args.checkpoint))

@@ -63,14 +63,10 @@ def file_plan(spec: ModelSpec, dtypes: dict[str, torch.dtype], max_file_bytes: i
     return out
 
 
-def owned_boxes(weights: Weights) -> list[tuple[torch.Tensor, Box]]:
-    """This rank's (tensor, box) pairs that it alone writes (``RankPlan.owned``): every byte is written once."""
-    return [(dense(weights.tensors[name]), box) for name, box in weights.plan.owned()]
-
-
-def dense(t: torch.Tensor | Int8Weight) -> torch.Tensor:
-    """A tensor as export writes it: an int8 weight-only one dequantized to its scales' dtype (the compute dtype)."""
-    return t.dequantize(t.scale.dtype) if isinstance(t, Int8Weight) else t
+def owned_boxes(weights: Weights) -> list[tuple[torch.Tensor | Int8Weight, Box]]:
+    """This rank's (tensor, box) pairs that it alone writes (``RankPlan.owned``): every byte is written once. An int8
+    weight-only tensor is dequantized box by box as it is written (``Int8Weight.__getitem__``)."""
+    return [(weights.tensors[name], box) for name, box in weights.plan.owned()]
 
 
 def header_digest(files: list[OutFile]) -> str:

@@ -70,7 +70,8 @@ def load_weights(path: str | Path, layout: Layout | None = None, dtype: torch.dt
             for box in plan.tensors[name].boxes if name not in int8 else ():
                 source.read(box, tensor)
         if int8:  # as stored: int8 values and their scales; export dequantizes to the dtype they were quantized from
-            made = with_int8(tensors, {name: lambda n, _: source.read_int8(plan.tensors[n], dtype) for name in int8})
+            made = with_int8(tensors, {name: lambda n, t: source.read_int8(plan.tensors[n], dtype, t.device)
+                                       for name in int8})
             weights = replace(weights, tensors=made, buffers={}, int8_head=source.int8_head,
                               source_dtypes=source_dtypes | source.int8_dtypes)
     return weights
@@ -128,14 +129,14 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
             if weights.int8_head is not None and not weight_only:
                 raise ValueError(f"{checkpoint_dir} holds int8 weight-only weights: load it with weight_only='int8' "
                                  "(--weight-only int8)")
-            if weight_only:  # a checkpoint stored int8 says whether its head is; a tied head's copy is made here
-                head = quantize_head if weights.int8_head is None else weights.int8_head
+            if weight_only:  # a head stored int8 stays so; a tied head's copy, or a full one asked for, is made here
+                head = quantize_head or bool(weights.int8_head)
                 tensors = quantize_weights(weights.plan, weights.tensors, comm.tp_group, head)
                 weights = replace(weights, tensors=tensors, buffers={}, int8_head=head)
             source = Resident(weights.plan, weights.tensors)
         model = Model(weights, comm, source, device)
         if prompt_tables:
-            model.prompts = load_tables(prompt_tables, weights.plan, model.dtype)
+            model.prompts = load_tables(prompt_tables, weights.plan, model.dtype, device)
     except BaseException:
         if source is not None:
             source.close()

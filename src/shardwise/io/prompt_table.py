@@ -57,9 +57,12 @@ def _checkpoint(directory: Path) -> Checkpoint:
     return Checkpoint(directory, [inside(directory, WEIGHTS, str(directory))])
 
 
-def load_tables(tables: Mapping[str, str | Path], plan: RankPlan, dtype: torch.dtype) -> PromptTables:
+def load_tables(tables: Mapping[str, str | Path], plan: RankPlan, dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> PromptTables:
     """Every task's table checked, stacked in the given order, and this rank's rows of the stack read: its TP share
-    where the plan splits the embedding, all of them where it replicates it, none off the first pipeline stage."""
+    where the plan splits the embedding, all of them where it replicates it, none off the first pipeline stage. A
+    rank whose share is empty (fewer rows than TP ranks) holds one zero row, which its lookup never selects, so it
+    joins the lookup's all-reduce like the others."""
     tasks, at = {}, 0
     for task, directory in tables.items():
         length = table_shape(Path(directory), plan.spec)
@@ -69,11 +72,11 @@ def load_tables(tables: Mapping[str, str | Path], plan: RankPlan, dtype: torch.d
     if not plan.is_first:
         lo = hi = 0
     spec = plan.spec
-    local = torch.zeros(hi - lo, spec.hidden, dtype=dtype)
+    local = torch.zeros(max(hi - lo, 1), spec.hidden, dtype=dtype)
     for task, directory in tables.items():
         start, length = tasks[task]
         a, b = max(lo, start), min(hi, start + length)  # this rank's rows of this table
         if a < b:
             with _checkpoint(Path(directory)) as source:
                 source.read(Box(KEY, (a - start, 0), (b - start, spec.hidden), (a - lo, 0)), local)
-    return PromptTables(tasks, (lo, hi), local)
+    return PromptTables(tasks, (lo, hi), local.to(device))

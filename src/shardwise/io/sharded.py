@@ -170,7 +170,7 @@ class ShardedCheckpoint:
         if weight_only:
             self.int8_head = _field(weight_only.get("int8_head"), "weight_only.int8_head", bool, self.path)
             for name, dtype in _field(weight_only.get("dtypes"), "weight_only.dtypes", dict, self.path).items():
-                if dtype not in DTYPES or DTYPES[dtype] not in CASTABLE:
+                if not isinstance(dtype, str) or dtype not in DTYPES or DTYPES[dtype] not in CASTABLE:
                     raise CheckpointError(f"{self.path}: weight_only.dtypes: tensor {name!r} has dtype {shown(dtype)}, "
                                           f"expected one of {', '.join(DTYPE_NAMES[d] for d in CASTABLE)}")
                 self.int8_dtypes[name] = DTYPES[dtype]
@@ -269,20 +269,33 @@ class ShardedCheckpoint:
         check_stored_as(self.path, scales, *self.tensors[scales], expected[:1])
 
     def int8_names(self, plan: RankPlan) -> set[str]:
-        """The rank's tensors this checkpoint stores as int8 weight-only (every box from an int8 HF tensor)."""
+        """The rank's tensors this checkpoint stores as int8 weight-only: every box from an int8 HF tensor, and only
+        projections (and the LM head) may be; a tensor int8 in part is refused, naming it."""
         if self.int8_head is None:
             return set()
-        return {name for name, t in plan.tensors.items()
-                if t.boxes and all(b.source in self.int8_dtypes for b in t.boxes)}
+        out, allowed = set(), set(quantized(plan, head=True))
+        for name, t in plan.tensors.items():
+            int8 = [b.source for b in t.boxes if b.source in self.int8_dtypes]
+            if not int8:
+                continue
+            if name not in allowed:
+                raise CheckpointError(f"{self.path}: weight_only.dtypes lists {int8[0]!r} as int8, but it is part of "
+                                      f"{name!r}, which int8 weight-only never quantizes")
+            if len(int8) != len(t.boxes):
+                whole = next(b.source for b in t.boxes if b.source not in self.int8_dtypes)
+                raise CheckpointError(f"{self.path}: weight_only.dtypes lists {int8[0]!r} as int8, but {name!r} also "
+                                      f"holds {whole!r}, stored in full precision")
+            out.add(name)
+        return out
 
-    def read_int8(self, t: ShardedTensor, dtype: torch.dtype | None) -> Int8Weight:
+    def read_int8(self, t: ShardedTensor, dtype: torch.dtype | None, device: torch.device) -> Int8Weight:
         """An int8 weight-only tensor's values and scales (cast to ``dtype``; None: as stored) from its boxes."""
         q = torch.empty(t.shape, dtype=torch.int8)
         scale = torch.empty(t.shape[0], dtype=self.tensors[namespaced(SCALES, t.boxes[0].source)][1])
         for box in t.boxes:
             self.read(box, q)
             self.read(Box(namespaced(SCALES, box.source), box.start[:1], box.stop[:1], box.offset[:1]), scale)
-        return Int8Weight(q, scale if dtype is None else scale.to(dtype))
+        return Int8Weight(q.to(device), scale.to(device, dtype or scale.dtype))
 
     def check_state(self, spec: ModelSpec, namespaces: tuple[str, ...]) -> None:
         """Every namespace stores an fp32 tensor of each model tensor's shape (else this is no training checkpoint)."""
@@ -373,7 +386,7 @@ def _int8_sources(weights: Weights) -> dict[str, torch.dtype]:
     each with its scales' dtype. A tied head's int8 copy is not one: the embedding it is made from is stored."""
     if weights.int8_head is None:
         return {}
-    scales = next(t.scale.dtype for t in weights.tensors.values() if isinstance(t, Int8Weight))
+    scales = next((t.scale.dtype for t in weights.tensors.values() if isinstance(t, Int8Weight)), torch.float32)
     plan = weights.plan
     peers = [plan.peer(rank) for rank in range(plan.layout.world_size)]
     return {box.source: scales for peer in peers for name in quantized(peer, weights.int8_head)

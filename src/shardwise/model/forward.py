@@ -345,7 +345,7 @@ class Model(nn.Module):
             return embedding(self.comm, ids, w["embed"], (rows.start[0], rows.stop[0]) if split else None)
         tokens = embedding(self.comm, ids.masked_fill(virtual, 0), w["embed"],
                            (rows.start[0], rows.stop[0]) if split else None)
-        prompts = embedding(self.comm, (ids - vocab).clamp(min=0), self.prompts.local.to(tokens.device, tokens.dtype),
+        prompts = embedding(self.comm, (ids - vocab).clamp(min=0), self.prompts.local.to(tokens.dtype),
                             self.prompts.rows if split else None)
         return torch.where(virtual[..., None], prompts, tokens)
 

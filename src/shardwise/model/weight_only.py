@@ -54,7 +54,12 @@ class Int8Weight:
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in ``dtype``: each int8 value times its row's scale (exact in fp32, then rounded once)."""
-        return (self.q.float() * self.scale.float()[:, None]).to(dtype)
+        return self[:, :].to(dtype)
+
+    def __getitem__(self, index: tuple[slice, slice]) -> torch.Tensor:
+        """A (rows, columns) box of the weight dequantized to the scales' dtype, and only that box (what export
+        writes, box by box)."""
+        return (self.q[index].float() * self.scale[index[0]].float()[:, None]).to(self.scale.dtype)
 
 
 def quantize(w: torch.Tensor, group: dist.ProcessGroup | None = None) -> Int8Weight:
@@ -75,15 +80,23 @@ def quantize(w: torch.Tensor, group: dist.ProcessGroup | None = None) -> Int8Wei
 
 
 def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ (q * scale).T + bias``: torch's int8 weight-only kernel where it runs (CPU and MPS, 16-bit inputs), else
-    the matmul over ``BLOCK_ROWS`` output rows at a time, each block's int8 values cast and its scales applied after
-    the sum, so no full-precision copy of the whole weight is ever made."""
-    if x.device.type in ("cpu", "mps") and x.dtype in (torch.bfloat16, torch.float16):
+    """``x @ (q * scale).T + bias``: torch's int8 weight-only kernel where it runs (``_kernel_runs``), else the matmul
+    over ``BLOCK_ROWS`` output rows at a time, each block dequantized, so no full-precision copy of the whole weight
+    is ever made."""
+    if _kernel_runs(x, w):
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), w.q, w.scale).view(*x.shape[:-1], -1)
-    else:
-        y = torch.cat([F.linear(x, w.q[i: i + BLOCK_ROWS].to(x.dtype)) * w.scale[i: i + BLOCK_ROWS]
+    else:  # each block dequantized before the sum: int8 values summed unscaled would overflow fp16
+        y = torch.cat([F.linear(x, w.q[i: i + BLOCK_ROWS].to(x.dtype) * w.scale[i: i + BLOCK_ROWS, None].to(x.dtype))
                        for i in range(0, w.q.shape[0], BLOCK_ROWS)], dim=-1)
     return y if bias is None else y + bias
+
+
+def _kernel_runs(x: torch.Tensor, w: Int8Weight) -> bool:
+    """Whether torch's int8 weight-only kernel takes these operands: CPU or MPS, 16-bit activations with scales of
+    their dtype, and an input width that is a multiple of 8 (on CPU it crashes the process otherwise, which an
+    uneven TP split of the columns gives)."""
+    return (x.device.type in ("cpu", "mps") and x.dtype in (torch.bfloat16, torch.float16)
+            and w.scale.dtype == x.dtype and x.shape[-1] % 8 == 0 and w.q.is_contiguous())
 
 
 def quantized(plan: RankPlan, head: bool) -> list[str]:
