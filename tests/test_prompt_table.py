@@ -8,6 +8,7 @@ it gets alone, which is what PEFT gives that row alone (checked so).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -121,8 +122,8 @@ def test_each_tp_rank_holds_its_rows_of_the_tables(checkpoints, tables):
 
 
 def test_tables_are_checked_before_use(checkpoints, tables, tmp_path):
-    """A table of the wrong width, another PEFT method, and a weights file that is a symlink out of the directory
-    are refused, each naming the file and what was expected."""
+    """A table of the wrong width, another PEFT method, a weights file that is a symlink out of the directory, and
+    a config that is a FIFO are refused, each naming the file and what was expected."""
     from shardwise import load_spec
 
     spec = load_spec(checkpoints["llama-untied"])
@@ -142,6 +143,11 @@ def test_tables_are_checked_before_use(checkpoints, tables, tmp_path):
     (escaped / "adapter_model.safetensors").symlink_to(Path(tables["llama-untied"]["a"]) / "adapter_model.safetensors")
     with pytest.raises(CheckpointError, match="leads outside"):
         table_shape(escaped, spec)
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "adapter_config.json")  # would block a plain read forever
+    with pytest.raises(CheckpointError, match="adapter_config.json: is not a regular file"):
+        table_shape(fifo, spec)
 
 
 def test_generate_refuses_an_unknown_task(checkpoints, tables):

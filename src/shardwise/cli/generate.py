@@ -109,8 +109,9 @@ def _until_eos(ids: list[int], eos: list[int]) -> list[int]:
 
 
 
-def _check_generate(args, prompts: tuple[str, ...], labels: tuple[str, ...]) -> None:
-    """Every mistake a generate job could make, found before any rank is spawned."""
+def _check_generate(args, prompts: tuple[str, ...], labels: tuple[str, ...], virtual: int = 0) -> None:
+    """Every mistake a generate job could make, found before any rank is spawned (``virtual``: the prompt table's
+    tokens each prompt starts with)."""
     from ..model.text import Text
 
     spec = _plan_everywhere(args.checkpoint, _layout(args), args.provider, tuple(args.series))
@@ -118,7 +119,7 @@ def _check_generate(args, prompts: tuple[str, ...], labels: tuple[str, ...]) -> 
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
         log.warning("--top-k/--top-p have no effect without --temperature > 0 (greedy decoding)")
     ids = _prompt_ids(Text(args.checkpoint), prompts, args.chat, spec.vocab, labels)
-    longest = max(len(i) for i in ids)
+    longest = max(len(i) for i in ids) + virtual
     _check_cache_fits(spec, _layout(args), len(ids), longest + args.max_new_tokens, args.dtype.itemsize)
     limit = spec.config.get("max_position_embeddings")
     if isinstance(limit, int) and longest + args.max_new_tokens > limit:
@@ -126,21 +127,23 @@ def _check_generate(args, prompts: tuple[str, ...], labels: tuple[str, ...]) -> 
                     longest, args.max_new_tokens, limit)
 
 
-def _prompt_tables(args) -> tuple[tuple[str, str], ...]:
+def _prompt_tables(args) -> tuple[tuple[tuple[str, str], ...], int]:
     """``--prompt-table [TASK=]DIR`` as (task, directory) pairs, a bare DIR named by its last part, each table
-    checked against the model before any rank is spawned, and ``--task`` one of them."""
+    checked against the model before any rank is spawned, ``--task`` one of them; and how many virtual tokens the
+    task's table puts before each prompt."""
     from ..io.prompt_table import table_shape
 
     tables: dict[str, str] = {}
+    lengths: dict[str, int] = {}
     for given in args.prompt_table:
         task, _, directory = given.partition("=") if "=" in given else (Path(given).name, "", given)
         if task in tables:
             raise ValueError(f"--prompt-table {given}: task {task!r} is given twice")
-        table_shape(Path(directory), load_spec(args.checkpoint))
+        lengths[task] = table_shape(Path(directory), load_spec(args.checkpoint))
         tables[task] = directory
     if args.task is not None and args.task not in tables:
         raise ValueError(f"--task {args.task!r}: no --prompt-table of that task (given: {', '.join(tables) or 'none'})")
-    return tuple(tables.items())
+    return tuple(tables.items()), lengths.get(args.task, 0)
 
 
 def _check_device(device: str, world: int) -> None:
@@ -203,8 +206,8 @@ def _prompts(args) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def cmd_generate(args) -> None:
     prompts, labels = _prompts(args)
     provide = _provide(args)
-    _check_generate(args, prompts, labels)
-    tables = _prompt_tables(args)
+    tables, virtual = _prompt_tables(args)
+    _check_generate(args, prompts, labels, virtual)
     job = GenerateArgs(args.checkpoint, _layout(args), prompts, args.max_new_tokens, args.dtype, args.device,
                        args.chat, args.temperature, args.top_k, args.top_p, args.seed, provide=provide, labels=labels,
                        prompt_tables=tables, task=args.task)

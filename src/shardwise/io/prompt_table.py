@@ -14,6 +14,7 @@ validated, its shape checked against the model before a byte of it is read.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,9 +25,10 @@ from ..plan.boxes import Box, split_evenly
 from ..plan.rank import RankPlan
 from ..plan.spec import ModelSpec
 from ..untrusted import UntrustedJSON, parse_json, shown
-from .reader import Checkpoint, CheckpointError, inside
+from .reader import Checkpoint, CheckpointError, inside, open_regular
 
 CONFIG, WEIGHTS, KEY = "adapter_config.json", "adapter_model.safetensors", "prompt_embeddings"
+MAX_CONFIG_BYTES = 1 << 20  # an adapter config is a few hundred bytes: more is read as truncated JSON, refused
 
 
 def table_shape(directory: Path, spec: ModelSpec) -> int:
@@ -34,7 +36,8 @@ def table_shape(directory: Path, spec: ModelSpec) -> int:
     against ``spec``."""
     where = directory / CONFIG
     try:
-        config = parse_json(inside(directory, CONFIG, str(directory)).read_bytes())
+        with os.fdopen(open_regular(inside(directory, CONFIG, str(directory))), "rb") as f:
+            config = parse_json(f.read(MAX_CONFIG_BYTES))
     except (OSError, UntrustedJSON) as e:
         raise CheckpointError(f"{where}: not a readable PEFT adapter config ({e})") from None
     if not isinstance(config, dict) or config.get("peft_type") != "PROMPT_TUNING":
