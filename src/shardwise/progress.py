@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from tqdm import tqdm
@@ -41,6 +41,15 @@ def progress_bar(items: Iterable[T], enabled: bool = True, desc: str = "", unit:
         yield item
     if enabled:
         _say(f"{desc} {plural(n, unit)} in {time.monotonic() - start:.2f}s")
+
+
+def stage(desc: str, run: Callable[..., T], *args) -> T:
+    """``run(*args)``, a long stage of work (a benchmark's setting), said in one line once done, as a log file needs:
+    ``[shardwise] DESC in S s``."""
+    start = time.monotonic()
+    out = run(*args)
+    _say(f"{desc} in {time.monotonic() - start:.2f}s")
+    return out
 
 
 class StepProgress:

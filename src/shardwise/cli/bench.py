@@ -14,6 +14,7 @@ from ..bench.zero3 import bench_zero3_rank
 from ..launch import launch
 from ..plan.mesh import Layout
 from ..plan.series import Series
+from ..progress import stage
 from .args import _layout, _plan_everywhere, _provide, _world
 from .generate import _prompt_ids
 
@@ -44,11 +45,12 @@ def cmd_bench_moe(args) -> None:
     if not spec.experts:
         raise ValueError(f"{args.checkpoint}: {spec.arch} is not a mixture of experts")
     split, whole = f"ep{layout.ep}", "ep1"
-    rows = {split: launch(bench_moe_rank, _world(args), args.checkpoint, layout, args.dtype, args.max_new_tokens,
-                          args.batch),
-            whole: launch(bench_moe_rank, layout.tp, args.checkpoint, replace(layout, ep=1, pp=1, dp=1), args.dtype,
-                          args.max_new_tokens, args.batch),
-            "hf": bench_moe_hf(args.checkpoint, args.dtype, args.max_new_tokens, args.batch)}
+    rows = {split: stage(f"bench moe: {split} timed", launch, bench_moe_rank, _world(args), args.checkpoint, layout,
+                         args.dtype, args.max_new_tokens, args.batch),
+            whole: stage(f"bench moe: {whole} timed", launch, bench_moe_rank, layout.tp, args.checkpoint,
+                         replace(layout, ep=1, pp=1, dp=1), args.dtype, args.max_new_tokens, args.batch),
+            "hf": stage("bench moe: HF's model timed", bench_moe_hf, args.checkpoint, args.dtype, args.max_new_tokens,
+                        args.batch)}
     if layout.ep > 1:
         rows[split]["exchange_s"] = launch(exchange_time, layout.ep, args.checkpoint,
                                            replace(layout, ep=layout.ep, pp=1, dp=1, tp=1), args.dtype, args.batch)
@@ -76,11 +78,12 @@ def cmd_bench_decode(args) -> None:
 
     layout = _layout(args)
     _plan_everywhere(args.checkpoint, layout, "resident", ())
-    rows = [launch(bench_decode_rank, _world(args), args.checkpoint, layout, weight_only, args.max_new_tokens)
-            for weight_only in (None, "int8")]
+    rows = [stage(f"bench decode: shardwise {weight_only or 'bf16'} timed", launch, bench_decode_rank, _world(args),
+                  args.checkpoint, layout, weight_only, args.max_new_tokens) for weight_only in (None, "int8")]
     if not args.no_hf:
-        rows += [row for int8 in (False, True) if (row := bench_decode_hf(args.checkpoint, int8,
-                                                                           args.max_new_tokens)) is not None]
+        rows += [row for int8 in (False, True) if (row := stage(
+            f"bench decode: HF {'torchao int8' if int8 else 'bf16'} timed", bench_decode_hf, args.checkpoint, int8,
+            args.max_new_tokens)) is not None]
     if args.json:
         print(json.dumps(rows))
         return

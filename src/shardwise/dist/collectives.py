@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import all_gather_last
-from .shm import ShmAllToAll
+from .shm import ShmAllToAll, run_totals
 
 
 def copy_to(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -95,8 +95,7 @@ def exchange_runs(x: torch.Tensor, counts: list[int], widths: list[int], group: 
         runs = all_to_all_rows(torch.tensor(counts), widths, [mine] * len(widths), group).view(-1, mine).tolist()
     else:
         runs = got[1]
-    ends = [sum(widths[:r]) for r in range(len(widths) + 1)]
-    send = [sum(counts[a:b]) for a, b in zip(ends[:-1], ends[1:])]
+    send = run_totals(counts, widths)
     rows = _Exchange.apply(x, send, [sum(r) for r in runs], group, shm, None if got is None else got[0])
     return rows, runs, send
 

@@ -217,6 +217,12 @@ class ShmAllReduce(_Slots):
         return True
 
 
+def run_totals(counts: list[int], widths: list[int]) -> list[int]:
+    """The rows for each rank of ``counts`` runs of rows, ``widths[r]`` consecutive runs for rank r."""
+    ends = [sum(widths[:r]) for r in range(len(widths) + 1)]
+    return [sum(counts[a:b]) for a, b in zip(ends[:-1], ends[1:])]
+
+
 class ShmAllToAll(_Slots):
     """``all_to_all_single`` of rows over the group, through the segment's slots.
 
@@ -246,12 +252,10 @@ class ShmAllToAll(_Slots):
         """Rows ``x`` out in ``counts`` runs (``widths[r]`` runs for rank r, in rank order), and back the rows for
         this rank with each sender's runs for it, ``[sender][run]``; None (nothing done, on every rank alike) when
         any rank's rows or counts do not fit, or off the CPU."""
-        ends = [int(e) for e in np.cumsum([0, *widths])]
-        send = [sum(counts[a:b]) for a, b in zip(ends[:-1], ends[1:])]
-        heads = self._post(x, send, counts)
+        heads = self._post(x, run_totals(counts, widths), counts)
         if heads is None:
             return None
-        first = 2 + self.size + ends[self.rank]
+        first = 2 + self.size + sum(widths[: self.rank])
         runs = [h[first: first + widths[self.rank]] for h in heads]
         out = x.new_empty((sum(map(sum, runs)), *x.shape[1:]))
         self._read(out, heads)

@@ -25,7 +25,7 @@ from ..plan.boxes import Box, split_evenly
 from ..plan.rank import RankPlan
 from ..plan.spec import ModelSpec
 from ..untrusted import UntrustedJSON, parse_json, shown
-from .reader import Checkpoint, CheckpointError, inside, open_regular
+from .reader import DTYPE_NAMES, Checkpoint, CheckpointError, inside, open_regular
 
 CONFIG, WEIGHTS, KEY = "adapter_config.json", "adapter_model.safetensors", "prompt_embeddings"
 MAX_CONFIG_BYTES = 1 << 20  # an adapter config is a few hundred bytes: more is read as truncated JSON, refused
@@ -51,7 +51,8 @@ def table_shape(directory: Path, spec: ModelSpec) -> int:
     if entry is None:
         raise CheckpointError(f"{directory / WEIGHTS}: tensor {KEY!r} is missing")
     if entry.shape != (virtual, spec.hidden) or not entry.dtype.is_floating_point:
-        raise CheckpointError(f"{entry.path}: tensor {KEY!r} is {entry.dtype} {list(entry.shape)}, expected a float "
+        raise CheckpointError(f"{entry.path}: tensor {KEY!r} is {DTYPE_NAMES[entry.dtype]} {list(entry.shape)}, "
+                              f"expected a float "
                               f"tensor of [{virtual}, {spec.hidden}] (num_virtual_tokens x the model's hidden size)")
     return virtual
 

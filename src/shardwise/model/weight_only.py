@@ -52,14 +52,15 @@ class Int8Weight:
     def nbytes(self) -> int:
         return self.q.nbytes + self.scale.nbytes
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight in ``dtype``: each int8 value times its row's scale (exact in fp32, then rounded once)."""
-        return self[:, :].to(dtype)
+    def dequantize(self, dtype: torch.dtype, index: tuple[slice, slice] = (slice(None), slice(None))) -> torch.Tensor:
+        """The weight (or its ``index`` box) in ``dtype``: each int8 value times its row's scale, exact in fp32, then
+        rounded once."""
+        return (self.q[index].float() * self.scale[index[0]].float()[:, None]).to(dtype)
 
     def __getitem__(self, index: tuple[slice, slice]) -> torch.Tensor:
-        """A (rows, columns) box of the weight dequantized to the scales' dtype, and only that box (what export
-        writes, box by box)."""
-        return (self.q[index].float() * self.scale[index[0]].float()[:, None]).to(self.scale.dtype)
+        """A (rows, columns) box of the weight in the scales' dtype, and only that box (what export writes, box by
+        box)."""
+        return self.dequantize(self.scale.dtype, index)
 
 
 def quantize(w: torch.Tensor, group: dist.ProcessGroup | None = None) -> Int8Weight:
@@ -142,7 +143,8 @@ def with_int8(tensors: dict[str, torch.Tensor | Int8Weight], made: dict[str, Cal
         if name in made:
             out[name] = made[name](name, t)
         else:
-            if id(t) not in copies:
-                copies[id(t)] = t.clone() if isinstance(t, torch.Tensor) else t
+            if id(t) not in copies:  # a view of the load's arena is copied out of it; a tensor of its own is kept
+                arena = isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > t.nbytes
+                copies[id(t)] = t.clone() if arena else t
             out[name] = copies[id(t)]
     return out
