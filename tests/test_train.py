@@ -170,7 +170,7 @@ def test_a_refused_step_changes_nothing(checkpoints):
         trainer = Trainer(model, optimizer)
         trainer.step([tw.batch(0)], tw.BATCH * (tw.SEQ - 1))
         last = next(iter(provider.masters_at_rest("head")))  # updated last: checked per block, it is found too late
-        good = {name: torch.ones_like(t) for name, t in trainer.grads.items()}
+        good = {name: torch.ones_like(t) for name, t in trainer.target.grads.items()}
 
         def state() -> list[dict[str, torch.Tensor]]:
             held = (provider.tensors, *optimizer.moments.values())
@@ -231,17 +231,17 @@ def test_offload_keeps_what_scales_with_the_masters_in_host_memory(checkpoints, 
         trainer = Trainer(Model(w, Comm(Layout(), 0), provider, meta), AdamW(provider))
         home = torch.device("cpu") if offload else meta
         assert (provider.state_device, provider.state_pinned) == (home, offload)
-        scaled = {"gradient sums": trainer.flats, **trainer.optimizer.buffers}
+        scaled = {"gradient sums": trainer.target.flats, **trainer.target.optimizer.buffers}
         arenas = {t.untyped_storage().data_ptr() for t in locked}
         for role, tensors in scaled.items():
             assert {t.device for t in tensors.values()} == {home}, f"offload={offload}: {role}"
             pinned = {t.untyped_storage().data_ptr() in arenas for t in tensors.values()}
             assert pinned == {offload}, f"offload={offload}: {role} page-locked: {pinned}"
         assert len(locked) == (3 if offload else 0)
-        on_device = [trainer.dp.full, trainer.dp.part, *provider.fetch_buffers]
-        on_device += [trainer.optimizer.staging] if offload else []
+        on_device = [trainer.target.dp.full, trainer.target.dp.part, *provider.fetch_buffers]
+        on_device += [trainer.target.optimizer.staging] if offload else []
         assert {t.device for t in on_device} == {meta}
-        assert trainer.optimizer.staging is None or trainer.optimizer.staging.shape == (3, max(
+        assert trainer.target.optimizer.staging is None or trainer.target.optimizer.staging.shape == (3, max(
             t.numel() for t in w.buffers.values()))
 
 
@@ -255,7 +255,7 @@ def test_plan_train_is_what_a_step_allocates(checkpoints, runs, monkeypatch, cap
 
     from shardwise import Layout, load_spec, plan_rank
     from shardwise.cli import main
-    from shardwise.train.step import training_memory
+    from shardwise.train.weights import training_memory
 
     monkeypatch.setenv("SHARDWISE_SHM", "0")
     path = str(checkpoints["llama-tied"])  # a tied head: one tensor, counted once

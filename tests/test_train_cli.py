@@ -90,7 +90,7 @@ def test_order_depends_on_the_seed():
 
 def test_global_tokens_and_windows_drop_the_tail():
     stream = _stream(23, 5, 3, 0)
-    assert stream.windows.shape == (4, 5) and stream.global_tokens == 3 * 4
+    assert stream.windows.shape == (4, 5) and stream.predicted() == 3 * 4
     assert stream.windows.flatten().tolist() == list(range(20))
 
 

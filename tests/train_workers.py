@@ -135,10 +135,10 @@ def die_while_saving(checkpoint: str, stream, saves: list[str]) -> None:
     model = load_model(checkpoint, Layout(dp=2), dtype=torch.float32, progress=False)
     optimizer = AdamW(model.provider, **HYPER)
     trainer = Trainer(model, optimizer)
-    trainer.step(stream.micro_batches(1, model.plan.dp_rank, 2), stream.global_tokens)
+    trainer.step(stream.micro_batches(1, model.plan.dp_rank, 2), stream.predicted())
     for out in saves:
         save_training(model, optimizer, out, stream)
-    trainer.step(stream.micro_batches(2, model.plan.dp_rank, 2), stream.global_tokens)
+    trainer.step(stream.micro_batches(2, model.plan.dp_rank, 2), stream.predicted())
     if dist.get_rank() == 1:
         def half_then_die(tensors, path):
             path.write_bytes(b"half a rank file")

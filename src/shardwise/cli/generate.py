@@ -128,15 +128,15 @@ def _check_generate(args, prompts: tuple[str, ...], labels: tuple[str, ...], vir
 
 
 def _prompt_tables(args) -> tuple[tuple[tuple[str, str], ...], int]:
-    """``--prompt-table [TASK=]DIR`` as (task, directory) pairs, a bare DIR named by its last part, each table
+    """``--prompt-table [TASK=]DIR`` as (task, directory) pairs, a bare DIR named by ``table_task``, each table
     checked against the model before any rank is spawned, ``--task`` one of them; and how many virtual tokens the
     task's table puts before each prompt."""
-    from ..io.prompt_table import table_shape
+    from ..io.prompt_table import table_shape, table_task
 
     tables: dict[str, str] = {}
     lengths: dict[str, int] = {}
     for given in args.prompt_table:
-        task, _, directory = given.partition("=") if "=" in given else (Path(given).name, "", given)
+        task, _, directory = given.partition("=") if "=" in given else (table_task(Path(given)), "", given)
         if task in tables:
             raise ValueError(f"--prompt-table {given}: task {task!r} is given twice")
         lengths[task] = table_shape(Path(directory), load_spec(args.checkpoint))

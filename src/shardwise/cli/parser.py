@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample from the smallest set of tokens whose probability reaches p (needs --temperature)")
     g.add_argument("--seed", type=SEED, default=0, help="sampling seed, the same on every rank")
     g.add_argument("--prompt-table", action="append", default=[], metavar="[TASK=]DIR",
-                   help="a PEFT prompt-tuning adapter, as TASK's table (default task name: DIR's last part); repeat")
+                   help="a PEFT prompt-tuning adapter, as TASK's table (default: the task shardwise train trained "
+                   "it for, else DIR's last part); repeat")
     g.add_argument("--task", help="prepend this task's prompt table to every prompt")
     _provider_args(g)
 
@@ -88,8 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokenizer; paragraphs joined with its EOS")
     t.add_argument("--steps", type=POSITIVE, required=True, help="optimizer steps in all (with --resume, the saved "
                    "ones included)")
+    t.add_argument("--train", choices=("weights", "prompt-table"), default="weights",
+                   help="what is trained: the model's weights, or a new prompt table before the frozen model, saved "
+                   "as a PEFT prompt-tuning adapter that generate --prompt-table loads")
+    t.add_argument("--virtual-tokens", type=POSITIVE, metavar="N", help="the prompt table's length (--train "
+                   "prompt-table)")
+    t.add_argument("--task", help="the prompt table's task name, which generate --prompt-table DIR gives it "
+                   "(default: the --save directory's name)")
+    t.add_argument("--init-text", metavar="TEXT", help="start the prompt table from the embeddings of this text's "
+                   "tokens, repeated to N (PEFT's TEXT init); default: of N token ids drawn from --seed")
     t.add_argument("--resume", metavar="DIR", help="a training checkpoint that shardwise train saved (at any layout) "
-                   "from CHECKPOINT: go on from its step, with its weights and AdamW state, on the same data")
+                   "from CHECKPOINT, or a prompt table it trained: go on from its step, with its weights (or table) "
+                   "and AdamW state, on the same data")
     t.add_argument("--batch", type=POSITIVE, default=8, help="windows per step, over all DP ranks")
     t.add_argument("--seq", type=_bounded(int, 2), default=128, help="tokens per window")
     t.add_argument("--accumulate", type=POSITIVE, default=1, help="micro-batches per step on every DP rank")

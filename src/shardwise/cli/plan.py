@@ -25,7 +25,8 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
     """Bytes each rank will hold, by tensor kind (its masters, under ZeRO-3), plus ZeRO-3's buffers or a series'
     windows, as a table; under a series, what each series saves. With ``train``, what ``shardwise train`` holds:
     fp32 masters, their gradient sums, AdamW's moments, and a step's work buffers and staging."""
-    from ..train.step import TRAINABLE, training_memory
+    from ..train.step import TRAINABLE
+    from ..train.weights import training_memory
 
     spec = load_spec(path)
     dtype = dtype or (torch.float32 if train else spec.dtype)

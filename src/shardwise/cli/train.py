@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from ..io.publish import check_target
 from ..launch import launch
+from ..model.text import Text
 from ..plan.spec import load_spec
 from ..words import plural
 from .args import _checkpoint_dir, _layout, _plan_everywhere, _provide, _report, _world
@@ -44,6 +46,11 @@ def _check_train(args):
     if int(stream.windows.max()) >= spec.vocab:
         raise ValueError(f"{args.data}: token id {int(stream.windows.max())}, but the model's vocabulary has "
                          f"{spec.vocab} (tokenizer and model disagree)")
+    if args.train == "prompt-table":
+        return stream, _check_prompt_resume(args, spec, stream)
+    for flag in ("virtual_tokens", "task", "init_text"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} goes with --train prompt-table")
     if args.resume:
         shapes = {name: info.shape for name, info in spec.tensors().items()}
         saved = {name: info.shape for name, info in load_spec(args.resume).tensors().items()}
@@ -57,17 +64,67 @@ def _check_train(args):
     return stream, None
 
 
+def _check_prompt_resume(args, spec, stream):
+    """With --resume, the prompt table saved there checked against the model, this run's data and its --virtual-tokens;
+    its record. Else None, once --virtual-tokens is known to be given."""
+    from ..io.prompt_table import table_shape
+    from ..train.prompt_tuning import read_record
+
+    if not args.resume:
+        if args.virtual_tokens is None:
+            raise ValueError("--train prompt-table needs --virtual-tokens N, the table's length")
+        return None
+    if args.init_text is not None:
+        raise ValueError(f"--init-text starts a new table; --resume {args.resume} goes on from the one saved there")
+    record = read_record(args.resume)
+    virtual = table_shape(Path(args.resume), spec)
+    if args.virtual_tokens not in (None, virtual):
+        raise ValueError(f"--resume {args.resume}: its table has {virtual} virtual tokens, not --virtual-tokens "
+                         f"{args.virtual_tokens}")
+    record.check_resumable(args.resume, stream, args.steps)
+    return record
+
+
+def _prompt_args(args, spec):
+    """What --train prompt-table trains: the task, the ids its table starts from, and what PEFT's adapter config
+    says of it (a resume keeps the start its table's config records)."""
+    from ..io.prompt_table import CONFIG, read_json
+    from ..train.prompt_tuning import init_ids
+    from ..train.run import PromptArgs
+
+    task = args.task or Path(args.save).resolve().name
+    config = {"base_model_name_or_path": str(Path(args.checkpoint).resolve()), "num_layers": spec.layers,
+              "num_attention_heads": spec.heads}
+    if args.resume:
+        saved = read_json(Path(args.resume), CONFIG, "PEFT adapter config")
+        kept = ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path")
+        return PromptArgs(task, (), config | {k: saved[k] for k in kept if isinstance(saved.get(k), str)})
+    if args.init_text is None:
+        return PromptArgs(task, tuple(init_ids(args.virtual_tokens, spec.vocab, seed=args.seed)),
+                          config | {"prompt_tuning_init": "SAMPLE_VOCAB"})
+    ids = Text(args.checkpoint).encode(args.init_text)
+    if not ids or max(ids) >= spec.vocab:
+        raise ValueError(f"--init-text {args.init_text!r}: {'token id ' + str(max(ids)) if ids else 'no tokens'}, "
+                         f"expected tokens of the model's vocabulary of {spec.vocab}")
+    return PromptArgs(task, tuple(init_ids(args.virtual_tokens, spec.vocab, ids)),
+                      config | {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": args.init_text,
+                                "tokenizer_name_or_path": str(Path(args.checkpoint).resolve())})
+
+
 def cmd_train(args) -> None:
     from ..train.run import TrainArgs, settings, train_rank
 
     stream, record = _check_train(args)
+    prompt = _prompt_args(args, load_spec(args.checkpoint)) if args.train == "prompt-table" else None
     job = TrainArgs(args.checkpoint, _layout(args), _provide(args), stream, args.steps, args.lr, args.save,
                     args.warmup, args.schedule, args.weight_decay, args.clip or None, args.accumulate,
-                    args.save_every, args.overwrite, args.log, args.resume)
+                    args.save_every, args.overwrite, args.log, args.resume, prompt)
     if record is not None and record.changed(settings(job)):
         log.warning("--resume %s: this run changes %s (steps %d on follow this run's settings, not the saved run's)",
                     args.resume, ", ".join(record.changed(settings(job))), record.step + 1)
     result = launch(train_rank, _world(args), job)
-    _report(f"trained steps {result['first_step']}..{result['steps']} on {plural(len(stream.windows), 'window')} of "
-            f"{args.seq} tokens ({_layout(args)}, {args.provider}): loss {result['first_loss']:.4f} -> "
-            f"{result['last_loss']:.4f}; saved {args.save}")
+    what = "" if prompt is None else (f" a prompt table of {plural(result['virtual'], 'virtual token')} for task "
+                                      f"{prompt.task!r} (the model frozen),")
+    _report(f"trained{what} steps {result['first_step']}..{result['steps']} on "
+            f"{plural(len(stream.windows), 'window')} of {args.seq} tokens ({_layout(args)}, {args.provider}): loss "
+            f"{result['first_loss']:.4f} -> {result['last_loss']:.4f}; saved {args.save}")

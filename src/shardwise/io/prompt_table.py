@@ -14,32 +14,33 @@ validated, its shape checked against the model before a byte of it is read.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from ..model.prompts import PromptTables
-from ..plan.boxes import Box, split_evenly
+from ..model.prompts import PromptTables, rank_rows
+from ..plan.boxes import Box
 from ..plan.rank import RankPlan
 from ..plan.spec import ModelSpec
 from ..untrusted import UntrustedJSON, parse_json, shown
 from .reader import DTYPE_NAMES, Checkpoint, CheckpointError, inside, open_regular
+from .writer import save_safetensors
 
 CONFIG, WEIGHTS, KEY = "adapter_config.json", "adapter_model.safetensors", "prompt_embeddings"
-MAX_CONFIG_BYTES = 1 << 20  # an adapter config is a few hundred bytes: more is read as truncated JSON, refused
+# What shardwise train adds beside a table it trains, for a resume: AdamW's moments of the table and the run's record.
+STATE, RECORD = "optimizer.safetensors", "training.json"
+TABLE_FILES = (CONFIG, WEIGHTS, STATE, RECORD)
+MAX_CONFIG_BYTES = 1 << 20  # a config or record is a few hundred bytes: more is read as truncated JSON, refused
 
 
 def table_shape(directory: Path, spec: ModelSpec) -> int:
     """The number of virtual tokens of the table in ``directory``, after checking its config and tensor header
     against ``spec``."""
     where = directory / CONFIG
-    try:
-        with os.fdopen(open_regular(inside(directory, CONFIG, str(directory))), "rb") as f:
-            config = parse_json(f.read(MAX_CONFIG_BYTES))
-    except (OSError, UntrustedJSON) as e:
-        raise CheckpointError(f"{where}: not a readable PEFT adapter config ({e})") from None
+    config = read_json(directory, CONFIG, "PEFT adapter config")
     if not isinstance(config, dict) or config.get("peft_type") != "PROMPT_TUNING":
         found = config.get("peft_type") if isinstance(config, dict) else config
         raise CheckpointError(f"{where}: peft_type is {shown(found)}, expected 'PROMPT_TUNING'")
@@ -57,8 +58,58 @@ def table_shape(directory: Path, spec: ModelSpec) -> int:
     return virtual
 
 
-def _checkpoint(directory: Path) -> Checkpoint:
-    return Checkpoint(directory, [inside(directory, WEIGHTS, str(directory))])
+def table_task(directory: Path) -> str:
+    """The task a table is named for when none is given: the one shardwise train trained it for (its record's),
+    else the directory's name."""
+    if (directory / RECORD).is_file():
+        record = read_json(directory, RECORD, "training record")
+        settings = record.get("settings") if isinstance(record, dict) else None
+        task = settings.get("task") if isinstance(settings, dict) else None
+        if isinstance(task, str) and task:
+            return task
+    return directory.resolve().name
+
+
+def read_json(directory: Path, name: str, what: str) -> object:
+    """The parsed JSON file ``name`` of ``directory`` (a regular file inside it, at most 1 MiB read)."""
+    try:
+        with os.fdopen(open_regular(inside(directory, name, str(directory))), "rb") as f:
+            return parse_json(f.read(MAX_CONFIG_BYTES))
+    except (OSError, UntrustedJSON) as e:
+        raise CheckpointError(f"{directory / name}: not a readable {what} ({e})") from None
+
+
+def _checkpoint(directory: Path, file: str = WEIGHTS) -> Checkpoint:
+    return Checkpoint(directory, [inside(directory, file, str(directory))])
+
+
+def read_rows(directory: Path, key: str, rows: tuple[int, int], out: torch.Tensor, file: str = WEIGHTS) -> None:
+    """Rows ``rows`` of ``key`` (in ``file`` of ``directory``) into the first rows of ``out``, reading those bytes
+    only; the file's header is validated, and a tensor of another width or too few rows refused."""
+    lo, hi = rows
+    with _checkpoint(directory, file) as source:
+        entry = source.entries.get(key)
+        if entry is None or len(entry.shape) != 2 or entry.shape[1] != out.shape[1] or entry.shape[0] < hi:
+            found = "missing" if entry is None else f"{list(entry.shape)}"
+            raise CheckpointError(f"{directory / file}: tensor {key!r} is {found}, expected at least {hi} rows of "
+                                  f"{out.shape[1]}")
+        if lo < hi:
+            source.read(Box(key, (lo, 0), (hi, out.shape[1]), (0, 0)), out)
+
+
+def write_table(directory: Path, table: torch.Tensor, config: dict, state: dict[str, torch.Tensor] | None = None,
+                record: dict | None = None) -> None:
+    """A table in PEFT's prompt-tuning format into ``directory`` (``config`` completes PEFT's adapter config);
+    with ``state`` and ``record``, what a resume of its training needs beside it."""
+    (directory / CONFIG).write_text(json.dumps({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
+                                                "num_virtual_tokens": table.shape[0], "token_dim": table.shape[1],
+                                                "num_transformer_submodules": 1, "inference_mode": True} | config,
+                                               indent=2))
+    save_safetensors({KEY: table.contiguous()}, directory / WEIGHTS)
+    if state is not None:
+        save_safetensors({k: t.contiguous() for k, t in state.items()}, directory / STATE)
+    if record is not None:
+        (directory / RECORD).write_text(json.dumps(record, indent=2))
 
 
 def load_tables(tables: Mapping[str, str | Path], plan: RankPlan, dtype: torch.dtype,
@@ -71,8 +122,7 @@ def load_tables(tables: Mapping[str, str | Path], plan: RankPlan, dtype: torch.d
     for task, directory in tables.items():
         length = table_shape(Path(directory), plan.spec)
         tasks[task], at = (at, length), at + length
-    split = plan.styles["embed"] != "replicated"
-    lo, hi = split_evenly(at, plan.layout.tp)[plan.tp_rank] if split else (0, at)
+    lo, hi = rank_rows(plan, at)
     if not plan.is_first:
         lo = hi = 0
     spec = plan.spec
@@ -81,6 +131,5 @@ def load_tables(tables: Mapping[str, str | Path], plan: RankPlan, dtype: torch.d
         start, length = tasks[task]
         a, b = max(lo, start), min(hi, start + length)  # this rank's rows of this table
         if a < b:
-            with _checkpoint(Path(directory)) as source:
-                source.read(Box(KEY, (a - start, 0), (b - start, spec.hidden), (a - lo, 0)), local)
+            read_rows(Path(directory), KEY, (a - start, b - start), local[a - lo:])
     return PromptTables(tasks, (lo, hi), local.to(device))

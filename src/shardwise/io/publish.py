@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..untrusted import is_int
+from .prompt_table import TABLE_FILES, WEIGHTS
 from .reader import INDEX_FILE, MANIFEST, inside
 
 log = logging.getLogger("shardwise.publish")  # the name its log lines have always carried
@@ -55,7 +56,7 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
               "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json",
               "merges.txt")
 _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|rank-\d{5}\.safetensors")
-_CHECKPOINT_FILES = {"config.json", INDEX_FILE, MANIFEST, OWNER_FILE, *SIDE_FILES}
+_CHECKPOINT_FILES = {"config.json", INDEX_FILE, MANIFEST, OWNER_FILE, *SIDE_FILES, *TABLE_FILES}
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
 Mode = Literal["create", "fill", "replace"]  # what the rename will do: the target is absent, empty, a checkpoint
@@ -95,7 +96,8 @@ def check_target(out: str | Path, overwrite: bool = False, sources: list[str | P
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise TargetError(f"{out}: holds files that are not part of a checkpoint ({shown}); "
                           "shardwise never replaces them: choose another destination")
-    if not ((out / "config.json").exists() and any(_WEIGHT_FILE.fullmatch(p.name) for p in entries)):
+    model = (out / "config.json").exists() and any(_WEIGHT_FILE.fullmatch(p.name) for p in entries)
+    if not (model or (out / WEIGHTS).exists()):  # a model's weights, or a prompt table
         raise TargetError(f"{out}: holds {', '.join(p.name for p in entries[:5])} but no checkpoint; "
                           "choose an empty or new directory")
     if not overwrite:

@@ -11,6 +11,17 @@ from dataclasses import dataclass
 
 import torch
 
+from ..plan.boxes import split_evenly
+from ..plan.rank import RankPlan
+
+
+def rank_rows(plan: RankPlan, total: int) -> tuple[int, int]:
+    """The rows of a stack of ``total`` virtual tokens this rank holds: its TP share where the plan splits the
+    embedding (the lookup assembles them over TP as it does the vocabulary), all of them where it replicates it."""
+    if plan.styles["embed"] == "replicated":
+        return 0, total
+    return split_evenly(total, plan.layout.tp)[plan.tp_rank]
+
 
 @dataclass(frozen=True)
 class PromptTables:

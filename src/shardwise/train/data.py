@@ -109,10 +109,10 @@ class TokenStream:
     def seq(self) -> int:
         return self.windows.shape[1]
 
-    @property
-    def global_tokens(self) -> int:
-        """The tokens a step predicts, over every rank: each window's first token predicts nothing."""
-        return self.batch * (self.seq - 1)
+    def predicted(self, virtual: int = 0) -> int:
+        """The tokens a step predicts, over every rank: a window's first token only after ``virtual`` tokens of a
+        prompt table (the last of them predicts it, as in PEFT's prompt tuning)."""
+        return self.batch * (self.seq - (virtual == 0))
 
     def order(self, epoch: int) -> torch.Tensor:
         """Epoch ``epoch``'s permutation of the windows, from (seed, epoch) alone."""

@@ -32,9 +32,7 @@ class AdamW:
 
     def __init__(self, provider: Provider, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2):
-        if not lr > 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or not eps > 0 or weight_decay < 0:
-            raise ValueError(f"AdamW: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}: expected "
-                             "lr > 0, betas in [0, 1), eps > 0, weight_decay >= 0")
+        check_settings(lr, betas, eps, weight_decay)
         self.provider, self.lr, self.betas, self.eps, self.weight_decay = provider, lr, betas, eps, weight_decay
         self.steps = 0  # updates so far, which the bias correction counts
         plan = provider.plan
@@ -112,10 +110,23 @@ class AdamW:
         v.copy_(staged[1], non_blocking=True)
 
     def _adamw(self, param: torch.Tensor, m: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, step: int) -> None:
-        beta1, beta2 = self.betas
-        with torch.no_grad():
-            param.mul_(1 - self.lr * self.weight_decay)
-            m.lerp_(grad, 1 - beta1)
-            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(self.eps)
-            param.addcdiv_(m, denom, value=-self.lr / (1 - beta1**step))
+        adamw_(param, m, v, grad, step, self.lr, self.betas, self.eps, self.weight_decay)
+
+
+def check_settings(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    if not lr > 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or not eps > 0 or weight_decay < 0:
+        raise ValueError(f"AdamW: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}: expected "
+                         "lr > 0, betas in [0, 1), eps > 0, weight_decay >= 0")
+
+
+def adamw_(param: torch.Tensor, m: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, step: int, lr: float,
+           betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """torch.optim.AdamW's update of ``param`` and its moments, in place: step ``step`` (from 1) of the bias
+    correction. Every optimizer of shardwise's (the masters', a prompt table's) updates through this one."""
+    beta1, beta2 = betas
+    with torch.no_grad():
+        param.mul_(1 - lr * weight_decay)
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+        param.addcdiv_(m, denom, value=-lr / (1 - beta1**step))

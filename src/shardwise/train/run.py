@@ -28,12 +28,23 @@ from ..plan.mesh import Layout
 from ..progress import StepProgress
 from .data import TokenStream
 from .optim import AdamW
+from .prompt_tuning import PromptTuning
 from .state import base_dtype, restore, save_training
 from .step import Trainer
 
 SCHEDULES = ("constant", "cosine")
 LOG_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s")  # of every line after the log's first
 LOG_KIND = "shardwise train log"
+
+
+@dataclass(frozen=True)
+class PromptArgs:
+    """What ``--train prompt-table`` trains: a table of ``len(init)`` virtual tokens for ``task``, starting from
+    the embedding rows of the ids ``init`` (``prompt_tuning.init_ids``); ``config`` says so in PEFT's adapter config."""
+
+    task: str
+    init: tuple[int, ...]
+    config: dict
 
 
 @dataclass(frozen=True)
@@ -53,7 +64,8 @@ class TrainArgs:
     save_every: int | None = None
     overwrite: bool = False
     log: str | None = None
-    resume: str | None = None  # a training checkpoint of ``checkpoint`` to go on from
+    resume: str | None = None  # a training checkpoint of ``checkpoint`` (or a table it trained) to go on from
+    prompt: PromptArgs | None = None  # train a prompt table, the model frozen; None: train the model's weights
 
 
 def same_directory(a: str | Path | None, b: str | Path) -> bool:
@@ -114,59 +126,81 @@ def learning_rate(step: int, lr: float, steps: int, warmup: int = 0, schedule: s
 
 def settings(job: TrainArgs) -> dict:
     """What a training checkpoint records of the run beyond its data, for a resume to compare."""
-    return {"steps": job.steps, "lr": job.lr, "warmup": job.warmup, "schedule": job.schedule,
-            "weight_decay": job.weight_decay, "clip": job.clip, "accumulate": job.accumulate}
+    out = {"steps": job.steps, "lr": job.lr, "warmup": job.warmup, "schedule": job.schedule,
+           "weight_decay": job.weight_decay, "clip": job.clip, "accumulate": job.accumulate}
+    return out if job.prompt is None else out | {"task": job.prompt.task}
 
 
-def _first_step(job: TrainArgs, model: Model, optimizer: AdamW) -> int:
-    """1, or with ``job.resume`` the step after the saved one, the optimizer's state restored from it."""
-    if not job.resume:
-        return 1
-    record = restore(job.resume, model, optimizer)
-    record.check_resumable(job.resume, job.stream, job.steps)
-    return record.step + 1
+def _weights(job: TrainArgs, model: Model):
+    """Training the model's weights: AdamW over its masters (restored from ``job.resume``), the first step, and the
+    save."""
+    optimizer = AdamW(model.provider, lr=job.lr, weight_decay=job.weight_decay)
+    first = 1
+    if job.resume:
+        record = restore(job.resume, model, optimizer)
+        record.check_resumable(job.resume, job.stream, job.steps)
+        first = record.step + 1
+    dtype = base_dtype(job.resume or job.checkpoint)  # recorded with every save, for export
+    sources = [job.checkpoint] + ([job.resume] if job.resume and not same_directory(job.resume, job.save) else [])
+
+    def save(overwrite: bool) -> None:
+        save_training(model, optimizer, job.save, job.stream, overwrite, settings(job), dtype, sources)
+
+    return optimizer, first, save
+
+
+def _prompt_table(job: TrainArgs, model: Model):
+    """Training a prompt table before the frozen model: a new one, or the one ``job.resume`` saved; the first step,
+    and the save."""
+    p = job.prompt
+    if job.resume:
+        tuning, record = PromptTuning.resume(model, job.resume, p.task, lr=job.lr, weight_decay=job.weight_decay)
+        record.check_resumable(job.resume, job.stream, job.steps)
+    else:
+        tuning = PromptTuning.start(model, p.task, p.init, lr=job.lr, weight_decay=job.weight_decay)
+    sources = [job.checkpoint] + ([job.resume] if job.resume and not same_directory(job.resume, job.save) else [])
+
+    def save(overwrite: bool) -> None:
+        tuning.save(job.save, job.stream, settings(job), p.config, overwrite, sources)
+
+    return tuning, tuning.steps + 1, save
 
 
 def train_rank(job: TrainArgs) -> dict:
     """Train up to step ``job.steps`` on this rank's part of the layout; rank 0's summary is the launch's result."""
     p = job.provide
-    dtype = base_dtype(job.resume or job.checkpoint)  # recorded with every save, for export
-    model = load_model(job.resume or job.checkpoint, job.layout, dtype=torch.float32, provider=p.provider,
-                       work_dtype=p.work_dtype, prefetch=p.prefetch, offload=p.offload)
+    source = job.checkpoint if job.prompt or not job.resume else job.resume
+    model = load_model(source, job.layout, dtype=torch.float32, provider=p.provider, work_dtype=p.work_dtype,
+                       prefetch=p.prefetch, offload=p.offload)
     rank0 = model.plan.rank == 0
-    optimizer = AdamW(model.provider, lr=job.lr, weight_decay=job.weight_decay)
-    trainer = Trainer(model, optimizer, max_grad_norm=job.clip)
-    first = _first_step(job, model, optimizer)
+    trains, first, save = (_prompt_table if job.prompt else _weights)(job, model)
+    trainer = Trainer(model, trains, max_grad_norm=job.clip)
     stream, dp, dp_rank = job.stream, job.layout.dp, model.plan.dp_rank
+    virtual = 0 if trainer.target.prefix is None else len(trainer.target.prefix)
+    predicted = stream.predicted(virtual)
     in_place = same_directory(job.resume, job.save)  # each save replaces the checkpoint this run resumed from
-    sources = [job.checkpoint] + ([job.resume] if job.resume and not in_place else [])
     losses: list[float] = []
     saved = False
-
-    def save() -> None:
-        save_training(model, optimizer, job.save, stream, job.overwrite or saved or in_place, settings(job), dtype,
-                      sources)
-
     out = _open_log(job) if rank0 and job.log else None
     progress = StepProgress(rank0, first, job.steps)
     try:
         for step in range(first, job.steps + 1):
-            optimizer.lr = learning_rate(step, job.lr, job.steps, job.warmup, job.schedule)
+            trains.lr = learning_rate(step, job.lr, job.steps, job.warmup, job.schedule)
             batches = stream.micro_batches(step, dp_rank, dp, job.accumulate)
             start = time.perf_counter()
-            result = trainer.step(batches, stream.global_tokens)
-            tokens_per_s = stream.global_tokens / (time.perf_counter() - start)
+            result = trainer.step(batches, predicted)
+            tokens_per_s = predicted / (time.perf_counter() - start)
             losses.append(result.loss)
             if out is not None:
-                out.write(json.dumps(dict(zip(LOG_KEYS, (step, result.loss, optimizer.lr, result.grad_norm,
+                out.write(json.dumps(dict(zip(LOG_KEYS, (step, result.loss, trains.lr, result.grad_norm,
                                                          tokens_per_s)))) + "\n")
                 out.flush()
-            progress.update(step, {"loss": f"{result.loss:.4f}", "lr": f"{optimizer.lr:.2e}",
+            progress.update(step, {"loss": f"{result.loss:.4f}", "lr": f"{trains.lr:.2e}",
                                    "tokens/s": f"{tokens_per_s:.0f}"})
             if job.save_every and step % job.save_every == 0 and step < job.steps:
-                save()
+                save(job.overwrite or saved or in_place)
                 saved = True
-        save()
+        save(job.overwrite or saved or in_place)
     finally:  # on failure the launcher stops every rank: no collective teardown to wait on here
         progress.close()
         if out is not None:
@@ -174,4 +208,4 @@ def train_rank(job: TrainArgs) -> dict:
     trainer.close()
     model.close()
     return {"first_step": first, "steps": job.steps, "first_loss": losses[0], "last_loss": losses[-1],
-            "save": job.save}
+            "save": job.save, "virtual": virtual}

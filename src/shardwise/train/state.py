@@ -64,8 +64,12 @@ class Record:
     @classmethod
     def of(cls, ckpt: ShardedCheckpoint) -> Record:
         """The validated record of a training checkpoint; a CheckpointError if there is none or it is malformed."""
-        raw, where = ckpt.record, ckpt.path
-        if not raw:
+        return cls.parse(ckpt.record, ckpt.path)
+
+    @classmethod
+    def parse(cls, raw: object, where: str | Path) -> Record:
+        """``raw`` (untrusted JSON) validated as a record; ``where`` names its file in errors."""
+        if not isinstance(raw, dict) or not raw:
             raise CheckpointError(f"{where}: no 'train' record: not a training checkpoint (save one with "
                                   "shardwise train, or save_training)")
         step, data = raw.get("step"), raw.get("data")

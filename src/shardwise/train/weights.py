@@ -1,0 +1,116 @@
+"""Training the model's own weights: gradient sums laid out like the masters, reduced as the plan says, AdamW.
+
+The gradient sums are laid out like the plan's buffers (``weights.allocate``), in fp32,
+where the masters live (``Provider.state_device``): host memory with offload.
+- **resident**: each held tensor is a leaf whose ``.grad`` is its view of the sums, so a
+  tied embedding and LM head on one stage are one tensor, and micro-batches accumulate
+  in place; after the last, a block's partial regions are summed over TP and EP and its
+  buffers all-reduced over DP while the blocks below still run backward.
+- **zero3**: a block's gradients are fresh per recomputation and go home to this rank's
+  master chunk at once (``grads.DpGradReducer``): ZeRO-3's reduce-scatter.
+
+The global gradient norm counts each element once, on the rank that owns it
+(``RankPlan.owned``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..model.forward import Model
+from ..plan.names import Block
+from ..plan.rank import RankPlan
+from ..providers.base import short_names
+from ..providers.weights import allocate
+from ..providers.zero3 import memory_plan
+from .grads import DpGradReducer, PartialGradReducer
+from .optim import MOMENTS, AdamW
+
+FP32 = torch.float32.itemsize
+
+
+def training_memory(plan: RankPlan, work_dtype: torch.dtype | None = None, prefetch: int = 1,
+                    offload: bool = False) -> dict[str, int]:
+    """Bytes a rank's training holds by role, what ``Trainer.nbytes`` measures after a step (activations aside).
+
+    The fp32 masters, their gradient sums and AdamW's moments are each laid out like the
+    masters; under ZeRO-3 come its work buffers and staging (``memory_plan``, as for gloo
+    gathers), the two buffers a block's gradients are summed in over DP (a whole block, and
+    this rank's chunk) and, with offload, the device's copy of one block's moments and gradient.
+    """
+    numel = [b.numel for b in plan.buffers]
+    held = sum(numel) * FP32
+    out = {"masters": held, "gradients": held, "moments": len(MOMENTS) * held, "work": 0, "staging": 0}
+    if plan.provider == "zero3":
+        memory = memory_plan(plan, torch.float32, work_dtype, prefetch, offload)
+        flats = plan.flats.values()
+        summed = (max(f.parts * f.chunk for f in flats) + max(f.chunk for f in flats)) * FP32
+        staged = (len(MOMENTS) + 1) * max(numel) * FP32 if offload else 0
+        out |= {"work": memory["work"], "staging": memory["staging"] + summed + staged}
+    return out
+
+
+class WeightTraining:
+    """The model's masters as what a step trains; construction is collective (it creates the reduction groups)."""
+
+    weight_grads = True
+    prefix = None
+
+    def __init__(self, model: Model, optimizer: AdamW):
+        plan, provider = model.plan, model.provider
+        self.model, self.optimizer = model, optimizer
+        self.recompute = plan.provider == "zero3"
+        self.flats, self.grads = allocate(plan, [torch.float32] * len(plan.buffers), provider.state_device,
+                                          provider.state_pinned)
+        if not self.recompute:
+            for name, t in provider.tensors.items():
+                if t.grad is None:
+                    t.requires_grad_()
+                    t.grad = self.grads[name]
+        self.partial = PartialGradReducer(plan)
+        self.dp = DpGradReducer(plan, model.comm, self.flats, model.device)
+        self.owned = [(self.grads[name], box.local_index()) for name, box in plan.owned()]
+
+    def reduce(self, block: Block, w: dict[str, torch.Tensor], last: bool) -> None:
+        """Sum a block's gradients as the plan says: TP and EP partial regions, then over DP.
+
+        Resident gradients accumulate in place over micro-batches and are reduced once, after
+        the last; ZeRO-3 gradients are fresh per micro-batch and go home to the masters each time.
+        """
+        plan = self.model.plan
+        if self.recompute:
+            grads = {name: w[short].grad for name, short in short_names(plan, block).items()}
+            self.partial.reduce(grads)
+            self.dp.scatter(grads)
+        elif last:
+            self.partial.reduce({name: self.grads[name] for name in plan.blocks[block] if name not in plan.alias})
+            self.dp.all_reduce(block)
+
+    def squared_norm(self) -> float:
+        """The squared global gradient norm, once every reduction has landed: each element counted once."""
+        self.dp.wait()
+        squares = torch.zeros(1, dtype=torch.float64, device=self.model.device)
+        for grad, index in self.owned:
+            squares += grad[index].double().pow(2).sum()
+        if dist.is_initialized() and self.model.comm.layout.world_size > 1:
+            dist.all_reduce(squares)
+        return float(squares)
+
+    def scale(self, factor: float) -> None:
+        for flat in self.flats.values():
+            flat.mul_(factor)
+
+    def update(self) -> None:
+        self.optimizer.step(self.flats if self.recompute else self.grads)
+        for flat in self.flats.values():
+            flat.zero_()
+
+    def nbytes(self) -> dict[str, int]:
+        held, optimizer = self.model.provider.nbytes(), self.optimizer.nbytes()
+        return {"masters": held["masters"], "gradients": sum(t.nbytes for t in self.flats.values()),
+                "moments": optimizer["moments"], "work": held["work"],
+                "staging": held["staging"] + self.dp.nbytes() + optimizer["staging"]}
+
+    def close(self) -> None:
+        self.partial.close()
