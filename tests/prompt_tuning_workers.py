@@ -18,16 +18,16 @@ HYPER = dict(lr=2e-3, weight_decay=0.05, clip=0.05)  # clipping acts on every st
 IDS = torch.randint(0, VOCAB, (12,), generator=torch.Generator().manual_seed(11)).tolist() * 17
 
 
-def stream() -> TokenStream:
-    return TokenStream.from_ids(IDS, SEQ, BATCH, SEED)
+def stream(batch: int = BATCH) -> TokenStream:
+    return TokenStream.from_ids(IDS, SEQ, batch, SEED)
 
 
 def tune(path: str, layout: Layout, provider: str, virtual: int, steps: int, save: str,
-         resume: str | None = None) -> dict:
+         resume: str | None = None, batch: int = BATCH) -> dict:
     """``shardwise train --train prompt-table`` as the CLI runs it on every rank: a new table of ``virtual`` rows
     (ids drawn from the seed), or the one ``resume`` holds, trained up to ``steps``."""
     prompt = PromptArgs(TASK, () if resume else tuple(init_ids(virtual, VOCAB, seed=SEED)), {})
-    job = TrainArgs(path, layout, Provide(provider=provider), stream(), steps, HYPER["lr"], save,
+    job = TrainArgs(path, layout, Provide(provider=provider), stream(batch), steps, HYPER["lr"], save,
                     weight_decay=HYPER["weight_decay"], clip=HYPER["clip"], overwrite=True, resume=resume,
                     prompt=prompt)
     return train_rank(job)

@@ -39,7 +39,7 @@ RUNS = {  # name -> (layout, provider, virtual tokens)
 }
 
 
-def peft_run(path: Path, virtual: int) -> dict:
+def peft_run(path: Path, virtual: int, batch: int = ptw.BATCH) -> dict:
     """PEFT's prompt tuning of HF's fp32 model: the losses and the table after each step."""
     import transformers
 
@@ -51,7 +51,7 @@ def peft_run(path: Path, virtual: int) -> dict:
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained == [table]
     opt = torch.optim.AdamW(trained, lr=ptw.HYPER["lr"], weight_decay=ptw.HYPER["weight_decay"])
-    losses, norms, tables, stream = [], [], [], ptw.stream()
+    losses, norms, tables, stream = [], [], [], ptw.stream(batch)
     for step in range(1, STEPS + 1):
         ids = stream.global_batch(step)
         loss = model(input_ids=ids, labels=ids).loss
@@ -69,14 +69,19 @@ def refs(checkpoints) -> dict:
     return {(name, v): peft_run(checkpoints[name], v) for name in NAMES for v in {r[2] for r in RUNS.values()}}
 
 
+MOE = "qwen3_moe-untied"
+
+
 @pytest.fixture(scope="module")
 def saves(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tables")
 
 
 @pytest.fixture(scope="module")
-def runs(checkpoints, saves) -> SharedLaunches:
-    jobs = {}
+def runs(checkpoints, moe_checkpoints, saves) -> SharedLaunches:
+    # a mixture of experts at EP 2 on one window a step: the EP rank without rows still joins every exchange
+    jobs = {(MOE, "ep2"): (2, ptw.tune, (str(moe_checkpoints[MOE]), Layout(ep=2), "resident", VIRTUAL, STEPS,
+                                         str(saves / MOE), None, 1))}
     for name in NAMES:
         path = str(checkpoints[name])
         for run, (layout, provider, virtual) in RUNS.items():
@@ -118,6 +123,13 @@ def test_prompt_tuning_matches_peft(runs, refs, saves, name, run):
     close(saved_table(saves / name / run), ref["tables"][-1], f"{name} {run}")
     moved = float((ref["tables"][-1] - ref["tables"][0]).abs().max() / ref["tables"][-1].abs().max())
     assert moved > 1e-2, moved
+
+
+def test_a_frozen_mixture_of_experts_with_a_rank_without_rows_matches_peft(runs, moe_checkpoints, saves):
+    ref = peft_run(moe_checkpoints[MOE], VIRTUAL, batch=1)
+    result = runs.result((MOE, "ep2"))[0]
+    assert abs(result["last_loss"] - ref["losses"][-1]) <= 1e-5 * ref["losses"][-1]
+    close(saved_table(saves / MOE), ref["tables"][-1], f"{MOE} ep2")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -207,11 +219,37 @@ def test_weight_training_refuses_prompt_flags(with_tokenizer, tmp_path):
     assert out.returncode != 0 and "--virtual-tokens goes with --train prompt-table" in out.stderr, out.stderr
 
 
-def test_a_forged_record_is_refused(saves, runs, tmp_path):
+def test_a_forged_record_or_state_is_refused(saves, runs, tmp_path):
     import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from shardwise.io.prompt_table import STATE
+    from shardwise.train.prompt_tuning import read_state
 
     runs.result(("llama-untied", "tp1"))
     forged = Path(shutil.copytree(saves / "llama-untied" / "tp1", tmp_path / "t"))
     (forged / "training.json").write_text(json.dumps({"step": "3", "data": {}}))
-    with pytest.raises(CheckpointError, match="field 'train.step' is str '3', expected an integer >= 1"):
+    with pytest.raises(CheckpointError, match="training.json: field 'step' is str '3', expected an integer >= 1"):
         read_record(forged)
+    state = load_file(forged / STATE)
+    hidden = state["exp_avg"].shape[1]
+    for key, value, error in [("exp_avg_sq", -state["exp_avg_sq"] - 1, "'exp_avg_sq' rows 0..5 hold negative"),
+                              ("exp_avg", state["exp_avg"] / 0, "'exp_avg' rows 0..5 hold non-finite"),
+                              ("exp_avg", state["exp_avg"].double(), r"'exp_avg' is F64 \[5, \d+\], expected F32"),
+                              ("exp_avg", state["exp_avg"][:4], r"'exp_avg' is F32 \[4, \d+\], expected F32 \[5")]:
+        save_file(state | {key: value.contiguous()}, forged / STATE)
+        with pytest.raises(CheckpointError, match=error):
+            read_state(forged, (0, VIRTUAL), VIRTUAL, hidden)
+
+
+def test_a_save_replaces_only_its_own_kind(saves, runs, checkpoints):
+    from shardwise.io.publish import TargetError, check_target
+
+    runs.result(("llama-untied", "tp1"))
+    table = saves / "llama-untied" / "tp1"
+    assert check_target(table, overwrite=True, kind="table") == "replace"
+    with pytest.raises(TargetError, match="holds a prompt table that shardwise train saved, and this writes a model"):
+        check_target(table, overwrite=True)
+    with pytest.raises(TargetError, match="holds a model checkpoint, and this writes a prompt table"):
+        check_target(checkpoints["llama-untied"], overwrite=True, kind="table")

@@ -407,8 +407,8 @@ def test_a_checkpoint_that_appears_meanwhile_is_never_replaced(tmp_path, monkeyp
 
     out, real = tmp_path / "out", cw.seal
 
-    def seal_then_race(tmp, target, overwrite, sources):
-        mode = real(tmp, target, overwrite, sources)  # the target was absent when checked...
+    def seal_then_race(tmp, target, overwrite, sources, kind):
+        mode = real(tmp, target, overwrite, sources, kind)  # the target was absent when checked...
         shutil.copytree(tmp, target)  # ...and another writer publishes before our rename
         (target / "config.json").write_text("theirs")
         return mode

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--virtual-tokens", type=POSITIVE, metavar="N", help="the prompt table's length (--train "
                    "prompt-table)")
     t.add_argument("--task", help="the prompt table's task name, which generate --prompt-table DIR gives it "
-                   "(default: the --save directory's name)")
+                   "(default: the resumed run's, else the --save directory's name)")
     t.add_argument("--init-text", metavar="TEXT", help="start the prompt table from the embeddings of this text's "
                    "tokens, repeated to N (PEFT's TEXT init); default: of N token ids drawn from --seed")
     t.add_argument("--resume", metavar="DIR", help="a training checkpoint that shardwise train saved (at any layout) "
@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     _layout_args(t)
     _provider_args(t, inference=False)
     t.set_defaults(dtype=torch.float32)
-    t.add_argument("--save", required=True, metavar="DIR", help="where the trained sharded checkpoint goes; may be "
-                   "the --resume DIR itself, which each save then replaces with a later step")
+    t.add_argument("--save", required=True, metavar="DIR", help="where the trained sharded checkpoint (or prompt "
+                   "table) goes; may be the --resume DIR itself, which each save then replaces with a later step")
     t.add_argument("--save-every", type=POSITIVE, metavar="M", help="also save every M steps")
     _overwrite_arg(t)
     t.add_argument("--log", metavar="FILE", help="JSON lines: a first naming the model, then one per step (step, "

@@ -35,9 +35,10 @@ def _check_train(args):
         _checkpoint_dir(args.resume, "--resume")
     in_place = same_directory(args.resume, args.save)  # each save replaces RUN, vetted below as this run's
     others = [args.resume] if args.resume and not in_place else []
-    check_target(args.save, args.overwrite or in_place, [args.checkpoint, *others])
+    check_target(args.save, args.overwrite or in_place, [args.checkpoint, *others],
+                 "table" if args.train == "prompt-table" else "model")
     if args.log:
-        check_log(args.log, args.checkpoint)
+        check_log(args.log, args.checkpoint, args.train == "prompt-table")
     check_batching(args.batch, args.dp, args.accumulate)
     ids = tokenize_file(args.checkpoint, args.data)
     stream = TokenStream.from_ids(ids, args.seq, args.batch, args.seed, args.data)
@@ -68,7 +69,7 @@ def _check_prompt_resume(args, spec, stream):
     """With --resume, the prompt table saved there checked against the model, this run's data and its --virtual-tokens;
     its record. Else None, once --virtual-tokens is known to be given."""
     from ..io.prompt_table import table_shape
-    from ..train.prompt_tuning import read_record
+    from ..train.prompt_tuning import read_record, read_state
 
     if not args.resume:
         if args.virtual_tokens is None:
@@ -81,24 +82,32 @@ def _check_prompt_resume(args, spec, stream):
     if args.virtual_tokens not in (None, virtual):
         raise ValueError(f"--resume {args.resume}: its table has {virtual} virtual tokens, not --virtual-tokens "
                          f"{args.virtual_tokens}")
+    read_state(Path(args.resume), (0, virtual), virtual, spec.hidden)
     record.check_resumable(args.resume, stream, args.steps)
     return record
 
 
-def _prompt_args(args, spec):
-    """What --train prompt-table trains: the task, the ids its table starts from, and what PEFT's adapter config
-    says of it (a resume keeps the start its table's config records)."""
+def _prompt_args(args, spec, record):
+    """What --train prompt-table trains: the task (by default a resumed run's, else the --save directory's name),
+    the ids its table starts from, and what PEFT's adapter config says of it (a resume keeps the start its table's
+    config records, if it is one PEFT knows)."""
     from ..io.prompt_table import CONFIG, read_json
     from ..train.prompt_tuning import init_ids
     from ..train.run import PromptArgs
 
-    task = args.task or Path(args.save).resolve().name
-    config = {"base_model_name_or_path": str(Path(args.checkpoint).resolve()), "num_layers": spec.layers,
-              "num_attention_heads": spec.heads}
+    saved_task = record.settings.get("task") if record is not None else None
+    task = args.task or (saved_task if isinstance(saved_task, str) and saved_task else Path(args.save).name)
+    base = str(Path(args.checkpoint).resolve())
+    config = {"base_model_name_or_path": base, "num_layers": spec.layers, "num_attention_heads": spec.heads}
     if args.resume:
         saved = read_json(Path(args.resume), CONFIG, "PEFT adapter config")
-        kept = ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path")
-        return PromptArgs(task, (), config | {k: saved[k] for k in kept if isinstance(saved.get(k), str)})
+        init = saved.get("prompt_tuning_init")
+        if init == "TEXT" and isinstance(saved.get("prompt_tuning_init_text"), str):
+            config |= {"prompt_tuning_init": init, "prompt_tuning_init_text": saved["prompt_tuning_init_text"],
+                       "tokenizer_name_or_path": base}
+        elif init in ("SAMPLE_VOCAB", "RANDOM"):
+            config |= {"prompt_tuning_init": init}
+        return PromptArgs(task, (), config)
     if args.init_text is None:
         return PromptArgs(task, tuple(init_ids(args.virtual_tokens, spec.vocab, seed=args.seed)),
                           config | {"prompt_tuning_init": "SAMPLE_VOCAB"})
@@ -108,14 +117,14 @@ def _prompt_args(args, spec):
                          f"expected tokens of the model's vocabulary of {spec.vocab}")
     return PromptArgs(task, tuple(init_ids(args.virtual_tokens, spec.vocab, ids)),
                       config | {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": args.init_text,
-                                "tokenizer_name_or_path": str(Path(args.checkpoint).resolve())})
+                                "tokenizer_name_or_path": base})
 
 
 def cmd_train(args) -> None:
     from ..train.run import TrainArgs, settings, train_rank
 
     stream, record = _check_train(args)
-    prompt = _prompt_args(args, load_spec(args.checkpoint)) if args.train == "prompt-table" else None
+    prompt = _prompt_args(args, load_spec(args.checkpoint), record) if args.train == "prompt-table" else None
     job = TrainArgs(args.checkpoint, _layout(args), _provide(args), stream, args.steps, args.lr, args.save,
                     args.warmup, args.schedule, args.weight_decay, args.clip or None, args.accumulate,
                     args.save_every, args.overwrite, args.log, args.resume, prompt)

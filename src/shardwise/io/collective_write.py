@@ -18,7 +18,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ..words import listed
-from .publish import Mode, TargetError, check_target, make_temp_dir, publish, seal
+from .publish import Kind, Mode, TargetError, check_target, make_temp_dir, publish, seal
 
 Step = tuple[str, Callable[[Path], Any]]
 
@@ -58,10 +58,11 @@ def _run_step(step: str, fn: Callable[[], Any]) -> tuple[BaseException | None, A
 
 def write_checkpoint(out: str | Path, steps: list[Step], finish: Callable[[Path], None] | None = None, *,
                      rank: int | None = None, overwrite: bool = False, sources: list[str | Path] | tuple = (),
-                     agreed: str = "") -> Path:
+                     agreed: str = "", kind: Kind = "model") -> Path:
     """Write a checkpoint directory: collectively over the world when ``rank`` is given, else in this process.
 
-    ``agreed`` is a digest of what every rank planned (e.g. the file headers), refused
+    ``kind`` is what it writes, which replaces only its kind (``publish.check_target``). ``agreed`` is a digest
+    of what every rank planned (e.g. the file headers), refused
     unless equal everywhere. The steps fill the temporary directory (each rank decides
     what it writes); once all succeeded, rank 0 runs ``finish`` (writing the index or
     manifest, the files that make a directory look like a checkpoint), seals and
@@ -79,7 +80,7 @@ def write_checkpoint(out: str | Path, steps: list[Step], finish: Callable[[Path]
         return _agree(out, name, error, value, collective)
 
     def check() -> str:
-        check_target(out, overwrite, sources)
+        check_target(out, overwrite, sources, kind)
         return agreed
 
     def create() -> str | None:
@@ -92,7 +93,7 @@ def write_checkpoint(out: str | Path, steps: list[Step], finish: Callable[[Path]
         if leader:
             if finish is not None:
                 finish(made[0])
-            mode.append(seal(made[0], out, overwrite, sources))
+            mode.append(seal(made[0], out, overwrite, sources, kind))
 
     def commit() -> None:
         nonlocal renamed

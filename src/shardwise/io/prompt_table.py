@@ -67,7 +67,7 @@ def table_task(directory: Path) -> str:
         task = settings.get("task") if isinstance(settings, dict) else None
         if isinstance(task, str) and task:
             return task
-    return directory.resolve().name
+    return directory.name
 
 
 def read_json(directory: Path, name: str, what: str) -> object:
@@ -83,16 +83,24 @@ def _checkpoint(directory: Path, file: str = WEIGHTS) -> Checkpoint:
     return Checkpoint(directory, [inside(directory, file, str(directory))])
 
 
-def read_rows(directory: Path, key: str, rows: tuple[int, int], out: torch.Tensor, file: str = WEIGHTS) -> None:
+def read_rows(directory: Path, key: str, rows: tuple[int, int], out: torch.Tensor, file: str = WEIGHTS,
+              total: int | None = None) -> None:
     """Rows ``rows`` of ``key`` (in ``file`` of ``directory``) into the first rows of ``out``, reading those bytes
-    only; the file's header is validated, and a tensor of another width or too few rows refused."""
+    only; the file's header is validated, and a tensor of another width or too few rows refused (with ``total``,
+    a tensor other than ``total`` rows of ``out``'s dtype)."""
     lo, hi = rows
     with _checkpoint(directory, file) as source:
         entry = source.entries.get(key)
-        if entry is None or len(entry.shape) != 2 or entry.shape[1] != out.shape[1] or entry.shape[0] < hi:
-            found = "missing" if entry is None else f"{list(entry.shape)}"
-            raise CheckpointError(f"{directory / file}: tensor {key!r} is {found}, expected at least {hi} rows of "
-                                  f"{out.shape[1]}")
+        width = out.shape[1]
+        if total is None:
+            fits, expected = entry is not None and entry.shape[1:] == (width,) and entry.shape[0] >= hi, \
+                f"at least {hi} rows of {width}"
+        else:
+            fits, expected = entry is not None and entry.shape == (total, width) and entry.dtype == out.dtype, \
+                f"{DTYPE_NAMES[out.dtype]} [{total}, {width}]"
+        if not fits:
+            found = "missing" if entry is None else f"{DTYPE_NAMES[entry.dtype]} {list(entry.shape)}"
+            raise CheckpointError(f"{directory / file}: tensor {key!r} is {found}, expected {expected}")
         if lo < hi:
             source.read(Box(key, (lo, 0), (hi, out.shape[1]), (0, 0)), out)
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..untrusted import is_int
-from .prompt_table import TABLE_FILES, WEIGHTS
+from .prompt_table import CONFIG, RECORD, TABLE_FILES, WEIGHTS
 from .reader import INDEX_FILE, MANIFEST, inside
 
 log = logging.getLogger("shardwise.publish")  # the name its log lines have always carried
@@ -57,9 +57,11 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
               "merges.txt")
 _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|rank-\d{5}\.safetensors")
 _CHECKPOINT_FILES = {"config.json", INDEX_FILE, MANIFEST, OWNER_FILE, *SIDE_FILES, *TABLE_FILES}
+_KINDS = {"model": "model checkpoint", "table": "prompt table that shardwise train saved"}
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
 Mode = Literal["create", "fill", "replace"]  # what the rename will do: the target is absent, empty, a checkpoint
+Kind = Literal["model", "table"]  # what a write makes: a model's checkpoint, or a prompt table shardwise trained
 
 
 class TargetError(FileExistsError):
@@ -72,8 +74,10 @@ def is_checkpoint_file(path: Path) -> bool:
             and (path.name in _CHECKPOINT_FILES or _WEIGHT_FILE.fullmatch(path.name) is not None))
 
 
-def check_target(out: str | Path, overwrite: bool = False, sources: list[str | Path] | tuple = ()) -> Mode:
-    """What writing to ``out`` will do; refuse, naming the path and what is in the way, whatever could lose data."""
+def check_target(out: str | Path, overwrite: bool = False, sources: list[str | Path] | tuple = (),
+                 kind: Kind = "model") -> Mode:
+    """What writing a ``kind`` to ``out`` will do; refuse, naming the path and what is in the way, whatever could
+    lose data. A checkpoint is replaced only by one of its kind."""
     out = Path(out)
     if out.is_symlink():
         raise TargetError(f"{out}: is a symbolic link; give the real directory")
@@ -96,10 +100,16 @@ def check_target(out: str | Path, overwrite: bool = False, sources: list[str | P
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise TargetError(f"{out}: holds files that are not part of a checkpoint ({shown}); "
                           "shardwise never replaces them: choose another destination")
-    model = (out / "config.json").exists() and any(_WEIGHT_FILE.fullmatch(p.name) for p in entries)
-    if not (model or (out / WEIGHTS).exists()):  # a model's weights, or a prompt table
+    found: Kind | None = "model" if (out / "config.json").exists() and any(
+        _WEIGHT_FILE.fullmatch(p.name) for p in entries) else None
+    if found is None and all((out / name).exists() for name in (CONFIG, WEIGHTS, RECORD)):
+        found = "table"
+    if found is None:
         raise TargetError(f"{out}: holds {', '.join(p.name for p in entries[:5])} but no checkpoint; "
                           "choose an empty or new directory")
+    if found != kind:
+        raise TargetError(f"{out}: holds a {_KINDS[found]}, and this writes a {_KINDS[kind]}; choose another "
+                          "destination")
     if not overwrite:
         raise TargetError(f"{out}: a checkpoint is already there; pass --overwrite (overwrite=True) to replace it")
     return "replace"
@@ -136,9 +146,9 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def seal(tmp: Path, out: Path, overwrite: bool, sources: list) -> Mode:
+def seal(tmp: Path, out: Path, overwrite: bool, sources: list, kind: Kind = "model") -> Mode:
     """Check the target again (it may have changed while the ranks wrote) and put the directory on disk."""
-    mode = check_target(out, overwrite, sources)
+    mode = check_target(out, overwrite, sources, kind)
     for p in tmp.iterdir():
         fsync_path(p)
     fsync_path(tmp)

@@ -57,6 +57,22 @@ def read_record(directory: str | Path) -> Record:
     return Record.parse(read_json(directory, RECORD, "training record"), directory / RECORD)
 
 
+def read_state(directory: Path, rows: tuple[int, int], virtual: int, hidden: int) -> dict[str, torch.Tensor]:
+    """AdamW's moments of rows ``rows`` of a saved table (one zero row where there are none), refused unless each
+    is stored as fp32 [virtual, hidden], finite, with a second moment nowhere negative (else its square root would
+    turn the table into NaN at the first update)."""
+    lo, hi = rows
+    out = {}
+    for m in MOMENTS:
+        out[m] = torch.zeros(max(hi - lo, 1), hidden, dtype=torch.float32)
+        read_rows(directory, m, rows, out[m], STATE, total=virtual)
+        if not bool(out[m].isfinite().all()) or (m == "exp_avg_sq" and bool((out[m] < 0).any())):
+            raise CheckpointError(f"{directory / STATE}: tensor {m!r} rows {lo}..{hi} hold "
+                                  f"{'negative' if bool(out[m].isfinite().all()) else 'non-finite'} values, expected "
+                                  "AdamW moments (finite, the second one >= 0)")
+    return out
+
+
 class PromptTuning:
     """A prompt table as what a step trains, with AdamW's state; the model's weights stay as loaded."""
 
@@ -101,10 +117,7 @@ class PromptTuning:
         lo, hi = rank_rows(model.plan, virtual)
         rows = torch.zeros(hi - lo, model.spec.hidden, dtype=torch.float32)
         read_rows(directory, KEY, (lo, hi), rows)
-        moments = {}
-        for m in MOMENTS:
-            moments[m] = torch.zeros(max(hi - lo, 1), model.spec.hidden, dtype=torch.float32)
-            read_rows(directory, m, (lo, hi), moments[m], STATE)
+        moments = read_state(directory, (lo, hi), virtual, model.spec.hidden)
         moments = {m: t.to(model.device) for m, t in moments.items()}
         return cls(model, task, virtual, rows.to(model.device), moments=moments, steps=record.step,
                    **settings), record
@@ -163,4 +176,4 @@ class PromptTuning:
             write_table(directory, whole[KEY], config, state, record)
 
         return write_checkpoint(out, [], finish, rank=self.model.plan.rank, overwrite=overwrite,
-                                sources=list(sources))
+                                sources=list(sources), kind="table")

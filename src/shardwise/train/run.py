@@ -39,8 +39,9 @@ LOG_KIND = "shardwise train log"
 
 @dataclass(frozen=True)
 class PromptArgs:
-    """What ``--train prompt-table`` trains: a table of ``len(init)`` virtual tokens for ``task``, starting from
-    the embedding rows of the ids ``init`` (``prompt_tuning.init_ids``); ``config`` says so in PEFT's adapter config."""
+    """What ``--train prompt-table`` trains: a table for ``task``, a new one starting from the embedding rows of the
+    ids ``init`` (``prompt_tuning.init_ids``; empty on a resume, which goes on from the saved table); ``config``
+    says so in PEFT's adapter config."""
 
     task: str
     init: tuple[int, ...]
@@ -72,12 +73,14 @@ def same_directory(a: str | Path | None, b: str | Path) -> bool:
     return a is not None and Path(a).resolve() == Path(b).resolve()
 
 
-def log_header(checkpoint: str | Path) -> dict:
-    """The first line of a training log: what wrote it, and for which model (the base checkpoint, resolved)."""
-    return {"log": LOG_KIND, "model": str(Path(checkpoint).resolve())}
+def log_header(checkpoint: str | Path, prompt_table: bool = False) -> dict:
+    """The first line of a training log: what wrote it, for which model (the base checkpoint, resolved), and
+    whether it trained a prompt table rather than the weights."""
+    header = {"log": LOG_KIND, "model": str(Path(checkpoint).resolve())}
+    return header | {"trains": "prompt-table"} if prompt_table else header
 
 
-def check_log(path: str | Path, checkpoint: str | Path) -> None:
+def check_log(path: str | Path, checkpoint: str | Path, prompt_table: bool = False) -> None:
     """Refuse a ``--log`` that the run would truncate or append to but shardwise did not write for this model.
 
     A fresh run replaces the file and a resume appends to it, so either may only touch a
@@ -100,16 +103,16 @@ def check_log(path: str | Path, checkpoint: str | Path) -> None:
     if not isinstance(header, dict) or header.get("log") != LOG_KIND:
         raise ValueError(f"--log {path}: exists and is not a shardwise training log; shardwise never overwrites or "
                          "appends to a file it did not write: give another file")
-    if header != log_header(checkpoint):
-        raise ValueError(f"--log {path}: is the training log of another model ({header.get('model')}); give "
-                         "another file")
+    if header != log_header(checkpoint, prompt_table):
+        raise ValueError(f"--log {path}: is the training log of another model ({header.get('model')}) or of "
+                         f"training {header.get('trains', 'weights')}; give another file")
 
 
 def _open_log(job: TrainArgs):
     """The log, replaced by a fresh run, appended to by a resume; a new or empty file starts with its header."""
     out = open(job.log, "a" if job.resume else "w")  # noqa: SIM115 - train_rank closes it
     if not out.seekable() or out.tell() == 0:  # a pipe (--log /dev/stdout) gets the header too
-        out.write(json.dumps(log_header(job.checkpoint)) + "\n")
+        out.write(json.dumps(log_header(job.checkpoint, job.prompt is not None)) + "\n")
     return out
 
 
@@ -175,8 +178,9 @@ def train_rank(job: TrainArgs) -> dict:
     rank0 = model.plan.rank == 0
     trains, first, save = (_prompt_table if job.prompt else _weights)(job, model)
     trainer = Trainer(model, trains, max_grad_norm=job.clip)
+    target = trainer.target
     stream, dp, dp_rank = job.stream, job.layout.dp, model.plan.dp_rank
-    virtual = 0 if trainer.target.prefix is None else len(trainer.target.prefix)
+    virtual = 0 if target.prefix is None else len(target.prefix)
     predicted = stream.predicted(virtual)
     in_place = same_directory(job.resume, job.save)  # each save replaces the checkpoint this run resumed from
     losses: list[float] = []
@@ -185,17 +189,17 @@ def train_rank(job: TrainArgs) -> dict:
     progress = StepProgress(rank0, first, job.steps)
     try:
         for step in range(first, job.steps + 1):
-            trains.lr = learning_rate(step, job.lr, job.steps, job.warmup, job.schedule)
+            target.lr = learning_rate(step, job.lr, job.steps, job.warmup, job.schedule)
             batches = stream.micro_batches(step, dp_rank, dp, job.accumulate)
             start = time.perf_counter()
             result = trainer.step(batches, predicted)
             tokens_per_s = predicted / (time.perf_counter() - start)
             losses.append(result.loss)
             if out is not None:
-                out.write(json.dumps(dict(zip(LOG_KEYS, (step, result.loss, trains.lr, result.grad_norm,
+                out.write(json.dumps(dict(zip(LOG_KEYS, (step, result.loss, target.lr, result.grad_norm,
                                                          tokens_per_s)))) + "\n")
                 out.flush()
-            progress.update(step, {"loss": f"{result.loss:.4f}", "lr": f"{trains.lr:.2e}",
+            progress.update(step, {"loss": f"{result.loss:.4f}", "lr": f"{target.lr:.2e}",
                                    "tokens/s": f"{tokens_per_s:.0f}"})
             if job.save_every and step % job.save_every == 0 and step < job.steps:
                 save(job.overwrite or saved or in_place)

@@ -64,31 +64,34 @@ class Record:
     @classmethod
     def of(cls, ckpt: ShardedCheckpoint) -> Record:
         """The validated record of a training checkpoint; a CheckpointError if there is none or it is malformed."""
-        return cls.parse(ckpt.record, ckpt.path)
+        if not ckpt.record:
+            raise CheckpointError(f"{ckpt.path}: no 'train' record: not a training checkpoint (save one with "
+                                  "shardwise train, or save_training)")
+        return cls.parse(ckpt.record, ckpt.path, "train.")
 
     @classmethod
-    def parse(cls, raw: object, where: str | Path) -> Record:
-        """``raw`` (untrusted JSON) validated as a record; ``where`` names its file in errors."""
-        if not isinstance(raw, dict) or not raw:
-            raise CheckpointError(f"{where}: no 'train' record: not a training checkpoint (save one with "
-                                  "shardwise train, or save_training)")
+    def parse(cls, raw: object, where: str | Path, prefix: str = "") -> Record:
+        """``raw`` (untrusted JSON) validated as a record; ``where`` names its file in errors, ``prefix`` where in
+        the file the record's fields are."""
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{where}: the record is {shown(raw)}, expected an object")
         step, data = raw.get("step"), raw.get("data")
         if not is_int(step) or step < 1:
-            raise CheckpointError(f"{where}: field 'train.step' is {shown(step)}, expected an integer >= 1")
+            raise CheckpointError(f"{where}: field '{prefix}step' is {shown(step)}, expected an integer >= 1")
         numbers, digests = ("seed", "batch", "seq"), ("windows", "order")
         if not isinstance(data, dict) or not {*numbers, "windows"} <= set(data) <= {*numbers, *digests} or not all(
                 is_int(data[k]) for k in numbers) or not all(isinstance(data.get(k, ""), str) for k in digests):
-            raise CheckpointError(f"{where}: field 'train.data' is {shown(data)}, expected integers 'seed', "
+            raise CheckpointError(f"{where}: field '{prefix}data' is {shown(data)}, expected integers 'seed', "
                                   "'batch', 'seq', a 'windows' digest and an 'order' digest (which checkpoints "
                                   "saved before it was kept lack)")
         settings = raw.get("settings", {})
         if not isinstance(settings, dict) or not all(
                 v is None or isinstance(v, (int, float, str)) for v in settings.values()):
-            raise CheckpointError(f"{where}: field 'train.settings' is {shown(settings)}, expected an object of "
+            raise CheckpointError(f"{where}: field '{prefix}settings' is {shown(settings)}, expected an object of "
                                   "numbers, strings and nulls")
         dtype = raw.get("dtype")
         if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
-            raise CheckpointError(f"{where}: field 'train.dtype' is {shown(dtype)}, expected one of "
+            raise CheckpointError(f"{where}: field '{prefix}dtype' is {shown(dtype)}, expected one of "
                                   f"{', '.join(DTYPES)}")
         return cls(step, data, settings, None if dtype is None else DTYPES[dtype])
 

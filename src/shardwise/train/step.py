@@ -57,6 +57,7 @@ class Trained(Protocol):
     """What a step updates, and the hooks the walk calls on it."""
 
     weight_grads: bool  # whether the walk makes the weights' gradients (False: the model is frozen)
+    lr: float  # the learning rate of the next update, which a schedule sets before each step
     prefix: torch.Tensor | None  # ids every row starts with (a prompt table's virtual tokens), predicting nothing
 
     def reduce(self, block: Block, w: dict[str, torch.Tensor], last: bool) -> None:
@@ -79,7 +80,8 @@ class Trained(Protocol):
 
 
 class Trainer:
-    """Trains ``model``'s masters in place; construction is collective (it creates the reduction groups)."""
+    """Trains what ``trains`` says of ``model`` in place; construction is collective (training the weights creates
+    the reduction groups)."""
 
     def __init__(self, model: Model, trains: AdamW | Trained, max_grad_norm: float | None = None):
         """``trains``: AdamW over the model's masters, or a ``Trained`` (a prompt table: the model frozen)."""
@@ -167,7 +169,7 @@ class Trainer:
                 if block == HEAD:
                     loss = out.detach()
                     out.backward()
-                else:
+                elif out.requires_grad:  # not so only for the embedding of a frozen model's rank without rows
                     term = None if balance is None or block.layer is None else self.balance.term(block.layer)
                     torch.autograd.backward([out] if term is None else [out, term],
                                             [grad] if term is None else [grad, None])

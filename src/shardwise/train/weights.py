@@ -1,6 +1,6 @@
 """Training the model's own weights: gradient sums laid out like the masters, reduced as the plan says, AdamW.
 
-The gradient sums are laid out like the plan's buffers (``weights.allocate``), in fp32,
+The gradient sums are laid out like the plan's buffers (``providers.weights.allocate``), in fp32,
 where the masters live (``Provider.state_device``): host memory with offload.
 - **resident**: each held tensor is a leaf whose ``.grad`` is its view of the sums, so a
   tied embedding and LM head on one stage are one tensor, and micro-batches accumulate
@@ -71,6 +71,14 @@ class WeightTraining:
         self.partial = PartialGradReducer(plan)
         self.dp = DpGradReducer(plan, model.comm, self.flats, model.device)
         self.owned = [(self.grads[name], box.local_index()) for name, box in plan.owned()]
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.optimizer.lr = value
 
     def reduce(self, block: Block, w: dict[str, torch.Tensor], last: bool) -> None:
         """Sum a block's gradients as the plan says: TP and EP partial regions, then over DP.
