@@ -139,7 +139,8 @@ def test_without_a_terminal_training_says_where_it_stands_every_10_steps_and_at_
 
 
 @pytest.mark.parametrize("args,error", [
-    (["--pp", "2"], "--pp 2: training over pipeline stages is not built yet; use --pp 1"),
+    (["--pp", "2", "--train", "prompt-table", "--virtual-tokens", "2"],
+     "--pp 2: prompt tuning runs on one pipeline stage; use --pp 1"),
     (["--provider", "series", "--dp", "2"], "--provider series: training runs on resident or zero3"),
     (["--series", "*.o", "--dp", "2"], "--series declares layers of --provider series"),
     (["--dp", "2", "--batch", "3", "--accumulate", "2"], "--batch 3 over --dp 2 gives some rank 1 window"),
@@ -276,7 +277,13 @@ RESUMES = {  # name: (layout, provider, the saved run's provider)
     "tp 1->2": (Layout(tp=2), "resident", "resident"),
     "resident->zero3": (Layout(dp=2), "zero3", "resident"),
     "zero3->resident": (Layout(tp=2, dp=1), "resident", "zero3"),
+    "pp 1->2": (Layout(pp=2), "resident", "resident"),
+    "pp 1->3, zero3": (Layout(pp=3), "zero3", "zero3"),
+    "pp 2->1": (Layout(dp=2), "resident", "pp2"),
+    "pp 2->tp 2": (Layout(tp=2), "zero3", "pp2"),
+    "pp 2->3": (Layout(pp=3), "resident", "pp2"),
 }
+HALFWAY = {"resident": (Layout(dp=2), "resident"), "zero3": (Layout(dp=2), "zero3"), "pp2": (Layout(pp=2), "resident")}
 
 
 def _job(checkpoint, stream, layout, provider, steps, save, log, resume=None) -> TrainArgs:
@@ -299,12 +306,13 @@ def _resume_stream(checkpoint: Path, tmp: Path) -> TokenStream:
     return TokenStream.from_file(checkpoint, data, 16, 6, 3)  # 6 windows a step: even over dp 2 and 3
 
 
-def _keeping_step_2(checkpoint: Path, stream: TokenStream, provider: str, tmp: Path) -> tuple[int, Callable, tuple]:
-    """An uninterrupted 4-step run at dp 2, logging to ``tmp/<provider>.jsonl`` and keeping the training checkpoint
-    it saves at step 2 as ``tmp/<provider>-2``."""
+def _keeping_step_2(checkpoint: Path, stream: TokenStream, name: str, tmp: Path) -> tuple[int, Callable, tuple]:
+    """An uninterrupted 4-step run (``HALFWAY[name]``: at dp 2 or pp 2), logging to ``tmp/<name>.jsonl`` and keeping
+    the training checkpoint it saves at step 2 as ``tmp/<name>-2``."""
     from train_workers import train_keeping_every_save
 
-    job = _job(checkpoint, stream, Layout(dp=2), provider, 4, tmp / provider, tmp / f"{provider}.jsonl")
+    layout, provider = HALFWAY.get(name, (Layout(dp=2), name))
+    job = _job(checkpoint, stream, layout, provider, 4, tmp / name, tmp / f"{name}.jsonl")
     return 2, train_keeping_every_save, (dataclasses.replace(job, save_every=2),)
 
 
@@ -327,8 +335,7 @@ def runs(with_tokenizer, checkpoints, tmp_path_factory) -> dict[str, Any]:
     tmp, tied_tmp = tmp_path_factory.mktemp("resume"), tmp_path_factory.mktemp("tied")
     tied = _with_tokenizer(checkpoints["qwen2-tied"], tied_tmp / "tied")
     stream, tied_stream = _resume_stream(with_tokenizer, tmp), _resume_stream(tied, tied_tmp)
-    jobs = {("halfway", provider): _keeping_step_2(with_tokenizer, stream, provider, tmp)
-            for provider in ("resident", "zero3")}
+    jobs = {("halfway", name): _keeping_step_2(with_tokenizer, stream, name, tmp) for name in HALFWAY}
     jobs["halfway", "tied"] = _keeping_step_2(tied, tied_stream, "resident", tied_tmp)
     for name, (layout, provider, saved_by) in RESUMES.items():
         jobs["resume", name] = _resuming(with_tokenizer, stream, layout, provider, tmp / f"{saved_by}-2",
@@ -340,11 +347,12 @@ def runs(with_tokenizer, checkpoints, tmp_path_factory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def halfway(runs):
-    """Uninterrupted 4-step runs (resident and zero3, dp 2), each also saving a training checkpoint at step 2."""
+    """Uninterrupted 4-step runs (resident and zero3 at dp 2, resident at pp 2), each also saving a training
+    checkpoint at step 2."""
     full, saved = {}, {}
-    for provider in ("resident", "zero3"):
-        runs["launches"].result(("halfway", provider))
-        full[provider], saved[provider] = _losses(runs["tmp"] / f"{provider}.jsonl"), runs["tmp"] / f"{provider}-2"
+    for name in HALFWAY:
+        runs["launches"].result(("halfway", name))
+        full[name], saved[name] = _losses(runs["tmp"] / f"{name}.jsonl"), runs["tmp"] / f"{name}-2"
     return runs["stream"], full, saved
 
 
@@ -354,6 +362,13 @@ def _resumed(runs: dict[str, Any], name: str) -> list[float]:
     assert runs["launches"].result(("resume", name))[0]["first_step"] == 3
     assert Record.read(tmp / "out").step == 4
     return _losses(tmp / "log.jsonl")
+
+
+def test_pipeline_stages_train_as_one_stage_does(halfway):
+    """The uninterrupted run at pp 2 (its stages' checkpoints saved and logged as at pp 1) takes the dp 2 run's
+    steps."""
+    _, full, _ = halfway
+    assert full["pp2"] == pytest.approx(full["resident"], abs=1e-5, rel=0)
 
 
 @pytest.mark.parametrize("name", RESUMES)

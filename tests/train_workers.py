@@ -90,19 +90,21 @@ def train_under_plans(paths: list[str], tp: int, dp: int, provider: str, plans: 
 
 
 def train(path: str, tp: int, dp: int, provider: str = "resident", clip: float | None = None,
-          micro: int = 1, expected: Expected | None = None, tp_plan: dict | None = None, ep: int = 1
+          micro: int = 1, expected: Expected | None = None, tp_plan: dict | None = None, ep: int = 1, pp: int = 1
           ) -> dict[str, object]:
     """Every step's loss and gradient-norm relative error against HF (``expected``, from ``hf_run(path, clip)``,
     computed here if not given), and each rank's largest weight error relative to max |w|; each DP rank's sequences
     are cut into ``micro`` micro-batches (gradient accumulation)."""
     expected_losses, expected_norms, expected = expected or hf_run(path, clip)
-    with load_model(path, Layout(tp=tp, dp=dp, ep=ep), dtype=torch.float32, progress=False, provider=provider,
-                    tp_plan=tp_plan) as model:
+    with load_model(path, Layout(tp=tp, dp=dp, ep=ep, pp=pp), dtype=torch.float32, progress=False,
+                    provider=provider, tp_plan=tp_plan) as model:
         trainer = Trainer(model, AdamW(model.provider, **HYPER), max_grad_norm=clip)
         lo, hi = split_evenly(BATCH, dp)[model.plan.dp_rank]
         cuts = split_evenly(hi - lo, micro)
-        results = [trainer.step([batch(step)[lo:hi][a:b] for a, b in cuts], BATCH * (SEQ - 1))
-                   for step in range(STEPS)]
+        results, tied = [], set()
+        for step in range(STEPS):
+            results.append(trainer.step([batch(step)[lo:hi][a:b] for a, b in cuts], BATCH * (SEQ - 1)))
+            tied.add(_tied_copy(model))
         losses, norms = [r.loss for r in results], [r.grad_norm for r in results]
         trainer.close()
         worst, worst_at = 0.0, None
@@ -116,12 +118,27 @@ def train(path: str, tp: int, dp: int, provider: str = "resident", clip: float |
     out = {"loss": max(abs(a - b) / abs(b) for a, b in zip(losses, expected_losses)), "weights": worst,
            "worst_at": worst_at,
            "norm": max(abs(a - b) / abs(b) for a, b in zip(norms, expected_norms)), "clipped": norms[0] > (clip or 1e9),
-           "losses": losses, "expected": expected_losses, "norms": norms}
+           "losses": losses, "expected": expected_losses, "norms": norms,
+           "tied": None if len(tied) != len(results) or None in tied else tuple(sorted(tied)),
+           "tied_at": model.plan.layout.position(model.plan.rank)[1:]}
     if not dist.is_initialized():
         return {"rank 0": out}
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, out)
     return {f"rank {r}": o for r, o in enumerate(everyone)}
+
+
+def _tied_copy(model) -> str | None:
+    """A digest of this rank's copy of a tied embedding (the first stage's embedding or the last stage's head), else
+    None: the ranks holding the two copies compare them after every step."""
+    import hashlib
+
+    plan = model.plan
+    if not plan.spec.tied or plan.layout.pp == 1 or not (plan.is_first or plan.is_last):
+        return None
+    name = "embed" if plan.is_first else "lm_head"
+    name = next(n for n in model.weights.tensors if n.kind == name)
+    return hashlib.sha256(model.weights.tensors[name].detach().numpy().tobytes()).hexdigest()
 
 
 def die_while_saving(checkpoint: str, stream, saves: list[str]) -> None:

@@ -23,14 +23,18 @@ def _check_train(args):
     from ..train.state import Record, base_dtype
     from ..train.step import TRAINABLE
 
-    if args.pp > 1:
-        raise ValueError(f"--pp {args.pp}: training over pipeline stages is not built yet; use --pp 1")
+    if args.pp > 1 and args.train == "prompt-table":
+        raise ValueError(f"--pp {args.pp}: prompt tuning runs on one pipeline stage; use --pp 1")
     if args.provider not in TRAINABLE:
         raise ValueError(f"--provider {args.provider}: training runs on {' or '.join(TRAINABLE)}")
     if args.series:
         raise ValueError("--series declares layers of --provider series, which training does not run on")
     _provide(args)
     spec = _plan_everywhere(args.checkpoint, _layout(args), args.provider)
+    if args.pp > 1 and spec.aux_loss_coef and spec.sparse:
+        raise ValueError(f"--pp {args.pp}: {args.checkpoint}'s balancing loss (config.json's router_aux_loss_coef "
+                         "with output_router_logits) counts every layer's expert choices at once, which pipeline "
+                         "stages do not share; use --pp 1")
     if args.resume:
         _checkpoint_dir(args.resume, "--resume")
     in_place = same_directory(args.resume, args.save)  # each save replaces RUN, vetted below as this run's

@@ -19,10 +19,15 @@ Under expert parallelism each rank of an EP group computes its own rows of the b
 the routed experts) covers those rows, and the true one is the sum over the group
 (``ep_partials``), as over DP replicas. A routed expert's gradient is whole on its rank: the
 all-to-all's backward brings every token's gradient that reached it.
+
+Over pipeline stages a tensor two stages hold (a tied embedding: the first stage's lookup, the
+last stage's head) has a gradient on each that covers its own use (``stage_partials``), found
+the same way, from which ranks hold the same box.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,20 +80,44 @@ def partials(plan: RankPlan) -> tuple[Partial, ...]:
     return tp_partials(plan) + ep_partials(plan)
 
 
-def _every_group(plan: RankPlan) -> list[tuple[int, ...]]:
+def stage_partials(plan: RankPlan) -> tuple[Partial, ...]:
+    """This rank's regions that the same (DP, EP, TP) rank of another pipeline stage holds too: a tied embedding,
+    looked up on the first stage and applied as the LM head on the last. Each stage's gradient covers its own use of
+    the region, and the true one is their sum."""
+    layout = plan.layout
+    if layout.pp == 1:
+        return ()
+    _, d, e, t = layout.position(plan.rank)
+    peers = [plan.peer(layout.rank_of(s, d, e, t)) for s in range(layout.pp)]
+    out = []
+    for name, tensor in plan.work.items():
+        if name in plan.alias:
+            continue
+        for box in tensor.boxes:
+            sharing = tuple(p.rank for p in peers if any(b.same_bytes(box) for u in p.work.values() for b in u.boxes))
+            if len(sharing) > 1:
+                out.append(Partial(name, box.local_index(), sharing))
+    return tuple(out)
+
+
+Find = Callable[[RankPlan], tuple[Partial, ...]]
+
+
+def _every_group(plan: RankPlan, find: Find) -> list[tuple[int, ...]]:
     """Every distinct set of ranks any rank of the layout sums a partial gradient over, in one order for all."""
-    return sorted({p.ranks for rank in range(plan.layout.world_size) for p in partials(plan.peer(rank))})
+    return sorted({p.ranks for rank in range(plan.layout.world_size) for p in find(plan.peer(rank))})
 
 
 class PartialGradReducer:
-    """Sums the partial TP and EP gradients of one rank's work tensors; construction is collective over the world."""
+    """Sums the partial gradients of one rank's work tensors that ``find`` names (by default those over TP and EP);
+    construction is collective over the world."""
 
-    def __init__(self, plan: RankPlan):
-        self.partials = partials(plan)
+    def __init__(self, plan: RankPlan, find: Find = partials):
+        self.partials = find(plan)
         self.groups: dict[tuple[int, ...], dist.ProcessGroup] = {}  # the ones this rank is in
         self.created: list[dist.ProcessGroup] = []
         if dist.is_initialized():
-            for ranks in _every_group(plan):  # new_group is collective: every rank creates every group, in order
+            for ranks in _every_group(plan, find):  # new_group is collective: every rank creates every group, in order
                 self.created.append(dist.new_group(list(ranks)))
                 if plan.rank in ranks:
                     self.groups[ranks] = self.created[-1]

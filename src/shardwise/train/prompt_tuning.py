@@ -83,6 +83,9 @@ class PromptTuning:
                  moments: dict[str, torch.Tensor] | None = None, steps: int = 0):
         """``rows``: this rank's rows of the table (``rank_rows``); ``moments`` and ``steps`` those of a resume."""
         check_settings(lr, betas, eps, weight_decay)
+        if model.plan.layout.pp > 1:
+            raise NotImplementedError(f"rank {model.plan.rank}: prompt tuning runs on one pipeline stage, not "
+                                      f"pp={model.plan.layout.pp}")
         self.model, self.task, self.virtual = model, task, virtual
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.rows = rank_rows(model.plan, virtual)

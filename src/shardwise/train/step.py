@@ -1,4 +1,5 @@
-"""One training step on any TP x DP x EP layout, resident or ZeRO-3: forward, backward, reductions, clipping, update.
+"""One training step on any PP x TP x DP x EP layout, resident or ZeRO-3: forward, backward, reductions, clipping,
+update.
 
 The loss of a step is the mean next-token cross-entropy over the *global* batch, computed
 vocab-parallel from each TP rank's slice of the logits (``loss``): each DP rank sums its
@@ -19,21 +20,26 @@ The step walks the provider's blocks, as the forward does, and then walks them b
   reverse (``stream`` prefetches block l-1 while block l runs) and recomputes each block,
   with its gathered tensors as leaves when their gradients are wanted.
 
-Within TP and EP the collectives carry their backward. Clipping scales by
-``max_grad_norm / norm`` as torch's ``clip_grad_norm_`` does.
+Over pipeline stages each stage walks its own blocks, receiving the hidden state from the
+previous stage and sending it on, and in the backward receiving its gradient from the next
+stage and sending the input's gradient back; the micro-batches run in 1F1B order
+(``Trainer._schedule``). Within TP and EP the collectives carry their backward. Clipping
+scales by ``max_grad_norm / norm`` as torch's ``clip_grad_norm_`` does.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 
 from ..model.forward import Model
-from ..model.pipeline import Pass, run_block
+from ..model.pipeline import Head, Pass, run_block
 from ..plan.names import HEAD, Block
 from .balance import Balance
 from .loss import vocab_parallel_cross_entropy
@@ -51,6 +57,22 @@ class StepResult:
 
     loss: float
     grad_norm: float
+
+
+FORWARD, BACKWARD = 0, 1  # the tags of activations and of their gradients between pipeline stages
+
+
+@dataclass
+class Flight:
+    """A micro-batch between its forward and its backward on this stage: the pass, its head, each block with its
+    input (and, resident, its output, whose graph the backward runs), the shape of what crosses to the next stage,
+    and this rank's share of the balancing loss."""
+
+    p: Pass
+    head: Head
+    saved: list[tuple[Block, torch.Tensor | None, torch.Tensor | None]]
+    shape: tuple[int, ...]
+    balance: torch.Tensor | None
 
 
 class Trained(Protocol):
@@ -89,9 +111,6 @@ class Trainer:
         if plan.provider not in TRAINABLE:
             raise NotImplementedError(f"rank {plan.rank}: training runs on provider {' or '.join(TRAINABLE)}, not "
                                       f"{plan.provider!r}")
-        if plan.layout.pp > 1:
-            raise NotImplementedError(f"rank {plan.rank}: training over pipeline stages (pp={plan.layout.pp}) is "
-                                      "not built yet: use pp=1")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         self.model, self.max_grad_norm = model, max_grad_norm
@@ -99,6 +118,12 @@ class Trainer:
         self.recompute = plan.provider == "zero3"
         coef = plan.spec.aux_loss_coef
         self.balance = Balance(model, coef) if coef and plan.spec.sparse else None
+        if self.balance is not None and plan.layout.pp > 1:
+            raise NotImplementedError(f"rank {plan.rank}: the balancing loss of {plan.spec.arch} (config.json's "
+                                      "router_aux_loss_coef with output_router_logits) counts every layer's choices "
+                                      "at once, which pipeline stages do not share: train it with pp=1")
+        self.sent: list[dist.Work] = []  # sends to the neighbouring stages in flight, waited for at the step's end
+        self.sent_tensors: list[torch.Tensor] = []
         if plan.spec.router_jitter and plan.rank == 0:
             log.warning("config.json sets router_jitter_noise=%g: HF's training multiplies each MoE layer's input by "
                         "random noise in [1 - %g, 1 + %g]; shardwise trains without it, so its steps are "
@@ -108,14 +133,15 @@ class Trainer:
         """Train on this DP rank's micro-batches (each (batch, seq) ids), then update once.
 
         ``global_tokens`` counts the predicted tokens of the whole step (every micro-batch of
-        every DP rank). Under ZeRO-3 every DP rank must pass the same number of micro-batches.
+        every DP rank). Under ZeRO-3 every DP rank must pass the same number of micro-batches,
+        and over pipeline stages every stage the same ones.
         """
         if not batches:
             raise ValueError(f"rank {self.model.plan.rank}: a step needs at least one micro-batch")
-        loss = sum(self._micro_batch(ids, global_tokens, i == len(batches) - 1, len(batches))
-                   for i, ids in enumerate(batches))
+        loss = self._schedule(batches, global_tokens)
         norm = math.sqrt(self.target.squared_norm())
-        loss = self.model.comm.token_sum(loss.reshape(1))
+        comm = self.model.comm
+        loss = comm.from_last_stage(comm.token_sum(loss.reshape(1)), (1,), torch.float32, self.model.device)
         if self.max_grad_norm is not None and norm + 1e-6 > self.max_grad_norm:
             self.target.scale(self.max_grad_norm / (norm + 1e-6))
         self.target.update()
@@ -125,11 +151,56 @@ class Trainer:
         """Bytes this training holds by role (for the model's weights: as ``weights.training_memory`` plans them)."""
         return self.target.nbytes()
 
-    def _micro_batch(self, ids: torch.Tensor, global_tokens: int, last: bool, micro_batches: int) -> torch.Tensor:
-        """Forward and backward of one micro-batch; its share of the global mean loss (detached), a mixture of
-        experts' balancing loss included (see ``balance``)."""
+    def _schedule(self, batches: list[torch.Tensor], global_tokens: int) -> torch.Tensor:
+        """Every micro-batch's forward and backward in 1F1B order: stage s of P runs min(P - 1 - s, M) forwards
+        ahead, then alternates one forward and one backward, then drains the backwards, so it holds at most P - s
+        micro-batches' activations (one stage: each micro-batch's forward, then its backward). The sum of this rank's
+        losses (zero off the last stage)."""
+        plan, m = self.model.plan, len(batches)
+        ahead = min(plan.layout.pp - 1 - plan.stage, m)
+        flying: deque[Flight] = deque()
+        loss = torch.zeros((), dtype=torch.float32, device=self.model.device)
+        done = 0
+        try:
+            for i, ids in enumerate(batches):
+                flying.append(self._forward(ids, global_tokens, m))
+                if i >= ahead:
+                    loss = loss + self._backward(flying.popleft(), done == m - 1)
+                    done += 1
+            while flying:
+                loss = loss + self._backward(flying.popleft(), done == m - 1)
+                done += 1
+        finally:
+            self._sent_wait()
+        return loss
+
+    def _sent_wait(self) -> None:
+        for work in self.sent:
+            work.wait()
+        self.sent, self.sent_tensors = [], []
+
+    def _send(self, x: torch.Tensor, stage: int, tag: int) -> None:
+        """Start sending ``x`` to this rank's peer on ``stage``; it is waited for at the step's end, so a stage is
+        never blocked on a peer still busy with another micro-batch."""
+        _, d, e, t = self.model.plan.layout.position(self.model.plan.rank)
+        if x.numel():
+            x = x.detach().contiguous()
+            self.sent.append(dist.isend(x, self.model.plan.layout.rank_of(stage, d, e, t), tag=tag))
+            self.sent_tensors.append(x)
+
+    def _recv(self, shape: tuple[int, ...], stage: int, tag: int) -> torch.Tensor:
+        _, d, e, t = self.model.plan.layout.position(self.model.plan.rank)
+        x = torch.empty(shape, dtype=self.model.dtype, device=self.model.device)
+        if x.numel():
+            dist.recv(x, self.model.plan.layout.rank_of(stage, d, e, t), tag=tag)
+        return x
+
+    def _forward(self, ids: torch.Tensor, global_tokens: int, micro_batches: int) -> Flight:
+        """One micro-batch's forward through this stage's blocks: each block's input kept (and, resident, its
+        graph), the output sent on to the next stage."""
         model, provider, keep, target = self.model, self.model.provider, not self.recompute, self.target
-        rows = model.plan.batch_rows(ids.shape[0])
+        plan = model.plan
+        rows = plan.batch_rows(ids.shape[0])
         ids = ids[rows.start:rows.stop].to(model.device)
         first = 0  # the position predicting ids[:, 1]; after a prefix, the prefix's last predicts ids[:, 0]
         if target.prefix is not None:
@@ -143,39 +214,51 @@ class Trainer:
             return vocab_parallel_cross_entropy(logits, ids[:, first + 1:], start, group,
                                                 reduction="sum") / global_tokens  # fp32, whatever the work dtype
 
-        def run(block: Block, x: torch.Tensor | None, w: dict[str, torch.Tensor]) -> torch.Tensor:
-            return run_block(model, block, x, w, p, head)
-
-        blocks = list(model.plan.blocks)
-        ahead = blocks if keep else blocks[:-1]  # without a graph to keep, the head runs once, in the backward
+        shape = (*ids.shape, model.spec.hidden)
+        h = None if plan.is_first else self._recv(shape, plan.stage - 1, FORWARD)
+        blocks = list(plan.blocks)
+        ahead = blocks[:-1] if plan.is_last and not keep else blocks  # without a graph, the head runs in backward
         saved: list[tuple[Block, torch.Tensor | None, torch.Tensor | None]] = []
-        h = None
         with provider.stream(ahead) as weights, torch.set_grad_enabled(keep):
             for block, w in zip(ahead, weights):
                 x = None if h is None else h.detach().requires_grad_(keep)
-                h = run(block, x, w)
+                h = run_block(model, block, x, w, p, head)
                 saved.append((block, x, h if keep else None))
-        if not keep:
+        if plan.is_last and not keep:
             saved.append((blocks[-1], h.detach(), None))
+        if not plan.is_last:
+            self._send(h, plan.stage + 1, FORWARD)
         balance = None if self.balance is None else self.balance.count(micro_batches)
+        return Flight(p, head, saved, shape, balance)
 
-        grad, loss = None, None
-        with provider.stream([block for block, _, _ in reversed(saved)]) as weights:
-            for (block, x, out), w in zip(reversed(saved), weights):
+    def _backward(self, flight: Flight, last: bool) -> torch.Tensor:
+        """One micro-batch's backward through this stage's blocks, from the loss on the last stage or the gradient
+        the next stage sends; the input's gradient sent back to the previous stage. Its share of the global mean
+        loss (detached; zero off the last stage), a mixture of experts' balancing loss included (``balance``)."""
+        model, provider, keep, target = self.model, self.model.provider, not self.recompute, self.target
+        plan = model.plan
+        grad = None if plan.is_last else self._recv(flight.shape, plan.stage + 1, BACKWARD)
+        loss = torch.zeros((), dtype=torch.float32, device=model.device)
+        with provider.stream([block for block, _, _ in reversed(flight.saved)]) as weights:
+            for (block, x, out), w in zip(reversed(flight.saved), weights):
                 if not keep:
                     w = {k: t.detach().requires_grad_(target.weight_grads) for k, t in w.items()}
                     with torch.enable_grad():
-                        out = run(block, None if x is None else x.requires_grad_(), w)
+                        out = run_block(model, block, None if x is None else x.requires_grad_(), w, flight.p,
+                                        flight.head)
                 if block == HEAD:
                     loss = out.detach()
                     out.backward()
                 elif out.requires_grad:  # not so only for the embedding of a frozen model's rank without rows
-                    term = None if balance is None or block.layer is None else self.balance.term(block.layer)
+                    term = None if flight.balance is None or block.layer is None else self.balance.term(block.layer)
                     torch.autograd.backward([out] if term is None else [out, term],
                                             [grad] if term is None else [grad, None])
                 grad = None if x is None else x.grad
                 target.reduce(block, w, last)
-        return loss if balance is None else loss + balance
+        if not plan.is_first:
+            self._send(grad if grad is not None else torch.zeros(flight.shape, dtype=model.dtype,
+                                                                 device=model.device), plan.stage - 1, BACKWARD)
+        return loss if flight.balance is None else loss + flight.balance
 
     def close(self) -> None:
         self.target.close()

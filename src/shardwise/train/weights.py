@@ -9,8 +9,9 @@ where the masters live (``Provider.state_device``): host memory with offload.
 - **zero3**: a block's gradients are fresh per recomputation and go home to this rank's
   master chunk at once (``grads.DpGradReducer``): ZeRO-3's reduce-scatter.
 
-The global gradient norm counts each element once, on the rank that owns it
-(``RankPlan.owned``).
+Over pipeline stages, a tensor two stages hold (a tied embedding and LM head) has its
+gradient summed between them at the step's end (``grads.stage_partials``). The global
+gradient norm counts each element once, on the rank that owns it (``RankPlan.owned``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..plan.rank import RankPlan
 from ..providers.base import short_names
 from ..providers.weights import allocate
 from ..providers.zero3 import memory_plan
-from .grads import DpGradReducer, PartialGradReducer
+from .grads import DpGradReducer, PartialGradReducer, stage_partials
 from .optim import MOMENTS, AdamW
 
 FP32 = torch.float32.itemsize
@@ -69,6 +70,9 @@ class WeightTraining:
                     t.requires_grad_()
                     t.grad = self.grads[name]
         self.partial = PartialGradReducer(plan)
+        self.tied = PartialGradReducer(plan, stage_partials)
+        self.tied_names = {p.name for p in self.tied.partials}
+        self.tied_sums: dict[str, torch.Tensor] = {}  # ZeRO-3: a tied tensor's work gradient over the step
         self.dp = DpGradReducer(plan, model.comm, self.flats, model.device)
         self.owned = [(self.grads[name], box.local_index()) for name, box in plan.owned()]
 
@@ -90,6 +94,9 @@ class WeightTraining:
         if self.recompute:
             grads = {name: w[short].grad for name, short in short_names(plan, block).items()}
             self.partial.reduce(grads)
+            for name in self.tied_names & grads.keys():  # summed with the other stage's at the step's end
+                grad = grads.pop(name)
+                self.tied_sums[name] = self.tied_sums[name] + grad if name in self.tied_sums else grad.clone()
             self.dp.scatter(grads)
         elif last:
             self.partial.reduce({name: self.grads[name] for name in plan.blocks[block] if name not in plan.alias})
@@ -98,12 +105,26 @@ class WeightTraining:
     def squared_norm(self) -> float:
         """The squared global gradient norm, once every reduction has landed: each element counted once."""
         self.dp.wait()
+        self._sum_tied()
         squares = torch.zeros(1, dtype=torch.float64, device=self.model.device)
         for grad, index in self.owned:
             squares += grad[index].double().pow(2).sum()
         if dist.is_initialized() and self.model.comm.layout.world_size > 1:
             dist.all_reduce(squares)
         return float(squares)
+
+    def _sum_tied(self) -> None:
+        """Sum a tensor's gradient between the pipeline stages that hold it (a tied embedding and LM head), once
+        every micro-batch is done: a stage that waited for it earlier would wait on a peer still running backward
+        through the micro-batch it needs. ZeRO-3's sums then go home to the masters over DP."""
+        if not self.tied_names:
+            return
+        if not self.recompute:
+            self.tied.reduce({name: self.grads[name] for name in self.tied_names})
+            return
+        self.tied.reduce(self.tied_sums)
+        self.dp.scatter(self.tied_sums)
+        self.tied_sums = {}
 
     def scale(self, factor: float) -> None:
         for flat in self.flats.values():
@@ -122,3 +143,4 @@ class WeightTraining:
 
     def close(self) -> None:
         self.partial.close()
+        self.tied.close()
