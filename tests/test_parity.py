@@ -10,6 +10,7 @@ from workers import forward_and_generate, sample_on_every_rank
 
 LAYOUTS = [(tp, pp) for pp in (1, 2) for tp in (1, 2, 3, 4)]
 GLOO = ("qwen2-untied", "mistral-tied")  # run again at tp=3 x pp=2 with SHARDWISE_SHM=0
+SP_LAYOUTS = [(2, 1), (3, 1), (2, 2)]  # sequence parallel: the prompt's 11 tokens split unevenly, decode's 1 too
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +20,8 @@ def runs(checkpoints) -> SharedLaunches:
     paths = {name: str(p) for name, p in checkpoints.items()}
     jobs = {("layout", tp, pp, name): (tp * pp, forward_and_generate, (tp, pp, {name: path}, PROMPT, STEPS))
             for tp, pp in LAYOUTS for name, path in paths.items()}
+    jobs |= {("sp", tp, pp): (tp * pp, forward_and_generate, (tp, pp, paths, PROMPT, STEPS, None, True))
+             for tp, pp in SP_LAYOUTS}
     gloo = {name: paths[name] for name in GLOO}
     jobs["gloo",] = (6, with_env, ({"SHARDWISE_SHM": "0"}, forward_and_generate, 3, 2, gloo, PROMPT, STEPS))
     jobs["sampling",] = (4, sample_on_every_rank, (paths["qwen3-tied"], PROMPT))
@@ -39,6 +42,17 @@ def test_matches_hf(tp, pp, name, runs, references):
     scale = ref_logits.abs().max().item()
     assert err <= 1e-4 * scale, f"{name} tp={tp} pp={pp}: max abs diff {err:.3g} vs max |logit| {scale:.3g}"
     assert torch.equal(tokens, ref_tokens), f"{name} tp={tp} pp={pp}: greedy tokens differ from HF"
+
+
+@pytest.mark.parametrize("tp,pp", SP_LAYOUTS)
+def test_sequence_parallel_matches_hf(tp, pp, runs, references):
+    """Prefill and greedy decode with each TP rank holding its share of the tokens between the TP blocks."""
+    out = runs.result(("sp", tp, pp))[0]
+    for name, (logits, tokens) in out.items():
+        ref_logits, ref_tokens = references[name]
+        err = (logits - ref_logits).abs().max().item()
+        assert err <= 1e-4 * ref_logits.abs().max().item(), f"{name} tp={tp} sp pp={pp}: max abs diff {err:.3g}"
+        assert torch.equal(tokens, ref_tokens), f"{name} tp={tp} sp pp={pp}: greedy tokens differ from HF"
 
 
 def test_gloo_path_matches_shared_memory_path(runs, references):

@@ -90,13 +90,13 @@ def train_under_plans(paths: list[str], tp: int, dp: int, provider: str, plans: 
 
 
 def train(path: str, tp: int, dp: int, provider: str = "resident", clip: float | None = None,
-          micro: int = 1, expected: Expected | None = None, tp_plan: dict | None = None, ep: int = 1, pp: int = 1
-          ) -> dict[str, object]:
+          micro: int = 1, expected: Expected | None = None, tp_plan: dict | None = None, ep: int = 1, pp: int = 1,
+          sp: bool = False) -> dict[str, object]:
     """Every step's loss and gradient-norm relative error against HF (``expected``, from ``hf_run(path, clip)``,
     computed here if not given), and each rank's largest weight error relative to max |w|; each DP rank's sequences
     are cut into ``micro`` micro-batches (gradient accumulation)."""
     expected_losses, expected_norms, expected = expected or hf_run(path, clip)
-    with load_model(path, Layout(tp=tp, dp=dp, ep=ep, pp=pp), dtype=torch.float32, progress=False,
+    with load_model(path, Layout(tp=tp, dp=dp, ep=ep, pp=pp, sp=sp), dtype=torch.float32, progress=False,
                     provider=provider, tp_plan=tp_plan) as model:
         trainer = Trainer(model, AdamW(model.provider, **HYPER), max_grad_norm=clip)
         lo, hi = split_evenly(BATCH, dp)[model.plan.dp_rank]

@@ -10,11 +10,11 @@ from shardwise import Layout, load_model
 
 
 def forward_and_generate(tp: int, pp: int, checkpoints: dict[str, str], ids: torch.Tensor, steps: int,
-                         tp_plan: dict | None = None) -> dict:
-    """Logits and greedy tokens of every checkpoint under one layout (and TP plan)."""
+                         tp_plan: dict | None = None, sp: bool = False) -> dict:
+    """Logits and greedy tokens of every checkpoint under one layout (and TP plan; ``sp``: sequence parallel)."""
     out = {}
     for name, path in checkpoints.items():
-        with load_model(path, Layout(tp, pp), progress=False, tp_plan=tp_plan) as model:
+        with load_model(path, Layout(tp, pp, sp=sp), progress=False, tp_plan=tp_plan) as model:
             out[name] = (model(ids), model.generate(ids, steps))
     return out
 

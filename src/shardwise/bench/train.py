@@ -139,3 +139,36 @@ def _fsdp2_step(checkpoint: str, world: int, lr: float, recompute: bool):
         return statistics.fmean(all_ranks(float(loss.detach())))
 
     return step, lambda: None
+
+
+def bubble_theory(pp: int, micro_batches: int) -> float:
+    """The share of a 1F1B step a stage idles, with every micro-batch's forward and backward equally long on every
+    stage and free sends: (pp - 1) / (micro-batches + pp - 1)."""
+    return (pp - 1) / (micro_batches + pp - 1)
+
+
+def bench_pipeline_rank(checkpoint: str, pp: int, seq: int, batch: int, micro_batches: int, steps: int,
+                        warmup: int, lr: float = 1e-5) -> dict:
+    """Resident training over ``pp`` stages (one rank each), ``micro_batches`` of ``batch`` sequences a step in
+    1F1B order: tokens/s, and the bubble measured as each stage's time waiting for a neighbour (receiving, or its
+    sends landing) over its step time, beside the 1F1B theory."""
+    vocab = load_spec(checkpoint).vocab
+    ids = torch.randint(0, vocab, (micro_batches, batch, seq), generator=torch.Generator().manual_seed(1000))
+    model = load_model(checkpoint, Layout(pp=pp), dtype=torch.float32, progress=False)
+    trainer = Trainer(model, AdamW(model.provider, lr=lr), max_grad_norm=CLIP)
+    tokens = micro_batches * batch * (seq - 1)
+    times, waits = [], []
+    for i in range(warmup + steps):
+        barrier()
+        start, waited = time.perf_counter(), trainer.waited
+        trainer.step(list(ids), tokens)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            waits.append(trainer.waited - waited)
+    trainer.close()
+    model.close()
+    step_s = max(all_ranks(statistics.median(times)))
+    bubbles = all_ranks(statistics.median(w / t for w, t in zip(waits, times)))
+    return {"setting": f"pp {pp}", "pp": pp, "micro_batches": micro_batches, "step_s": step_s,
+            "tokens_per_s": micro_batches * batch * seq / step_s, "bubble": statistics.fmean(bubbles),
+            "bubble_per_stage": bubbles, "bubble_theory": bubble_theory(pp, micro_batches)}

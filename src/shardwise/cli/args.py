@@ -68,6 +68,8 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
                    "of experts' routed experts (each reads and computes only its own)")
     p.add_argument("--expert-placement", choices=PLACEMENTS, default="contiguous",
                    help="which experts each EP rank holds: a contiguous run each, or every ep-th (round-robin)")
+    p.add_argument("--sp", action="store_true", help="sequence parallelism: between the TP blocks (norms, residual "
+                   "adds) each TP rank holds its share of the tokens (needs --tp > 1)")
     p.add_argument("--tp-plan", metavar="FILE.json", help="a TP plan in HF's vocabulary replacing the model's "
                    "('shardwise plan --show-tp-plan' prints it): module pattern -> style; what it leaves out is "
                    "replicated")
@@ -110,7 +112,7 @@ def _provider_args(p: argparse.ArgumentParser, inference: bool = True) -> None:
 def _layout(args) -> Layout:
     """The mesh and TP plan the flags ask for (a plan file is read, not yet checked against the model)."""
     return Layout(args.tp, args.pp, args.dp, None if args.tp_plan is None else TpPlan.of(args.tp_plan), args.ep,
-                  args.expert_placement)
+                  args.expert_placement, args.sp)
 
 
 def _provide(args) -> Provide:

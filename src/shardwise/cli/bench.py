@@ -140,6 +140,9 @@ def _print_settings(rows: list[dict], as_json: bool, describe) -> None:
 def cmd_bench_train(args) -> None:
     from ..bench.train import TRAIN_SETTINGS, bench_train_rank, train_summary
 
+    if args.pp > 1:
+        _bench_pipeline(args)
+        return
     _plan_everywhere(args.checkpoint, Layout(dp=args.world), "zero3")
     warm_page_cache(args.checkpoint)
     rows = [launch(bench_train_rank, args.world, args.checkpoint, args.seq, args.batch, args.steps, args.warmup,
@@ -148,6 +151,23 @@ def cmd_bench_train(args) -> None:
     _print_settings(rows, args.json, lambda row: f"{row['setting']:>15}: {row['tokens_per_s']:.1f} tokens/s, "
                     f"{row['step_s']:.2f} s per step, peak RSS {row['peak_rss_mb']} MiB (training "
                     f"{row['train_peak_rss_mb']} MiB)")
+
+
+def _bench_pipeline(args) -> None:
+    """One stage, then ``--pp`` stages, each in fresh ranks, on the same micro-batches."""
+    from ..bench.train import bench_pipeline_rank
+
+    _plan_everywhere(args.checkpoint, Layout(pp=args.pp))
+    warm_page_cache(args.checkpoint)
+    rows = [launch(bench_pipeline_rank, pp, args.checkpoint, pp, args.seq, args.batch, args.accumulate, args.steps,
+                   args.warmup) for pp in (1, args.pp)]
+    for row in rows[1:]:
+        row["over_pp1_tokens_per_s"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+    _print_settings(rows, args.json, lambda row: (
+        f"{row['setting']:>5}: {row['tokens_per_s']:.1f} tokens/s, {row['step_s']:.2f} s per step of "
+        f"{row['micro_batches']} micro-batches, bubble {row['bubble']:.3f} measured (per stage "
+        f"{', '.join(f'{b:.3f}' for b in row['bubble_per_stage'])}), {row['bubble_theory']:.3f} in 1F1B theory"
+        + (f"; x{row['over_pp1_tokens_per_s']:.2f} pp 1's tokens/s" if "over_pp1_tokens_per_s" in row else "")))
 
 
 def cmd_bench_series(args) -> None:

@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--batch", type=POSITIVE, default=1, help="sequences per rank per step")
     bt.add_argument("--steps", type=POSITIVE, default=3, help="timed steps per setting (median)")
     bt.add_argument("--warmup", type=_bounded(int, 0), default=1, help="untimed steps first")
+    bt.add_argument("--pp", type=POSITIVE, default=1, help="instead: resident training over N pipeline stages (one "
+                    "rank each) against one stage, with the 1F1B bubble measured and in theory")
+    bt.add_argument("--accumulate", type=POSITIVE, default=4, help="with --pp: micro-batches (of --batch sequences) "
+                    "per step")
     bt.add_argument("--json", action="store_true")
     bz = command(b, "zero3", "forward time and memory: DP replicas, ZeRO-3 (bf16, fp8, int8 gathers) and torch FSDP2",
                  cmd_bench_zero3)

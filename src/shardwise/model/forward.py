@@ -20,9 +20,10 @@ from torch import nn
 
 from ..dist.collectives import gather_rows
 from ..dist.comm import Comm
+from ..plan.boxes import split_evenly
 from ..plan.rank import RankPlan, batch_shares
 from ..providers.base import Provider
-from .layers import embedding, gather_output, linear, rms_norm
+from .layers import embedding, gather_output, gather_tokens, linear, own_tokens, rms_norm
 from .moe import MoE
 from .pipeline import Pass, walk
 from .prompts import PromptTables
@@ -137,11 +138,12 @@ class Attention:
         self.gathered = gathered_sizes(plan, "qkv", lambda peer: peer.heads.n_q * spec.head_dim)
 
     def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, start: int,
-                 cache: KVCache | None, keys: torch.Tensor | None = None) -> torch.Tensor:
-        b, t, _ = x.shape
+                 cache: KVCache | None, keys: torch.Tensor | None = None, seq: list[int] | None = None
+                 ) -> torch.Tensor:
         d = self.head_dim
-        q, k, v = linear(self.comm, x, w["qkv"], w.get("qkv_bias"), self.style).split(
+        q, k, v = linear(self.comm, x, w["qkv"], w.get("qkv_bias"), self.style, seq).split(
             [self.n_q * d, self.n_kv * d, self.n_kv * d], dim=-1)
+        b, t, _ = q.shape  # every token, under sequence parallelism too
         if self.qk_norm == "full":
             q, k = full_width_qk_norm(self.comm, q, k, w["q_norm"], w["k_norm"], self.eps, self.widths,
                                       self.counts_kv, self.fp32_scale, self.split)
@@ -166,7 +168,7 @@ class Attention:
         out = out.transpose(1, 2).reshape(b, t, self.n_q * d)
         if self.gathered:
             out = gather_output(self.comm, out, self.gathered)
-        return linear(self.comm, out, w["o"], w.get("o_bias"), self.out_style)
+        return linear(self.comm, out, w["o"], w.get("o_bias"), self.out_style, seq)
 
 
 class MLP:
@@ -177,12 +179,12 @@ class MLP:
         self.style, self.out_style = plan.styles["gate_up"], plan.styles["down"]
         self.gathered = gathered_sizes(plan, "gate_up", lambda peer: peer.ffn[1] - peer.ffn[0])
 
-    def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        gate, up = linear(self.comm, x, w["gate_up"], w.get("gate_up_bias"), self.style).chunk(2, dim=-1)
+    def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor], seq: list[int] | None = None) -> torch.Tensor:
+        gate, up = linear(self.comm, x, w["gate_up"], w.get("gate_up_bias"), self.style, seq).chunk(2, dim=-1)
         h = F.silu(gate) * up
         if self.gathered:
             h = gather_output(self.comm, h, self.gathered)
-        return linear(self.comm, h, w["down"], w.get("down_bias"), self.out_style)
+        return linear(self.comm, h, w["down"], w.get("down_bias"), self.out_style, seq)
 
 
 def first_to_hold_its_kv_heads(plan: RankPlan) -> bool:
@@ -205,12 +207,13 @@ class DecoderLayer:
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, weight, self.eps, self.fp32_scale)
 
-    def __call__(self, x, w, cos, sin, start, cache, keys=None):
+    def __call__(self, x, w, cos, sin, start, cache, keys=None, seq=None):
+        """``x``: the residual stream, this rank's tokens of it with ``seq`` (sequence parallelism)."""
         if self.post_norms:
-            x = x + self.norm(self.attn(x, w, cos, sin, start, cache, keys), w["attn_out_norm"])
-            return x + self.norm(self.mlp(x, w), w["mlp_out_norm"])
-        x = x + self.attn(self.norm(x, w["attn_norm"]), w, cos, sin, start, cache, keys)
-        return x + self.mlp(self.norm(x, w["mlp_norm"]), w)
+            x = x + self.norm(self.attn(x, w, cos, sin, start, cache, keys, seq), w["attn_out_norm"])
+            return x + self.norm(self.mlp(x, w, seq), w["mlp_out_norm"])
+        x = x + self.attn(self.norm(x, w["attn_norm"]), w, cos, sin, start, cache, keys, seq)
+        return x + self.mlp(self.norm(x, w["mlp_norm"]), w, seq)
 
 
 class Model(nn.Module):
@@ -316,10 +319,12 @@ class Model(nn.Module):
             positions = positions_from_mask(keys)[:, start:]
         cos, sin = self.rope(positions)
 
-        def head(h: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self.head(h[:, -1:] if last_only else h, w, local_vocab)
+        seq = self.token_counts(t)
 
-        logits = walk(self, Pass(input_ids, cos, sin, start, self.caches, keys), head)
+        def head(h: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.head(h, w, local_vocab, slice(-1, None) if last_only else None, seq)
+
+        logits = walk(self, Pass(input_ids, cos, sin, start, self.caches, keys, seq), head)
         if logits is not None and self.plan.layout.ep > 1:
             logits = self.gather_rows(logits, b)
         if local_vocab:
@@ -334,25 +339,41 @@ class Model(nn.Module):
         sizes = [len(rows) for rows in batch_shares(batch, self.plan.layout)]
         return gather_rows(x, sizes, self.comm.ep_group, self.comm.ep_shm)
 
-    def embed(self, ids: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The "embed" block: this rank's vocab rows of the embedding, assembled over TP (or the whole table). Ids
-        past the vocabulary are the prompt tables' virtual tokens, looked up in their stack the same way."""
+    def token_counts(self, t: int) -> list[int] | None:
+        """Under sequence parallelism, how many of ``t`` tokens each TP rank holds between the TP blocks (split
+        evenly, uneven allowed); else None."""
+        if not self.plan.layout.sp:
+            return None
+        return [hi - lo for lo, hi in split_evenly(t, self.plan.layout.tp)]
+
+    def embed(self, ids: torch.Tensor, w: dict[str, torch.Tensor], seq: list[int] | None = None) -> torch.Tensor:
+        """The "embed" block: this rank's vocab rows of the embedding, assembled over TP (or the whole table); with
+        ``seq`` (sequence parallelism) this rank's tokens only. Ids past the vocabulary are the prompt tables'
+        virtual tokens, looked up in their stack the same way."""
         rows = self.plan.work["embed"].boxes[0]
         split = self.plan.styles["embed"] != "replicated"
         vocab = self.spec.vocab
         virtual = ids >= vocab
         if self.prompts is None or not bool(virtual.any()):
-            return embedding(self.comm, ids, w["embed"], (rows.start[0], rows.stop[0]) if split else None)
+            return embedding(self.comm, ids, w["embed"], (rows.start[0], rows.stop[0]) if split else None, seq)
         tokens = embedding(self.comm, ids.masked_fill(virtual, 0), w["embed"],
-                           (rows.start[0], rows.stop[0]) if split else None)
+                           (rows.start[0], rows.stop[0]) if split else None, seq)
         prompts = embedding(self.comm, (ids - vocab).clamp(min=0), self.prompts.local.to(tokens.dtype),
-                            self.prompts.rows if split else None)
-        return torch.where(virtual[..., None], prompts, tokens)
+                            self.prompts.rows if split else None, seq)
+        return torch.where((virtual if seq is None else own_tokens(self.comm, virtual, seq))[..., None], prompts,
+                           tokens)
 
-    def head(self, h: torch.Tensor, w: dict[str, torch.Tensor], local_vocab: bool = False) -> torch.Tensor:
-        """The "head" block: final norm and LM head; full-vocabulary logits, or this rank's slice (``local_vocab``,
-        the whole vocabulary where the plan replicates the head: see ``vocab_slice``)."""
+    def head(self, h: torch.Tensor, w: dict[str, torch.Tensor], local_vocab: bool = False, keep: slice | None = None,
+             seq: list[int] | None = None) -> torch.Tensor:
+        """The "head" block: final norm and LM head on the positions ``keep`` (None: all); full-vocabulary logits,
+        or this rank's slice (``local_vocab``, the whole vocabulary where the plan replicates the head: see
+        ``vocab_slice``). With ``seq`` (sequence parallelism) ``h`` holds this rank's tokens: normed there, then
+        gathered."""
         h = rms_norm(h, w["norm"], self.spec.rms_eps, self.spec.table.fp32_scale)
+        if seq is not None:
+            h = gather_tokens(self.comm, h, seq)
+        if keep is not None:
+            h = h[:, keep]
         logits = linear(self.comm, h, w["lm_head"], None, self.plan.styles["lm_head"])
         return logits if local_vocab or self.vocab_sizes is None else gather_output(self.comm, logits,
                                                                                      self.vocab_sizes)

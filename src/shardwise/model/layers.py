@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dist.collectives import copy_to, gather_from, reduce_from
+from ..dist.collectives import copy_to, gather_from, reduce_from, scatter_to
 from ..dist.comm import Comm
 from .weight_only import Int8Weight, int8_linear
 
@@ -40,17 +40,51 @@ def _enter(comm: Comm, x: torch.Tensor, *weights: torch.Tensor | None) -> torch.
     return copy_to(x, comm.tp_group) if comm.layout.tp > 1 and needs_grad(x, *weights) else x
 
 
-def linear(comm: Comm, x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None, style: str
-           ) -> torch.Tensor:
+def _tp_rank(comm: Comm) -> int:
+    return comm.layout.position(comm.rank)[3]
+
+
+def own_tokens(comm: Comm, x: torch.Tensor, seq: list[int]) -> torch.Tensor:
+    """This TP rank's tokens (dim 1) of a whole sequence, ``seq`` giving every rank's count (sequence parallelism)."""
+    lo = sum(seq[: _tp_rank(comm)])
+    return x[:, lo: lo + seq[_tp_rank(comm)]]
+
+
+def gather_tokens(comm: Comm, x: torch.Tensor, seq: list[int]) -> torch.Tensor:
+    """Every TP rank's tokens of a sequence-parallel activation, concatenated along the sequence (dim 1); the
+    backward keeps this rank's tokens' gradient (a ``copy_to`` after it sums the gradient first, where needed)."""
+    if needs_grad(x):
+        return gather_from(x.movedim(1, -1), seq, comm.tp_group).movedim(-1, 1)
+    return comm.tp_all_gather(x.movedim(1, -1).contiguous(), seq).movedim(-1, 1)
+
+
+def _reduce_tokens(comm: Comm, y: torch.Tensor, seq: list[int], *inputs: torch.Tensor | None) -> torch.Tensor:
+    """Partial sums over the TP group summed, each rank keeping its tokens (a reduce-scatter along the sequence);
+    the backward all-gathers the gradient."""
+    y = _reduce(comm, y, *inputs)
+    if needs_grad(*inputs):
+        return scatter_to(y.movedim(1, -1), seq, comm.tp_group).movedim(-1, 1)
+    return own_tokens(comm, y, seq)
+
+
+def linear(comm: Comm, x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None, style: str,
+           seq: list[int] | None = None) -> torch.Tensor:
     """A projection run as its TP style says (``plan.tp``): split by output features (colwise, with or without a
     later gather: the gather waits until after the per-head or per-element op that follows), by input features
     (rowwise: partial sums all-reduced, then the replicated bias added once), or whole on every rank. The weight
-    may be int8 weight-only (``weight_only``)."""
+    may be int8 weight-only (``weight_only``).
+
+    With ``seq`` (sequence parallelism: every TP rank's token count) the activations outside hold this rank's
+    tokens only: a colwise projection all-gathers its input along the sequence first, a rowwise one reduce-scatters
+    its partial sums along it instead of all-reducing them."""
     if style == "replicated" or comm.layout.tp == 1:
         return matmul(x, weight, bias)
     if style == "rowwise":
-        y = _reduce(comm, matmul(x, weight, None), x, weight)
+        y = matmul(x, weight, None)
+        y = _reduce(comm, y, x, weight) if seq is None else _reduce_tokens(comm, y, seq, x, weight)
         return y if bias is None else y + bias
+    if seq is not None:
+        x = gather_tokens(comm, x, seq)
     return matmul(_enter(comm, x, weight, bias), weight, bias)
 
 
@@ -68,15 +102,17 @@ def gather_output(comm: Comm, local: torch.Tensor, sizes: list[int]) -> torch.Te
     return comm.tp_all_gather(local, sizes)
 
 
-def embedding(comm: Comm, ids: torch.Tensor, weight: torch.Tensor, vocab: tuple[int, int] | None) -> torch.Tensor:
+def embedding(comm: Comm, ids: torch.Tensor, weight: torch.Tensor, vocab: tuple[int, int] | None,
+              seq: list[int] | None = None) -> torch.Tensor:
     """A lookup in this rank's ``vocab`` rows (None: the whole table): ids outside them contribute zeros, and an
-    all-reduce assembles the rows."""
+    all-reduce assembles the rows (with ``seq``, a reduce-scatter: each rank keeps its tokens' rows)."""
     if vocab is None or comm.layout.tp == 1:
-        return F.embedding(ids, weight)
+        out = F.embedding(ids, weight)
+        return out if seq is None else own_tokens(comm, out, seq)
     lo, hi = vocab
     mine = (ids >= lo) & (ids < hi)
     out = F.embedding((ids - lo) * mine, weight) * mine.unsqueeze(-1)
-    return _reduce(comm, out, weight)
+    return _reduce(comm, out, weight) if seq is None else _reduce_tokens(comm, out, seq, weight)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fp32_scale: bool = False) -> torch.Tensor:

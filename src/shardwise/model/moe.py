@@ -57,7 +57,8 @@ class MoE:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return (weights if self.fp32_weights else weights.to(x.dtype)), chosen
 
-    def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor], seq: list[int] | None = None) -> torch.Tensor:
+        assert seq is None, "sequence parallelism is refused for mixtures of experts when the model loads"
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, chosen = self.route(x, w["router"])

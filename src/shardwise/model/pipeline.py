@@ -27,7 +27,8 @@ Head = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 @dataclass(frozen=True)
 class Pass:
     """What every block of one forward pass needs besides its weights and the hidden state: the ids (for the
-    embedding), rope's cos and sin, the first position, the KV caches (None: no cache) and padded keys."""
+    embedding), rope's cos and sin, the first position, the KV caches (None: no cache), padded keys, and under
+    sequence parallelism every TP rank's token count (``Model.token_counts``)."""
 
     ids: torch.Tensor
     cos: torch.Tensor
@@ -35,17 +36,23 @@ class Pass:
     start: int = 0
     caches: dict[int, KVCache] | None = None
     keys: torch.Tensor | None = None
+    seq: list[int] | None = None
+
+    def hidden_shape(self, model: Model) -> tuple[int, int, int]:
+        """The shape of the hidden state between blocks on this rank: its tokens only under sequence parallelism."""
+        b, t = self.ids.shape
+        return b, t if self.seq is None else self.seq[model.plan.tp_rank], model.spec.hidden
 
 
 def run_block(model: Model, block: Block, h: torch.Tensor | None, w: dict[str, torch.Tensor], p: Pass,
               head: Head) -> torch.Tensor:
     """One block: the embedding looks the ids up, a decoder layer transforms ``h``, ``head`` ends the pass."""
     if block == EMBED:
-        return model.embed(p.ids, w)
+        return model.embed(p.ids, w, p.seq)
     if block == HEAD:
         return head(h, w)
     n = block.layer
-    return model.layers[n](h, w, p.cos, p.sin, p.start, None if p.caches is None else p.caches[n], p.keys)
+    return model.layers[n](h, w, p.cos, p.sin, p.start, None if p.caches is None else p.caches[n], p.keys, p.seq)
 
 
 def walk(model: Model, p: Pass, head: Head) -> torch.Tensor | None:
@@ -55,8 +62,7 @@ def walk(model: Model, p: Pass, head: Head) -> torch.Tensor | None:
     with model.provider.stream(blocks) as weights:
         h = None
         if not plan.is_first:
-            b, t = p.ids.shape
-            h = model.comm.recv_prev(torch.empty(b, t, model.spec.hidden, dtype=model.dtype, device=model.device))
+            h = model.comm.recv_prev(torch.empty(p.hidden_shape(model), dtype=model.dtype, device=model.device))
         for block, w in zip(blocks, weights):
             h = run_block(model, block, h, w, p, head)
     if plan.is_last:

@@ -39,16 +39,21 @@ class Layout:
     tp_plan: TpPlan | None = None
     ep: int = 1
     expert_placement: str = "contiguous"
+    sp: bool = False  # sequence parallelism: between the TP blocks each TP rank holds its share of the tokens
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1 or self.dp < 1 or self.ep < 1:
             raise LayoutError(f"tp, pp, dp and ep must be >= 1, got {self}")
+        if self.sp and self.tp == 1:
+            raise LayoutError("sequence parallelism (sp) splits the tokens over the TP ranks: it needs tp > 1")
+        if self.sp and self.ep > 1:
+            raise LayoutError("sequence parallelism (sp) with expert parallelism (ep > 1) is not supported: choose one")
         if self.expert_placement not in PLACEMENTS:
             raise LayoutError(f"expert placement {self.expert_placement!r} is not one of {', '.join(PLACEMENTS)}")
 
     def __str__(self) -> str:
         ep = f" ep={self.ep}" if self.ep != 1 else ""
-        return f"tp={self.tp} pp={self.pp} dp={self.dp}{ep}" + (
+        return f"tp={self.tp}{' sp' if self.sp else ''} pp={self.pp} dp={self.dp}{ep}" + (
             f" {self.expert_placement}" if self.ep != 1 and self.expert_placement != "contiguous" else "")
 
     @property

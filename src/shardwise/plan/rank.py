@@ -188,6 +188,8 @@ def _plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str, series
     if layout.pp > spec.layers:
         raise LayoutError(f"pp={layout.pp} exceeds the {plural(spec.layers, 'layer')}: some stage would own no layer")
     styles = resolve(spec, layout.tp_plan)
+    if layout.sp:
+        _check_sequence_parallel(spec, styles)
     stage, dp_rank, tp_rank = layout.coords(rank)
     heads, ffn, vocab = _tp_share(spec, layout.tp, tp_rank, styles)
     lo, hi = split_evenly(spec.layers, layout.pp)[stage]
@@ -220,6 +222,22 @@ def _plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str, series
         buffers = _resident_buffers(tensors, alias)
     return RankPlan(spec, layout, rank, provider, layers, heads, ffn, vocab, experts, styles, work, blocks, alias,
                     flats, tensors, buffers, in_series, tuple(series))
+
+
+# Sequence parallelism all-gathers the tokens where attention and the MLP enter colwise and reduce-scatters them
+# where they leave rowwise; the head gathers them after the final norm, and its weight must not be one a replicated
+# tied embedding also applies to each rank's own tokens.
+SP_STYLES = {"qkv": ("colwise",), "gate_up": ("colwise",), "o": ("rowwise",), "down": ("rowwise",),
+             "lm_head": ("colwise", "colwise_gather_output")}
+
+
+def _check_sequence_parallel(spec: ModelSpec, styles: dict[str, str]) -> None:
+    if spec.sparse:
+        raise LayoutError(f"sequence parallelism is not supported for a mixture of experts ({spec.arch})")
+    wrong = [f"{kind} is {styles[kind]}" for kind, allowed in SP_STYLES.items() if styles[kind] not in allowed]
+    if wrong:
+        raise LayoutError(f"sequence parallelism needs qkv and gate_up colwise, o and down rowwise and lm_head split; "
+                          f"this TP plan has {', '.join(wrong)}")
 
 
 def _tp_share(spec: ModelSpec, tp: int, tp_rank: int, styles: dict[str, str]

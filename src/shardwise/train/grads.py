@@ -20,6 +20,11 @@ the routed experts) covers those rows, and the true one is the sum over the grou
 (``ep_partials``), as over DP replicas. A routed expert's gradient is whole on its rank: the
 all-to-all's backward brings every token's gradient that reached it.
 
+Under sequence parallelism each TP rank holds its own tokens between the TP blocks, so a
+tensor the TP group holds alike and applies there (the norms) has a gradient that covers
+this rank's tokens only (``sp_partials``), summed over the group as HF's
+``replicated_with_grad_allreduce`` does.
+
 Over pipeline stages a tensor two stages hold (a tied embedding: the first stage's lookup, the
 last stage's head) has a gradient on each that covers its own use (``stage_partials``), found
 the same way, from which ranks hold the same box.
@@ -75,9 +80,23 @@ def ep_partials(plan: RankPlan) -> tuple[Partial, ...]:
                  if not arch.kind(name.kind).expert and name not in plan.alias)
 
 
+def sp_partials(plan: RankPlan) -> tuple[Partial, ...]:
+    """Under sequence parallelism, this rank's tensors its whole TP group holds alike and applies to each rank's own
+    tokens (the norms, a row-parallel layer's bias, a replicated embedding): each rank's gradient covers its tokens,
+    and the true one is the sum over the group (HF's ``replicated_with_grad_allreduce``)."""
+    if not plan.layout.sp:
+        return ()
+    peers, arch = plan.tp_peers(), plan.spec.table
+    group = tuple(p.rank for p in peers)
+    return tuple(Partial(name, (slice(None),) * len(tensor.shape), group) for name, tensor in plan.work.items()
+                 if not arch.kind(name.kind).per_head and name not in plan.alias
+                 and all(any(b.same_bytes(box) for b in p.work[name].boxes) for p in peers for box in tensor.boxes))
+
+
 def partials(plan: RankPlan) -> tuple[Partial, ...]:
-    """Every region of this rank's work tensors whose gradient is partial, over TP or over EP."""
-    return tp_partials(plan) + ep_partials(plan)
+    """Every region of this rank's work tensors whose gradient is partial, over TP (also its tokens' share, under
+    sequence parallelism) or over EP."""
+    return tp_partials(plan) + ep_partials(plan) + sp_partials(plan)
 
 
 def stage_partials(plan: RankPlan) -> tuple[Partial, ...]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
@@ -124,6 +125,7 @@ class Trainer:
                                       "at once, which pipeline stages do not share: train it with pp=1")
         self.sent: list[dist.Work] = []  # sends to the neighbouring stages in flight, waited for at the step's end
         self.sent_tensors: list[torch.Tensor] = []
+        self.waited = 0.0  # seconds spent waiting for a neighbouring stage, over every step: the pipeline's bubble
         if plan.spec.router_jitter and plan.rank == 0:
             log.warning("config.json sets router_jitter_noise=%g: HF's training multiplies each MoE layer's input by "
                         "random noise in [1 - %g, 1 + %g]; shardwise trains without it, so its steps are "
@@ -175,8 +177,10 @@ class Trainer:
         return loss
 
     def _sent_wait(self) -> None:
+        start = time.perf_counter()
         for work in self.sent:
             work.wait()
+        self.waited += time.perf_counter() - start
         self.sent, self.sent_tensors = [], []
 
     def _send(self, x: torch.Tensor, stage: int, tag: int) -> None:
@@ -192,7 +196,9 @@ class Trainer:
         _, d, e, t = self.model.plan.layout.position(self.model.plan.rank)
         x = torch.empty(shape, dtype=self.model.dtype, device=self.model.device)
         if x.numel():
+            start = time.perf_counter()
             dist.recv(x, self.model.plan.layout.rank_of(stage, d, e, t), tag=tag)
+            self.waited += time.perf_counter() - start
         return x
 
     def _forward(self, ids: torch.Tensor, global_tokens: int, micro_batches: int) -> Flight:
@@ -206,15 +212,16 @@ class Trainer:
         if target.prefix is not None:
             first = len(target.prefix) - 1
             ids = torch.cat([target.prefix.to(ids.device).expand(len(ids), -1), ids], dim=1)
-        p = Pass(ids, *model.rope(torch.arange(ids.shape[1], device=model.device)))
+        p = Pass(ids, *model.rope(torch.arange(ids.shape[1], device=model.device)),
+                 seq=model.token_counts(ids.shape[1]))
 
         def head(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-            logits = model.head(x[:, first:-1], w, local_vocab=True)  # the last position predicts nothing
+            logits = model.head(x, w, True, slice(first, -1), p.seq)  # the last position predicts nothing
             start, group = model.vocab_slice
             return vocab_parallel_cross_entropy(logits, ids[:, first + 1:], start, group,
                                                 reduction="sum") / global_tokens  # fp32, whatever the work dtype
 
-        shape = (*ids.shape, model.spec.hidden)
+        shape = p.hidden_shape(model)
         h = None if plan.is_first else self._recv(shape, plan.stage - 1, FORWARD)
         blocks = list(plan.blocks)
         ahead = blocks[:-1] if plan.is_last and not keep else blocks  # without a graph, the head runs in backward
