@@ -20,6 +20,9 @@ MESHES = [(1, 1), (2, 1), (1, 2), (2, 2), (3, 1)]  # (dp, tp)
 # (pp, dp, tp, micro-batches per DP rank): 1F1B with more micro-batches than stages, and as many
 PIPELINES = [(2, 1, 1, 3), (2, 2, 1, 2), (2, 1, 2, 2), (3, 1, 1, 3)]
 PIPELINED = ("llama-tied", "qwen3-untied")  # the tied embedding on the first stage and the head on the last
+# sequence parallel at TP 2 and 3 (9 tokens a sequence: uneven at TP 2), and with PP 2 x TP 2 in 1F1B
+SEQUENCE_PARALLEL = [(1, 2, 1), (1, 3, 1), (2, 2, 2)]  # (pp, tp, micro-batches)
+SP_CONFIGS = ("llama-tied", "qwen3-untied", "olmo2-untied", "phi3-tied")
 # q/k norms, 9/3 heads, odd vocab, ties; Phi-3's packed projections and longrope; OLMo-2's norms, split over TP
 CONFIGS = ("qwen3-untied", "qwen2-tied", "mistral-untied", "llama-tied", "phi3-tied", "olmo2-untied")
 
@@ -59,6 +62,12 @@ def runs(checkpoints) -> SharedLaunches:
                 jobs["pipeline", provider, pp, dp, tp, name] = (pp * dp * tp, tw.train, (
                     path, tp, dp, provider, None, micro, tw.hf_run(path, None), None, 1, pp))
     for provider in PROVIDERS:
+        for pp, tp, micro in SEQUENCE_PARALLEL:
+            for name in SP_CONFIGS:
+                path = str(checkpoints[name])
+                jobs["sp", provider, pp, tp, name] = (pp * tp, tw.train, (
+                    path, tp, 1, provider, None, micro, tw.hf_run(path, None), None, 1, pp, True))
+    for provider in PROVIDERS:
         for name in CLIPPED:
             path = str(checkpoints[name])
             jobs["clip", provider, name] = (4, tw.train, (path, 2, 2, provider, CLIP, 2, tw.hf_run(path, CLIP)))
@@ -75,6 +84,16 @@ def check(found: dict, what: str, weights: float = WEIGHTS) -> None:
         assert out["weights"] <= weights, f"{what} {rank}: weight error {out['weights']} in {out['worst_at']}"
     losses = found["rank 0"]["losses"]
     assert losses[-1] < losses[0], f"{what}: the loss did not fall: {losses}"
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("pp,tp,micro", SEQUENCE_PARALLEL, ids=str)
+@pytest.mark.parametrize("name", SP_CONFIGS)
+def test_sequence_parallel_training_matches_hf(runs, name, pp, tp, micro, provider):
+    """8 steps with each TP rank holding its share of the tokens between the TP blocks equal HF's: the norms'
+    gradients, partial per rank, are summed over TP."""
+    check(runs.result(("sp", provider, pp, tp, name))[0], f"{name} {provider} pp={pp} tp={tp} sp",
+          NOISY_WEIGHTS.get(name, WEIGHTS))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
