@@ -52,7 +52,41 @@ def bench_train_rank(checkpoint: str, seq: int = 256, batch: int = 1, steps: int
     rank = dist.get_rank() if dist.is_initialized() else 0
     vocab = load_spec(checkpoint).vocab
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1000 + rank))
-    return [_setting(checkpoint, setting, ids, world, steps, warmup, lr) for setting in settings]
+    return [_setting(setting, lambda setting=setting: _make_step(checkpoint, setting, world, lr), ids,
+                     world * ids.numel(), steps, warmup) for setting in settings]
+
+
+def _make_step(checkpoint: str, setting: str, world: int, lr: float):
+    if setting.startswith("fsdp2"):
+        return _fsdp2_step(checkpoint, world, lr, recompute=setting == "fsdp2_recompute")
+    return _shardwise_step(checkpoint, setting, Layout(dp=world), lr)
+
+
+def bench_sp_rank(checkpoint: str, tp: int, sp: bool, seq: int, batch: int, steps: int, warmup: int,
+                  lr: float = 1e-5) -> dict:
+    """Resident training at TP ``tp`` with or without sequence parallelism, on (batch, seq) seeded ids the TP ranks
+    share: the line of ``_setting`` (tokens/s counts the batch once)."""
+    vocab = load_spec(checkpoint).vocab
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1000))
+    name = f"tp {tp}{' sp' if sp else ''}, seq {seq}"
+    line = _setting(name, lambda: _shardwise_step(checkpoint, "resident", Layout(tp=tp, sp=sp), lr), ids,
+                    ids.numel(), steps, warmup)
+    return line | {"tp": tp, "sp": sp, "seq": seq}
+
+
+def activation_summary(lines: list[dict]) -> dict:
+    """Per TP setting, the activation memory: the largest rank's training peak RSS at the longest sequence less at
+    the shortest; and sequence parallelism's against without, in memory and in tokens/s at the longest."""
+    longest, shortest = max(line["seq"] for line in lines), min(line["seq"] for line in lines)
+    out: dict = {"setting": "summary"}
+    for sp in (False, True):
+        at = {line["seq"]: line for line in lines if line["sp"] == sp}
+        key = "sp" if sp else "no_sp"
+        out[f"{key}_activation_mb"] = max(at[longest]["train_peak_rss_mb"]) - max(at[shortest]["train_peak_rss_mb"])
+        out[f"{key}_tokens_per_s"] = at[longest]["tokens_per_s"]
+    out["sp_over_no_sp_activation"] = out["sp_activation_mb"] / out["no_sp_activation_mb"]
+    out["sp_over_no_sp_tokens_per_s"] = out["sp_tokens_per_s"] / out["no_sp_tokens_per_s"]
+    return out
 
 
 def train_summary(lines: list[dict], world: int, batch: int, seq: int, steps: int) -> dict:
@@ -68,14 +102,11 @@ def train_summary(lines: list[dict], world: int, batch: int, seq: int, steps: in
     return summary
 
 
-def _setting(checkpoint: str, setting: str, ids: torch.Tensor, world: int, steps: int, warmup: int,
-             lr: float) -> dict:
+def _setting(setting: str, make_step, ids: torch.Tensor, tokens: int, steps: int, warmup: int) -> dict:
+    """One setting's line: ``make_step()`` builds its (step, close), timed on ``ids``, ``tokens`` a step."""
     _release_freed_memory()
     _reset_peak()
-    if setting.startswith("fsdp2"):
-        step, close = _fsdp2_step(checkpoint, world, lr, recompute=setting == "fsdp2_recompute")
-    else:
-        step, close = _shardwise_step(checkpoint, setting, world, lr)
+    step, close = make_step()
     losses = [step(ids) for _ in range(warmup)]
     load_peak = _status_kb("VmHWM") * 1024
     _release_freed_memory()
@@ -90,20 +121,20 @@ def _setting(checkpoint: str, setting: str, ids: torch.Tensor, world: int, steps
     close()
     del step, close  # the last references to the model: freed before the next setting loads
     step_s = max(all_ranks(statistics.median(times)))
-    line = {"setting": setting, "step_s": step_s, "tokens_per_s": world * ids.numel() / step_s, "losses": losses,
+    line = {"setting": setting, "step_s": step_s, "tokens_per_s": tokens / step_s, "losses": losses,
             "peak_rss_mb": all_ranks(round(max(load_peak, train_peak) / _MB, 1)),
             "train_peak_rss_mb": all_ranks(round(train_peak / _MB, 1))}
     _release_freed_memory()
     return line
 
 
-def _shardwise_step(checkpoint: str, provider: str, world: int, lr: float):
-    """A ``Trainer`` step on DP ``world``: the loss is the mean over every rank's predicted tokens."""
-    model = load_model(checkpoint, Layout(dp=world), dtype=torch.float32, provider=provider, progress=False)
+def _shardwise_step(checkpoint: str, provider: str, layout: Layout, lr: float):
+    """A ``Trainer`` step under ``layout``: the loss is the mean over every DP rank's predicted tokens."""
+    model = load_model(checkpoint, layout, dtype=torch.float32, provider=provider, progress=False)
     trainer = Trainer(model, AdamW(model.provider, lr=lr), max_grad_norm=CLIP)
 
     def step(ids: torch.Tensor) -> float:
-        return trainer.step([ids], world * ids.shape[0] * (ids.shape[1] - 1)).loss
+        return trainer.step([ids], layout.dp * ids.shape[0] * (ids.shape[1] - 1)).loss
 
     def close() -> None:
         trainer.close()

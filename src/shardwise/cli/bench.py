@@ -143,6 +143,9 @@ def cmd_bench_train(args) -> None:
     if args.pp > 1:
         _bench_pipeline(args)
         return
+    if args.sp:
+        _bench_sequence_parallel(args)
+        return
     _plan_everywhere(args.checkpoint, Layout(dp=args.world), "zero3")
     warm_page_cache(args.checkpoint)
     rows = [launch(bench_train_rank, args.world, args.checkpoint, args.seq, args.batch, args.steps, args.warmup,
@@ -151,6 +154,24 @@ def cmd_bench_train(args) -> None:
     _print_settings(rows, args.json, lambda row: f"{row['setting']:>15}: {row['tokens_per_s']:.1f} tokens/s, "
                     f"{row['step_s']:.2f} s per step, peak RSS {row['peak_rss_mb']} MiB (training "
                     f"{row['train_peak_rss_mb']} MiB)")
+
+
+SHORT_SEQ = 128  # the sequence whose peak, taken from the --seq one's, leaves the activation memory
+
+
+def _bench_sequence_parallel(args) -> None:
+    """TP --world without and with sequence parallelism, at seq 128 and --seq, each setting in fresh ranks."""
+    from ..bench.train import activation_summary, bench_sp_rank
+
+    if args.seq <= SHORT_SEQ:
+        raise ValueError(f"--seq {args.seq}: give a sequence longer than {SHORT_SEQ}, the one it is compared with")
+    _plan_everywhere(args.checkpoint, Layout(tp=args.world, sp=True))
+    warm_page_cache(args.checkpoint)
+    rows = [launch(bench_sp_rank, args.world, args.checkpoint, args.world, sp, seq, args.batch, args.steps,
+                   args.warmup) for sp in (False, True) for seq in (SHORT_SEQ, args.seq)]
+    rows.append(activation_summary(rows))
+    _print_settings(rows, args.json, lambda row: f"{row['setting']:>18}: {row['tokens_per_s']:.1f} tokens/s, "
+                    f"{row['step_s']:.2f} s per step, training peak RSS {row['train_peak_rss_mb']} MiB")
 
 
 def _bench_pipeline(args) -> None:

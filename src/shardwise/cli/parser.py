@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "rank each) against one stage, with the 1F1B bubble measured and in theory")
     bt.add_argument("--accumulate", type=POSITIVE, default=4, help="with --pp: micro-batches (of --batch sequences) "
                     "per step")
+    bt.add_argument("--sp", action="store_true", help="instead: resident training at TP --world with and without "
+                    "sequence parallelism, at seq 128 and --seq: the activation memory (the difference of the peaks) "
+                    "and tokens/s of each")
     bt.add_argument("--json", action="store_true")
     bz = command(b, "zero3", "forward time and memory: DP replicas, ZeRO-3 (bf16, fp8, int8 gathers) and torch FSDP2",
                  cmd_bench_zero3)
