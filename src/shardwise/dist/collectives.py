@@ -40,7 +40,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .comm import all_gather_last
+from .comm import all_gather_along
 from .shm import ShmAllToAll, run_totals
 
 
@@ -59,14 +59,25 @@ def shared_sum(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor
     return x if group is None else _SharedSum.apply(x, group)
 
 
-def scatter_to(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None) -> torch.Tensor:
-    """This rank's slice of the last dim (``sizes[rank]`` wide); the backward all-gathers the gradient."""
-    return x if group is None else _Scatter.apply(x, sizes, group)
+def scatter_to(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None, dim: int = -1
+               ) -> torch.Tensor:
+    """This rank's slice of ``dim`` (``sizes[rank]`` long); the backward all-gathers the gradient."""
+    return x if group is None else _Scatter.apply(x, sizes, group, dim)
 
 
-def gather_from(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Every rank's slice, concatenated along the last dim; the backward keeps this rank's slice of the gradient."""
-    return x if group is None else _Gather.apply(x, sizes, group)
+def gather_from(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None, dim: int = -1
+                ) -> torch.Tensor:
+    """Every rank's slice, concatenated along ``dim``; the backward keeps this rank's slice of the gradient."""
+    return x if group is None else _Gather.apply(x, sizes, group, dim)
+
+
+def linear_gathered(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sizes: Sequence[int],
+                    group: dist.ProcessGroup) -> torch.Tensor:
+    """``F.linear`` of every rank's tokens (dim 1, ``sizes[r]`` from rank r) with this rank's weight: the all-gather
+    fused with the column-parallel projection after it, so the backward keeps only this rank's tokens and gathers
+    them again (Megatron's sequence parallelism), the input's gradient summed over the group and cut to this rank's
+    tokens (a reduce-scatter)."""
+    return _LinearGathered.apply(x, weight, bias, sizes, group)
 
 
 def gather_rows(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup, shm: ShmAllToAll | None = None
@@ -109,14 +120,13 @@ def all_to_all_rows(x: torch.Tensor, send: list[int], receive: list[int], group:
     return out
 
 
-def _slice(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup) -> torch.Tensor:
-    """This rank's ``sizes`` slice of ``x``'s last dim, checked against the group."""
-    if len(sizes) != dist.get_world_size(group) or sum(sizes) != x.shape[-1]:
+def _slice(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup, dim: int = -1) -> torch.Tensor:
+    """This rank's ``sizes`` slice of ``x`` along ``dim``, checked against the group."""
+    if len(sizes) != dist.get_world_size(group) or sum(sizes) != x.shape[dim]:
         raise ValueError(f"rank {dist.get_rank()}: sizes {sizes} must give one slice per rank of a group of "
-                         f"{dist.get_world_size(group)} and add up to the last dim, {x.shape[-1]}")
+                         f"{dist.get_world_size(group)} and add up to dim {dim}, {x.shape[dim]}")
     rank = dist.get_rank(group)
-    start = sum(sizes[:rank])
-    return x[..., start : start + sizes[rank]].contiguous()
+    return x.narrow(dim, sum(sizes[:rank]), sizes[rank]).contiguous()
 
 
 def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -159,28 +169,28 @@ class _SharedSum(torch.autograd.Function):
 
 class _Scatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.sizes, ctx.group = sizes, group
-        return _slice(x, sizes, group)
+    def forward(ctx, x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+        ctx.sizes, ctx.group, ctx.dim = sizes, group, dim
+        return _slice(x, sizes, group, dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return all_gather_last(grad.contiguous(), ctx.sizes, ctx.group), None, None
+        return all_gather_along(grad.contiguous(), ctx.sizes, ctx.group, ctx.dim), None, None, None
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.sizes, ctx.group = sizes, group
+    def forward(ctx, x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+        ctx.sizes, ctx.group, ctx.dim = sizes, group, dim
         rank = dist.get_rank(group)
-        if x.shape[-1] != sizes[rank]:
-            raise ValueError(f"rank {dist.get_rank()}: gathering a slice {x.shape[-1]} wide, expected sizes[{rank}] "
+        if x.shape[dim] != sizes[rank]:
+            raise ValueError(f"rank {dist.get_rank()}: gathering a slice {x.shape[dim]} long, expected sizes[{rank}] "
                              f"= {sizes[rank]} of {sizes}")
-        return all_gather_last(x, sizes, group)
+        return all_gather_along(x, sizes, group, dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _slice(grad, ctx.sizes, ctx.group), None, None
+        return _slice(grad, ctx.sizes, ctx.group, ctx.dim), None, None, None
 
 
 class _GatherRows(torch.autograd.Function):
@@ -191,7 +201,7 @@ class _GatherRows(torch.autograd.Function):
         everyone = len(sizes)
         out = x.new_empty((sum(sizes), *x.shape[1:]))
         if shm is None or not shm(out, x.repeat(everyone, *[1] * (x.dim() - 1)), list(sizes), [len(x)] * everyone):
-            out = all_gather_last(x.movedim(0, -1), sizes, group).movedim(-1, 0).contiguous()
+            out = all_gather_along(x, sizes, group, 0)
         return out
 
     @staticmethod
@@ -211,3 +221,24 @@ class _Exchange(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return all_to_all_rows(grad, ctx.receive, ctx.send, ctx.group, ctx.shm), None, None, None, None, None
+
+
+class _LinearGathered(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sizes: Sequence[int],
+                group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.sizes, ctx.group, ctx.bias = sizes, group, bias is not None
+        ctx.save_for_backward(x, weight)
+        return torch.nn.functional.linear(all_gather_along(x, sizes, group, 1), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = _slice(_all_reduce(grad @ weight, ctx.group), ctx.sizes, ctx.group, 1)
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            tokens = all_gather_along(x, ctx.sizes, ctx.group, 1)
+            grad_w = grad.flatten(0, -2).t() @ tokens.flatten(0, -2)
+        if ctx.bias and ctx.needs_input_grad[2]:
+            grad_b = grad.flatten(0, -2).sum(0)
+        return grad_x, grad_w, grad_b, None, None

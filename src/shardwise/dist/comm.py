@@ -67,9 +67,9 @@ class Comm:
             dist.all_reduce(x, group=self.tp_group)
         return x
 
-    def tp_all_gather(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """Concatenate uneven last-dim pieces from every TP rank."""
-        return x if self.layout.tp == 1 else all_gather_last(x, sizes, self.tp_group)
+    def tp_all_gather(self, x: torch.Tensor, sizes: list[int], dim: int = -1) -> torch.Tensor:
+        """Concatenate uneven pieces from every TP rank along ``dim``."""
+        return x if self.layout.tp == 1 else all_gather_along(x, sizes, self.tp_group, dim)
 
     def dp_max(self, x: torch.Tensor) -> torch.Tensor:
         """Element-wise max over the DP group, in place."""
@@ -111,13 +111,15 @@ class Comm:
         return x
 
 
-def all_gather_last(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Concatenate every rank's piece along the last dim, piece r ``sizes[r]`` wide (pads to the widest, trims)."""
-    width = max(sizes)
-    padded = torch.nn.functional.pad(x, (0, width - x.shape[-1])).contiguous()
+def all_gather_along(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None, dim: int = -1
+                     ) -> torch.Tensor:
+    """Concatenate every rank's piece along ``dim``, piece r ``sizes[r]`` long (pads to the longest, trims)."""
+    dim = dim % x.dim()
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, max(sizes) - x.shape[dim]]
+    padded = torch.nn.functional.pad(x, pad).contiguous()
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
+    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
 
 
 def make_comm(layout: Layout, device: torch.device | None = None) -> Comm:

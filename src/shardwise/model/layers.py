@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dist.collectives import copy_to, gather_from, reduce_from, scatter_to
+from ..dist.collectives import copy_to, gather_from, linear_gathered, reduce_from, scatter_to
 from ..dist.comm import Comm
 from .weight_only import Int8Weight, int8_linear
 
@@ -54,8 +54,8 @@ def gather_tokens(comm: Comm, x: torch.Tensor, seq: list[int]) -> torch.Tensor:
     """Every TP rank's tokens of a sequence-parallel activation, concatenated along the sequence (dim 1); the
     backward keeps this rank's tokens' gradient (a ``copy_to`` after it sums the gradient first, where needed)."""
     if needs_grad(x):
-        return gather_from(x.movedim(1, -1), seq, comm.tp_group).movedim(-1, 1)
-    return comm.tp_all_gather(x.movedim(1, -1).contiguous(), seq).movedim(-1, 1)
+        return gather_from(x, seq, comm.tp_group, 1)
+    return comm.tp_all_gather(x, seq, 1)
 
 
 def _reduce_tokens(comm: Comm, y: torch.Tensor, seq: list[int], *inputs: torch.Tensor | None) -> torch.Tensor:
@@ -63,7 +63,7 @@ def _reduce_tokens(comm: Comm, y: torch.Tensor, seq: list[int], *inputs: torch.T
     the backward all-gathers the gradient."""
     y = _reduce(comm, y, *inputs)
     if needs_grad(*inputs):
-        return scatter_to(y.movedim(1, -1), seq, comm.tp_group).movedim(-1, 1)
+        return scatter_to(y, seq, comm.tp_group, 1)
     return own_tokens(comm, y, seq)
 
 
@@ -84,6 +84,8 @@ def linear(comm: Comm, x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias:
         y = _reduce(comm, y, x, weight) if seq is None else _reduce_tokens(comm, y, seq, x, weight)
         return y if bias is None else y + bias
     if seq is not None:
+        if needs_grad(x, weight, bias):
+            return linear_gathered(x, weight, bias, seq, comm.tp_group)
         x = gather_tokens(comm, x, seq)
     return matmul(_enter(comm, x, weight, bias), weight, bias)
 
