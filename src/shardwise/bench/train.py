@@ -71,7 +71,36 @@ def bench_sp_rank(checkpoint: str, tp: int, sp: bool, seq: int, batch: int, step
     name = f"tp {tp}{' sp' if sp else ''}, seq {seq}"
     line = _setting(name, lambda: _shardwise_step(checkpoint, "resident", Layout(tp=tp, sp=sp), lr), ids,
                     ids.numel(), steps, warmup)
-    return line | {"tp": tp, "sp": sp, "seq": seq}
+    with load_model(checkpoint, Layout(tp=tp, sp=sp), dtype=torch.float32, progress=False) as model:
+        saved = _saved_per_token(model, ids)
+    return line | {"tp": tp, "sp": sp, "seq": seq, "layer_saved_per_token_h": all_ranks(round(saved, 3))}
+
+
+def _saved_per_token(model, ids: torch.Tensor) -> float:
+    """What autograd keeps of one decoder layer's forward for its backward, per token, in fp32 elements of the hidden
+    size on this rank (Megatron's accounting, measured): every saved tensor but the weights, each storage once."""
+    from ..model.pipeline import Pass, run_block
+    from ..plan.names import EMBED, Block
+
+    weights = {t.untyped_storage().data_ptr() for t in model.provider.tensors.values()}
+    for t in model.provider.tensors.values():
+        t.requires_grad_()
+    t = ids.shape[1]
+    p = Pass(ids, *model.rope(torch.arange(t)), seq=model.token_counts(t))
+    kept: dict[int, int] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        storage = x.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return x
+
+    layer = Block.of_layer(model.plan.layers[0])
+    with model.provider.stream([EMBED, layer]) as weights_of:
+        h = run_block(model, EMBED, None, next(weights_of), p, None).detach().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            run_block(model, layer, h, next(weights_of), p, None)
+    return sum(kept.values()) / 4 / t / ids.shape[0] / model.spec.hidden
 
 
 def activation_summary(lines: list[dict]) -> dict:
@@ -84,8 +113,10 @@ def activation_summary(lines: list[dict]) -> dict:
         key = "sp" if sp else "no_sp"
         out[f"{key}_activation_mb"] = max(at[longest]["train_peak_rss_mb"]) - max(at[shortest]["train_peak_rss_mb"])
         out[f"{key}_tokens_per_s"] = at[longest]["tokens_per_s"]
+        out[f"{key}_layer_saved_per_token_h"] = max(at[longest]["layer_saved_per_token_h"])
     out["sp_over_no_sp_activation"] = out["sp_activation_mb"] / out["no_sp_activation_mb"]
     out["sp_over_no_sp_tokens_per_s"] = out["sp_tokens_per_s"] / out["no_sp_tokens_per_s"]
+    out["sp_over_no_sp_layer_saved"] = out["sp_layer_saved_per_token_h"] / out["no_sp_layer_saved_per_token_h"]
     return out
 
 

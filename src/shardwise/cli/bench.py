@@ -171,7 +171,8 @@ def _bench_sequence_parallel(args) -> None:
                    args.warmup) for sp in (False, True) for seq in (SHORT_SEQ, args.seq)]
     rows.append(activation_summary(rows))
     _print_settings(rows, args.json, lambda row: f"{row['setting']:>18}: {row['tokens_per_s']:.1f} tokens/s, "
-                    f"{row['step_s']:.2f} s per step, training peak RSS {row['train_peak_rss_mb']} MiB")
+                    f"{row['step_s']:.2f} s per step, training peak RSS {row['train_peak_rss_mb']} MiB, a layer keeps "
+                    f"{row['layer_saved_per_token_h']} x hidden fp32 values per token for its backward")
 
 
 def _bench_pipeline(args) -> None:
