@@ -11,6 +11,8 @@ from workers import forward_and_generate, sample_on_every_rank
 LAYOUTS = [(tp, pp) for pp in (1, 2) for tp in (1, 2, 3, 4)]
 GLOO = ("qwen2-untied", "mistral-tied")  # run again at tp=3 x pp=2 with SHARDWISE_SHM=0
 SP_LAYOUTS = [(2, 1), (3, 1), (2, 2)]  # sequence parallel: the prompt's 11 tokens split unevenly, decode's 1 too
+# every architecture once, tied and untied alternating (OLMo-2's attention biases follow a row-parallel layer)
+SP_CHECKPOINTS = ("llama-tied", "mistral-untied", "qwen2-tied", "qwen3-untied", "phi3-tied", "olmo2-untied")
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +22,8 @@ def runs(checkpoints) -> SharedLaunches:
     paths = {name: str(p) for name, p in checkpoints.items()}
     jobs = {("layout", tp, pp, name): (tp * pp, forward_and_generate, (tp, pp, {name: path}, PROMPT, STEPS))
             for tp, pp in LAYOUTS for name, path in paths.items()}
-    jobs |= {("sp", tp, pp): (tp * pp, forward_and_generate, (tp, pp, paths, PROMPT, STEPS, None, True))
+    sp = {name: paths[name] for name in SP_CHECKPOINTS}
+    jobs |= {("sp", tp, pp): (tp * pp, forward_and_generate, (tp, pp, sp, PROMPT, STEPS, None, True))
              for tp, pp in SP_LAYOUTS}
     gloo = {name: paths[name] for name in GLOO}
     jobs["gloo",] = (6, with_env, ({"SHARDWISE_SHM": "0"}, forward_and_generate, 3, 2, gloo, PROMPT, STEPS))

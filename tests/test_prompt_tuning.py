@@ -10,7 +10,6 @@ are PEFT adapters that PEFT loads, and a run resumed under another layout ends w
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import prompt_tuning_workers as ptw
 import pytest
 import torch
 from conftest import VOCAB
+from forked_python import run as python_run
 from shared_launch import SharedLaunches
 from test_cli import NO_SPAWN
 from test_train_cli import _with_tokenizer
@@ -205,7 +205,7 @@ def test_refusals_before_any_rank_starts(with_tokenizer, runs, saves, tmp_path, 
     argv = ["train", str(with_tokenizer), "--train", "prompt-table", "--data", str(data), "--steps", "9", "--seq",
             "8", "--batch", "4", "--seed", str(ptw.SEED), "--save", str(tmp_path / "out")]
     argv += [a.format(table=table, checkpoint=with_tokenizer) for a in args]
-    out = subprocess.run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
+    out = python_run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "SPAWNED" not in out.stderr, out.stderr
     assert error in out.stderr and "Traceback" not in out.stderr, out.stderr
 
@@ -215,7 +215,7 @@ def test_weight_training_refuses_prompt_flags(with_tokenizer, tmp_path):
     data.write_text(" ".join(f"t{i % 100}" for i in range(300)))
     argv = ["train", str(with_tokenizer), "--data", str(data), "--steps", "2", "--seq", "8", "--batch", "4",
             "--virtual-tokens", "3", "--save", str(tmp_path / "out")]
-    out = subprocess.run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
+    out = python_run([sys.executable, "-c", NO_SPAWN, *argv], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "--virtual-tokens goes with --train prompt-table" in out.stderr, out.stderr
 
 

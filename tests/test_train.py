@@ -22,7 +22,7 @@ PIPELINES = [(2, 1, 1, 3), (2, 2, 1, 2), (2, 1, 2, 2), (3, 1, 1, 3)]
 PIPELINED = ("llama-tied", "qwen3-untied")  # the tied embedding on the first stage and the head on the last
 # sequence parallel at TP 2 and 3 (9 tokens a sequence: uneven at TP 2), and with PP 2 x TP 2 in 1F1B
 SEQUENCE_PARALLEL = [(1, 2, 1), (1, 3, 1), (2, 2, 2)]  # (pp, tp, micro-batches)
-SP_CONFIGS = ("llama-tied", "qwen3-untied", "olmo2-untied", "phi3-tied")
+SP_CONFIGS = ("llama-tied", "qwen3-untied", "olmo2-untied")  # a tied head; per-head q/k norms; biases, post-norms
 # q/k norms, 9/3 heads, odd vocab, ties; Phi-3's packed projections and longrope; OLMo-2's norms, split over TP
 CONFIGS = ("qwen3-untied", "qwen2-tied", "mistral-untied", "llama-tied", "phi3-tied", "olmo2-untied")
 
