@@ -85,17 +85,25 @@ class Comm:
         dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.dp_group)
         return bool(x.item())
 
+    @property
+    def tp_rank(self) -> int:
+        return self.layout.position(self.rank)[3]
+
+    def stage_peer(self, offset: int) -> int:
+        """The global rank ``offset`` stages on from this one at the same (replica, EP, TP) position: where its
+        activations go and its gradients come from."""
+        stage, d, e, t = self.layout.position(self.rank)
+        return self.layout.rank_of(stage + offset, d, e, t)
+
     def send_next(self, x: torch.Tensor) -> None:
         """Hand activations to the same (replica, EP, TP) rank of the next pipeline stage (none when the rank has no
         rows of the batch: both ends know the shape)."""
-        stage, d, e, t = self.layout.position(self.rank)
         if x.numel():
-            dist.send(x.contiguous(), self.layout.rank_of(stage + 1, d, e, t))
+            dist.send(x.contiguous(), self.stage_peer(1))
 
     def recv_prev(self, like: torch.Tensor) -> torch.Tensor:
-        stage, d, e, t = self.layout.position(self.rank)
         if like.numel():
-            dist.recv(like, self.layout.rank_of(stage - 1, d, e, t))
+            dist.recv(like, self.stage_peer(-1))
         return like
 
     def from_last_stage(self, x: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,

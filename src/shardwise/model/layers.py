@@ -40,14 +40,10 @@ def _enter(comm: Comm, x: torch.Tensor, *weights: torch.Tensor | None) -> torch.
     return copy_to(x, comm.tp_group) if comm.layout.tp > 1 and needs_grad(x, *weights) else x
 
 
-def _tp_rank(comm: Comm) -> int:
-    return comm.layout.position(comm.rank)[3]
-
-
 def own_tokens(comm: Comm, x: torch.Tensor, seq: list[int]) -> torch.Tensor:
     """This TP rank's tokens (dim 1) of a whole sequence, ``seq`` giving every rank's count (sequence parallelism)."""
-    lo = sum(seq[: _tp_rank(comm)])
-    return x[:, lo: lo + seq[_tp_rank(comm)]]
+    rank = comm.tp_rank
+    return x.narrow(1, sum(seq[:rank]), seq[rank])
 
 
 def gather_tokens(comm: Comm, x: torch.Tensor, seq: list[int]) -> torch.Tensor:

@@ -183,21 +183,19 @@ class Trainer:
         self.waited += time.perf_counter() - start
         self.sent, self.sent_tensors = [], []
 
-    def _send(self, x: torch.Tensor, stage: int, tag: int) -> None:
-        """Start sending ``x`` to this rank's peer on ``stage``; it is waited for at the step's end, so a stage is
-        never blocked on a peer still busy with another micro-batch."""
-        _, d, e, t = self.model.plan.layout.position(self.model.plan.rank)
+    def _send(self, x: torch.Tensor, offset: int, tag: int) -> None:
+        """Start sending ``x`` to this rank's peer ``offset`` stages on; it is waited for at the step's end, so a
+        stage is never blocked on a peer still busy with another micro-batch."""
         if x.numel():
             x = x.detach().contiguous()
-            self.sent.append(dist.isend(x, self.model.plan.layout.rank_of(stage, d, e, t), tag=tag))
+            self.sent.append(dist.isend(x, self.model.comm.stage_peer(offset), tag=tag))
             self.sent_tensors.append(x)
 
-    def _recv(self, shape: tuple[int, ...], stage: int, tag: int) -> torch.Tensor:
-        _, d, e, t = self.model.plan.layout.position(self.model.plan.rank)
+    def _recv(self, shape: tuple[int, ...], offset: int, tag: int) -> torch.Tensor:
         x = torch.empty(shape, dtype=self.model.dtype, device=self.model.device)
         if x.numel():
             start = time.perf_counter()
-            dist.recv(x, self.model.plan.layout.rank_of(stage, d, e, t), tag=tag)
+            dist.recv(x, self.model.comm.stage_peer(offset), tag=tag)
             self.waited += time.perf_counter() - start
         return x
 
@@ -222,7 +220,7 @@ class Trainer:
                                                 reduction="sum") / global_tokens  # fp32, whatever the work dtype
 
         shape = p.hidden_shape(model)
-        h = None if plan.is_first else self._recv(shape, plan.stage - 1, FORWARD)
+        h = None if plan.is_first else self._recv(shape, -1, FORWARD)
         blocks = list(plan.blocks)
         ahead = blocks[:-1] if plan.is_last and not keep else blocks  # without a graph, the head runs in backward
         saved: list[tuple[Block, torch.Tensor | None, torch.Tensor | None]] = []
@@ -234,7 +232,7 @@ class Trainer:
         if plan.is_last and not keep:
             saved.append((blocks[-1], h.detach(), None))
         if not plan.is_last:
-            self._send(h, plan.stage + 1, FORWARD)
+            self._send(h, 1, FORWARD)
         balance = None if self.balance is None else self.balance.count(micro_batches)
         return Flight(p, head, saved, shape, balance)
 
@@ -244,7 +242,7 @@ class Trainer:
         loss (detached; zero off the last stage), a mixture of experts' balancing loss included (``balance``)."""
         model, provider, keep, target = self.model, self.model.provider, not self.recompute, self.target
         plan = model.plan
-        grad = None if plan.is_last else self._recv(flight.shape, plan.stage + 1, BACKWARD)
+        grad = None if plan.is_last else self._recv(flight.shape, 1, BACKWARD)
         loss = torch.zeros((), dtype=torch.float32, device=model.device)
         with provider.stream([block for block, _, _ in reversed(flight.saved)]) as weights:
             for (block, x, out), w in zip(reversed(flight.saved), weights):
@@ -264,7 +262,7 @@ class Trainer:
                 target.reduce(block, w, last)
         if not plan.is_first:
             self._send(grad if grad is not None else torch.zeros(flight.shape, dtype=model.dtype,
-                                                                 device=model.device), plan.stage - 1, BACKWARD)
+                                                                 device=model.device), -1, BACKWARD)
         return loss if flight.balance is None else loss + flight.balance
 
     def close(self) -> None:
