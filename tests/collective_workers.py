@@ -10,7 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from shardwise.dist.collectives import copy_to, gather_from, reduce_from, scatter_to, shared_sum
+from shardwise.dist import shm
+from shardwise.dist.collectives import copy_to, gather_from, linear_gathered, reduce_from, reduce_scatter_to, shared_sum
+from shardwise.dist.group import Group
 from shardwise.train.loss import IGNORE_INDEX, vocab_parallel_cross_entropy
 
 ROWS = 5
@@ -20,67 +22,104 @@ def seeded(seed: int, *shape: int) -> torch.Tensor:
     return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
-def piece(x: torch.Tensor, sizes: tuple[int, ...], rank: int) -> torch.Tensor:
-    start = sum(sizes[:rank])
-    return x[..., start : start + sizes[rank]]
+def piece(x: torch.Tensor, sizes: tuple[int, ...], rank: int, dim: int = -1) -> torch.Tensor:
+    return x.narrow(dim, sum(sizes[:rank]), sizes[rank])
 
 
-def primitives(sizes: tuple[int, ...]) -> dict[str, float]:
-    """Forward and gradient of each primitive, the group being the world and rank r's slice ``sizes[r]`` wide.
+_GROUPS: dict[str, Group] = {}  # this rank's groups, attached once per launch
+
+
+def group_of(transport: str) -> Group:
+    """The world as a ``Group``: through gloo, or through shared memory whose slots hold 64 bytes, so that every
+    tensor of these tests goes in several rounds (None on a machine without it)."""
+    if transport not in _GROUPS:
+        shm_now = None
+        if transport == "shared memory":
+            capacity, shm.CAPACITY = shm.CAPACITY, 64
+            try:
+                shm_now = shm.attach(dist.group.WORLD, list(range(dist.get_world_size())), 60)
+            finally:
+                shm.CAPACITY = capacity
+        _GROUPS[transport] = Group(dist.group.WORLD, shm_now)
+    return _GROUPS[transport]
+
+
+def primitives(sizes: tuple[int, ...], transport: str, dim: int) -> dict[str, float]:
+    """Forward and gradient of each primitive, the group being the world and rank r's slice ``sizes[r]`` wide along
+    ``dim`` of a 2-d tensor (dim 0: every slice contiguous; dim -1: none is).
 
     Each rank r applies its own seeded weights ``w_r`` to its output, so the total loss is
     the sum over ranks; the reference is the gradient of that sum taken in one process.
     """
-    rank, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+    rank, world, group = dist.get_rank(), dist.get_world_size(), group_of(transport)
     width = sum(sizes)
-    out: dict[str, float] = {}
+
+    def shape(n: int) -> tuple[int, int]:
+        return (ROWS, n) if dim == -1 else (n, ROWS)
+
+    out: dict[str, float] = {"shared memory": float(group.shm is not None)}
 
     def err(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).abs().max()) if a.shape == b.shape else float("inf")
 
     # copy: every rank uses the same input; its gradient is the sum of every rank's.
-    x = seeded(1, ROWS, width).requires_grad_()
-    w = [seeded(10 + r, ROWS, width) for r in range(world)]
+    x = seeded(1, *shape(width)).requires_grad_()
+    w = [seeded(10 + r, *shape(width)) for r in range(world)]
     y = copy_to(x, group)
     (y * w[rank]).sum().backward()
     out["copy forward"] = err(y.detach(), x.detach())
     out["copy grad"] = err(x.grad, sum(w))
 
     # reduce: rank r holds a partial x_r; the sum is used once (the same loss on every rank).
-    parts = [seeded(20 + r, ROWS, width) for r in range(world)]
+    parts = [seeded(20 + r, *shape(width)) for r in range(world)]
     x = parts[rank].clone().requires_grad_()
-    v = seeded(30, ROWS, width)
+    v = seeded(30, *shape(width))
     y = reduce_from(x, group)
     (y * v).sum().backward()
     out["reduce forward"] = err(y.detach(), sum(parts))
     out["reduce grad"] = err(x.grad, v)
 
-    # scatter: the full input on every rank; rank r keeps its slice and applies w_r to it.
-    x = seeded(2, ROWS, width).requires_grad_()
-    w = [seeded(40 + r, ROWS, sizes[r]) for r in range(world)]
-    y = scatter_to(x, sizes, group)
+    # reduce-scatter: rank r holds a partial x_r and keeps its slice of the sum, applying w_r to it.
+    parts = [seeded(80 + r, *shape(width)) for r in range(world)]
+    x = parts[rank].clone().requires_grad_()
+    w = [seeded(40 + r, *shape(sizes[r])) for r in range(world)]
+    y = reduce_scatter_to(x, sizes, group, dim)
     (y * w[rank]).sum().backward()
-    out["scatter forward"] = err(y.detach(), piece(x.detach(), sizes, rank))
-    out["scatter grad"] = err(x.grad, torch.cat(w, dim=-1))
+    out["reduce-scatter forward"] = err(y.detach(), piece(sum(parts), sizes, rank, dim))
+    out["reduce-scatter grad"] = err(x.grad, torch.cat(w, dim=dim))
 
     # gather: rank r holds slice r; the full result is used once.
-    full = seeded(3, ROWS, width)
-    x = piece(full, sizes, rank).clone().requires_grad_()
-    v = seeded(50, ROWS, width)
-    y = gather_from(x, sizes, group)
+    full = seeded(3, *shape(width))
+    x = piece(full, sizes, rank, dim).clone().requires_grad_()
+    v = seeded(50, *shape(width))
+    y = gather_from(x, sizes, group, dim)
     (y * v).sum().backward()
     out["gather forward"] = err(y.detach(), full)
-    out["gather grad"] = err(x.grad, piece(v, sizes, rank))
+    out["gather grad"] = err(x.grad, piece(v, sizes, rank, dim))
 
     # shared sum: rank r holds a partial x_r and applies its own w_r to the sum (a norm's statistic over heads split
     # across ranks), so the loss is the sum over ranks and each x_r's gradient the sum of every w_r.
-    parts = [seeded(60 + r, ROWS, width) for r in range(world)]
+    parts = [seeded(60 + r, *shape(width)) for r in range(world)]
     x = parts[rank].clone().requires_grad_()
-    w = [seeded(70 + r, ROWS, width) for r in range(world)]
+    w = [seeded(70 + r, *shape(width)) for r in range(world)]
     y = shared_sum(x, group)
     (y * w[rank]).sum().backward()
     out["shared sum forward"] = err(y.detach(), sum(parts))
     out["shared sum grad"] = err(x.grad, sum(w))
+
+    # the projection of gathered tokens (sequence parallelism): rank r holds tokens r, of which every rank projects
+    # all with its own weight w_r, its output used once (as by a column-parallel layer).
+    tokens = seeded(5, 2, width, 3)
+    x = piece(tokens, sizes, rank, 1).clone().requires_grad_()
+    w = [seeded(90 + r, 4, 3).requires_grad_() for r in range(world)]
+    v = [seeded(100 + r, 2, width, 4) for r in range(world)]
+    y = linear_gathered(x, w[rank], None, sizes, group)
+    (y * v[rank]).sum().backward()
+    reference = tokens.clone().requires_grad_()
+    sum((F.linear(reference, w_r.detach()) * v_r).sum() for w_r, v_r in zip(w, v)).backward()
+    out["gathered linear forward"] = err(y.detach(), F.linear(tokens, w[rank].detach()))
+    out["gathered linear grad"] = err(x.grad, piece(reference.grad, sizes, rank, 1))
+    out["gathered linear weight grad"] = err(w[rank].grad, torch.einsum("bto,bti->oi", v[rank], tokens))
     return out
 
 

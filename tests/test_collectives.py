@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from shardwise import launch
-from shardwise.dist.collectives import copy_to, gather_from, reduce_from, scatter_to, shared_sum
+from shardwise.dist.collectives import copy_to, gather_from, reduce_from, reduce_scatter_to, shared_sum
 from shardwise.train.loss import IGNORE_INDEX, vocab_parallel_cross_entropy
 
 SIZES = {2: [(3, 3), (4, 3), (6, 1)], 3: [(2, 2, 2), (3, 2, 2), (1, 5, 1)]}
 DTYPES = {"float64": 1e-12, "float32": 1e-5}
+TRANSPORTS = ("gloo", "shared memory")
 TIMEOUT = 120
 
 
@@ -33,7 +34,8 @@ EXCHANGES = {  # world -> (rows each rank sends each rank, row shape, dtype): un
 
 
 def cases(world: int) -> list[tuple[str, tuple]]:
-    out = [("primitives", (sizes,)) for sizes in SIZES[world]]
+    out = [("primitives", (sizes, transport, dim)) for sizes in SIZES[world] for transport in TRANSPORTS
+           for dim in (0, -1)]
     out += [("all_to_all", exchange) for exchange in EXCHANGES[world]]
     return out + [("cross_entropy", (sizes, dtype)) for sizes in SIZES[world] for dtype in DTYPES]
 
@@ -48,17 +50,24 @@ def results() -> dict[int, dict[tuple[str, tuple], list[dict[str, float]]]]:
 
 
 PRIMITIVE_CASES = [(world, sizes) for world in SIZES for sizes in SIZES[world]]
+PRIMITIVES = ("copy", "reduce", "reduce-scatter", "gather", "shared sum", "gathered linear")
 
 
+@pytest.mark.parametrize("dim", (0, -1))
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("world,sizes", PRIMITIVE_CASES, ids=str)
-def test_primitives_forward_and_gradient_match_one_process(results, world, sizes):
-    """copy / reduce / scatter / gather / shared sum in float64: forward exact, gradient that of the summed loss in one
-    process."""
-    for rank, errors in enumerate(results[world][("primitives", (sizes,))]):
-        assert set(errors) == {f"{p} {what}" for p in ("copy", "reduce", "scatter", "gather", "shared sum")
-                               for what in ("forward", "grad")}
+def test_primitives_forward_and_gradient_match_one_process(results, world, sizes, transport, dim):
+    """copy / reduce / reduce-scatter / gather / shared sum / the projection of gathered tokens in float64, through
+    gloo and through shared memory in rounds of 64 bytes, slices along either dim: forward exact, gradient that of
+    the summed loss in one process."""
+    for rank, errors in enumerate(results[world][("primitives", (sizes, transport, dim))]):
+        used = errors.pop("shared memory")
+        if transport == "shared memory" and sys.platform == "linux" and platform.machine() == "x86_64":
+            assert used, f"rank {rank} of {world}: no shared memory"
+        assert set(errors) == {f"{p} {what}" for p in PRIMITIVES for what in ("forward", "grad")} | {
+            "gathered linear weight grad"}
         bad = {k: v for k, v in errors.items() if not v <= 1e-12}
-        assert not bad, f"rank {rank} of {world}, sizes {sizes}: {bad}"
+        assert not bad, f"rank {rank} of {world}, sizes {sizes}, {transport}, dim {dim}: {bad}"
 
 
 @pytest.mark.parametrize("world,exchange", [(w, e) for w in EXCHANGES for e in EXCHANGES[w]], ids=str)
@@ -88,7 +97,7 @@ def test_vocab_parallel_loss_matches_cross_entropy_on_full_logits(results, world
 def test_one_rank_group_is_the_identity():
     """With no group (one rank) every primitive returns its input and the loss is plain cross-entropy."""
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    for y in (copy_to(x, None), reduce_from(x, None), scatter_to(x, [4], None), gather_from(x, [4], None),
+    for y in (copy_to(x, None), reduce_from(x, None), reduce_scatter_to(x, [4], None), gather_from(x, [4], None),
               shared_sum(x, None)):
         assert y is x
     targets = torch.tensor([1, IGNORE_INDEX, 3])

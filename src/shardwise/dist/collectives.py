@@ -6,31 +6,32 @@ in the backward pass. Written as in-place ``dist`` calls (what inference uses), 
 cannot see them and the gradients come out silently wrong. Each primitive here is a
 ``torch.autograd.Function`` whose backward is the dual collective:
 
-=========  ===================  ====================
-primitive  forward              backward
-=========  ===================  ====================
-copy       identity             all-reduce (sum)
-reduce     all-reduce (sum)     identity
-scatter    keep this rank's     all-gather
-           slice of the last
-           dim
-gather     all-gather along     keep this rank's
-           the last dim         slice
-sum        all-reduce (sum)     all-reduce (sum)
-exchange   all-to-all: rows     the reverse
-           to their ranks       all-to-all
-=========  ===================  ====================
+==============  ===================  ====================
+primitive       forward              backward
+==============  ===================  ====================
+copy            identity             all-reduce (sum)
+reduce          all-reduce (sum)     identity
+reduce-scatter  all-reduce, keep     all-gather
+                this rank's slice
+gather          all-gather           keep this rank's
+                                     slice
+sum             all-reduce (sum)     all-reduce (sum)
+exchange        all-to-all: rows     the reverse
+                to their ranks       all-to-all
+==============  ===================  ====================
 
 ``reduce`` serves a sum every rank then uses alike (a row-parallel output: each rank's
 gradient of it is already the whole one); ``sum`` one each rank applies to its own
 slice (a norm's statistic over heads split across ranks), whose gradient is the sum of
 every rank's.
 
-Slices are given by ``sizes`` (one per rank of the group, any sizes), so uneven heads or
-vocabularies need no padding by the caller. With ``group`` None (a one-rank group) every
-primitive but the exchange (whose caller has nothing to exchange then) is the identity. Outside autograd (no input needs a gradient, or grad mode is
-off) the caller's fast path, such as the shared-memory all-reduce, is what to use; these
-functions always issue the plain ``dist`` collective.
+Slices are given by ``sizes`` (one per rank of the group, any sizes) along ``dim``, so
+uneven heads, vocabularies or sequences need no padding by the caller. The group is a
+``Group``, whose collectives go through shared memory where its ranks have it; with
+``group`` None (a one-rank group) every primitive is the identity. The rows' gather and
+exchange (the EP group's) take a process group and its shared-memory all-to-all instead.
+Outside autograd (no input needs a gradient, or grad mode is off) the caller uses the
+``Group``'s in-place collectives directly.
 """
 
 from __future__ import annotations
@@ -40,39 +41,38 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .comm import all_gather_along
+from .group import Group, all_gather_along
 from .shm import ShmAllToAll, run_totals
 
 
-def copy_to(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+def copy_to(x: torch.Tensor, group: Group | None) -> torch.Tensor:
     """Identity forward; the backward sums the gradient over ``group`` (an input every rank uses)."""
     return x if group is None else _Copy.apply(x, group)
 
 
-def reduce_from(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+def reduce_from(x: torch.Tensor, group: Group | None) -> torch.Tensor:
     """Sum over ``group`` (partial results, as after a row-split linear); the backward passes the gradient on."""
     return x if group is None else _Reduce.apply(x, group)
 
 
-def shared_sum(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+def shared_sum(x: torch.Tensor, group: Group | None) -> torch.Tensor:
     """Sum over ``group`` of a statistic each rank applies to its own slice; the backward sums the gradient too."""
     return x if group is None else _SharedSum.apply(x, group)
 
 
-def scatter_to(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None, dim: int = -1
-               ) -> torch.Tensor:
-    """This rank's slice of ``dim`` (``sizes[rank]`` long); the backward all-gathers the gradient."""
-    return x if group is None else _Scatter.apply(x, sizes, group, dim)
+def reduce_scatter_to(x: torch.Tensor, sizes: Sequence[int], group: Group | None, dim: int = -1) -> torch.Tensor:
+    """Sum over ``group`` of partial results, this rank keeping its slice of ``dim`` (``sizes[rank]`` long: a
+    row-parallel output under sequence parallelism); the backward all-gathers the gradient."""
+    return x if group is None else _ReduceScatter.apply(x, sizes, group, dim)
 
 
-def gather_from(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None, dim: int = -1
-                ) -> torch.Tensor:
+def gather_from(x: torch.Tensor, sizes: Sequence[int], group: Group | None, dim: int = -1) -> torch.Tensor:
     """Every rank's slice, concatenated along ``dim``; the backward keeps this rank's slice of the gradient."""
     return x if group is None else _Gather.apply(x, sizes, group, dim)
 
 
 def linear_gathered(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sizes: Sequence[int],
-                    group: dist.ProcessGroup) -> torch.Tensor:
+                    group: Group) -> torch.Tensor:
     """``F.linear`` of every rank's tokens (dim 1, ``sizes[r]`` from rank r) with this rank's weight: the all-gather
     fused with the column-parallel projection after it, so the backward keeps only this rank's tokens and gathers
     them again (Megatron's sequence parallelism), the input's gradient summed over the group and cut to this rank's
@@ -120,24 +120,29 @@ def all_to_all_rows(x: torch.Tensor, send: list[int], receive: list[int], group:
     return out
 
 
-def _slice(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup, dim: int = -1) -> torch.Tensor:
-    """This rank's ``sizes`` slice of ``x`` along ``dim``, checked against the group."""
-    if len(sizes) != dist.get_world_size(group) or sum(sizes) != x.shape[dim]:
-        raise ValueError(f"rank {dist.get_rank()}: sizes {sizes} must give one slice per rank of a group of "
-                         f"{dist.get_world_size(group)} and add up to dim {dim}, {x.shape[dim]}")
-    rank = dist.get_rank(group)
+def _slice(x: torch.Tensor, sizes: Sequence[int], group: Group, dim: int = -1) -> torch.Tensor:
+    """This rank's ``sizes`` slice of ``x`` along ``dim``."""
+    rank = group.rank
     return x.narrow(dim, sum(sizes[:rank]), sizes[rank]).contiguous()
 
 
-def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    out = x.contiguous().clone()
-    dist.all_reduce(out, group=group)
-    return out
+def _check(x: torch.Tensor, sizes: Sequence[int], group: Group, dim: int, whole: bool) -> None:
+    """``sizes`` must give one slice per rank, and ``x`` along ``dim`` be their sum (``whole``) or this rank's."""
+    if len(sizes) != group.size:
+        raise ValueError(f"rank {dist.get_rank()}: sizes {sizes} give {len(sizes)} slices for a group of {group.size}")
+    want = sum(sizes) if whole else sizes[group.rank]
+    if x.shape[dim] != want:
+        raise ValueError(f"rank {dist.get_rank()}: dim {dim} of a tensor of shape {tuple(x.shape)} is {x.shape[dim]}, "
+                         f"expected {want}, {'the sum' if whole else f'slice {group.rank}'} of sizes {list(sizes)}")
+
+
+def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return group.all_reduce(x.contiguous().clone())
 
 
 class _Copy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
         ctx.group = group
         return x.view_as(x)
 
@@ -148,7 +153,7 @@ class _Copy(torch.autograd.Function):
 
 class _Reduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
         return _all_reduce(x, group)
 
     @staticmethod
@@ -158,7 +163,7 @@ class _Reduce(torch.autograd.Function):
 
 class _SharedSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
         ctx.group = group
         return _all_reduce(x, group)
 
@@ -167,26 +172,24 @@ class _SharedSum(torch.autograd.Function):
         return _all_reduce(grad, ctx.group), None
 
 
-class _Scatter(torch.autograd.Function):
+class _ReduceScatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, sizes: Sequence[int], group: Group, dim: int) -> torch.Tensor:
+        _check(x, sizes, group, dim, whole=True)
         ctx.sizes, ctx.group, ctx.dim = sizes, group, dim
-        return _slice(x, sizes, group, dim)
+        return group.reduce_scatter(x, sizes, dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return all_gather_along(grad.contiguous(), ctx.sizes, ctx.group, ctx.dim), None, None, None
+        return ctx.group.all_gather(grad, ctx.sizes, ctx.dim), None, None, None
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, sizes: Sequence[int], group: Group, dim: int) -> torch.Tensor:
+        _check(x, sizes, group, dim, whole=False)
         ctx.sizes, ctx.group, ctx.dim = sizes, group, dim
-        rank = dist.get_rank(group)
-        if x.shape[dim] != sizes[rank]:
-            raise ValueError(f"rank {dist.get_rank()}: gathering a slice {x.shape[dim]} long, expected sizes[{rank}] "
-                             f"= {sizes[rank]} of {sizes}")
-        return all_gather_along(x, sizes, group, dim)
+        return group.all_gather(x, sizes, dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -226,18 +229,18 @@ class _Exchange(torch.autograd.Function):
 class _LinearGathered(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sizes: Sequence[int],
-                group: dist.ProcessGroup) -> torch.Tensor:
+                group: Group) -> torch.Tensor:
         ctx.sizes, ctx.group, ctx.bias = sizes, group, bias is not None
         ctx.save_for_backward(x, weight)
-        return torch.nn.functional.linear(all_gather_along(x, sizes, group, 1), weight, bias)
+        return torch.nn.functional.linear(group.all_gather(x, sizes, 1), weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        grad_x = _slice(_all_reduce(grad @ weight, ctx.group), ctx.sizes, ctx.group, 1)
+        grad_x = ctx.group.reduce_scatter(grad @ weight, ctx.sizes, 1)
         grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
-            tokens = all_gather_along(x, ctx.sizes, ctx.group, 1)
+            tokens = ctx.group.all_gather(x, ctx.sizes, 1)
             grad_w = grad.flatten(0, -2).t() @ tokens.flatten(0, -2)
         if ctx.bias and ctx.needs_input_grad[2]:
             grad_b = grad.flatten(0, -2).sum(0)

@@ -6,14 +6,14 @@ branches on whether it runs distributed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from ..plan.mesh import Layout
-from .shm import ShmAllReduce, ShmAllToAll, attach, attach_all_to_all, timeout_seconds
+from .group import Group
+from .shm import ShmAllToAll, ShmCollectives, attach, attach_all_to_all, timeout_seconds
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Comm:
     ep_group: dist.ProcessGroup | None = None
     replica_group: dist.ProcessGroup | None = None
     dp_ranks: list[int] = field(default_factory=list)  # global ranks of the DP group, in DP order
-    shm: ShmAllReduce | None = None
+    shm: ShmCollectives | None = None  # the TP group's collectives through shared memory (None: the backend)
     ep_shm: ShmAllToAll | None = None  # the EP group's all-to-all through shared memory (None: gloo)
     groups: list[dist.ProcessGroup] = field(default_factory=list)  # all that make_comm created, in creation order
 
@@ -62,14 +62,21 @@ class Comm:
                 dist.all_reduce(x, group=group)
         return x
 
+    @property
+    def tp(self) -> Group | None:
+        """The TP group with its shared-memory path (None: a TP group of this rank alone)."""
+        return None if self.layout.tp == 1 else Group(self.tp_group, self.shm)
+
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout.tp > 1 and not (self.shm is not None and self.shm(x)):
-            dist.all_reduce(x, group=self.tp_group)
-        return x
+        return x if self.tp is None else self.tp.all_reduce(x)
 
     def tp_all_gather(self, x: torch.Tensor, sizes: list[int], dim: int = -1) -> torch.Tensor:
         """Concatenate uneven pieces from every TP rank along ``dim``."""
-        return x if self.layout.tp == 1 else all_gather_along(x, sizes, self.tp_group, dim)
+        return x if self.tp is None else self.tp.all_gather(x, sizes, dim)
+
+    def tp_reduce_scatter(self, x: torch.Tensor, sizes: list[int], dim: int = -1) -> torch.Tensor:
+        """The TP group's sum of ``x``, this rank keeping its piece along ``dim`` (``sizes`` per TP rank)."""
+        return x if self.tp is None else self.tp.reduce_scatter(x, sizes, dim)
 
     def dp_max(self, x: torch.Tensor) -> torch.Tensor:
         """Element-wise max over the DP group, in place."""
@@ -117,17 +124,6 @@ class Comm:
         _, d, _ = self.layout.coords(self.rank)
         dist.broadcast(x, self.layout.rank_of(self.layout.pp - 1, d, 0, 0), group=self.replica_group)
         return x
-
-
-def all_gather_along(x: torch.Tensor, sizes: Sequence[int], group: dist.ProcessGroup | None, dim: int = -1
-                     ) -> torch.Tensor:
-    """Concatenate every rank's piece along ``dim``, piece r ``sizes[r]`` long (pads to the longest, trims)."""
-    dim = dim % x.dim()
-    pad = [0, 0] * (x.dim() - 1 - dim) + [0, max(sizes) - x.shape[dim]]
-    padded = torch.nn.functional.pad(x, pad).contiguous()
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
 
 
 def make_comm(layout: Layout, device: torch.device | None = None) -> Comm:

@@ -23,7 +23,7 @@ from ..dist.comm import Comm
 from ..plan.boxes import split_evenly
 from ..plan.rank import RankPlan, batch_shares
 from ..providers.base import Provider
-from .layers import embedding, gather_output, gather_tokens, linear, own_tokens, rms_norm
+from .layers import embedding, gather_output, gather_tokens, linear, own_tokens, rms_norm, swiglu
 from .moe import MoE
 from .pipeline import Pass, walk
 from .prompts import PromptTables
@@ -180,8 +180,7 @@ class MLP:
         self.gathered = gathered_sizes(plan, "gate_up", lambda peer: peer.ffn[1] - peer.ffn[0])
 
     def __call__(self, x: torch.Tensor, w: dict[str, torch.Tensor], seq: list[int] | None = None) -> torch.Tensor:
-        gate, up = linear(self.comm, x, w["gate_up"], w.get("gate_up_bias"), self.style, seq).chunk(2, dim=-1)
-        h = F.silu(gate) * up
+        h = swiglu(linear(self.comm, x, w["gate_up"], w.get("gate_up_bias"), self.style, seq))
         if self.gathered:
             h = gather_output(self.comm, h, self.gathered)
         return linear(self.comm, h, w["down"], w.get("down_bias"), self.out_style, seq)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dist.collectives import copy_to, gather_from, linear_gathered, reduce_from, scatter_to
+from ..dist.collectives import copy_to, gather_from, linear_gathered, reduce_from, reduce_scatter_to
 from ..dist.comm import Comm
 from .weight_only import Int8Weight, int8_linear
 
@@ -32,12 +32,12 @@ def _reduce(comm: Comm, y: torch.Tensor, *inputs: torch.Tensor | None) -> torch.
     """All-reduce partial sums over the TP group, through autograd when ``inputs`` need a gradient."""
     if comm.layout.tp == 1:
         return y
-    return reduce_from(y, comm.tp_group) if needs_grad(*inputs) else comm.tp_all_reduce(y)
+    return reduce_from(y, comm.tp) if needs_grad(*inputs) else comm.tp_all_reduce(y)
 
 
 def _enter(comm: Comm, x: torch.Tensor, *weights: torch.Tensor | None) -> torch.Tensor:
     """A replicated activation entering a TP-split op: in the backward, every rank's part of its gradient adds up."""
-    return copy_to(x, comm.tp_group) if comm.layout.tp > 1 and needs_grad(x, *weights) else x
+    return copy_to(x, comm.tp) if comm.layout.tp > 1 and needs_grad(x, *weights) else x
 
 
 def own_tokens(comm: Comm, x: torch.Tensor, seq: list[int]) -> torch.Tensor:
@@ -50,17 +50,18 @@ def gather_tokens(comm: Comm, x: torch.Tensor, seq: list[int]) -> torch.Tensor:
     """Every TP rank's tokens of a sequence-parallel activation, concatenated along the sequence (dim 1); the
     backward keeps this rank's tokens' gradient (a ``copy_to`` after it sums the gradient first, where needed)."""
     if needs_grad(x):
-        return gather_from(x, seq, comm.tp_group, 1)
+        return gather_from(x, seq, comm.tp, 1)
     return comm.tp_all_gather(x, seq, 1)
 
 
 def _reduce_tokens(comm: Comm, y: torch.Tensor, seq: list[int], *inputs: torch.Tensor | None) -> torch.Tensor:
     """Partial sums over the TP group summed, each rank keeping its tokens (a reduce-scatter along the sequence);
     the backward all-gathers the gradient."""
-    y = _reduce(comm, y, *inputs)
+    if comm.layout.tp == 1:
+        return y
     if needs_grad(*inputs):
-        return scatter_to(y, seq, comm.tp_group, 1)
-    return own_tokens(comm, y, seq)
+        return reduce_scatter_to(y, seq, comm.tp, 1)
+    return comm.tp_reduce_scatter(y, seq, 1)
 
 
 def linear(comm: Comm, x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None, style: str,
@@ -81,7 +82,7 @@ def linear(comm: Comm, x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias:
         return y if bias is None else y + bias
     if seq is not None:
         if needs_grad(x, weight, bias):
-            return linear_gathered(x, weight, bias, seq, comm.tp_group)
+            return linear_gathered(x, weight, bias, seq, comm.tp)
         x = gather_tokens(comm, x, seq)
     return matmul(_enter(comm, x, weight, bias), weight, bias)
 
@@ -96,7 +97,7 @@ def gather_output(comm: Comm, local: torch.Tensor, sizes: list[int]) -> torch.Te
     if comm.layout.tp == 1:
         return local
     if needs_grad(local):
-        return gather_from(local, sizes, comm.tp_group)
+        return gather_from(local, sizes, comm.tp)
     return comm.tp_all_gather(local, sizes)
 
 
@@ -111,6 +112,30 @@ def embedding(comm: Comm, ids: torch.Tensor, weight: torch.Tensor, vocab: tuple[
     mine = (ids >= lo) & (ids < hi)
     out = F.embedding((ids - lo) * mine, weight) * mine.unsqueeze(-1)
     return _reduce(comm, out, weight) if seq is None else _reduce_tokens(comm, out, seq, weight)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused gate/up projection's output (gate first). Under autograd it keeps that output
+    alone for the backward and computes the silu again there: autograd's own graph would also keep the silu's
+    output, an extra ffn/tp values per token and layer, a tenth of what a Llama layer keeps. The backward runs
+    autograd's own ops, so gradients are the same bits."""
+    if needs_grad(gate_up):
+        return _SwiGLU.apply(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        gate, up = ctx.saved_tensors[0].chunk(2, dim=-1)
+        return torch.cat([torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)], dim=-1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fp32_scale: bool = False) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..dist.collectives import exchange, exchange_runs
 from ..dist.comm import Comm
 from ..plan.rank import RankPlan, expert_shares
+from .layers import swiglu
 
 
 class MoE:
@@ -65,8 +66,7 @@ class MoE:
         y = self.dispatch(x, chosen.reshape(-1), w["experts_gate_up"], w["experts_down"])
         out = (y.view(*chosen.shape, x.shape[-1]) * weights[..., None]).sum(dim=1).to(x.dtype)
         if self.shared:
-            gate, up = F.linear(x, w["shared_gate_up"]).chunk(2, dim=-1)
-            shared = F.linear(F.silu(gate) * up, w["shared_down"])
+            shared = F.linear(swiglu(F.linear(x, w["shared_gate_up"])), w["shared_down"])
             out = out + torch.sigmoid(F.linear(x, w["shared_gate"])) * shared
         return out.view(shape)
 
@@ -95,8 +95,7 @@ class MoE:
         expert, order = torch.sort(slots, stable=True)
         ends = torch.bincount(expert, minlength=local).cumsum(0).to(torch.int32)
         h = grouped_linear(rows[order], gate_up.view(local, -1, hidden), ends)
-        gate, up = h.chunk(2, dim=-1)
-        y = grouped_linear(F.silu(gate) * up, down.view(local, hidden, -1), ends)
+        y = grouped_linear(swiglu(h), down.view(local, hidden, -1), ends)
         return y.new_zeros(y.shape).index_copy(0, order, y)
 
 

@@ -34,7 +34,7 @@ def full_width_qk_norm(comm: Comm, q: torch.Tensor, k: torch.Tensor, q_weight: t
     k_sum = k32.pow(2).sum(-1) if counts_kv else torch.zeros_like(q_sum)
     sums = torch.stack([q_sum, k_sum], dim=-1)
     if split and comm.layout.tp > 1:
-        sums = shared_sum(sums, comm.tp_group) if needs_grad(sums) else comm.tp_all_reduce(sums)
+        sums = shared_sum(sums, comm.tp) if needs_grad(sums) else comm.tp_all_reduce(sums)
     q_inv = torch.rsqrt(sums[..., :1] / widths[0] + eps)
     k_inv = torch.rsqrt(sums[..., 1:] / widths[1] + eps)
     return (scale_norm(q32 * q_inv, q_weight, q.dtype, fp32_scale),

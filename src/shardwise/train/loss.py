@@ -52,7 +52,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         peak = wide.max(dim=-1).values
         if group is not None:
             dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-        exp = torch.exp(wide - peak.unsqueeze(-1))
+        exp = (wide - peak.unsqueeze(-1)).exp_()  # the only tensor of the logits' size kept for the backward
         local = targets - vocab_start
         mine = (local >= 0) & (local < width) & (targets != ignore_index)
         index = torch.where(mine, local, 0).unsqueeze(-1)
@@ -70,7 +70,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         exp, total, index, mine, counted = ctx.saved_tensors
-        softmax = exp / total.unsqueeze(-1)
+        # The saved exponentials become the gradient in place: at a long sequence the logits' size is the largest
+        # activation there is. (A second backward through the graph finds them changed and raises.)
+        softmax = exp.div_(total.unsqueeze(-1))
         softmax.scatter_add_(-1, index, -mine.to(softmax.dtype).unsqueeze(-1))
-        scale = torch.where(counted, grad.to(softmax.dtype), 0).unsqueeze(-1)
-        return (softmax * scale).to(ctx.dtype), None, None, None, None
+        softmax.mul_(torch.where(counted, grad.to(softmax.dtype), 0).unsqueeze(-1))
+        return softmax.to(ctx.dtype), None, None, None, None
