@@ -282,8 +282,10 @@ RESUMES = {  # name: (layout, provider, the saved run's provider)
     "pp 2->1": (Layout(dp=2), "resident", "pp2"),
     "pp 2->tp 2": (Layout(tp=2), "zero3", "pp2"),
     "pp 2->3": (Layout(pp=3), "resident", "pp2"),
+    "tp 2->pp 2, zero3": (Layout(pp=2), "zero3", "tp2"),
 }
-HALFWAY = {"resident": (Layout(dp=2), "resident"), "zero3": (Layout(dp=2), "zero3"), "pp2": (Layout(pp=2), "resident")}
+HALFWAY = {"resident": (Layout(dp=2), "resident"), "zero3": (Layout(dp=2), "zero3"), "pp2": (Layout(pp=2), "resident"),
+           "tp2": (Layout(tp=2), "resident")}
 
 
 def _job(checkpoint, stream, layout, provider, steps, save, log, resume=None) -> TrainArgs:
@@ -307,8 +309,8 @@ def _resume_stream(checkpoint: Path, tmp: Path) -> TokenStream:
 
 
 def _keeping_step_2(checkpoint: Path, stream: TokenStream, name: str, tmp: Path) -> tuple[int, Callable, tuple]:
-    """An uninterrupted 4-step run (``HALFWAY[name]``: at dp 2 or pp 2), logging to ``tmp/<name>.jsonl`` and keeping
-    the training checkpoint it saves at step 2 as ``tmp/<name>-2``."""
+    """An uninterrupted 4-step run (``HALFWAY[name]``: at dp 2, pp 2 or tp 2), logging to ``tmp/<name>.jsonl`` and
+    keeping the training checkpoint it saves at step 2 as ``tmp/<name>-2``."""
     from train_workers import train_keeping_every_save
 
     layout, provider = HALFWAY.get(name, (Layout(dp=2), name))
@@ -347,8 +349,8 @@ def runs(with_tokenizer, checkpoints, tmp_path_factory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def halfway(runs):
-    """Uninterrupted 4-step runs (resident and zero3 at dp 2, resident at pp 2), each also saving a training
-    checkpoint at step 2."""
+    """Uninterrupted 4-step runs (resident and zero3 at dp 2, resident at pp 2 and at tp 2), each also saving a
+    training checkpoint at step 2."""
     full, saved = {}, {}
     for name in HALFWAY:
         runs["launches"].result(("halfway", name))

@@ -24,7 +24,7 @@ from ..io.loader import load_model
 from ..plan.mesh import Layout
 from ..plan.spec import load_spec
 from ..train.optim import AdamW
-from ..train.step import Trainer
+from ..train.step import Trainer, keep_freed_heap
 from .measure import _MB, _release_freed_memory, _reset_peak, _status_kb, all_ranks, barrier
 
 TRAIN_SETTINGS = ("fsdp2", "fsdp2_recompute", "zero3", "resident")
@@ -134,7 +134,9 @@ def train_summary(lines: list[dict], world: int, batch: int, seq: int, steps: in
 
 
 def _setting(setting: str, make_step, ids: torch.Tensor, tokens: int, steps: int, warmup: int) -> dict:
-    """One setting's line: ``make_step()`` builds its (step, close), timed on ``ids``, ``tokens`` a step."""
+    """One setting's line: ``make_step()`` builds its (step, close), timed on ``ids``, ``tokens`` a step. Every
+    setting, the peers' too, keeps its freed heap as a ``Trainer`` does."""
+    keep_freed_heap()
     _release_freed_memory()
     _reset_peak()
     step, close = make_step()

@@ -235,19 +235,21 @@ class ShmCollectives(_Slots):
 
     def reduce_scatter(self, out: torch.Tensor, x: torch.Tensor, starts: list[int]) -> bool:
         """The group's sum of elements ``starts[rank]`` on of flat ``x`` (as many as ``out`` holds) into ``out``;
-        every rank sends all of its ``x``, each rank's part at ``starts[r]``."""
+        every rank sends all of its ``x`` but its own part, each rank's part at ``starts[r]``, so each moves the
+        bytes a reduce-scatter's floor moves: the others' parts out, its own part from every other rank in."""
         if x.device.type != "cpu":
             return False
         send, into = x.contiguous().view(-1), out.view(-1)
         lo, hi = starts[self.rank], starts[self.rank] + into.numel()
         for start, stop in self._rounds(send.numel(), send.element_size()):
-            slots = self._exchange(send[start:stop])
             a, b = max(lo, start), min(hi, stop)
+            slots = self._exchange(send[start:stop], (a - start, b - start) if a < b else None)
             if a < b:
+                terms = [send[a:b] if r == self.rank else slot[a - start: b - start] for r, slot in enumerate(slots)]
                 chunk = into[a - lo: b - lo]
-                chunk.copy_(slots[0][a - start: b - start])
-                for slot in slots[1:]:
-                    chunk.add_(slot[a - start: b - start])
+                chunk.copy_(terms[0])
+                for term in terms[1:]:
+                    chunk.add_(term)
         return True
 
     def _rounds(self, numel: int, itemsize: int) -> list[tuple[int, int]]:
@@ -256,12 +258,15 @@ class ShmCollectives(_Slots):
         step = self.capacity // itemsize
         return [(start, min(start + step, numel)) for start in range(0, max(numel, 1), step)]
 
-    def _exchange(self, send: torch.Tensor) -> list[torch.Tensor]:
-        """Write ``send`` (one round's elements) into this rank's slot, wait for every rank, and return every rank's
-        slot of the round as elements of ``send``'s dtype, in rank order."""
+    def _exchange(self, send: torch.Tensor, hole: tuple[int, int] | None = None) -> list[torch.Tensor]:
+        """Write ``send`` (one round's elements, but for the ``hole`` range no one reads) into this rank's slot, wait
+        for every rank, and return every rank's slot of the round as elements of ``send``'s dtype, in rank order."""
         self.seq += 1
         buf = self.seq % 2
-        self._slot(buf, self.rank, send)[: send.numel()].copy_(send)
+        mine = self._slot(buf, self.rank, send)
+        a, b = hole or (send.numel(), send.numel())
+        mine[:a].copy_(send[:a])
+        mine[b: send.numel()].copy_(send[b:])
         self.flags[self.rank] = self.seq
         wait_for(self.flags, self.seq, self.timeout, "shared-memory collective: ranks")
         return [self._slot(buf, r, send) for r in range(self.size)]

@@ -29,6 +29,7 @@ scales by ``max_grad_norm / norm`` as torch's ``clip_grad_norm_`` does.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import time
@@ -50,6 +51,7 @@ from .weights import WeightTraining
 log = logging.getLogger(__name__)
 
 TRAINABLE = ("resident", "zero3")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,27 @@ class Trained(Protocol):
         """Free what construction created (collective)."""
 
 
+def keep_freed_heap() -> None:
+    """Have glibc keep this process's freed memory for the next allocation of its size instead of returning it to
+    the kernel (a no-op off glibc).
+
+    A training step allocates the same large tensors as the step before (activations, the
+    gathered tokens, the logits, the collectives' buffers) and frees them all by its end. By
+    default glibc gives each above an adaptive threshold (at most 32 MiB) fresh pages and trims
+    the heap's free top, so every step pays a page fault per 4 KiB when they come back: at seq
+    2048 on the 349M benchmark model, 30 000-150 000 faults and 0.5-3 s of a 37-39 s step spent
+    in the kernel, measured. With allocations up to 256 MiB from the heap and up to 2 GiB of
+    its free top kept, a step takes a handful. The process's peak is what the step needs either way; its
+    memory between steps stays at that peak, as a GPU's caching allocator keeps it.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 256 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)  # mallopt's largest: 2 GiB of free top kept
+    except (OSError, AttributeError):
+        pass
+
+
 class Trainer:
     """Trains what ``trains`` says of ``model`` in place; construction is collective (training the weights creates
     the reduction groups)."""
@@ -115,6 +138,8 @@ class Trainer:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         self.model, self.max_grad_norm = model, max_grad_norm
+        if model.device.type == "cpu":
+            keep_freed_heap()
         self.target: Trained = WeightTraining(model, trains) if isinstance(trains, AdamW) else trains
         self.recompute = plan.provider == "zero3"
         coef = plan.spec.aux_loss_coef

@@ -144,3 +144,4 @@ class WeightTraining:
     def close(self) -> None:
         self.partial.close()
         self.tied.close()
+        self.dp.close()
