@@ -72,12 +72,27 @@ def test_plan_table(checkpoints, name):
 
 
 def test_bench_load_json(checkpoints):
-    out = shardwise("bench", "load", str(checkpoints["mistral-untied"]), "--tp", "2", "--json")
+    """One row per rank, then (``--cold``) the slower rank's cold load beside one sequential cold read, or why the
+    pages could not be dropped."""
+    out = shardwise("bench", "load", str(checkpoints["mistral-untied"]), "--tp", "2", "--json", "--cold")
     assert out.returncode == 0, out.stderr
-    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    *rows, cold = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["rank"] for r in rows] == [0, 1]
     for r in rows:
         assert r["load_s"] > 0 and r["bytes"] > 0 and r["peak_rss_growth"] >= 0 and r["floor_s"] > 0
+    assert cold["cold_load_s"] == max(r["load_s"] for r in rows) and cold["sequential_read_s"] > 0
+    assert cold["cold_over_sequential"] == cold["cold_load_s"] / cold["sequential_read_s"]
+    assert isinstance(cold.get("not_cold", ""), str)
+
+
+def test_bench_export_json(checkpoints, tmp_path):
+    """The export from TP 2 beside its floors: one rank writing every byte, and every rank its share at once."""
+    out = shardwise("bench", "export", str(checkpoints["mistral-untied"]), "--tp", "2", "--json",
+                    "--work-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert row["bytes"] > 0 and all(row[k] > 0 for k in ("export_s", "sequential_write_s", "parallel_write_s"))
+    assert list(tmp_path.iterdir()) == []  # the bench's work directory is gone with every file in it
 
 
 def _expected_text(path: Path, prompt_ids: list[int], steps: int) -> str:

@@ -1,5 +1,6 @@
-"""``shardwise bench export``: the parallel HF export against one sequential write of the same bytes, and the
-times of a sharded save and a reshard."""
+"""``shardwise bench export``: the parallel HF export against two floors, one sequential write of the same bytes
+and every rank writing its share of them to a file of its own at once, and the times of a sharded save and a
+reshard."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from .measure import barrier
 
 
 def bench_export_rank(directory: str, tp: int, work: str) -> dict:
-    """Export from TP=tp against one sequential write of the same bytes, and a reshard to another layout.
+    """Export from TP=tp against one sequential write of the same bytes and the ranks' parallel raw write of their
+    shares, and a reshard to another layout.
 
     Every timed phase starts after ``os.sync()``, so none pays for the previous one's writeback.
     """
@@ -43,6 +45,10 @@ def bench_export_rank(directory: str, tp: int, work: str) -> dict:
         timed("sequential_write_s", sequential_write, work_dir / "sequential.bin", row["bytes"])
     else:
         timed("sequential_write_s", lambda: None)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    share = row["bytes"] // world + (rank < row["bytes"] % world)
+    timed("parallel_write_s", raw_write, work_dir / f"rank{rank}.bin", share)
+    (work_dir / f"rank{rank}.bin").unlink()
     timed("save_sharded_s", save_sharded, weights, work_dir / "sharded")
     del weights
     target = Layout(1, tp)  # same ranks, a wholly different split: TP=N becomes PP=N
@@ -50,6 +56,20 @@ def bench_export_rank(directory: str, tp: int, work: str) -> dict:
                                             work_dir / "resharded"))
     row["reshard_to"] = f"tp={target.tp} pp={target.pp}"
     return row
+
+
+def raw_write(path: Path, nbytes: int, chunk: int = 64 << 20) -> None:
+    """Write ``nbytes`` to a new file with ``pwrite`` at explicit offsets and fsync it: what a rank exporting its
+    share writes, without the format."""
+    buf = memoryview(torch.randint(0, 255, (min(chunk, nbytes) or 1,), dtype=torch.uint8).numpy())
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        at = 0
+        while at < nbytes:
+            at += os.pwrite(fd, buf[: min(nbytes - at, len(buf))], at)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sequential_write(path: Path, nbytes: int, chunk: int = 64 << 20) -> float:

@@ -23,7 +23,7 @@ from ..plan.rank import plan_rank
 from ..plan.series import Series
 from ..plan.spec import load_spec
 from ..providers.weights import arena
-from .measure import PeakRSS, barrier, bytes_read, checkpoint_files
+from .measure import PeakRSS, barrier, bytes_read, checkpoint_files, drop_pages, sequential_read
 
 
 def read_floor(directory: str | Path, nbytes: int, rank: int) -> float:
@@ -66,8 +66,13 @@ def source_bytes(directory: str | Path, layout: Layout, rank: int, provider: str
 
 
 def bench_load_rank(directory: str, layout: Layout, dtype: torch.dtype, with_hf: bool,
-                    provide: Provide | None = None) -> list[dict]:
-    """Runs on every rank; returns every rank's row (on rank 0). HF's load is timed only for a TP-only layout."""
+                    provide: Provide | None = None, cold: bool = False) -> list[dict]:
+    """Runs on every rank; returns every rank's row (on rank 0). HF's load is timed only for a TP-only layout.
+
+    ``cold``: the checkpoint's pages are dropped before the load, and afterwards, dropped
+    again, rank 0 times one sequential read of every byte (``sequential_read_s``), the
+    storage's floor, while the other ranks wait; ``cold`` in the row says why the pages
+    could not be dropped, if they could not (then both figures are warm ones)."""
     provide = provide or Provide()
     rank = dist.get_rank() if dist.is_initialized() else 0
     share = source_bytes(directory, layout, rank, provide.provider, provide.series)
@@ -77,7 +82,10 @@ def bench_load_rank(directory: str, layout: Layout, dtype: torch.dtype, with_hf:
         whole, (stage, d, _, t) = replace(layout, ep=1), layout.position(rank)
         row["every_expert_bytes"] = source_bytes(directory, whole, whole.rank_of(stage, d, 0, t), provide.provider,
                                                  provide.series)
-    barrier()
+    if cold:
+        row["cold"] = _drop_everywhere(directory)
+    else:
+        barrier()
     with PeakRSS() as mem:
         t0, c0, r0 = time.perf_counter(), time.process_time(), bytes_read()
         model = load_model(directory, layout, dtype=dtype, progress=False, **vars(provide))
@@ -90,6 +98,11 @@ def bench_load_rank(directory: str, layout: Layout, dtype: torch.dtype, with_hf:
     row["rss_ratio"] = mem.growth / row["shard_bytes"]
     model.close()
     barrier()
+    if cold:
+        row["cold"] = row["cold"] or _drop_everywhere(directory)
+        if rank == 0:
+            row["sequential_read_s"] = sequential_read(directory)
+        barrier()
     # Measured after the load, best of three: any one-time cost of the process falls on shardwise, not the floor.
     row["floor_s"] = min(read_floor(directory, share, rank) for _ in range(3))
     if with_hf and layout.world_size == layout.tp:
@@ -101,6 +114,14 @@ def bench_load_rank(directory: str, layout: Layout, dtype: torch.dtype, with_hf:
     else:
         rows = [row]
     return rows
+
+
+def _drop_everywhere(directory: str) -> str | None:
+    """Drop the checkpoint's pages on every rank (each host has its own page cache), then line the ranks up."""
+    barrier()
+    failed = drop_pages(directory)
+    barrier()
+    return failed
 
 
 def _hf_load_seconds(directory: str, dtype: torch.dtype, world: int) -> float:

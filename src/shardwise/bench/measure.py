@@ -1,9 +1,13 @@
 """What every benchmark measures with: resident memory and its peak, barriers, one value from every rank, a
-warm page cache."""
+warm or a cold page cache."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import mmap
+import os
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -59,6 +63,52 @@ def warm_page_cache(directory: str | Path) -> None:
         with open(path, "rb") as f:
             while f.read(64 << 20):
                 pass
+
+
+def drop_pages(directory: str | Path) -> str | None:
+    """Evict the checkpoint's files from the page cache (``posix_fadvise(DONTNEED)``, which needs no privilege but
+    keeps pages another process has mapped or dirtied); None once no page is resident, else why not."""
+    if not hasattr(os, "posix_fadvise"):
+        return "this OS has no posix_fadvise"
+    for path in checkpoint_files(directory):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        left = resident_fraction(path)
+        if left:
+            return f"{path}: {left:.1%} of its pages still resident after POSIX_FADV_DONTNEED"
+    return None
+
+
+def resident_fraction(path: Path) -> float:
+    """The share of ``path``'s pages in the page cache (``mincore`` over a private mapping, which reads nothing;
+    0.0 where it cannot tell)."""
+    size = path.stat().st_size
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not size or not hasattr(libc, "mincore"):
+        return 0.0
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mem:
+        start = ctypes.c_char.from_buffer(mem)
+        failed = libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), vec)
+        del start  # the buffer export must end before the mapping closes
+    return 0.0 if failed else sum(b & 1 for b in vec) / pages
+
+
+def sequential_read(directory: str | Path, chunk: int = 16 << 20) -> float:
+    """Seconds one reader takes to read every byte of the checkpoint's files in order, in ``chunk`` reads into one
+    buffer: the storage's floor for a load, cold if the pages were dropped first."""
+    buf = memoryview(bytearray(chunk))
+    t0 = time.perf_counter()
+    for path in checkpoint_files(directory):
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - t0
 
 
 def barrier() -> None:

@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--dtype", type=_dtype, default="float32", help="dtype the ranks load into")
     _provider_args(bl)
     bl.add_argument("--hf", action="store_true", help="also time HF from_pretrained(tp_plan='auto') in the same run")
+    bl.add_argument("--cold", action="store_true",
+                    help="drop the checkpoint's pages before the load, and time one sequential cold read of it too")
     bl.add_argument("--json", action="store_true", help="one JSON object per rank per line")
     bm = command(b, "moe", "a mixture of experts' prefill and decode tokens/s: --ep N, EP 1 and HF",
                  cmd_bench_moe)
@@ -241,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--repeats", type=POSITIVE, default=5, help="timed generations per setting (median)")
     bs.add_argument("--dtype", type=_dtype, default="bfloat16", help="dtype the ranks compute in")
     bs.add_argument("--json", action="store_true", help="one JSON object")
-    be = command(b, "export", "parallel HF export vs one sequential write of the same bytes; reshard time",
+    be = command(b, "export", "parallel HF export vs a sequential and a parallel raw write of its bytes; reshard time",
                  cmd_bench_export)
     be.add_argument("checkpoint")
     be.add_argument("--tp", type=POSITIVE, default=1, help="tensor-parallel degree of the export (reshard: PP=TP)")
