@@ -282,7 +282,7 @@ def test_offload_keeps_what_scales_with_the_masters_in_host_memory(checkpoints, 
             pinned = {t.untyped_storage().data_ptr() in arenas for t in tensors.values()}
             assert pinned == {offload}, f"offload={offload}: {role} page-locked: {pinned}"
         assert len(locked) == (3 if offload else 0)
-        on_device = [trainer.target.dp.full, trainer.target.dp.part, *provider.fetch_buffers]
+        on_device = [trainer.target.dp.full, *provider.fetch_buffers]
         on_device += [trainer.target.optimizer.staging] if offload else []
         assert {t.device for t in on_device} == {meta}
         assert trainer.target.optimizer.staging is None or trainer.target.optimizer.staging.shape == (3, max(

@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                  cmd_bench_export)
     be.add_argument("checkpoint")
     be.add_argument("--tp", type=POSITIVE, default=1, help="tensor-parallel degree of the export (reshard: PP=TP)")
-    be.set_defaults(pp=1, dp=1, ep=1, expert_placement="contiguous", tp_plan=None)
+    be.set_defaults(pp=1, dp=1, ep=1, sp=False, expert_placement="contiguous", tp_plan=None)
     be.add_argument("--work-dir", default=None, help="where to write (default: the system temp dir)")
     be.add_argument("--json", action="store_true")
     return parser

@@ -37,8 +37,8 @@ def training_memory(plan: RankPlan, work_dtype: torch.dtype | None = None, prefe
 
     The fp32 masters, their gradient sums and AdamW's moments are each laid out like the
     masters; under ZeRO-3 come its work buffers and staging (``memory_plan``, as for gloo
-    gathers), the two buffers a block's gradients are summed in over DP (a whole block, and
-    this rank's chunk) and, with offload, the device's copy of one block's moments and gradient.
+    gathers), the buffer a block's gradients are summed in over DP (a whole block) and, with
+    offload, the device's copy of one block's moments and gradient.
     """
     numel = [b.numel for b in plan.buffers]
     held = sum(numel) * FP32
@@ -46,7 +46,7 @@ def training_memory(plan: RankPlan, work_dtype: torch.dtype | None = None, prefe
     if plan.provider == "zero3":
         memory = memory_plan(plan, torch.float32, work_dtype, prefetch, offload)
         flats = plan.flats.values()
-        summed = (max(f.parts * f.chunk for f in flats) + max(f.chunk for f in flats)) * FP32
+        summed = max(f.parts * f.chunk for f in flats) * FP32
         staged = (len(MOMENTS) + 1) * max(numel) * FP32 if offload else 0
         out |= {"work": memory["work"], "staging": memory["staging"] + summed + staged}
     return out
