@@ -55,7 +55,7 @@ def segment_bytes(size: int) -> int:
 def attach(group: dist.ProcessGroup, ranks: list[int], timeout: float) -> ShmCollectives | None:
     """The group's shared-memory collectives, or None (gloo) unless every rank proved it maps the same segment."""
     mem = share(group, ranks, segment_bytes(len(ranks)), "collectives")
-    return None if mem is None else ShmCollectives(mem, ranks.index(dist.get_rank()), len(ranks), timeout)
+    return None if mem is None else ShmCollectives(mem, ranks.index(dist.get_rank()), len(ranks), timeout, ranks)
 
 
 def attach_all_to_all(group: dist.ProcessGroup, ranks: list[int], timeout: float) -> ShmAllToAll | None:
@@ -63,7 +63,7 @@ def attach_all_to_all(group: dist.ProcessGroup, ranks: list[int], timeout: float
     if len(ranks) > HEADER // 8 - 2:
         return None
     mem = share(group, ranks, segment_bytes(len(ranks)), "all-to-all")
-    return None if mem is None else ShmAllToAll(mem, ranks.index(dist.get_rank()), len(ranks), timeout)
+    return None if mem is None else ShmAllToAll(mem, ranks.index(dist.get_rank()), len(ranks), timeout, ranks)
 
 
 def share(group: dist.ProcessGroup, ranks: list[int], total: int, what: str) -> mmap.mmap | None:
@@ -184,8 +184,9 @@ def wait_for(flags: np.ndarray, target: int, timeout: float, who: str, ranks: li
 class _Slots:
     """A group's segment: one sequence flag per rank, then two buffers of a ``CAPACITY`` slot per rank."""
 
-    def __init__(self, mem: mmap.mmap, rank: int, size: int, timeout: float):
+    def __init__(self, mem: mmap.mmap, rank: int, size: int, timeout: float, ranks: list[int] | None = None):
         self.mem, self.rank, self.size, self.timeout = mem, rank, size, timeout
+        self.ranks = ranks  # the group's global ranks, which a timeout names
         self.seq, self.capacity = 0, CAPACITY  # the capacity the segment was made with
         self.flags = np.ndarray((size * FLAG_STRIDE,), dtype=np.int64, buffer=mem)[::FLAG_STRIDE]
         self.data = torch.frombuffer(mem, dtype=torch.uint8, offset=size * FLAG_STRIDE * 8)
@@ -268,7 +269,7 @@ class ShmCollectives(_Slots):
         mine[:a].copy_(send[:a])
         mine[b: send.numel()].copy_(send[b:])
         self.flags[self.rank] = self.seq
-        wait_for(self.flags, self.seq, self.timeout, "shared-memory collective: ranks")
+        wait_for(self.flags, self.seq, self.timeout, "shared-memory collective: ranks", self.ranks)
         return [self._slot(buf, r, send) for r in range(self.size)]
 
     def _slot(self, buf: int, rank: int, like: torch.Tensor) -> torch.Tensor:
@@ -336,7 +337,7 @@ class ShmAllToAll(_Slots):
             mine[HEADER: HEADER + rows.numel()].copy_(rows)
         head[0] = int(fits)
         self.flags[self.rank] = self.seq
-        wait_for(self.flags, self.seq, self.timeout, "shared-memory all-to-all: EP ranks")
+        wait_for(self.flags, self.seq, self.timeout, "shared-memory all-to-all: EP ranks", self.ranks)
         heads = [self._bytes(self.buf, r)[:HEADER].view(torch.int64) for r in range(self.size)]
         if not all(int(h[0]) for h in heads):
             return None
