@@ -283,9 +283,10 @@ RESUMES = {  # name: (layout, provider, the saved run's provider)
     "pp 2->tp 2": (Layout(tp=2), "zero3", "pp2"),
     "pp 2->3": (Layout(pp=3), "resident", "pp2"),
     "tp 2->pp 2, zero3": (Layout(pp=2), "zero3", "tp2"),
+    "pp 3->2 x dp 2": (Layout(pp=2, dp=2), "resident", "pp3"),
 }
 HALFWAY = {"resident": (Layout(dp=2), "resident"), "zero3": (Layout(dp=2), "zero3"), "pp2": (Layout(pp=2), "resident"),
-           "tp2": (Layout(tp=2), "resident")}
+           "tp2": (Layout(tp=2), "resident"), "pp3": (Layout(pp=3), "resident")}
 
 
 def _job(checkpoint, stream, layout, provider, steps, save, log, resume=None) -> TrainArgs:
@@ -309,13 +310,13 @@ def _resume_stream(checkpoint: Path, tmp: Path) -> TokenStream:
 
 
 def _keeping_step_2(checkpoint: Path, stream: TokenStream, name: str, tmp: Path) -> tuple[int, Callable, tuple]:
-    """An uninterrupted 4-step run (``HALFWAY[name]``: at dp 2, pp 2 or tp 2), logging to ``tmp/<name>.jsonl`` and
+    """An uninterrupted 4-step run (``HALFWAY[name]``: at dp 2, pp 2, tp 2 or pp 3), logging to ``tmp/<name>.jsonl`` and
     keeping the training checkpoint it saves at step 2 as ``tmp/<name>-2``."""
     from train_workers import train_keeping_every_save
 
     layout, provider = HALFWAY.get(name, (Layout(dp=2), name))
     job = _job(checkpoint, stream, layout, provider, 4, tmp / name, tmp / f"{name}.jsonl")
-    return 2, train_keeping_every_save, (dataclasses.replace(job, save_every=2),)
+    return layout.world_size, train_keeping_every_save, (dataclasses.replace(job, save_every=2),)
 
 
 def _resuming(checkpoint: Path, stream: TokenStream, layout: Layout, provider: str, saved: Path, tmp: Path
@@ -343,13 +344,13 @@ def runs(with_tokenizer, checkpoints, tmp_path_factory) -> dict[str, Any]:
         jobs["resume", name] = _resuming(with_tokenizer, stream, layout, provider, tmp / f"{saved_by}-2",
                                          tmp / "resumed" / name)
     jobs["resume", "tied"] = _resuming(tied, tied_stream, *RESUMED_TIED, tied_tmp / "resident-2", tied_tmp / "resumed")
-    return dict(launches=SharedLaunches(jobs, timeout=600, needs={3: (2,)}), tmp=tmp, stream=stream, tied=tied,
+    return dict(launches=SharedLaunches(jobs, timeout=600, needs={3: (2,), 4: (3,)}), tmp=tmp, stream=stream, tied=tied,
                 tied_tmp=tied_tmp, tied_stream=tied_stream)
 
 
 @pytest.fixture(scope="module")
 def halfway(runs):
-    """Uninterrupted 4-step runs (resident and zero3 at dp 2, resident at pp 2 and at tp 2), each also saving a
+    """Uninterrupted 4-step runs (resident and zero3 at dp 2, resident at pp 2, tp 2 and pp 3), each also saving a
     training checkpoint at step 2."""
     full, saved = {}, {}
     for name in HALFWAY:
