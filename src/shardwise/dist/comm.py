@@ -68,15 +68,18 @@ class Comm:
         return None if self.layout.tp == 1 else Group(self.tp_group, self.shm)
 
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.tp is None else self.tp.all_reduce(x)
+        tp = self.tp
+        return x if tp is None else tp.all_reduce(x)
 
     def tp_all_gather(self, x: torch.Tensor, sizes: list[int], dim: int = -1) -> torch.Tensor:
         """Concatenate uneven pieces from every TP rank along ``dim``."""
-        return x if self.tp is None else self.tp.all_gather(x, sizes, dim)
+        tp = self.tp
+        return x if tp is None else tp.all_gather(x, sizes, dim)
 
     def tp_reduce_scatter(self, x: torch.Tensor, sizes: list[int], dim: int = -1) -> torch.Tensor:
         """The TP group's sum of ``x``, this rank keeping its piece along ``dim`` (``sizes`` per TP rank)."""
-        return x if self.tp is None else self.tp.reduce_scatter(x, sizes, dim)
+        tp = self.tp
+        return x if tp is None else tp.reduce_scatter(x, sizes, dim)
 
     def dp_max(self, x: torch.Tensor) -> torch.Tensor:
         """Element-wise max over the DP group, in place."""

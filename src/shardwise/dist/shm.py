@@ -191,6 +191,11 @@ class _Slots:
         self.flags = np.ndarray((size * FLAG_STRIDE,), dtype=np.int64, buffer=mem)[::FLAG_STRIDE]
         self.data = torch.frombuffer(mem, dtype=torch.uint8, offset=size * FLAG_STRIDE * 8)
 
+    def _bytes(self, buf: int, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s slot of buffer ``buf``."""
+        start = (buf * self.size + rank) * self.capacity
+        return self.data[start: start + self.capacity]
+
     def close(self) -> None:
         """Unmap the segment; the views go first, since mmap.close() raises BufferError while they export it."""
         del self.flags, self.data
@@ -264,17 +269,14 @@ class ShmCollectives(_Slots):
         for every rank, and return every rank's slot of the round as elements of ``send``'s dtype, in rank order."""
         self.seq += 1
         buf = self.seq % 2
-        mine = self._slot(buf, self.rank, send)
+        mine = self._bytes(buf, self.rank).view(send.dtype)
         a, b = hole or (send.numel(), send.numel())
         mine[:a].copy_(send[:a])
         mine[b: send.numel()].copy_(send[b:])
         self.flags[self.rank] = self.seq
         wait_for(self.flags, self.seq, self.timeout, "shared-memory collective: ranks", self.ranks)
-        return [self._slot(buf, r, send) for r in range(self.size)]
+        return [self._bytes(buf, r).view(send.dtype) for r in range(self.size)]
 
-    def _slot(self, buf: int, rank: int, like: torch.Tensor) -> torch.Tensor:
-        start = (buf * self.size + rank) * self.capacity
-        return self.data[start: start + self.capacity].view(like.dtype)
 
 
 def run_totals(counts: list[int], widths: list[int]) -> list[int]:
@@ -352,7 +354,3 @@ class ShmAllToAll(_Slots):
             start, n = HEADER + sum(sent[: self.rank]) * width, sent[self.rank] * width
             into[at: at + n].copy_(self._bytes(self.buf, r)[start: start + n])
             at += n
-
-    def _bytes(self, buf: int, rank: int) -> torch.Tensor:
-        start = (buf * self.size + rank) * self.capacity
-        return self.data[start: start + self.capacity]
