@@ -111,7 +111,11 @@ def compare(path: str, layout: Layout, declared: tuple[str, ...], ids: torch.Ten
             out["tensors"] = sorted(model.weights.tensors)
             out["measured"] = model.provider.series_nbytes()
             out["nbytes"] = model.provider.nbytes()
-            out["transfer"] = type(model.provider.transfer).__name__
+            provider = model.provider
+            out["transfer"] = type(getattr(provider, "transfer", provider)).__name__
+            out["owner reads the segment"] = all(  # on one host an owner computes from the copy every rank reads
+                provider.tensors[n].data_ptr() == layer.data_ptr()
+                for n, layer in getattr(provider, "layers", {}).items() if n in provider.tensors)
     return out
 
 
@@ -169,12 +173,13 @@ MISUSES: dict[str, Callable[[Model], Any]] = {  # with "*.o,k=0" first: one wind
 }
 
 
-def misuses(path: str, layout: Layout, declared: tuple[str, ...]) -> dict[str, str | None]:
+def misuses(path: str, layout: Layout, declared: tuple[str, ...], shm: bool) -> dict[str, str | None]:
     """Each misuse on a freshly loaded series model: the ProviderError it raised, or None. Every DP rank makes the
     same calls, so a broadcast a misuse starts has its peers."""
     out = {}
     for name, misuse in MISUSES.items():
-        with load_model(path, layout, progress=False, provider="series", series=parse(declared)) as model:
+        with shared_memory(shm), load_model(path, layout, progress=False, provider="series",
+                                            series=parse(declared)) as model:
             try:
                 misuse(model)
                 out[name] = None
@@ -183,10 +188,11 @@ def misuses(path: str, layout: Layout, declared: tuple[str, ...]) -> dict[str, s
     return out
 
 
-def update(path: str, layout: Layout, declared: tuple[str, ...], ids: torch.Tensor, block: str) -> dict[str, Any]:
+def update(path: str, layout: Layout, declared: tuple[str, ...], ids: torch.Tensor, block: str, shm: bool
+           ) -> dict[str, Any]:
     """+1 on every master the update hooks hand out for ``block``, on resident and on series weights: which masters
     the series hands out here, and the forwards (and broadcasts) before and after."""
-    with load_model(path, layout, progress=False) as resident, \
+    with shared_memory(shm), load_model(path, layout, progress=False) as resident, \
             load_model(path, layout, progress=False, provider="series", series=parse(declared)) as model:
         ids = zw.replica_ids(ids, layout, model.spec.vocab)
         out: dict[str, Any] = {"before": model(ids), "held": sorted(model.weights.tensors)}
@@ -206,9 +212,11 @@ def update(path: str, layout: Layout, declared: tuple[str, ...], ids: torch.Tens
     return out
 
 
-def eos_lockstep(paths: dict[str, str], ids: torch.Tensor, steps: int, declared: tuple[str, ...]) -> dict[str, Any]:
-    """zero3_workers.eos_lockstep under a series: replica 0 reaches EOS first yet keeps broadcasting with replica 1
-    until both are done, each with the tokens it generates alone on resident weights."""
+def eos_lockstep(paths: dict[str, str], ids: torch.Tensor, steps: int, declared: tuple[str, ...], shm: bool
+                 ) -> dict[str, Any]:
+    """zero3_workers.eos_lockstep under a series: replica 0 reaches EOS first; broadcasting, it keeps going with
+    replica 1 until both are done, each with the tokens it generates alone on resident weights; sharing the layers
+    on one host, it simply stops."""
     layout = Layout(dp=2)
     mine, prompt = ids[zw.rank() : zw.rank() + 1], ids.shape[1]
     for name, path in paths.items():
@@ -218,7 +226,8 @@ def eos_lockstep(paths: dict[str, str], ids: torch.Tensor, steps: int, declared:
             if eos is None:
                 continue
             alone = resident.generate(mine, steps, eos_token_id=eos)
-        with load_model(path, layout, progress=False, provider="series", series=parse(declared)) as model:
+        with shared_memory(shm), load_model(path, layout, progress=False, provider="series",
+                                            series=parse(declared)) as model:
             together = model.generate(mine, steps, eos_token_id=eos)
         return {"checkpoint": name, "eos": eos, "alone": alone, "together": together}
     return {"checkpoint": None}

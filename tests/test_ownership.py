@@ -36,14 +36,24 @@ def models(draw) -> dict:
 
 def coverage(spec, layout: Layout, provider: str, series: tuple[Series, ...]) -> dict[str, torch.Tensor]:
     """How many ranks own each element of each checkpoint tensor, with each owned box checked against what its
-    rank holds (an owned box must lie inside the held tensor it names, at the offset of those elements)."""
+    rank holds (an owned box must lie inside the held tensor it names, at the offset of those elements) and each
+    element's owner checked to be the lowest rank holding it (found here by walking every rank's plan)."""
     counts = {name: torch.zeros(info.shape, dtype=torch.int32) for name, info in spec.tensors().items()}
+    owner = {name: torch.full(info.shape, -1, dtype=torch.int32) for name, info in spec.tensors().items()}
+    lowest = {name: torch.full(info.shape, -1, dtype=torch.int32) for name, info in spec.tensors().items()}
     for rank in range(layout.world_size):
         plan = plan_rank(spec, layout, rank, provider, series)
+        for t in plan.tensors.values():
+            for box in t.boxes:
+                region = lowest[box.source][box.source_index()]
+                region[region < 0] = rank
         for name, box in plan.owned():
             held = [b for b in plan.tensors[name].boxes if b.source == box.source]
             assert any(b.intersect(box.start, box.stop) == box for b in held), (rank, name, box)
             counts[box.source][box.source_index()] += 1
+            owner[box.source][box.source_index()] = rank
+    for name in counts:
+        assert torch.equal(owner[name], lowest[name]), f"{name}: an element is owned by a rank other than the lowest"
     return counts
 
 
@@ -67,17 +77,23 @@ def test_owned_covers_every_element_once(config, tp, pp, dp, provider):
 
 
 def test_overlapping_zero3_chunks_of_a_replicated_kv_head_are_owned_once():
-    """The issue's cases: 2 heads / 1 KV head at tp 2 dp 3, Mistral-style 6/2 heads at tp 4 dp 4, a tied embedding
-    at pp 2, each under ZeRO-3."""
+    """2 heads / 1 KV head at tp 2 dp 3, Mistral-style 6/2 heads at tp 4 dp 4, a tied embedding at pp 2, each under
+    ZeRO-3; and a mixture of experts at EP 2 (its EP peers hold all but the routed experts alike) under each
+    provider."""
     base = {"model_type": "llama", "num_hidden_layers": 2, "intermediate_size": 20, "vocab_size": 17}
-    cases = [({"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1}, Layout(2, 1, 3)),
-             ({"hidden_size": 24, "num_attention_heads": 6, "num_key_value_heads": 2}, Layout(4, 1, 4)),
-             ({"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": True},
-              Layout(1, 2, 2))]
-    for extra, layout in cases:
-        spec = spec_from_config(base | extra)
-        for name, c in coverage(spec, layout, "zero3", ()).items():
-            assert int(c.max()) == 1 and int(c.min()) == 1, f"{name} at {layout}"
+    moe = {"model_type": "qwen3_moe", "num_hidden_layers": 4, "hidden_size": 8, "num_attention_heads": 2,
+           "num_key_value_heads": 1, "head_dim": 4, "intermediate_size": 12, "moe_intermediate_size": 6,
+           "num_experts": 4, "num_experts_per_tok": 2, "vocab_size": 17, "tie_word_embeddings": True}
+    cases = [(base | {"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1}, Layout(2, 1, 3), "zero3"),
+             (base | {"hidden_size": 24, "num_attention_heads": 6, "num_key_value_heads": 2}, Layout(4, 1, 4),
+              "zero3"),
+             (base | {"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1,
+                      "tie_word_embeddings": True}, Layout(1, 2, 2), "zero3")]
+    cases += [(moe, Layout(2, 2, 2, ep=2), provider) for provider in ("resident", "zero3", "series")]
+    for config, layout, provider in cases:
+        series = (Series("*.o", prefetch=0),) if provider == "series" else ()
+        for name, c in coverage(spec_from_config(config), layout, provider, series).items():
+            assert int(c.max()) == 1 and int(c.min()) == 1, f"{name} at {layout} {provider}"
 
 
 def test_box_minus_leaves_exactly_the_outside():

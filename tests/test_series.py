@@ -62,7 +62,7 @@ class Case:
         return Layout(*self.mesh)
 
 
-PLANNED = Case((1, 1, 2), "llama-tied", ("*.o,k=1", "*.down,k=2"))  # what the plan test prints
+PLANNED = Case((1, 1, 2), "llama-tied", ("*.o,k=1", "*.down,k=2"), shm=False)  # what the plan test prints
 CASES = [  # each compared with resident weights on the same layout
     Case((1, 1, 2), "llama-tied", ("*.o,k=0",)),
     PLANNED,
@@ -83,11 +83,10 @@ CASES = [  # each compared with resident weights on the same layout
     Case((1, 2, 2), "llama-tied", ("*.o,k=1,layers=0:3",)),  # stage 1 has no series at all
     Case((1, 2, 2), "qwen2-untied", ("*.o,k=0", "*.down,k=0")),  # each stage its own series, 3 and 2 layers
 ]
-RINGS = [
-    Case((1, 1, 2), "qwen2-untied", ("*.o,k=2", "*.down,k=1,layers=1:5")),  # position 3 -> 0 wraps to layer 1
-    Case((1, 1, 2), "qwen2-untied", ("*.o,k=2", "*.down,k=1,layers=1:5"), shm=False),
-    Case((1, 1, 3), "llama-tied", ("*.o,k=3", "*.down,k=0")),
-    Case((1, 2, 2), "llama-tied", ("*.o,k=1,layers=0:3", "*.down,k=0")),  # stage 1: only down
+RINGS = [  # broadcasting (gloo): on one host the layers are shared in place, with no ring
+    Case((1, 1, 2), "qwen2-untied", ("*.o,k=2", "*.down,k=1,layers=1:5"), shm=False),  # position 3 -> 0 wraps
+    Case((1, 1, 3), "llama-tied", ("*.o,k=3", "*.down,k=0"), shm=False),
+    Case((1, 2, 2), "llama-tied", ("*.o,k=1,layers=0:3", "*.down,k=0"), shm=False),  # stage 1: only down
 ]
 MISUSE_DECLARED = ("*.o,k=0", "*.down,k=1")  # one window for o: gathering a second layer ahead finds none free
 UPDATED = ("llama-tied", ("*.o,k=1", "*.down,k=0"), "layers.1")  # layer 1: stored by DP rank 1 alone
@@ -138,10 +137,12 @@ class Worlds:
                 args = (self.paths[name], Layout(*mesh), declared, self.dirs(mesh, name), Layout(*other), PROMPT)
                 jobs["round trip", mesh, name] = (sw.round_trip, args)
         if world == 2:
-            jobs["misuse",] = (sw.misuses, (self.paths["qwen2-untied"], Layout(dp=2), MISUSE_DECLARED))
             name, declared, block = UPDATED
-            jobs["update",] = (sw.update, (self.paths[name], Layout(dp=2), declared, PROMPT, block))
-            jobs["eos",] = (sw.eos_lockstep, (self.paths, PROMPT, STEPS, ("*.o,k=1", "*.down,k=2")))  # last: may hang
+            for shm in (False, True):
+                jobs["misuse", shm] = (sw.misuses, (self.paths["qwen2-untied"], Layout(dp=2), MISUSE_DECLARED, shm))
+                jobs["update", shm] = (sw.update, (self.paths[name], Layout(dp=2), declared, PROMPT, block, shm))
+            for shm in (False, True):  # last: may hang
+                jobs["eos", shm] = (sw.eos_lockstep, (self.paths, PROMPT, STEPS, ("*.o,k=1", "*.down,k=2"), shm))
         return jobs
 
     def result(self, world: int, *key) -> list[Any]:
@@ -246,16 +247,23 @@ def test_replicas_fed_different_ids(worlds, case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_broadcasts_travel_through_shared_memory_unless_disabled(worlds, case):
-    """DP ranks of one host broadcast through shared memory; with SHARDWISE_SHM=0 (set in the ranks before the
-    load) through gloo, and the comparison above covers that path too."""
-    assert {out["transfer"] for out in worlds.compare(case)} == {"ShmBroadcast" if case.shm else "Gather"}
+def test_layers_are_shared_on_one_host_else_broadcast(worlds, case):
+    """DP ranks of one host read every series layer in place from one shared segment, the owner computing from the
+    very copy the others read; with SHARDWISE_SHM=0 (set in the ranks before the load, as for ranks on different
+    hosts) they broadcast through gloo, and the comparison above covers both paths."""
+    outs = worlds.compare(case)
+    assert {out["transfer"] for out in outs} == {"SharedSeries" if case.shm else "Gather"}
+    assert all(out["owner reads the segment"] for out in outs)
 
 
-def test_replicas_finishing_at_different_steps_stay_in_lockstep(worlds):
-    """Generation with EOS at dp=2: the replica that is done keeps broadcasting (padding with EOS) until both are,
-    and each generates what it generates alone on resident weights."""
-    early, late = worlds.result(2, "eos")
+def test_replicas_finishing_at_different_steps(worlds):
+    """Generation with EOS at dp=2, each replica generating what it generates alone on resident weights: sharing
+    the layers on one host, the replica that is done stops; broadcasting, it keeps broadcasting (padding with EOS)
+    until both are."""
+    early, late = worlds.result(2, "eos", True)
+    assert early["checkpoint"] is not None, "no checkpoint has a token that only replica 0 generates"
+    assert torch.equal(early["together"], early["alone"]) and torch.equal(late["together"], late["alone"])
+    early, late = worlds.result(2, "eos", False)
     assert early["checkpoint"] is not None, "no checkpoint has a token that only replica 0 generates"
     assert torch.equal(late["together"], late["alone"])
     stop = early["alone"].shape[1]
@@ -282,7 +290,7 @@ def test_each_rank_stores_its_layers_plus_k_plus_1_windows(worlds, case):
             assert all(out["sizes"][n] == layer for n in names)
             mine = owned(names, dp, dp_rank)
             assert len(mine) in (len(names) // dp, -(-len(names) // dp))
-            want = {"held": len(mine) * layer, "windows": (s.prefetch + 1) * layer}
+            want = {"held": len(mine) * layer, "windows": 0 if case.shm else (s.prefetch + 1) * layer}
             assert out["measured"][str(s)] == want, f"rank {rank} {s}"
             groups.setdefault((str(s), stage, tp_rank), []).append(want["held"])
             if dp_rank == dp - 1:
@@ -297,7 +305,8 @@ def test_plan_predicts_the_measured_series_bytes(worlds, case, deep):
     every rank would hold without the series."""
     spec = load_spec(deep[case.name])
     for rank, out in enumerate(worlds.compare(case)):
-        predicted = series_memory(plan_rank(spec, case.layout, rank, "series", parse(case.declared)), case.dtype)
+        predicted = series_memory(plan_rank(spec, case.layout, rank, "series", parse(case.declared)), case.dtype,
+                                  shared=case.shm)
         assert {s: {"held": m["held"], "windows": m["windows"]} for s, m in predicted.items()} == out["measured"]
         for s, names in stage_series(case.mesh, case.declared, rank):
             assert predicted[str(s)]["unsharded"] == sum(out["sizes"][n] for n in names)
@@ -596,17 +605,17 @@ def test_bench_series_prints_one_json_line_with_every_setting(deep, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1, lines
     row = json.loads(lines[0])
-    for name in ("plain", "series_k0", "series_k1", "series_k2"):
+    for name in ("plain", "shared", "broadcast_k0", "broadcast_k1", "broadcast_k2"):
         assert row[f"{name}_s_per_token"] > 0 and row[f"{name}_prefill_s"] > 0, name
     assert row["same_tokens"] is True
-    assert row["copy_floor_s_per_token"] > 0
+    assert row["shared_provider"] == "SharedSeries"
     assert row["patterns"] == ["*.o", "*.down"] and row["ks"] == [0, 1, 2]
     spec, plain = load_spec(deep["qwen2-untied"]), row["held_bytes"]["plain"]
     one_layer = (spec.hidden * spec.heads * spec.head_dim + spec.hidden * spec.intermediate) * 4  # o + down, fp32
-    for k in (0, 1, 2):
-        held, windows = row["held_bytes"][f"series_k{k}"], row["window_bytes"][f"series_k{k}"]
-        assert all(h < p for h, p in zip(held, plain)), (k, held, plain)
-        assert windows == [(k + 1) * one_layer] * 2, (k, windows)
+    for name, k in (("shared", None), ("broadcast_k0", 0), ("broadcast_k1", 1), ("broadcast_k2", 2)):
+        held, windows = row["held_bytes"][name], row["window_bytes"][name]
+        assert all(h < p for h, p in zip(held, plain)), (name, held, plain)
+        assert windows == [0 if k is None else (k + 1) * one_layer] * 2, (name, windows)
 
 
 # 6. The ring.
@@ -674,26 +683,35 @@ MISUSES = {
 }
 
 
+@pytest.mark.parametrize("shm", [False, True], ids=["broadcast", "shared"])
 @pytest.mark.parametrize("misuse", MISUSES)
-def test_misuse_is_a_provider_error_naming_the_block(worlds, misuse):
+def test_misuse_is_a_provider_error_naming_the_block(worlds, misuse, shm):
     """Out-of-order calls on a series provider raise ProviderError naming the rank, the provider and the block, on
-    every DP rank alike (their broadcasts stay paired)."""
-    results = worlds.result(2, "misuse")
+    every DP rank alike (their broadcasts stay paired). Sharing the layers on one host there are no windows, so
+    gathering ahead is no misuse there."""
+    results = worlds.result(2, "misuse", shm)
     assert all(sorted(r) == sorted(MISUSES) for r in results)
+    provider = "SharedSeries" if shm else "SeriesProvider"
     for rank, r in enumerate(results):
+        if shm and misuse == "no free window":
+            assert r[misuse] is None, r[misuse]
+            continue
         assert r[misuse] is not None, f"rank {rank}: {misuse} raised nothing"
-        assert re.search(rf"^rank {rank}: SeriesProvider: .*{MISUSES[misuse]}", r[misuse]), r[misuse]
+        assert re.search(rf"^rank {rank}: {provider}: .*{MISUSES[misuse]}", r[misuse]), r[misuse]
 
 
-def test_update_hooks_hand_each_series_layer_to_its_owner_only(worlds):
+@pytest.mark.parametrize("shm", [False, True], ids=["broadcast", "shared"])
+def test_update_hooks_hand_each_series_layer_to_its_owner_only(worlds, shm):
     """begin_update .. end_update hands out a series layer's master only on the rank that stores it; +1 on what is
-    handed out computes what resident weights updated alike compute, after every layer is broadcast again."""
+    handed out computes what resident weights updated alike compute, after every layer is broadcast again (or, on
+    one host, read again in place from the owner's updated copy)."""
     _, declared, name = UPDATED
-    for rank, u in enumerate(worlds.result(2, "update")):
+    for rank, u in enumerate(worlds.result(2, "update", shm)):
         assert u["handed"] == [n for n in u["held"] if block(n) == name], f"rank {rank}"
         series_layer = {f"{name}.o", f"{name}.down"}
         assert series_layer & set(u["handed"]) == (series_layer if rank == 1 else set()), f"rank {rank}"
         assert not torch.equal(u["after"], u["before"]) and torch.isfinite(u["after"]).all()
         assert torch.equal(u["after"], u["resident after"]), f"rank {rank}: the updated series computes differently"
-        assert u["gathers after"] == sum(len(n) + s.prefetch for s, n in stage_series((1, 1, 2), declared, rank))
+        broadcast = sum(len(n) + s.prefetch for s, n in stage_series((1, 1, 2), declared, rank))
+        assert u["gathers after"] == (0 if shm else broadcast)
 

@@ -1,8 +1,11 @@
 """``shardwise bench series``: decode time per token with and without layer-sharded series, in one run.
 
 Every setting is loaded side by side on the same DP group and fed the same seeded
-prompt; the timed generations then take turns (plain, k=0, k=1, k=2, plain, ...), so a
-drift in the machine's speed touches every setting alike. A generation's decode time
+prompt: plain replicas, the series as one host shares it (every rank reading the owner's
+copy in place), and the series broadcast k=0, 1, 2 layers ahead as ranks on different hosts
+would (through gloo, ``SHARDWISE_SHM=0``). The timed generations then take turns (plain,
+shared, k=0, k=1, k=2, plain, ...), so a drift in the machine's speed touches every setting
+alike. A generation's decode time
 is the time from its first new token to its last, per token. A forward over a longer
 prompt (prefill) is timed apart: a series pays the same broadcasts per layer for it, but
 against far more compute, so the two ends of the trade show in one run.
@@ -10,8 +13,11 @@ against far more compute, so the two ends of the trade show in one run.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -30,13 +36,12 @@ def bench_series_rank(checkpoint: str, new_tokens: int = 32, prompt_tokens: int 
                       ks: tuple[int, ...] = (0, 1, 2), prefill_tokens: int = 128) -> dict:
     """Plain DP replicas against the same replicas with ``patterns`` in series at each prefetch step in ``ks``.
 
-    Returns one dict (the same on every rank): ``plain_s_per_token`` and
-    ``series_k{K}_s_per_token``, each the largest of the ranks' medians over
+    Returns one dict (the same on every rank): ``plain_s_per_token``, ``shared_s_per_token``
+    and ``broadcast_k{K}_s_per_token``, each the largest of the ranks' medians over
     ``repeats`` generations, their ratios to plain, the same for one forward over
-    ``prefill_tokens`` tokens (``*_prefill_s``; 0 tokens skips it), the time to copy the
-    series bytes a rank stores once (``copy_floor_s_per_token``, what each decode step
-    adds at the least when the broadcasts are copies through the host's memory), the bytes each rank holds, whether
-    every setting generated the same tokens, and how the broadcasts travelled.
+    ``prefill_tokens`` tokens (``*_prefill_s``; 0 tokens skips it), the bytes each rank
+    holds, whether every setting generated the same tokens, and which provider the shared
+    setting got (``SeriesProvider`` where the ranks could not share memory).
     """
     if new_tokens < 2 or prompt_tokens < 1 or repeats < 1 or prefill_tokens < 0:
         raise ValueError("new_tokens must be >= 2 (decode time is measured between tokens), prompt_tokens and "
@@ -47,11 +52,14 @@ def bench_series_rank(checkpoint: str, new_tokens: int = 32, prompt_tokens: int 
     seeded = torch.randint(0, spec.vocab, (1, max(prompt_tokens, prefill_tokens)),
                            generator=torch.Generator().manual_seed(0))
     ids, prefill = seeded[:, :prompt_tokens], seeded[:, :prefill_tokens]
-    models = {"plain": load_model(checkpoint, layout, dtype=dtype, progress=False)}
-    for k in ks:
-        series = tuple(Series(p, prefetch=k) for p in patterns)
-        models[f"series_k{k}"] = load_model(checkpoint, layout, dtype=dtype, progress=False, provider="series",
-                                            series=series)
+    models = {"plain": load_model(checkpoint, layout, dtype=dtype, progress=False),
+              "shared": load_model(checkpoint, layout, dtype=dtype, progress=False, provider="series",
+                                   series=tuple(Series(p) for p in patterns))}
+    with _broadcasting():
+        for k in ks:
+            models[f"broadcast_k{k}"] = load_model(checkpoint, layout, dtype=dtype, progress=False,
+                                                   provider="series", series=tuple(Series(p, prefetch=k)
+                                                                                   for p in patterns))
     try:
         tokens = {name: model.generate(ids, 2) for name, model in models.items()}  # warm-up
         times: dict[str, list[float]] = {f"{name}{kind}": [] for name in models for kind in ("", "_prefill")}
@@ -71,33 +79,29 @@ def bench_series_rank(checkpoint: str, new_tokens: int = 32, prompt_tokens: int 
                 for name in models:
                     if name != "plain":
                         out[f"{name}{key}_over_plain"] = out[f"{name}{key}{unit}"] / out[f"plain{key}{unit}"]
-        if ks:
-            owned = sum(m["held"] for m in models[f"series_k{ks[0]}"].provider.series_nbytes().values())
-            out["copy_floor_s_per_token"] = max(all_ranks(_copy_seconds(owned, repeats)))
         out["same_tokens"] = all(all_ranks(all(torch.equal(t, tokens["plain"]) for t in tokens.values())))
         out["held_bytes"] = {name: all_ranks(model.provider.nbytes()["masters"]) for name, model in models.items()}
         out["window_bytes"] = {name: all_ranks(model.provider.nbytes()["work"]) for name, model in models.items()
                                if name != "plain"}
-        if ks:
-            out["transfer"] = type(models[f"series_k{ks[0]}"].provider.transfer).__name__
+        out["shared_provider"] = type(models["shared"].provider).__name__
         return out
     finally:
         for model in models.values():
             model.close()
 
 
-def _copy_seconds(nbytes: int, repeats: int) -> float:
-    """Median seconds to copy ``nbytes`` once, every rank at once: the memory traffic a decode step adds when each
-    rank writes the series layers it stores into the host's shared windows (a floor for the series' cost on CPU)."""
-    src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
-    dst.copy_(src)  # first touch of the pages
-    seconds = []
-    for _ in range(repeats):
-        barrier()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        seconds.append(time.perf_counter() - t0)
-    return statistics.median(seconds)
+@contextlib.contextmanager
+def _broadcasting() -> Iterator[None]:
+    """Loads in this block broadcast their series layers, as on ranks of different hosts: SHARDWISE_SHM=0."""
+    old = os.environ.get("SHARDWISE_SHM")
+    os.environ["SHARDWISE_SHM"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SHARDWISE_SHM"]
+        else:
+            os.environ["SHARDWISE_SHM"] = old
 
 
 def _forward(model: Model, ids: torch.Tensor) -> float:

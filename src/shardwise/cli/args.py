@@ -159,9 +159,9 @@ def _checkpoint_dir(path: str, flag: str = "") -> str:
 def _plan_everywhere(path: str, layout: Layout, provider: str = "resident", series: tuple[Series, ...] = (),
                      config_file: bool = False):
     """The model spec of the checkpoint directory ``path`` (or with ``config_file``, of a config.json too), with the
-    layout (and any series) checked on every rank: what a spawned job would find, in a second."""
+    layout (and any series) checked on every position of a replica: what a spawned job would find, in a second."""
     spec = load_spec(path if config_file else _checkpoint_dir(path))
-    for rank in range(layout.world_size):
+    for rank in layout.replica(0):
         plan_rank(spec, layout, rank, provider, series)
     return spec
 

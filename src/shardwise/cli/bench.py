@@ -9,11 +9,13 @@ from ..bench.export import bench_export_rank
 from ..bench.generate import bench_generate_rank
 from ..bench.load import bench_load_rank
 from ..bench.measure import warm_page_cache
+from ..bench.plan import bench_plan
 from ..bench.series import PATTERNS, bench_series_rank
 from ..bench.zero3 import bench_zero3_rank
 from ..launch import launch
 from ..plan.mesh import Layout
 from ..plan.series import Series
+from ..plan.spec import load_spec
 from ..progress import stage
 from .args import _layout, _plan_everywhere, _provide, _world
 from .generate import _prompt_ids
@@ -231,6 +233,20 @@ def cmd_bench_series(args) -> None:
                 print(f"{name:>10}: {value * 1e3:.1f} {shown}" + (f" ({ratio:.3f} x plain)" if ratio else ""))
     print(f"same tokens: {row['same_tokens']}; held MB per rank: "
           + ", ".join(f"{name} {max(b) / 1e6:.1f}" for name, b in row["held_bytes"].items()))
+
+
+def cmd_bench_plan(args) -> None:
+    layout = _layout(args)
+    rank = layout.world_size - 1 if args.rank is None else args.rank
+    if rank >= layout.world_size:
+        raise ValueError(f"--rank {rank} is outside the {layout.world_size}-rank layout {layout}")
+    spec = load_spec(args.path)
+    for provider in args.provider or ("resident", "zero3"):
+        row = bench_plan(spec, layout, rank, provider)
+        print(json.dumps(row) if args.json else
+              f"{provider}: rank {rank} of {row['world']}: plan {row['plan_s']:.3f}s, owned {row['owned_s']:.3f}s "
+              f"({row['owned_boxes']} boxes), reduction groups {row['groups_s']:.3f}s ({row['reduction_groups']}), "
+              f"memory {row['memory_s']:.3f}s; total {row['total_s']:.3f}s")
 
 
 def cmd_bench_export(args) -> None:

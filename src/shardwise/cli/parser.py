@@ -30,6 +30,7 @@ from .bench import (
     cmd_bench_generate,
     cmd_bench_load,
     cmd_bench_moe,
+    cmd_bench_plan,
     cmd_bench_series,
     cmd_bench_train,
     cmd_bench_zero3,
@@ -243,6 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--repeats", type=POSITIVE, default=5, help="timed generations per setting (median)")
     bs.add_argument("--dtype", type=_dtype, default="bfloat16", help="dtype the ranks compute in")
     bs.add_argument("--json", action="store_true", help="one JSON object")
+    bp = command(b, "plan", "one rank's planning time at a layout's full size (plan, ownership, reduction groups, "
+                 "memory), from a config", cmd_bench_plan)
+    bp.add_argument("path", help="checkpoint directory or config.json (no weights needed)")
+    _layout_args(bp)
+    bp.add_argument("--rank", type=_bounded(int, 0), default=None, help="the rank to plan (default: the last, which "
+                    "consults the most others)")
+    bp.add_argument("--provider", choices=("resident", "zero3"), action="append", default=None,
+                    help="repeat for several (default: resident and zero3)")
+    bp.add_argument("--json", action="store_true", help="one JSON object per provider")
     be = command(b, "export", "parallel HF export vs a sequential and a parallel raw write of its bytes; reshard time",
                  cmd_bench_export)
     be.add_argument("checkpoint")

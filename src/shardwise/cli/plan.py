@@ -95,6 +95,9 @@ def plan_table(path: str, layout: Layout, dtype: torch.dtype | None, provide: Pr
     if zero3 and layout.dp > 1:
         lines.append("work and staging as for gloo gathers; DP ranks on one host share the work buffers in shared "
                      "memory and cast in place, with no staging")
+    if saved:
+        lines.append("windows as for DP ranks on different hosts, which broadcast the series layers; DP ranks on one "
+                     "host read the owners' layers in place from shared memory, with no windows")
     lines += [f"series {name} {line}" for name, held in saved.items() for line in held]
     return "\n".join(lines)
 

@@ -1,10 +1,11 @@
 """Moving blocks of weights between the DP ranks into slot buffers: ZeRO-3's gathers and a series' broadcasts.
 
 A ZeRO-3 gather collects every DP rank's equal-sized chunk of a block into one slot; a
-series broadcast copies one rank's layer into a window (a slot) of every other rank.
-On one host the slots live in a shared-memory segment that every DP rank maps: a rank
-writes its part of the slot (all of it for a broadcast's source) and raises a flag, and
-once every flag is up the slot is read in place, by every rank, with no further copy.
+series broadcast (across hosts: on one host a series shares its layers in place, see
+``providers.series``) copies one rank's layer into a window (a slot) of every other rank.
+On one host ZeRO-3's slots live in a shared-memory segment that every DP rank maps: a rank
+writes its part of the slot and raises a flag, and once every flag is up the slot is read
+in place, by every rank, with no further copy.
 gloo's all-gather of the same bytes costs about as much CPU as computing with them (38
 ms for a 25 MB block on the 2-core CI machine), and on few cores that time cannot hide
 behind compute. Elsewhere (several hosts, accelerators, ``SHARDWISE_SHM=0``) the DP
@@ -21,8 +22,6 @@ of at the timeout.
 
 from __future__ import annotations
 
-import queue
-import threading
 
 import numpy as np
 import torch
@@ -172,77 +171,6 @@ class ShmGather(Gather):
         self.buffers, self.flags, self.failed, self.mem = [], None, None, None
 
 
-class ShmBroadcast(ShmGather):
-    """Shared slots that one source rank at a time fills, in the background, for the others to read in place.
-
-    A broadcast returns at once. The source's copier thread waits until every peer has
-    released the slot's earlier uses, copies the tensor in and raises the source's flag;
-    the compute thread meanwhile goes on, which is what lets a prefetch hide the copy on
-    a CPU (an accelerator's copy engine does this for free). A reader waits for the
-    source's flag alone and checks that its tag is the one it expects.
-    """
-
-    NAP = 50e-6  # seconds the copier sleeps between looks at the release counters
-    CLOSE_WAIT = 10.0  # seconds close() gives the copier to finish
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.expected: dict[int, tuple[int, int]] = {}  # slot -> (source, tag) of its last fill
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.failure: BaseException | None = None
-        self.copier: threading.Thread | None = None
-
-    def broadcast(self, slot: int, source: int, tensor: torch.Tensor | None, nbytes: int, tag: int = 0) -> None:
-        self._raise_failure()
-        self.fills[slot] += 1
-        self.expected[slot] = (source, tag)
-        if source == self.me:
-            if self.copier is None:
-                self.copier = threading.Thread(target=self._copy, name=f"{self.what} copier", daemon=True)
-                self.copier.start()
-            done = self.acquired[slot] - self.held[slot]  # this rank's uses of the slot so far, all released
-            self.jobs.put((slot, done, tensor, nbytes, tag, self.fills[slot]))
-
-    def _copy(self) -> None:
-        """The copier thread: each job, in order, once the peers have released the slot; stops at None."""
-        while (job := self.jobs.get()) is not None:
-            slot, done, tensor, nbytes, tag, fill = job
-            try:
-                self._wait_for(self.flags[slot, 0], done, slot, self.comm.dp_ranks, nap=self.NAP)
-                self.buffers[slot][:nbytes].copy_(tensor.reshape(-1).view(torch.uint8))
-            except BaseException as e:  # noqa: BLE001 - handed to the compute thread, which raises it
-                self.failure = e
-                return
-            self.flags[slot, 2, self.me] = tag
-            self.flags[slot, 1, self.me] = fill
-
-    def _raise_failure(self) -> None:
-        if self.failure is not None:
-            raise RuntimeError(f"rank {self.comm.rank}: {self.what}: the copier failed: {self.failure}") \
-                from self.failure
-
-    def wait(self, slot: int) -> None:
-        """Wait for the source's copy of the slot's last fill; the source itself reads its own tensor, never this."""
-        self._raise_failure()
-        source, tag = self.expected[slot]
-        if source == self.me:
-            return
-        self._wait_for(self.flags[slot, 1, source : source + 1], self.fills[slot], slot, [self.comm.dp_ranks[source]])
-        if self.flags[slot, 2, source] != tag:
-            raise RuntimeError(f"{self._who(slot)}: rank {self.comm.dp_ranks[source]} filled it with something else "
-                               f"(tag {int(self.flags[slot, 2, source])}, expected {tag}): DP ranks must make the "
-                               "same provider calls")
-
-    def close(self) -> None:
-        """Stop the copier once its jobs are done, waiting a few seconds at most: after an error a job may wait for
-        a peer that is gone. A copy still running keeps its slot's memory alive; it cannot touch another's."""
-        if self.copier is not None:
-            self.jobs.put(None)
-            self.copier.join(self.CLOSE_WAIT)
-            self.copier = None
-        super().close()
-
-
 def _aligned(n: int) -> int:
     return round_up(n, SLOT_ALIGN)
 
@@ -251,17 +179,14 @@ def flag_bytes(slots: int, ranks: int) -> int:
     return _aligned((slots * 3 + 1) * ranks * FLAG_STRIDE * 8)
 
 
-def make_gather(comm: Comm, slot_bytes: list[int], device: torch.device, what: str,
-                broadcasts: bool = False) -> Gather:
+def make_gather(comm: Comm, slot_bytes: list[int], device: torch.device, what: str) -> Gather:
     """Shared-memory slots when every DP rank of the group proves it maps the same segment (CPU only), else gloo's.
 
-    ``what`` names the transfers in errors ("ZeRO-3 gather", "series broadcast"); with
-    ``broadcasts`` the slots are filled by ``broadcast``, else by ``claim`` and ``fill``.
+    ``what`` names the transfers in errors ("ZeRO-3 gather").
     """
     if comm.layout.dp > 1 and device.type == "cpu":
         total = flag_bytes(len(slot_bytes), comm.layout.dp) + sum(_aligned(n) for n in slot_bytes) + TOKEN_BYTES
         mem = share(comm.dp_group, comm.dp_ranks, total, what)
         if mem is not None:
-            kind = ShmBroadcast if broadcasts else ShmGather
-            return kind(comm, slot_bytes, mem, comm.dp_ranks.index(comm.rank), timeout_seconds(), what)
+            return ShmGather(comm, slot_bytes, mem, comm.dp_ranks.index(comm.rank), timeout_seconds(), what)
     return Gather(comm, slot_bytes, device)

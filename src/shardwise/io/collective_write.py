@@ -21,6 +21,7 @@ from ..words import listed
 from .publish import Kind, Mode, TargetError, check_target, make_temp_dir, publish, seal
 
 Step = tuple[str, Callable[[Path], Any]]
+Finish = Callable[[Path, dict[str, list[Any]]], None]  # the temporary directory, and each step's value on every rank
 
 
 class WriteError(OSError):
@@ -56,7 +57,7 @@ def _run_step(step: str, fn: Callable[[], Any]) -> tuple[BaseException | None, A
         return e, None
 
 
-def write_checkpoint(out: str | Path, steps: list[Step], finish: Callable[[Path], None] | None = None, *,
+def write_checkpoint(out: str | Path, steps: list[Step], finish: Finish | None = None, *,
                      rank: int | None = None, overwrite: bool = False, sources: list[str | Path] | tuple = (),
                      agreed: str = "", kind: Kind = "model") -> Path:
     """Write a checkpoint directory: collectively over the world when ``rank`` is given, else in this process.
@@ -64,14 +65,16 @@ def write_checkpoint(out: str | Path, steps: list[Step], finish: Callable[[Path]
     ``kind`` is what it writes, which replaces only its kind (``publish.check_target``). ``agreed`` is a digest
     of what every rank planned (e.g. the file headers), refused
     unless equal everywhere. The steps fill the temporary directory (each rank decides
-    what it writes); once all succeeded, rank 0 runs ``finish`` (writing the index or
-    manifest, the files that make a directory look like a checkpoint), seals and
+    what it writes, and what it returns reaches rank 0); once all succeeded, rank 0 runs
+    ``finish`` (writing the index or manifest, the files that make a directory look like a
+    checkpoint) with every rank's value of each step, seals and
     publishes. On failure, rank 0 removes the temporary directory and every rank raises
     ``WriteError`` naming the failed rank and step; the previous checkpoint is untouched.
     """
     out, sources, collective = Path(out), list(sources), rank is not None and dist.is_initialized()
     leader = rank in (None, 0)
     made: list[Path] = []  # the leader's temporary directory, once it exists
+    values: dict[str, list[Any]] = {}  # each step's value on every rank
     mode: list[Mode] = []
     renamed = False
 
@@ -92,7 +95,7 @@ def write_checkpoint(out: str | Path, steps: list[Step], finish: Callable[[Path]
     def prepare() -> None:
         if leader:
             if finish is not None:
-                finish(made[0])
+                finish(made[0], values)
             mode.append(seal(made[0], out, overwrite, sources, kind))
 
     def commit() -> None:
@@ -113,7 +116,7 @@ def write_checkpoint(out: str | Path, steps: list[Step], finish: Callable[[Path]
     try:
         tmp = Path(step("creating the directory", create)[0])
         for name, fn in steps:
-            step(name, lambda fn=fn: fn(tmp))
+            values[name] = step(name, lambda fn=fn: fn(tmp))
         step("publishing", prepare)  # the last point where any rank can still call it off
         step("renaming into place", commit)
     finally:

@@ -143,7 +143,7 @@ def export(source: Model | Weights, out_dir: str | Path, max_file_bytes: int = D
             for fd in fds.values():
                 os.close(fd)
 
-    def finish(tmp: Path) -> None:
+    def finish(tmp: Path, _written: dict) -> None:
         weight_map = {name: f.name for f in files for name in f.places}
         total = sum(p.nbytes for f in files for p in f.places.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -26,7 +26,7 @@ from ..plan.tp import TpPlan
 from ..progress import progress_bar
 from ..providers.base import Provider
 from ..providers.resident import Resident
-from ..providers.series import SeriesProvider
+from ..providers.series import series_provider
 from ..providers.weights import Weights, allocate, buffer_dtype, pinned, resolve_device
 from ..providers.zero3 import Zero3
 from .prompt_table import load_tables
@@ -124,7 +124,8 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
         if provider == "zero3":
             source = Zero3(weights.plan, comm, weights.buffers, work_dtype, prefetch, offload, device)
         elif provider == "series":
-            source = SeriesProvider(weights.plan, comm, weights.tensors, device)
+            source = series_provider(weights.plan, comm, weights.tensors, device)
+            weights = replace(weights, tensors=source.tensors, buffers={})  # an owner's layers moved to the segment
         else:
             if weights.int8_head is not None and not weight_only:
                 raise ValueError(f"{checkpoint_dir} holds int8 weight-only weights: load it with weight_only='int8' "

@@ -250,7 +250,7 @@ class ShardedCheckpoint:
             else:
                 check_stored_as(self.path, name, shape, dtype, info.shape)
         try:
-            for rank in range(self.layout.world_size):
+            for rank in self.layout.replica(0):
                 plan_rank(spec, self.layout, rank, self.provider, self.series)
         except (LayoutError, SeriesError) as e:
             raise CheckpointError(f"{self.path}: field 'layout' does not fit the model: {e}") from None
@@ -387,10 +387,9 @@ def _int8_sources(weights: Weights) -> dict[str, torch.dtype]:
     if weights.int8_head is None:
         return {}
     scales = next((t.scale.dtype for t in weights.tensors.values() if isinstance(t, Int8Weight)), torch.float32)
-    plan = weights.plan
-    peers = [plan.peer(rank) for rank in range(plan.layout.world_size)]
+    peers = [weights.plan.peer(rank) for rank in weights.plan.layout.replica(0)]  # each replica quantizes alike
     return {box.source: scales for peer in peers for name in quantized(peer, weights.int8_head)
-            if name not in peer.alias for box in peer.tensors[name].boxes}
+            if name not in peer.alias for box in peer.work[name].boxes}
 
 
 def _expert_layout(layout: Layout) -> dict:
@@ -401,27 +400,31 @@ def _expert_layout(layout: Layout) -> dict:
                                 {"expert_placement": layout.expert_placement})
 
 
-def manifest(weights: Weights, state: State | None = None) -> dict:
-    """The manifest of a sharded save, computed from plans alone: every rank could write it."""
+def rank_entry(weights: Weights, state: State | None = None) -> dict:
+    """This rank's file in a sharded save's manifest: the pieces it owns, of the weights and of each state namespace,
+    and an int8 tensor's scales beside it. Each rank finds its own, so the manifest costs no rank the world's plans."""
+    namespaces, int8 = list(state.tensors if state else []), _int8_sources(weights)
+    owned = [box for _, box in weights.plan.owned()]
+    pieces = [{"tensor": stored_name(box), **dataclasses.replace(box, offset=(0,) * len(box.offset)).to_json()}
+              for box in owned]
+    pieces += [{**p, "tensor": namespaced(ns, p["tensor"]), "source": namespaced(ns, p["source"])}
+               for ns in namespaces for p in pieces]
+    pieces += [{"tensor": namespaced(SCALES, stored_name(box)), "source": namespaced(SCALES, box.source),
+                "start": [box.start[0]], "stop": [box.stop[0]], "offset": [0]}
+               for box in owned if box.source in int8]
+    return {"file": rank_file(weights.plan.rank), "rank": weights.plan.rank, "pieces": pieces}
+
+
+def manifest(weights: Weights, files: list[dict], state: State | None = None) -> dict:
+    """The manifest of a sharded save, from every rank's ``rank_entry`` (``files``, in rank order)."""
     spec, layout = weights.plan.spec, weights.plan.layout
-    namespaces = [""] + list(state.tensors if state else [])
+    namespaces = list(state.tensors if state else [])
     int8 = _int8_sources(weights)
-    files = []
-    for rank in range(layout.world_size):
-        owned = [box for _, box in weights.plan.peer(rank).owned()]
-        pieces = [{"tensor": stored_name(box), **dataclasses.replace(box, offset=(0,) * len(box.offset)).to_json()}
-                  for box in owned]
-        pieces += [{**p, "tensor": namespaced(ns, p["tensor"]), "source": namespaced(ns, p["source"])}
-                   for ns in namespaces[1:] for p in pieces]
-        pieces += [{"tensor": namespaced(SCALES, stored_name(box)), "source": namespaced(SCALES, box.source),
-                    "start": [box.start[0]], "stop": [box.stop[0]], "offset": [0]}
-                   for box in owned if box.source in int8]
-        files.append({"file": rank_file(rank), "rank": rank, "pieces": pieces})
     dtypes = _stored_dtypes(weights, state)
     tensors = {name: {"shape": list(info.shape), "dtype": DTYPE_NAMES[dtypes[name]]}
                for name, info in spec.tensors().items()}
     tensors |= {namespaced(ns, name): {"shape": list(info.shape), "dtype": "F32"}
-                for ns in namespaces[1:] for name, info in spec.tensors().items()}
+                for ns in namespaces for name, info in spec.tensors().items()}
     tensors |= {namespaced(SCALES, name): {"shape": [spec.tensors()[name].shape[0]], "dtype": DTYPE_NAMES[dtype]}
                 for name, dtype in int8.items()}
     return {
@@ -446,7 +449,7 @@ def save_sharded(weights: Weights, out_dir: str | Path, overwrite: bool = False,
     """
     rank, dtypes = weights.plan.rank, _stored_dtypes(weights, state)
 
-    def write_rank_file(tmp: Path) -> None:
+    def write_rank_file(tmp: Path) -> dict:
         local = {}
         for name, box in weights.plan.owned():
             key, index, t = stored_name(box), box.local_index(), weights.tensors[name]
@@ -457,9 +460,10 @@ def save_sharded(weights: Weights, out_dir: str | Path, overwrite: bool = False,
             for namespace, tensors in (state.tensors if state else {}).items():
                 local[namespaced(namespace, key)] = tensors[name][index]
         save_safetensors(local, tmp / rank_file(rank))
+        return rank_entry(weights, state)
 
-    def finish(tmp: Path) -> None:
-        (tmp / MANIFEST).write_text(json.dumps(manifest(weights, state)))
+    def finish(tmp: Path, written: dict[str, list[dict]]) -> None:
+        (tmp / MANIFEST).write_text(json.dumps(manifest(weights, written["writing data"], state)))
         copy_side_files(weights.source_dir, naming_dtype(weights.plan.spec.config, dtypes.values()), tmp)
 
     return write_checkpoint(out_dir, [("writing data", write_rank_file)], finish, rank=rank, overwrite=overwrite,

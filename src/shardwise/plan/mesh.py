@@ -107,8 +107,22 @@ class Layout:
     def replica_groups(self) -> Iterator[list[int]]:
         """All ranks of one replica (every stage, EP and TP rank), which see the same input ids."""
         for d in range(self.dp):
-            yield [self.rank_of(stage, d, e, t) for stage in range(self.pp) for e in range(self.ep)
-                   for t in range(self.tp)]
+            yield self.replica(d)
+
+    def replica(self, d: int) -> list[int]:
+        """The ranks of DP replica ``d``, one per (stage, EP rank, TP rank) position.
+
+        Every replica computes with the same work tensors; the providers only change what each
+        DP rank stores of them. So whatever the layout must satisfy, or sums within a replica, is
+        found from replica 0's plans alone: the world's other replicas repeat it.
+        """
+        return [self.rank_of(stage, d, e, t) for stage in range(self.pp) for e in range(self.ep)
+                for t in range(self.tp)]
+
+    def in_replica(self, rank: int, d: int) -> int:
+        """The rank at ``rank``'s stage, EP and TP position in replica ``d``."""
+        stage, _, e, t = self.position(rank)
+        return self.rank_of(stage, d, e, t)
 
     @classmethod
     def from_world(cls, pp: int = 1, dp: int = 1, ep: int = 1) -> Layout:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from ..words import plural
+from . import owners
 from .archs import Kind
-from .boxes import Box, ShardedTensor, first_holders, split_evenly
+from .boxes import Box, ShardedTensor, split_evenly
 from .flat import Buffer, FlatBlock, View, pack
 from .mesh import Heads, Layout, LayoutError, head_split
 from .names import EMBED, HEAD, Block, TensorName
@@ -102,14 +103,22 @@ class RankPlan:
         The owner of an element is the lowest rank that holds it. Ownership is decided per
         element, not per box: ZeRO-3 cuts each TP rank's flat block at its own chunk edges, so a
         KV head replicated over TP ranks sits in boxes that overlap without being equal, and
-        a tied embedding sits on the first and the last stage. Each held box less every box
-        of the same tensor that a lower rank (or this rank, earlier) holds is what this rank
-        owns. Export writes each byte once through it, a sharded save stores each element once,
-        and a global gradient norm counts each element once.
+        a tied embedding sits on the first and the last stage. Each held box less what a lower
+        rank (or this rank, earlier) holds is what this rank owns, found from mesh coordinates
+        (``owners``). Export writes each byte once through it, a sharded save stores each element
+        once, and a global gradient norm counts each element once.
         """
-        held = (((rank, name), box) for rank in range(self.rank + 1)
-                for name, t in self.peer(rank).tensors.items() for box in t.boxes)
-        return [(name, box) for (rank, name), box in first_holders(held) if rank == self.rank]
+        return owners.owned(self)
+
+    @functools.cached_property
+    def by_source(self) -> dict[str, list[tuple[str, Box]]]:
+        """The boxes of the work tensors, by checkpoint tensor; an alias's are its target's and are left out."""
+        out: dict[str, list[tuple[str, Box]]] = {}
+        for name, t in self.work.items():
+            if name not in self.alias:
+                for box in t.boxes:
+                    out.setdefault(box.source, []).append((name, box))
+        return out
 
     def nbytes(self, dtype: torch.dtype) -> int:
         """Bytes this rank holds, counting tensors that share a buffer (tied embeddings) once."""
@@ -174,6 +183,11 @@ def plan_rank(spec: ModelSpec, layout: Layout, rank: int, provider: str = "resid
     Plans are cached (they are immutable): ownership and the reductions consult every peer's plan.
     """
     return _plan_rank(spec, layout, rank, provider, tuple(series))
+
+
+def forget_plans() -> None:
+    """Empty the plan cache: a benchmark times planning from nothing."""
+    _plan_rank.cache_clear()
 
 
 @functools.lru_cache(maxsize=4096)

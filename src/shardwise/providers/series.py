@@ -1,16 +1,21 @@
 """The series provider: weights stay resident, except each series' layers, which one DP rank stores for all.
 
-A series (see ``plan.series``) keeps layer ``j`` only on DP rank ``j % n``. Every rank has,
-per series, a ring of ``k + 1`` windows of the layer's shape. Reaching layer ``j``
-(``gather``) starts the broadcast of layer ``j + k`` from its owner into a free window,
-so it travels while layers ``j .. j + k - 1`` compute; ``get`` waits only for layer
-``j``'s own window. Positions wrap around, so the last layers of one forward prefetch
-the first layers of the next, as in decoding, where every step walks all layers again.
+A series (see ``plan.series``) keeps layer ``j`` only on DP rank ``j % n``. Two ways bring
+the other ranks' layers to a rank, chosen by ``series_provider``:
 
-The owner computes from its own copy and sends from it, so what travels is the weight
-as loaded (already cast, or quantized, once on the owner). The DP ranks must make the
-same calls in the same order, since every broadcast is collective: generation keeps
-the replicas in lockstep, as under ZeRO-3.
+- On one host (every DP rank maps the same shared memory, CPU), the owners place their
+  layers in one segment the DP group maps (``SharedSeries``): each layer is held once per
+  host and every rank computes from the owner's copy in place. Nothing travels per step,
+  and the replicas need not keep in step.
+- Elsewhere (``SeriesProvider``), every rank has, per series, a ring of ``k + 1`` windows
+  of the layer's shape. Reaching layer ``j`` (``gather``) starts the broadcast of layer
+  ``j + k`` from its owner into a free window, so it travels while layers ``j .. j + k - 1``
+  compute; ``get`` waits only for layer ``j``'s own window. Positions wrap around, so the
+  last layers of one forward prefetch the first layers of the next, as in decoding, where
+  every step walks all layers again. The owner computes from its own copy and sends from
+  it, so what travels is the weight as loaded (already cast, or quantized, once on the
+  owner). The DP ranks must make the same calls in the same order, since every broadcast
+  is collective: generation keeps the replicas in lockstep, as under ZeRO-3.
 """
 
 from __future__ import annotations
@@ -20,23 +25,93 @@ from collections import ChainMap
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from ..dist.comm import Comm
-from ..dist.transfers import make_gather
+from ..dist.shm import TOKEN_BYTES, share
+from ..dist.transfers import SLOT_ALIGN, Gather
+from ..plan.boxes import round_up
 from ..plan.rank import RankPlan
 from ..plan.series import SeriesPlan
+from .base import Provider
 from .resident import Resident
 
 
-def series_memory(plan: RankPlan, dtype: torch.dtype) -> dict[str, dict[str, int]]:
-    """Bytes per series on this rank: the layers it stores (``held``), its ``windows``, and the ``unsharded``
-    bytes every rank would hold without the series. What ``shardwise plan`` prints and the provider measures."""
+def series_memory(plan: RankPlan, dtype: torch.dtype, shared: bool = False) -> dict[str, dict[str, int]]:
+    """Bytes per series on this rank: the layers it stores (``held``), its ``windows`` (none when the DP ranks
+    share the layers on one host), and the ``unsharded`` bytes every rank would hold without the series. What
+    ``shardwise plan`` prints and the provider measures."""
     out = {}
     for s in plan.series:
         size = math.prod(s.shape) * dtype.itemsize
-        out[str(s.series)] = {"held": len(s.owned(plan.dp_rank)) * size, "windows": s.windows * size,
+        out[str(s.series)] = {"held": len(s.owned(plan.dp_rank)) * size, "windows": 0 if shared else s.windows * size,
                               "unsharded": len(s.names) * size}
     return out
+
+
+def series_provider(plan: RankPlan, comm: Comm, tensors: dict[str, torch.Tensor], device: torch.device) -> Provider:
+    """The series layers shared in place when every DP rank proves it maps the same memory (CPU), else broadcast."""
+    if device.type == "cpu":
+        shared = share_layers(plan, comm, tensors)
+        if shared is not None:
+            return SharedSeries(plan, comm, tensors, shared)
+    return SeriesProvider(plan, comm, tensors, device)
+
+
+def share_layers(plan: RankPlan, comm: Comm, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Every series layer of this stage as a view of one segment the DP group maps, each written by its owner, or
+    None unless every DP rank maps it. Collective over the DP group."""
+    dtype = next(t for t in tensors.values() if isinstance(t, torch.Tensor)).dtype
+    places, total = {}, 0
+    for s in plan.series:
+        for name in s.names:
+            places[name] = (total, s.shape)
+            total += round_up(math.prod(s.shape) * dtype.itemsize, SLOT_ALIGN)
+    mem = share(comm.dp_group, comm.dp_ranks, total + TOKEN_BYTES, "series layers")
+    if mem is None:
+        return None
+    layers = {name: torch.frombuffer(mem, dtype=torch.uint8, count=math.prod(shape) * dtype.itemsize, offset=at)
+              .view(dtype).view(shape) for name, (at, shape) in places.items()}
+    for name, layer in layers.items():
+        if name in tensors:
+            layer.copy_(tensors[name])
+    dist.barrier(group=comm.dp_group)  # every owner has written its layers
+    return layers
+
+
+class SharedSeries(Resident):
+    """Series layers in one segment the DP ranks of a host share: each stored once, read in place by every rank.
+
+    The owner's layers are its views of the segment (its private copies are dropped), so an
+    update of them reaches every rank. Updates are the one time ranks must agree: no rank may
+    read a layer its owner is changing, so ``begin_update`` and ``invalidate`` (the end of an
+    update) wait for the whole DP group.
+    """
+
+    def __init__(self, plan: RankPlan, comm: Comm, tensors: dict[str, torch.Tensor],
+                 layers: dict[str, torch.Tensor]):
+        super().__init__(plan, {name: layers.get(name, t) for name, t in tensors.items()})
+        self.comm, self.layers = comm, layers
+
+    def _wait(self, block: str) -> ChainMap:
+        return ChainMap(self.layers, self.tensors)
+
+    def begin_update(self) -> None:
+        super().begin_update()
+        dist.barrier(group=self.comm.dp_group)  # no rank still computes from a layer about to change
+
+    def invalidate(self) -> None:
+        dist.barrier(group=self.comm.dp_group)  # every owner has finished changing its layers
+
+    def series_nbytes(self) -> dict[str, dict[str, int]]:
+        """Measured bytes per series, as ``series_memory(shared=True)`` predicts them: the layers this rank stores
+        (in the segment), and no windows."""
+        return {str(s.series): {"held": sum(self.layers[n].nbytes for n in s.owned(self.plan.dp_rank)), "windows": 0}
+                for s in self.plan.series}
+
+    def close(self) -> None:
+        super().close()
+        self.layers = {}
 
 
 @dataclass
@@ -72,7 +147,7 @@ class SeriesProvider(Resident):
         for s in plan.series:
             self.rings.append(Ring(s, len(sizes)))
             sizes += [math.prod(s.shape) * self.dtype.itemsize] * s.windows
-        self.transfer = make_gather(comm, sizes, device, "series broadcast", broadcasts=True)
+        self.transfer = Gather(comm, sizes, device)
         self.members: dict[str, list[tuple[Ring, int]]] = {}  # block -> (ring, position) of its series tensors
         for ring in self.rings:
             for j, name in enumerate(ring.plan.names):

@@ -115,7 +115,7 @@ def stage_partials(plan: RankPlan) -> tuple[Partial, ...]:
         if name in plan.alias:
             continue
         for box in tensor.boxes:
-            sharing = tuple(p.rank for p in peers if any(b.same_bytes(box) for u in p.work.values() for b in u.boxes))
+            sharing = tuple(p.rank for p in peers if any(b.same_bytes(box) for _, b in p.by_source.get(box.source, ())))
             if len(sharing) > 1:
                 out.append(Partial(name, box.local_index(), sharing))
     return tuple(out)
@@ -124,9 +124,15 @@ def stage_partials(plan: RankPlan) -> tuple[Partial, ...]:
 Find = Callable[[RankPlan], tuple[Partial, ...]]
 
 
-def _every_group(plan: RankPlan, find: Find) -> list[tuple[int, ...]]:
-    """Every distinct set of ranks any rank of the layout sums a partial gradient over, in one order for all."""
-    return sorted({p.ranks for rank in range(plan.layout.world_size) for p in find(plan.peer(rank))})
+def reduction_groups(plan: RankPlan, find: Find) -> list[tuple[int, ...]]:
+    """Every distinct set of ranks any rank of the layout sums a partial gradient over, in one order for all.
+
+    A partial gradient is summed within a replica (over TP, EP or stages), and every replica holds the same work
+    tensors: the sets are replica 0's, repeated in each replica, found from replica 0's plans whatever the world size.
+    """
+    layout = plan.layout
+    first = {p.ranks for rank in layout.replica(0) for p in find(plan.peer(rank))}
+    return sorted({tuple(layout.in_replica(r, d) for r in ranks) for ranks in first for d in range(layout.dp)})
 
 
 class PartialGradReducer:
@@ -138,7 +144,7 @@ class PartialGradReducer:
         self.groups: dict[tuple[int, ...], dist.ProcessGroup] = {}  # the ones this rank is in
         self.created: list[dist.ProcessGroup] = []
         if dist.is_initialized():
-            for ranks in _every_group(plan, find):  # new_group is collective: every rank creates every group, in order
+            for ranks in reduction_groups(plan, find):  # new_group is collective: every rank creates each, in order
                 self.created.append(dist.new_group(list(ranks)))
                 if plan.rank in ranks:
                     self.groups[ranks] = self.created[-1]

@@ -175,7 +175,7 @@ class PromptTuning:
         record = {"step": self.steps, "data": stream_identity(stream), "settings": settings}
         state = {m: whole[m] for m in MOMENTS}
 
-        def finish(directory: Path) -> None:
+        def finish(directory: Path, _written: dict) -> None:
             write_table(directory, whole[KEY], config, state, record)
 
         return write_checkpoint(out, [], finish, rank=self.model.plan.rank, overwrite=overwrite,
