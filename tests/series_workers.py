@@ -212,8 +212,7 @@ def update(path: str, layout: Layout, declared: tuple[str, ...], ids: torch.Tens
     return out
 
 
-def eos_lockstep(paths: dict[str, str], ids: torch.Tensor, steps: int, declared: tuple[str, ...], shm: bool
-                 ) -> dict[str, Any]:
+def eos_lockstep(paths: dict[str, str], ids: torch.Tensor, steps: int, declared: tuple[str, ...]) -> dict[str, Any]:
     """zero3_workers.eos_lockstep under a series: replica 0 reaches EOS first; broadcasting, it keeps going with
     replica 1 until both are done, each with the tokens it generates alone on resident weights; sharing the layers
     on one host, it simply stops."""
@@ -226,10 +225,12 @@ def eos_lockstep(paths: dict[str, str], ids: torch.Tensor, steps: int, declared:
             if eos is None:
                 continue
             alone = resident.generate(mine, steps, eos_token_id=eos)
-        with shared_memory(shm), load_model(path, layout, progress=False, provider="series",
-                                            series=parse(declared)) as model:
-            together = model.generate(mine, steps, eos_token_id=eos)
-        return {"checkpoint": name, "eos": eos, "alone": alone, "together": together}
+        out = {"checkpoint": name, "eos": eos, "alone": alone}
+        for key, shm in (("together", False), ("shared", True)):
+            with shared_memory(shm), load_model(path, layout, progress=False, provider="series",
+                                                series=parse(declared)) as model:
+                out[key] = model.generate(mine, steps, eos_token_id=eos)
+        return out
     return {"checkpoint": None}
 
 

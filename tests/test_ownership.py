@@ -109,3 +109,45 @@ def test_box_minus_leaves_exactly_the_outside():
     assert torch.equal(grid, want)
     assert box.minus((20, 20), (30, 30)) == [box]
     assert box.minus((0, 0), (12, 12)) == []
+
+
+def test_bench_plan_times_one_rank_from_a_config(tmp_path, capsys):
+    """``shardwise bench plan CONFIG --json`` plans the last rank from a config alone, under each provider, and
+    reports what that rank's plan finds (its owned boxes, its reduction groups)."""
+    import json
+
+    from shardwise.cli import main
+    from shardwise.train.grads import partials, reduction_groups, stage_partials
+
+    config = {"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "num_hidden_layers": 4, "intermediate_size": 12, "vocab_size": 17, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    main(["bench", "plan", str(tmp_path / "config.json"), "--tp", "2", "--pp", "2", "--dp", "3", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["provider"] for r in rows] == ["resident", "zero3"]
+    spec, layout = spec_from_config(config), Layout(2, 2, 3)
+    for row in rows:
+        plan = plan_rank(spec, layout, 11, row["provider"])
+        assert (row["world"], row["rank"]) == (12, 11)
+        assert row["owned_boxes"] == len(plan.owned())
+        assert row["reduction_groups"] == sum(len(reduction_groups(plan, f)) for f in (partials, stage_partials)) > 0
+        assert all(row[f"{k}_s"] >= 0 for k in ("plan", "owned", "groups", "memory"))
+
+
+def test_reduction_groups_are_every_ranks_sets():
+    """The sets of ranks partial gradients are summed over, found from replica 0 and repeated per replica, are the
+    sets every rank of the world finds (tied embedding over stages, TP, EP)."""
+    from shardwise.train.grads import partials, reduction_groups, stage_partials
+
+    dense = {"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "num_hidden_layers": 4, "intermediate_size": 12, "vocab_size": 17, "tie_word_embeddings": True}
+    moe = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "hidden_size": 8, "num_attention_heads": 2,
+           "num_key_value_heads": 1, "head_dim": 4, "intermediate_size": 12, "moe_intermediate_size": 6,
+           "num_experts": 4, "num_experts_per_tok": 2, "vocab_size": 17}
+    for config, layout in ((dense, Layout(2, 2, 3)), (moe, Layout(2, 1, 2, ep=2))):
+        spec = spec_from_config(config)
+        for provider in ("resident", "zero3"):
+            plan = plan_rank(spec, layout, 0, provider)
+            for find in (partials, stage_partials):
+                walked = sorted({p.ranks for r in range(layout.world_size) for p in find(plan.peer(r))})
+                assert reduction_groups(plan, find) == walked, (layout, provider, find.__name__)

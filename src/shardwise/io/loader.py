@@ -64,11 +64,12 @@ def load_weights(path: str | Path, layout: Layout | None = None, dtype: torch.dt
         flats, tensors = allocate(plan, dtypes, resolve_device(device))
         weights = Weights(plan, tensors, source_dtypes, Path(path), flats)
         unique = weights.unique()
-        bar = progress_bar(unique.items(), progress and rank == 0, total=len(unique),
-                           desc=f"rank {rank} loading", unit="tensor")
-        for name, tensor in bar:
-            for box in plan.tensors[name].boxes if name not in int8 else ():
-                source.read(box, tensor)
+        reads = sorted(((name, box) for name in unique if name not in int8 for box in plan.tensors[name].boxes),
+                       key=lambda read: source.place(read[1]))  # each file front to back
+        source.advise([box for _, box in reads])
+        for name, box in progress_bar(reads, progress and rank == 0, total=len(reads), desc=f"rank {rank} loading",
+                                      unit="box"):
+            source.read(box, unique[name])
         if int8:  # as stored: int8 values and their scales; export dequantizes to the dtype they were quantized from
             made = with_int8(tensors, {name: lambda n, t: source.read_int8(plan.tensors[n], dtype, t.device)
                                        for name in int8})

@@ -350,16 +350,31 @@ class ShardedCheckpoint:
             raise CheckpointError(f"{path}: tensor {piece.tensor!r} has shape {list(entry.shape)}, too small for "
                                   f"the piece of {box.source!r} placed at {list(box.offset)}..{end}")
 
-    def read(self, box: Box, dst) -> None:
-        """Fill ``dst[box.local_index()]`` from every stored piece that overlaps the box."""
+    def _parts(self, box: Box) -> Iterator[tuple[Checkpoint, Box]]:
+        """Each rank file holding part of the box, with that part as a box of the tensor stored there."""
         for piece in self.pieces[box.source]:
             part = box.intersect(piece.box.start, piece.box.stop)
             if part is None:
                 continue
             shift = [o - s for o, s in zip(piece.box.offset, piece.box.start)]
-            stored = Box(piece.tensor, tuple(a + d for a, d in zip(part.start, shift)),
-                         tuple(b + d for b, d in zip(part.stop, shift)), part.offset)
-            self._file(piece.file).read(stored, dst)
+            yield self._file(piece.file), Box(piece.tensor, tuple(a + d for a, d in zip(part.start, shift)),
+                                              tuple(b + d for b, d in zip(part.stop, shift)), part.offset)
+
+    def place(self, box: Box) -> tuple[str, int]:
+        """Where the box's first stored part lies (``Checkpoint.place``): the order to read in."""
+        ckpt, stored = next(self._parts(box))
+        return ckpt.place(stored)
+
+    def advise(self, boxes: list[Box]) -> None:
+        """``Checkpoint.advise`` for the stored parts of every box."""
+        for box in boxes:
+            for ckpt, stored in self._parts(box):
+                ckpt.advise([stored])
+
+    def read(self, box: Box, dst) -> None:
+        """Fill ``dst[box.local_index()]`` from every stored piece that overlaps the box."""
+        for ckpt, stored in self._parts(box):
+            ckpt.read(stored, dst)
 
     def close(self) -> None:
         for f in self._files.values():
