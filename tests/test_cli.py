@@ -111,7 +111,7 @@ def test_generate(with_tokenizer, torchrun):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == _expected_text(with_tokenizer, ids, 6)
     assert "tok/s" in out.stderr and "load" in out.stderr
-    assert re.search(r"^\[shardwise\] rank 0 loading \d+ tensors in [\d.]+s$", out.stderr, re.M), out.stderr
+    assert re.search(r"^\[shardwise\] rank 0 loading \d+ boxes in [\d.]+s$", out.stderr, re.M), out.stderr
 
 
 def test_generate_rejects_world_mismatch_under_torchrun(with_tokenizer):

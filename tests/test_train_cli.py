@@ -227,7 +227,7 @@ def test_a_short_run_at_dp2_lowers_the_loss_and_saves(with_tokenizer, tmp_path, 
     expected = (rf"\[shardwise\] step 6/6 loss {losses[-1]:.4f} lr 3\.00e-03 tokens/s \d+ "
                 r"elapsed \d\d:\d\d remaining 00:00")
     assert len(progress) == 1 and re.fullmatch(expected, progress[0]), run.stderr
-    assert "\r" not in run.stderr and re.search(r"^\[shardwise\] rank 0 loading \d+ tensors in [\d.]+s$", run.stderr,
+    assert "\r" not in run.stderr and re.search(r"^\[shardwise\] rank 0 loading \d+ boxes in [\d.]+s$", run.stderr,
                                                 re.M), run.stderr
     before, after = load_model(with_tokenizer, progress=False), load_model(out, progress=False)
     with before, after:
