@@ -124,3 +124,18 @@ def test_bad_arguments_are_clear_errors():
         vocab_parallel_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), 0, None, reduction="avg")
     with pytest.raises(ValueError, match=r"targets of shape \(3,\) for logits of shape \(2, 3\): expected \(2,\)"):
         vocab_parallel_cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long), 0, None)
+
+
+def test_bench_reduce_scatter_moves_a_reduce_scatters_bytes(capsys):
+    """``shardwise bench reduce-scatter --json``: both paths sum alike; the shared-memory one moves a
+    reduce-scatter's bytes per rank, gloo's all-reduce twice as many."""
+    import json
+
+    from shardwise.cli import main
+
+    main(["bench", "reduce-scatter", "--world", "2", "--megabytes", "0.25", "--repeats", "1", "--json"])
+    row = json.loads(capsys.readouterr().out)
+    assert row["same_sums"] is True and row["shared"] is True
+    assert row["shared_memory_bytes"] == row["reduce_scatter_bytes"] == row["block_bytes"] / 2
+    assert row["gloo_bytes"] == 2 * row["reduce_scatter_bytes"]
+    assert all(row[k] > 0 for k in ("shared_memory_s", "gloo_s", "memcpy_s"))

@@ -10,6 +10,7 @@ from ..bench.generate import bench_generate_rank
 from ..bench.load import bench_load_rank
 from ..bench.measure import warm_page_cache
 from ..bench.plan import bench_plan
+from ..bench.reduce import bench_reduce_scatter_rank
 from ..bench.series import PATTERNS, bench_series_rank
 from ..bench.zero3 import bench_zero3_rank
 from ..launch import launch
@@ -247,6 +248,17 @@ def cmd_bench_plan(args) -> None:
               f"{provider}: rank {rank} of {row['world']}: plan {row['plan_s']:.3f}s, owned {row['owned_s']:.3f}s "
               f"({row['owned_boxes']} boxes), reduction groups {row['groups_s']:.3f}s ({row['reduction_groups']}), "
               f"memory {row['memory_s']:.3f}s; total {row['total_s']:.3f}s")
+
+
+def cmd_bench_reduce_scatter(args) -> None:
+    if args.megabytes <= 0:
+        raise ValueError(f"--megabytes must be > 0, not {args.megabytes}")
+    row = launch(bench_reduce_scatter_rank, args.world, args.megabytes, args.repeats)
+    print(json.dumps(row) if args.json else
+          f"{row['block_bytes'] / 1e6:.1f} MB block over {row['world']} ranks: shared memory "
+          f"{row['shared_memory_s'] * 1e3:.1f} ms ({row['shared_memory_bytes'] / 1e6:.1f} MB moved per rank, a "
+          f"reduce-scatter's), gloo {row['gloo_s'] * 1e3:.1f} ms ({row['gloo_bytes'] / 1e6:.1f} MB), memcpy "
+          f"{row['memcpy_s'] * 1e3:.1f} ms; same sums: {row['same_sums']}")
 
 
 def cmd_bench_export(args) -> None:

@@ -31,6 +31,7 @@ from .bench import (
     cmd_bench_load,
     cmd_bench_moe,
     cmd_bench_plan,
+    cmd_bench_reduce_scatter,
     cmd_bench_series,
     cmd_bench_train,
     cmd_bench_zero3,
@@ -253,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--provider", choices=("resident", "zero3"), action="append", default=None,
                     help="repeat for several (default: resident and zero3)")
     bp.add_argument("--json", action="store_true", help="one JSON object per provider")
+    br = command(b, "reduce-scatter", "ZeRO-3's gradient reduction of one block over DP: shared memory against gloo",
+                 cmd_bench_reduce_scatter)
+    br.add_argument("--world", type=_bounded(int, 2), default=2, help="ranks, all in one DP group")
+    br.add_argument("--megabytes", type=float, default=50.0, help="the block's fp32 gradient size")
+    br.add_argument("--repeats", type=POSITIVE, default=10, help="timed calls per path (median)")
+    br.add_argument("--json", action="store_true")
     be = command(b, "export", "parallel HF export vs a sequential and a parallel raw write of its bytes; reshard time",
                  cmd_bench_export)
     be.add_argument("checkpoint")
