@@ -146,23 +146,25 @@ def test_the_cli_refuses_a_plan_before_any_rank_starts(checkpoints, tmp_path):
     assert "none.json" in missing.stderr
 
 
-def test_shardwise_plan_shows_a_replicated_mlp_on_every_rank(checkpoints, tmp_path):
+def test_shardwise_plan_shows_a_replicated_mlp_on_every_rank(checkpoints, tmp_path, capsys):
+    """In-process: ``shardwise plan`` spawns no rank, so the command's own entry point is called directly."""
+    from shardwise.cli import main
+
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(PLANS["mlp replicated"]))
     ckpt = str(checkpoints["qwen3-untied"])
 
     def mlp_bytes(*argv: str) -> list[str]:
-        run = shardwise_cli("plan", ckpt, *argv)
-        assert run.returncode == 0, run.stderr
-        lines = run.stdout.splitlines()
+        main(["plan", ckpt, *argv])
+        lines = capsys.readouterr().out.splitlines()
         column = lines[1].split()[7:].index("mlp")  # after: rank stage dp tp layers q/kv heads
         return [re.findall(r"([\d.]+) MB", line)[column] for line in lines[2:]]
 
     whole = mlp_bytes()
     assert mlp_bytes("--tp", "2", "--tp-plan", str(path)) == whole * 2
     assert mlp_bytes("--tp", "2") != whole * 2
-    shown = shardwise_cli("plan", ckpt, "--show-tp-plan", "--tp-plan", str(path))
-    assert json.loads(shown.stdout)["model.layers.*.self_attn.o_proj"] == "rowwise"
+    main(["plan", ckpt, "--show-tp-plan", "--tp-plan", str(path)])
+    assert json.loads(capsys.readouterr().out)["model.layers.*.self_attn.o_proj"] == "rowwise"
 
 
 @pytest.fixture(scope="module")
