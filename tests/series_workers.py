@@ -128,12 +128,12 @@ def trace_broadcasts(model: Model) -> None:
     provider = model.provider
     send = provider.transfer.broadcast
 
-    def traced(slot: int, source: int, tensor: torch.Tensor | None, nbytes: int, tag: int = 0) -> None:
+    def traced(slot: int, source: int, tensor: torch.Tensor | None, nbytes: int) -> None:
         ring = next(r for r in provider.rings if r.first <= slot < r.first + r.plan.windows)
         name = ring.plan.names[ring.holding[slot - ring.first]]
         if provider.trace is not None:
             provider.trace.append(("broadcast", f"{name} from {source}"))
-        send(slot, source, tensor, nbytes, tag)
+        send(slot, source, tensor, nbytes)
 
     provider.transfer.broadcast = traced
 

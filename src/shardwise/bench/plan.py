@@ -23,7 +23,9 @@ from ..train.weights import training_memory
 
 
 def bench_plan(spec: ModelSpec, layout: Layout, rank: int, provider: str) -> dict:
-    """Seconds of each planning step of ``rank`` under ``provider``, each with nothing cached, and what it found."""
+    """Seconds of each planning step of ``rank`` under ``provider``, each from an empty plan cache (so each step
+    re-plans the rank and the peers it consults; the spec's own small caches are warm after the first), and what
+    it found."""
     row: dict = {"provider": provider, "world": layout.world_size, "rank": rank}
 
     def timed(key: str, fn: Callable[[], object]) -> object:

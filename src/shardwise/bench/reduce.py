@@ -25,10 +25,13 @@ def bench_reduce_scatter_rank(megabytes: float, repeats: int) -> dict:
     """Median seconds of one block's reduce-scatter through shared memory and through gloo (all-reduce and cut),
     the slower rank's, and the bytes each moves per rank: a reduce-scatter's, or an all-reduce's (twice as many)."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    numel = int(megabytes * 2**20) // 4 // world * world
+    numel = max(int(megabytes * 2**20) // 4 // world, 1) * world
     block = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
     sizes = [numel // world] * world
     shm = attach(dist.group.WORLD, list(range(world)), timeout_seconds())
+    if shm is None:
+        raise RuntimeError(f"rank {rank}: the ranks map no shared-memory segment together (SHARDWISE_SHM=0, or not "
+                           "one host): there is no shared-memory path to compare")
     groups = {"shared_memory": Group(dist.group.WORLD, shm), "gloo": Group(dist.group.WORLD, None)}
     results = {name: group.reduce_scatter(block, sizes, 0) for name, group in groups.items()}
     times: dict[str, list[float]] = {name: [] for name in groups}
@@ -43,11 +46,10 @@ def bench_reduce_scatter_rank(megabytes: float, repeats: int) -> dict:
         t0 = time.perf_counter()
         copy.copy_(block)
         times["memcpy"].append(time.perf_counter() - t0)
-    if shm is not None:
-        shm.close()
+    shm.close()
     share = (world - 1) / world * block.nbytes
     out = {"world": world, "block_bytes": block.nbytes, "repeats": repeats,
-           "shared": shm is not None, "same_sums": all(all_ranks(torch.allclose(results["shared_memory"],
+           "same_sums": all(all_ranks(torch.allclose(results["shared_memory"],
                                                                                     results["gloo"]))),
            "reduce_scatter_bytes": share, "shared_memory_bytes": share, "gloo_bytes": 2 * share}
     for name, seconds in times.items():

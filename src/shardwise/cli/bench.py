@@ -231,7 +231,7 @@ def cmd_bench_series(args) -> None:
             if key.endswith(unit):
                 name = key.removesuffix(unit)
                 ratio = row.get(f"{name}_over_plain" if unit == "_s_per_token" else f"{name}_prefill_over_plain")
-                print(f"{name:>10}: {value * 1e3:.1f} {shown}" + (f" ({ratio:.3f} x plain)" if ratio else ""))
+                print(f"{name:>12}: {value * 1e3:.1f} {shown}" + (f" ({ratio:.3f} x plain)" if ratio else ""))
     print(f"same tokens: {row['same_tokens']}; held MB per rank: "
           + ", ".join(f"{name} {max(b) / 1e6:.1f}" for name, b in row["held_bytes"].items()))
 

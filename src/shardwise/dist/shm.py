@@ -155,13 +155,11 @@ def timeout_seconds() -> float:
 
 
 def wait_for(flags: np.ndarray, target: int, timeout: float, who: str, ranks: list[int] | None = None,
-             nap: float = 0.0, failed: Callable[[], list[int]] | None = None) -> None:
+             failed: Callable[[], list[int]] | None = None) -> None:
     """Spin until every rank's flag reaches ``target``; a peer that never does is a TimeoutError naming it
     (by its global rank, when ``ranks`` maps flag positions to them).
 
-    A background thread passes ``nap`` (seconds): it sleeps between looks instead of
-    spinning, which would hold the GIL away from the thread that computes. ``failed``, asked
-    now and then, names the peers that gave up part-way through a transfer: waiting for
+    ``failed``, asked now and then, names the peers that gave up part-way through a transfer: waiting for
     them would last the whole timeout, so the wait ends at once with a RuntimeError naming them.
     """
     spins, deadline = 0, None
@@ -170,9 +168,7 @@ def wait_for(flags: np.ndarray, target: int, timeout: float, who: str, ranks: li
         if failed is not None and spins % 64 == 0 and (gone := failed()):
             raise RuntimeError(f"{who} {gone} failed part-way through a transfer and left it: stopping instead of "
                                "waiting for them (their own error says why)")
-        if nap:
-            time.sleep(nap)
-        elif spins > 64:
+        if spins > 64:
             os.sched_yield()  # ranks may outnumber cores: let the laggard run
         if spins % 4096 == 0:
             deadline = deadline or time.monotonic() + timeout

@@ -62,7 +62,7 @@ class Gather:
         self.pending[slot] = dist.all_gather_single(out, chunk.view(torch.uint8), group=self.comm.dp_group,
                                                     async_op=True)
 
-    def broadcast(self, slot: int, source: int, tensor: torch.Tensor | None, nbytes: int, tag: int = 0) -> None:
+    def broadcast(self, slot: int, source: int, tensor: torch.Tensor | None, nbytes: int) -> None:
         """Start sending DP rank ``source``'s ``tensor`` (None on every other rank) into the slot of the others.
 
         The source sends from the tensor itself, which must stay unchanged until the
@@ -123,8 +123,8 @@ class ShmGather(Gather):
         """The ranks that failed part-way through a transfer."""
         return [self.comm.dp_ranks[r] for r in np.flatnonzero(self.failed)] if self.failed.any() else []
 
-    def _wait_for(self, flags: np.ndarray, target: int, slot: int, ranks: list[int], nap: float = 0.0) -> None:
-        wait_for(flags, target, self.timeout, f"{self._who(slot)}: ranks", ranks, nap, self._gone)
+    def _wait_for(self, flags: np.ndarray, target: int, slot: int, ranks: list[int]) -> None:
+        wait_for(flags, target, self.timeout, f"{self._who(slot)}: ranks", ranks, self._gone)
 
     def _free(self, slot: int) -> torch.Tensor:
         """The slot, once no peer still reads what it held."""

@@ -66,7 +66,6 @@ def load_weights(path: str | Path, layout: Layout | None = None, dtype: torch.dt
         unique = weights.unique()
         reads = sorted(((name, box) for name in unique if name not in int8 for box in plan.tensors[name].boxes),
                        key=lambda read: source.place(read[1]))  # each file front to back
-        source.advise([box for _, box in reads])
         for name, box in progress_bar(reads, progress and rank == 0, total=len(reads), desc=f"rank {rank} loading",
                                       unit="box"):
             source.read(box, unique[name])
@@ -93,7 +92,8 @@ def load_model(checkpoint_dir: str | Path, layout: Layout | None = None, device:
     ``dtype``), ``prefetch`` blocks ahead, with the masters in host memory if ``offload``.
     ``provider="series"`` keeps weights resident except the ``series`` it declares
     (e.g. ``(Series("*.o"), Series("*.down", prefetch=2))``), whose layers are each
-    stored by one DP rank and broadcast to the others just before use.
+    stored by one DP rank: read in place from shared memory by the DP ranks of its host, and broadcast to
+    others just before use.
 
     ``tp_plan`` (a dict in HF's vocabulary, ``{"layers.*.mlp.gate_proj": "colwise", ...}``, or the path of a
     JSON file holding one) replaces the model's TP plan (``shardwise.tp_plan(path)``): what it leaves out is

@@ -276,25 +276,9 @@ class Checkpoint:
     def place(self, box: Box) -> tuple[str, int]:
         """Where the box's first byte is stored (file, offset): reading boxes in this order walks each file forward,
         as storage reads fastest, whatever order the plan lists tensors in."""
-        return str(self.entries[box.source].path), self._span(box)[0]
-
-    def _span(self, box: Box) -> tuple[int, int]:
-        """The file bytes from the box's first element to its last (a column slice spans whole rows between)."""
         entry = self.entries[box.source]
-        strides = [math.prod(entry.shape[d + 1:]) for d in range(len(entry.shape))]
-        first = sum(a * s for a, s in zip(box.start, strides))
-        last = sum((b - 1) * s for b, s in zip(box.stop, strides)) + 1
-        return entry.begin + first * entry.dtype.itemsize, entry.begin + last * entry.dtype.itemsize
-
-    def advise(self, boxes: list[Box]) -> None:
-        """Ask the kernel to start reading every box's span now (``POSIX_FADV_WILLNEED``), in large requests: a cold
-        read then overlaps the copies instead of waiting for each box, and a column slice read through a mapping
-        finds its pages in the cache instead of faulting them in a read-around at a time."""
-        if not hasattr(os, "posix_fadvise"):
-            return
-        for box in boxes:
-            lo, hi = self._span(box)
-            os.posix_fadvise(self._fd(self.entries[box.source].path), lo, hi - lo, os.POSIX_FADV_WILLNEED)
+        first = sum(a * math.prod(entry.shape[d + 1:]) for d, a in enumerate(box.start))
+        return str(entry.path), entry.begin + first * entry.dtype.itemsize
 
     def read(self, box: Box, dst: torch.Tensor) -> None:
         """Fill ``dst[box.local_index()]`` with the box's bytes, cast to ``dst.dtype``."""

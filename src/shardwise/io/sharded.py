@@ -365,12 +365,6 @@ class ShardedCheckpoint:
         ckpt, stored = next(self._parts(box))
         return ckpt.place(stored)
 
-    def advise(self, boxes: list[Box]) -> None:
-        """``Checkpoint.advise`` for the stored parts of every box."""
-        for box in boxes:
-            for ckpt, stored in self._parts(box):
-                ckpt.advise([stored])
-
     def read(self, box: Box, dst) -> None:
         """Fill ``dst[box.local_index()]`` from every stored piece that overlaps the box."""
         for ckpt, stored in self._parts(box):

@@ -35,6 +35,7 @@ from ..plan.rank import RankPlan
 from ..plan.series import SeriesPlan
 from .base import Provider
 from .resident import Resident
+from .weights import release_pages
 
 
 def series_memory(plan: RankPlan, dtype: torch.dtype, shared: bool = False) -> dict[str, dict[str, int]]:
@@ -75,6 +76,7 @@ def share_layers(plan: RankPlan, comm: Comm, tensors: dict[str, torch.Tensor]) -
     for name, layer in layers.items():
         if name in tensors:
             layer.copy_(tensors[name])
+            release_pages(tensors[name])  # held once per host, in the segment
     dist.barrier(group=comm.dp_group)  # every owner has written its layers
     return layers
 
@@ -183,9 +185,8 @@ class SeriesProvider(Resident):
         self.clock += 1
         ring.holding[w], ring.filled[w] = position, self.clock
         name, owner = ring.plan.names[position], ring.plan.owners[position]
-        tag = (ring.first + 1) << 32 | position  # which ring, which layer: checked by every reader
         nbytes = self.transfer.buffers[ring.first + w].nbytes
-        self.transfer.broadcast(ring.first + w, owner, self.tensors.get(name), nbytes, tag)
+        self.transfer.broadcast(ring.first + w, owner, self.tensors.get(name), nbytes)
         self.counts["gathers"] += 1
         self.counts["bytes"] += 0 if name in self.tensors else nbytes
 

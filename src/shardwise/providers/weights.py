@@ -7,6 +7,7 @@ The plan says which buffers a rank holds and which tensors are views of them (se
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import mmap
@@ -85,6 +86,19 @@ def arena(sizes: list[int], dtypes: list[torch.dtype], device: torch.device, pin
     else:
         flat = torch.zeros(total, dtype=torch.uint8, device=device)
     return [flat[o : o + n].view(d) for o, n, d in zip(offsets, nbytes, dtypes)]
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Give the kernel back the whole pages of a CPU tensor's memory (``MADV_DONTNEED``) once its contents live
+    elsewhere: an owner's series layer moved to shared memory would otherwise keep its arena pages resident for as
+    long as the arena lives. Only pages wholly inside the tensor are dropped, so its neighbours keep theirs; a
+    later read of the dropped range sees zeros, so nothing may read ``t`` again."""
+    if t.device.type != "cpu" or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    lo, hi = round_up(t.data_ptr(), page), (t.data_ptr() + t.nbytes) // page * page
+    if hi > lo:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
 
 
 def buffer_dtype(buffer: Buffer, plan: RankPlan, source_dtypes: dict[str, torch.dtype]) -> torch.dtype:
