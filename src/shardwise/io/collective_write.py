@@ -28,17 +28,26 @@ class WriteError(OSError):
     """A collective write failed on some rank; nothing was published."""
 
 
-def _agree(out: Path, step: str, error: BaseException | None, value: Any, collective: bool) -> list[Any]:
+def _agree(out: Path, step: str, error: BaseException | None, value: Any, collective: bool,
+           to_leader: bool = False) -> list[Any]:
     """Every rank's ``value`` for ``step``, once all finished it; raises on every rank if any failed.
 
-    A KeyboardInterrupt or SystemExit is re-raised as itself once the peers have been
-    told, so the caller's own handling of Ctrl-C still works.
+    With ``to_leader`` only rank 0 receives the values (the others get Nones): a data step's
+    values are what rank 0 writes into the manifest, and sending every rank's to every rank
+    would cost the world size squared. A KeyboardInterrupt or SystemExit is re-raised as
+    itself once the peers have been told, so the caller's own handling of Ctrl-C still works.
     """
-    mine = (None if error is None else f"{type(error).__name__}: {error}", value)
+    mine = (None if error is None else f"{type(error).__name__}: {error}", None if to_leader else value)
     everyone = [mine]
     if collective:
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
+        if to_leader:
+            values = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+            dist.gather_object(value if error is None else None, values, dst=0)
+            everyone = [(message, v) for (message, _), v in zip(everyone, values or [None] * len(everyone))]
+    elif to_leader:
+        everyone = [(mine[0], value)]
     if error is not None and not isinstance(error, Exception):
         raise error
     failed = [(r, message) for r, (message, _) in enumerate(everyone) if message is not None]
@@ -78,9 +87,9 @@ def write_checkpoint(out: str | Path, steps: list[Step], finish: Finish | None =
     mode: list[Mode] = []
     renamed = False
 
-    def step(name: str, fn: Callable[[], Any]) -> list[Any]:
+    def step(name: str, fn: Callable[[], Any], to_leader: bool = False) -> list[Any]:
         error, value = _run_step(name, fn)
-        return _agree(out, name, error, value, collective)
+        return _agree(out, name, error, value, collective, to_leader)
 
     def check() -> str:
         check_target(out, overwrite, sources, kind)
@@ -116,7 +125,7 @@ def write_checkpoint(out: str | Path, steps: list[Step], finish: Finish | None =
     try:
         tmp = Path(step("creating the directory", create)[0])
         for name, fn in steps:
-            values[name] = step(name, lambda fn=fn: fn(tmp))
+            values[name] = step(name, lambda fn=fn: fn(tmp), to_leader=True)
         step("publishing", prepare)  # the last point where any rank can still call it off
         step("renaming into place", commit)
     finally:
