@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..plan.boxes import Box
+from ..plan.boxes import Box, ravel
 from ..plan.spec import ModelSpec
 from ..untrusted import UntrustedJSON, is_int, parse_json
 from ..words import plural
@@ -277,8 +277,7 @@ class Checkpoint:
         """Where the box's first byte is stored (file, offset): reading boxes in this order walks each file forward,
         as storage reads fastest, whatever order the plan lists tensors in."""
         entry = self.entries[box.source]
-        first = sum(a * math.prod(entry.shape[d + 1:]) for d, a in enumerate(box.start))
-        return str(entry.path), entry.begin + first * entry.dtype.itemsize
+        return str(entry.path), entry.begin + ravel(box.start, entry.shape) * entry.dtype.itemsize
 
     def read(self, box: Box, dst: torch.Tensor) -> None:
         """Fill ``dst[box.local_index()]`` with the box's bytes, cast to ``dst.dtype``."""
@@ -328,8 +327,7 @@ def mapped_box(entry: Entry, box: Box, write: bool):
     """
     item = entry.dtype.itemsize
     strides = [math.prod(entry.shape[d + 1 :]) for d in range(len(entry.shape))]
-    first = sum(a * s for a, s in zip(box.start, strides))
-    last = sum((b - 1) * s for b, s in zip(box.stop, strides)) + 1
+    first, last = ravel(box.start, entry.shape), ravel(tuple(b - 1 for b in box.stop), entry.shape) + 1
     lo = entry.begin + first * item
     base = lo - lo % mmap.ALLOCATIONGRANULARITY
     length = entry.begin + last * item - base

@@ -409,11 +409,11 @@ def _expert_layout(layout: Layout) -> dict:
                                 {"expert_placement": layout.expert_placement})
 
 
-def rank_entry(weights: Weights, state: State | None = None) -> dict:
-    """This rank's file in a sharded save's manifest: the pieces it owns, of the weights and of each state namespace,
-    and an int8 tensor's scales beside it. Each rank finds its own, so the manifest costs no rank the world's plans."""
+def rank_entry(weights: Weights, owned: list[Box], state: State | None = None) -> dict:
+    """This rank's file in a sharded save's manifest: the ``owned`` pieces, of the weights and of each state
+    namespace, and an int8 tensor's scales beside them. Each rank finds its own, so the manifest costs no rank the
+    world's plans."""
     namespaces, int8 = list(state.tensors if state else []), _int8_sources(weights)
-    owned = [box for _, box in weights.plan.owned()]
     pieces = [{"tensor": stored_name(box), **dataclasses.replace(box, offset=(0,) * len(box.offset)).to_json()}
               for box in owned]
     pieces += [{**p, "tensor": namespaced(ns, p["tensor"]), "source": namespaced(ns, p["source"])}
@@ -459,8 +459,8 @@ def save_sharded(weights: Weights, out_dir: str | Path, overwrite: bool = False,
     rank, dtypes = weights.plan.rank, _stored_dtypes(weights, state)
 
     def write_rank_file(tmp: Path) -> dict:
-        local = {}
-        for name, box in weights.plan.owned():
+        local, owned = {}, weights.plan.owned()
+        for name, box in owned:
             key, index, t = stored_name(box), box.local_index(), weights.tensors[name]
             if isinstance(t, Int8Weight):  # as it is: int8 values, and its rows' scales beside them
                 local[key], local[namespaced(SCALES, key)] = t.q[index], t.scale[index[0]]
@@ -469,7 +469,7 @@ def save_sharded(weights: Weights, out_dir: str | Path, overwrite: bool = False,
             for namespace, tensors in (state.tensors if state else {}).items():
                 local[namespaced(namespace, key)] = tensors[name][index]
         save_safetensors(local, tmp / rank_file(rank))
-        return rank_entry(weights, state)
+        return rank_entry(weights, [box for _, box in owned], state)
 
     def finish(tmp: Path, written: dict[str, list[dict]]) -> None:
         (tmp / MANIFEST).write_text(json.dumps(manifest(weights, written["writing data"], state)))

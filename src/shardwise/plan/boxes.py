@@ -136,6 +136,12 @@ def cols(source: str, shape: tuple[int, int], lo: int, hi: int) -> Box:
     return Box(source, (0, lo), (shape[0], hi), (0, 0))
 
 
+def ravel(index: tuple[int, ...], shape: tuple[int, ...]) -> int:
+    """The row-major flat position of ``index`` in a tensor of ``shape``: where a box's corner sits in a flat
+    buffer or in a file's bytes."""
+    return sum(i * math.prod(shape[d + 1:]) for d, i in enumerate(index))
+
+
 def round_up(n: int, multiple: int) -> int:
     """``n`` rounded up to a multiple of ``multiple``: alignment of offsets and sizes in buffers."""
     return -(-n // multiple) * multiple

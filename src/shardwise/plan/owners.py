@@ -15,11 +15,10 @@ the number of replicas.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from .boxes import Box, first_holders
+from .boxes import Box, first_holders, ravel
 from .flat import rectangles
 
 if TYPE_CHECKING:
@@ -30,8 +29,8 @@ def owned(plan: RankPlan) -> list[tuple[str, Box]]:
     """``plan``'s (held tensor, box) pairs covering the elements it owns (see ``RankPlan.owned``)."""
     mine = [(name, box) for name, t in plan.tensors.items() for box in t.boxes]
     sources = {box.source for _, box in mine}
-    lower = sorted([((rank, ""), piece) for position in _positions(plan, sources) for _, box in mine
-                    for rank, piece in lowest_dp_holders(position, box) if rank < plan.rank], key=lambda h: h[0])
+    lower = [((rank, ""), piece) for position in _positions(plan, sources) for _, box in mine
+             for rank, piece in lowest_dp_holders(position, box) if rank < plan.rank]
     held = lower + [((plan.rank, name), box) for name, box in mine]
     return [(name, box) for (rank, name), box in first_holders(held) if rank == plan.rank]
 
@@ -76,7 +75,7 @@ def _first_dp_rank(position: RankPlan, name: str, part: Box) -> Iterator[tuple[i
     flat = position.flats[name.block]
     member = next(m for m in flat.members if m.name == name)
     last = tuple(o + n - 1 for o, n in zip(part.offset, part.shape))
-    first_at, last_at = member.offset + _ravel(part.offset, member.shape), member.offset + _ravel(last, member.shape)
+    first_at, last_at = member.offset + ravel(part.offset, member.shape), member.offset + ravel(last, member.shape)
     for d in range(first_at // flat.chunk, last_at // flat.chunk + 1):
         lo, hi = flat.owned(d)
         lo, hi = max(lo, member.offset) - member.offset, min(hi, member.offset + member.numel) - member.offset
@@ -85,7 +84,3 @@ def _first_dp_rank(position: RankPlan, name: str, part: Box) -> Iterator[tuple[i
             if piece is not None:
                 yield d, piece
 
-
-def _ravel(index: tuple[int, ...], shape: tuple[int, ...]) -> int:
-    """The row-major flat position of ``index`` in a tensor of ``shape``."""
-    return sum(i * math.prod(shape[d + 1:]) for d, i in enumerate(index))
