@@ -21,7 +21,7 @@ from ..words import listed
 from .publish import Kind, Mode, TargetError, check_target, make_temp_dir, publish, seal
 
 Step = tuple[str, Callable[[Path], Any]]
-Finish = Callable[[Path, dict[str, list[Any]]], None]  # the temporary directory, and each step's value on every rank
+Finish = Callable[[Path, dict[str, list[Any]]], None]  # the temporary directory, and each step's value from every rank
 
 
 class WriteError(OSError):
