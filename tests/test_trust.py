@@ -172,8 +172,8 @@ def test_a_write_killed_while_removing_the_checkpoint_it_replaced_leaves_it_to_t
 
 
 def _fault_cases() -> list[tuple[str, str, int, str]]:
-    steps = ["checking the target", "creating the directory", "writing headers", "writing data", "verifying",
-             "publishing"]
+    steps = ["checking the target", "creating the directory", "writing headers", "writing data",
+             "syncing and verifying", "publishing"]
     # Renaming into place is rank 0's alone, and the commit point: after it no rank can undo the write.
     raised = [("export", step, rank, "raise") for step in steps for rank in (0, 1)]
     raised.append(("export", "renaming into place", 0, "raise"))

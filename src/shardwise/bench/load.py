@@ -69,10 +69,12 @@ def bench_load_rank(directory: str, layout: Layout, dtype: torch.dtype, with_hf:
                     provide: Provide | None = None, cold: bool = False) -> list[dict]:
     """Runs on every rank; returns every rank's row (on rank 0). HF's load is timed only for a TP-only layout.
 
-    ``cold``: the checkpoint's pages are dropped before the load, and afterwards, dropped
-    again, rank 0 times one sequential read of every byte (``sequential_read_s``), the
-    storage's floor, while the other ranks wait; ``cold`` in the row says why the pages
-    could not be dropped, if they could not (then both figures are warm ones)."""
+    ``cold``: the checkpoint's pages are dropped before the load. The storage's floor, one
+    sequential read of every byte by rank 0 while the other ranks wait, also from a dropped
+    cache, is timed just before the load and just after it: this disk's pace drifts by 2x
+    within minutes, so ``sequential_read_s`` is the mean of the two reads that bracket the load
+    (both are in ``sequential_reads_s``). ``cold`` in the row says why the pages could not be
+    dropped, if they could not (then every figure is a warm one)."""
     provide = provide or Provide()
     rank = dist.get_rank() if dist.is_initialized() else 0
     share = source_bytes(directory, layout, rank, provide.provider, provide.series)
@@ -83,6 +85,7 @@ def bench_load_rank(directory: str, layout: Layout, dtype: torch.dtype, with_hf:
         row["every_expert_bytes"] = source_bytes(directory, whole, whole.rank_of(stage, d, 0, t), provide.provider,
                                                  provide.series)
     if cold:
+        before = _cold_read(directory, rank)
         row["cold"] = _drop_everywhere(directory)
     else:
         barrier()
@@ -99,10 +102,11 @@ def bench_load_rank(directory: str, layout: Layout, dtype: torch.dtype, with_hf:
     model.close()
     barrier()
     if cold:
-        row["cold"] = row["cold"] or _drop_everywhere(directory)
+        after = _cold_read(directory, rank)
+        row["cold"] = row["cold"] or before[1] or after[1]
         if rank == 0:
-            row["sequential_read_s"] = sequential_read(directory)
-        barrier()
+            row["sequential_reads_s"] = [before[0], after[0]]
+            row["sequential_read_s"] = (before[0] + after[0]) / 2
     # Measured after the load, best of three: any one-time cost of the process falls on shardwise, not the floor.
     row["floor_s"] = min(read_floor(directory, share, rank) for _ in range(3))
     if with_hf and layout.world_size == layout.tp:
@@ -114,6 +118,15 @@ def bench_load_rank(directory: str, layout: Layout, dtype: torch.dtype, with_hf:
     else:
         rows = [row]
     return rows
+
+
+def _cold_read(directory: str, rank: int) -> tuple[float, str | None]:
+    """Rank 0's seconds for one sequential read of the checkpoint from a dropped page cache (the others wait), and
+    why the pages could not be dropped, if they could not."""
+    failed = _drop_everywhere(directory)
+    seconds = sequential_read(directory) if rank == 0 else 0.0
+    barrier()
+    return seconds, failed
 
 
 def _drop_everywhere(directory: str) -> str | None:

@@ -43,10 +43,11 @@ def cmd_bench_load(args) -> None:
 
 
 def cold_summary(rows: list[dict], as_json: bool) -> None:
-    """The slower rank's cold load against one sequential cold read of the whole checkpoint (or why not cold)."""
+    """The slower rank's cold load against a sequential cold read of the whole checkpoint, the mean of one before
+    and one after the load (or why not cold)."""
     failed = next((row["cold"] for row in rows if row["cold"]), None)
     out = {"setting": "cold", "cold_load_s": max(row["load_s"] for row in rows),
-           "sequential_read_s": rows[0]["sequential_read_s"]}
+           "sequential_read_s": rows[0]["sequential_read_s"], "sequential_reads_s": rows[0]["sequential_reads_s"]}
     out["cold_over_sequential"] = out["cold_load_s"] / out["sequential_read_s"]
     if failed:
         out["not_cold"] = failed
@@ -54,8 +55,9 @@ def cold_summary(rows: list[dict], as_json: bool) -> None:
         print(json.dumps(out))
     else:
         note = f" (NOT COLD: {failed})" if failed else ""
-        print(f"cold_load_s={out['cold_load_s']:.3f} sequential_read_s={out['sequential_read_s']:.3f} "
-              f"x{out['cold_over_sequential']:.2f}{note}")
+        before, after = out["sequential_reads_s"]
+        print(f"cold_load_s={out['cold_load_s']:.3f} sequential_read_s={out['sequential_read_s']:.3f} (before the load "
+              f"{before:.3f}, after {after:.3f}) x{out['cold_over_sequential']:.2f}{note}")
 
 
 def cmd_bench_moe(args) -> None:

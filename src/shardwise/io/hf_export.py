@@ -5,8 +5,8 @@ tensor's offset follow from the spec alone, so each rank computes the same ones 
 rank ever holds a full tensor. Each rank then writes back its boxes, the inverse of
 loading: row runs with ``pwrite``, column slices through a shared mmap. A box held
 by several ranks (replicated norms, KV heads, a tied embedding on two stages) is
-written once, by the lowest of them. Every rank reads its bytes back to verify them
-before the directory is published.
+written once, by the lowest of them. Once all have written, every rank reads its bytes
+back to verify them while the files are synced, before the directory is published.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,15 @@ def _verify(tmp: Path, files: list[OutFile], mine: list[tuple[torch.Tensor, Box]
                 raise OSError(f"{tmp}: tensor {box.source!r} rows {box.start}..{box.stop} read back differently")
 
 
+def _fsync_all(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def raw_bytes(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes as the widest integers that fit: comparing int64 words is ~6x faster than bytes."""
     flat = t.contiguous().reshape(-1).view(torch.uint8)
@@ -137,11 +147,18 @@ def export(source: Model | Weights, out_dir: str | Path, max_file_bytes: int = D
             for tensor, box in progress_bar(mine, progress and rank == 0, desc="exporting", unit="box"):
                 path, place = where[box.source]
                 _write_box(path, fds[path], place, box, tensor[box.local_index()].to(place.dtype).cpu())
-            for fd in fds.values():
-                os.fsync(fd)  # every rank makes its own writes durable: rank 0 may be on another host
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+    def sync_and_verify(tmp: Path) -> None:
+        """Every rank makes the files durable (rank 0 may be on another host) while it reads its boxes back: the
+        read-back is served from the page cache and the fsync waits on the disk, so the two overlap. Once every
+        rank has written, no byte changes any more, so what is read back is what is synced."""
+        with ThreadPoolExecutor(1) as pool:
+            synced = pool.submit(_fsync_all, [tmp / f.name for f in files])
+            _verify(tmp, files, mine, dtypes)
+            synced.result()
 
     def finish(tmp: Path, _written: dict) -> None:
         weight_map = {name: f.name for f in files for name in f.places}
@@ -151,6 +168,6 @@ def export(source: Model | Weights, out_dir: str | Path, max_file_bytes: int = D
         copy_side_files(weights.source_dir, naming_dtype(spec.config, dtypes.values()), tmp)
 
     steps = [("writing headers", write_headers), ("writing data", write_data),
-             ("verifying", lambda tmp: _verify(tmp, files, mine, dtypes))]
+             ("syncing and verifying", sync_and_verify)]
     return write_checkpoint(out_dir, steps, finish, rank=rank, overwrite=overwrite, sources=weights.sources,
                             agreed=digest)

@@ -27,7 +27,7 @@ from ..progress import progress_bar
 from ..providers.base import Provider
 from ..providers.resident import Resident
 from ..providers.series import series_provider
-from ..providers.weights import Weights, allocate, buffer_dtype, pinned, resolve_device
+from ..providers.weights import Weights, allocate, buffer_dtype, pinned, populated_behind, resolve_device
 from ..providers.zero3 import Zero3
 from .prompt_table import load_tables
 from .reader import MANIFEST, Checkpoint
@@ -61,14 +61,15 @@ def load_weights(path: str | Path, layout: Layout | None = None, dtype: torch.dt
                              f"provider {provider!r}")
         source_dtypes = {name: source.source_dtype(name) for name in spec.tensors()}
         dtypes = [dtype or buffer_dtype(b, plan, source_dtypes) for b in plan.buffers]
-        flats, tensors = allocate(plan, dtypes, resolve_device(device))
+        flats, tensors = allocate(plan, dtypes, resolve_device(device), populate=False)
         weights = Weights(plan, tensors, source_dtypes, Path(path), flats)
         unique = weights.unique()
         reads = sorted(((name, box) for name in unique if name not in int8 for box in plan.tensors[name].boxes),
                        key=lambda read: source.place(read[1]))  # each file front to back
-        for name, box in progress_bar(reads, progress and rank == 0, total=len(reads), desc=f"rank {rank} loading",
-                                      unit="box"):
-            source.read(box, unique[name])
+        with populated_behind(list(flats.values())):  # the buffers' pages are faulted in while the reads wait
+            for name, box in progress_bar(reads, progress and rank == 0, total=len(reads),
+                                          desc=f"rank {rank} loading", unit="box"):
+                source.read(box, unique[name])
         if int8:  # as stored: int8 values and their scales; export dequantizes to the dtype they were quantized from
             made = with_int8(tensors, {name: lambda n, t: source.read_int8(plan.tensors[n], dtype, t.device)
                                        for name in int8})
