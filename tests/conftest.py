@@ -223,3 +223,14 @@ def smollm2(tmp_path_factory) -> tuple[Path, Path]:
 
     src = smollm2_gguf()
     return src, once(tmp_path_factory, "smol", lambda root: import_gguf(src, root / "hf", dtype="float32"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_demo(tmp_path_factory) -> Path:
+    """SmolLM2 imported as `make demo` imports it (the import's default dtype), which the README's commands use."""
+    from test_gguf import smollm2_gguf
+
+    from shardwise.io.gguf.importer import import_gguf
+
+    src = smollm2_gguf()
+    return once(tmp_path_factory, "smol-demo", lambda root: import_gguf(src, root / "smollm2-135m-instruct"))

@@ -1,4 +1,5 @@
-"""The README's Python example runs as written, and launch says in one line what to change where it cannot run."""
+"""The README's Python example and its marked shell sessions run as written, printing what the README shows; launch
+says in one line what to change where it cannot run."""
 
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ import pytest
 from shardwise.launch import START_METHOD_ENV
 
 README = Path(__file__).parent.parent / "README.md"
+MARK = "<!-- run by tests/test_readme.py -->"
+DEMO_MODEL = "~/.cache/shardwise/smollm2-135m-instruct"  # where `make demo` imports SmolLM2
+# What changes from run to run: times, rates, memory, log timestamps. The rest of a sample line must be printed.
+VOLATILE = [(re.compile(r"\d+(\.\d+)?(?=( ?(s|ms|MiB|tok/s)\b|s,))"), "#"), (re.compile(r"\d\d:\d\d"), "#:#"),
+            (re.compile(r"tokens/s \d+"), "tokens/s #")]
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ")  # a log line: present or not with the machine
 
 
 def run(code: str, tmp_path: Path, how: str = "file", start: str = "spawn") -> subprocess.CompletedProcess:
@@ -69,3 +76,55 @@ def test_a_directory_named_shardwise_does_not_shadow_the_package(tmp_path):
     out = run("import shardwise\nprint(callable(shardwise.launch), shardwise.__file__)\n", tmp_path, "-c")
     assert out.returncode == 0 and out.stdout.startswith("True "), out.stderr
     assert "src/shardwise/__init__.py" in out.stdout
+
+
+def sessions(text: str) -> list[list[tuple[str, list[str]]]]:
+    """Each marked block: its commands (``$ `` lines, continued after a trailing backslash) with the lines each
+    printed."""
+    out = []
+    for block in re.findall(re.escape(MARK) + r"\n```text\n(.*?)```", text, re.S):
+        steps: list[tuple[str, list[str]]] = []
+        lines = iter(block.splitlines())
+        for line in lines:
+            if line.startswith("$ "):
+                command = line[2:]
+                while command.endswith("\\"):
+                    command = command[:-1] + next(lines).strip()
+                steps.append((command, []))
+            else:
+                steps[-1][1].append(line)
+        out.append(steps)
+    return out
+
+
+def stable(line: str) -> str | None:
+    """A printed line with its times, rates and sizes masked; None for a log line (timestamped: whether one is
+    printed depends on the machine, e.g. more ranks than cores)."""
+    if TIMESTAMP.match(line):
+        return None
+    for pattern, mask in VOLATILE:
+        line = pattern.sub(mask, line)
+    return line.rstrip()
+
+
+def test_the_readme_marks_its_quick_sessions():
+    steps = [command.split()[1] for block in sessions(README.read_text()) for command, _ in block]
+    assert {"generate", "plan", "reshard", "export"} <= set(steps), steps
+
+
+def test_the_readme_shell_sessions_print_what_it_shows(smollm2_demo, tmp_path):
+    """Every marked session runs in a new directory on SmolLM2 as `make demo` imports it (the README's examples/
+    being the clone's); each command must succeed and print every line the README shows after it (times, rates and
+    sizes aside)."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    for i, block in enumerate(sessions(README.read_text())):
+        cwd = tmp_path / f"session{i}"
+        cwd.mkdir()
+        for command, shown in block:
+            run = command.replace(DEMO_MODEL, str(smollm2_demo)).replace("examples/", f"{README.parent}/examples/")
+            out = subprocess.run(["bash", "-c", run], capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+            assert out.returncode == 0, f"$ {command}\n{out.stderr}"
+            printed = {stable(line) for line in (out.stdout + out.stderr).splitlines()}
+            missing = [line for line in shown if stable(line) is not None and stable(line) not in printed]
+            assert not missing, f"$ {command}\nnot printed: {missing}\nprinted:\n{out.stdout}{out.stderr}"
