@@ -44,9 +44,10 @@ os.environ.setdefault("SHARDWISE_START_METHOD", "forkserver")
 
 # ``make test``'s two workers each take a whole file at a time; started longest first, neither is left running a
 # long one at the end while the other idles. The order of the slowest files, as measured; the others follow.
-LONGEST_FIRST = ("test_zero3", "test_moe", "test_bad_input", "test_signals", "test_train", "test_cli", "test_readme",
-                 "test_train_cli", "test_tp_plan", "test_parity", "test_gguf", "test_fuzz_checkpoint", "test_batch",
-                 "test_bench_zero3", "test_trust", "test_export", "test_series")
+LONGEST_FIRST = ("test_zero3", "test_moe", "test_readme", "test_train", "test_cli", "test_bad_input", "test_train_cli",
+                 "test_parity", "test_signals", "test_trust", "test_tp_plan", "test_gguf", "test_bench_zero3",
+                 "test_fuzz_checkpoint", "test_series", "test_export", "test_quant_quality", "test_prompt_table",
+                 "test_weight_only", "test_batch")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -112,19 +113,30 @@ def test_the_readme_marks_its_quick_sessions():
     assert {"generate", "plan", "reshard", "export"} <= set(steps), steps
 
 
+def replay(block: list[tuple[str, list[str]]], cwd: Path, model: Path) -> str | None:
+    """Run one session's commands in ``cwd``, in order, as the README shows them; the first mismatch, if any."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    cwd.mkdir()
+    for command, shown in block:
+        run = command.replace(DEMO_MODEL, str(model)).replace("examples/", f"{README.parent}/examples/")
+        out = subprocess.run(["bash", "-c", run], capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+        if out.returncode != 0:
+            return f"$ {command}\nexit code {out.returncode}:\n{out.stderr}"
+        printed = {stable(line) for line in (out.stdout + out.stderr).splitlines()}
+        missing = [line for line in shown if stable(line) is not None and stable(line) not in printed]
+        if missing:
+            return f"$ {command}\nnot printed: {missing}\nprinted:\n{out.stdout}{out.stderr}"
+    return None
+
+
 def test_the_readme_shell_sessions_print_what_it_shows(smollm2_demo, tmp_path):
     """Every marked session runs in a new directory on SmolLM2 as `make demo` imports it (the README's examples/
     being the clone's); each command must succeed and print every line the README shows after it (times, rates and
-    sizes aside)."""
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    for i, block in enumerate(sessions(README.read_text())):
-        cwd = tmp_path / f"session{i}"
-        cwd.mkdir()
-        for command, shown in block:
-            run = command.replace(DEMO_MODEL, str(smollm2_demo)).replace("examples/", f"{README.parent}/examples/")
-            out = subprocess.run(["bash", "-c", run], capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
-            assert out.returncode == 0, f"$ {command}\n{out.stderr}"
-            printed = {stable(line) for line in (out.stdout + out.stderr).splitlines()}
-            missing = [line for line in shown if stable(line) is not None and stable(line) not in printed]
-            assert not missing, f"$ {command}\nnot printed: {missing}\nprinted:\n{out.stdout}{out.stderr}"
+    sizes aside). The sessions are independent, so they run side by side: most of a command's time is starting
+    Python and torch, not computing."""
+    blocks = sessions(README.read_text())
+    with ThreadPoolExecutor(len(blocks)) as pool:
+        failures = [f for f in pool.map(replay, blocks, [tmp_path / f"session{i}" for i in range(len(blocks))],
+                                        [smollm2_demo] * len(blocks)) if f]
+    assert not failures, "\n\n".join(failures)
