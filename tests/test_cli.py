@@ -72,8 +72,8 @@ def test_plan_table(checkpoints, name):
 
 
 def test_bench_load_json(checkpoints):
-    """One row per rank, then (``--cold``) the slower rank's cold load beside one sequential cold read, or why the
-    pages could not be dropped."""
+    """One row per rank, then (``--cold``) the slower rank's cold load beside the mean of the two sequential cold
+    reads that bracket it, or why the pages could not be dropped."""
     out = shardwise("bench", "load", str(checkpoints["mistral-untied"]), "--tp", "2", "--json", "--cold")
     assert out.returncode == 0, out.stderr
     *rows, cold = [json.loads(line) for line in out.stdout.splitlines()]
@@ -81,6 +81,8 @@ def test_bench_load_json(checkpoints):
     for r in rows:
         assert r["load_s"] > 0 and r["bytes"] > 0 and r["peak_rss_growth"] >= 0 and r["floor_s"] > 0
     assert cold["cold_load_s"] == max(r["load_s"] for r in rows) and cold["sequential_read_s"] > 0
+    before, after = cold["sequential_reads_s"]
+    assert before > 0 and after > 0 and cold["sequential_read_s"] == pytest.approx((before + after) / 2)
     assert cold["cold_over_sequential"] == cold["cold_load_s"] / cold["sequential_read_s"]
     assert isinstance(cold.get("not_cold", ""), str)
 

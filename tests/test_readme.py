@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -113,20 +114,33 @@ def test_the_readme_marks_its_quick_sessions():
     assert {"generate", "plan", "reshard", "export"} <= set(steps), steps
 
 
+def mismatch(shown: list[str], out: str, err: str) -> str | None:
+    """What differs between a command's sample output and what it printed, times and the like masked: the same
+    lines as often (stdout and stderr interleave in the sample), stdout's in its order. Log lines are left out on
+    both sides."""
+    printed, errors = [stable(line) for line in out.splitlines()], [stable(line) for line in err.splitlines()]
+    expected = [line for line in map(stable, shown) if line is not None]
+    got = [line for line in printed + errors if line is not None]
+    if Counter(expected) != Counter(got):
+        return f"not printed: {list((Counter(expected) - Counter(got)).elements())}, " \
+               f"not shown: {list((Counter(got) - Counter(expected)).elements())}"
+    if [line for line in expected if line in printed] != [line for line in printed if line is not None]:
+        return "stdout printed in another order"
+    return None
+
+
 def replay(block: list[tuple[str, list[str]]], cwd: Path, model: Path) -> str | None:
     """Run one session's commands in ``cwd``, in order, as the README shows them; the first mismatch, if any."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     cwd.mkdir()
     for command, shown in block:
-        run = command.replace(DEMO_MODEL, str(model)).replace("examples/", f"{README.parent}/examples/")
-        out = subprocess.run(["bash", "-c", run], capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+        typed = command.replace(DEMO_MODEL, str(model)).replace("examples/", f"{README.parent}/examples/")
+        out = subprocess.run(["bash", "-c", typed], capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
         if out.returncode != 0:
             return f"$ {command}\nexit code {out.returncode}:\n{out.stderr}"
-        printed = {stable(line) for line in (out.stdout + out.stderr).splitlines()}
-        missing = [line for line in shown if stable(line) is not None and stable(line) not in printed]
-        if missing:
-            return f"$ {command}\nnot printed: {missing}\nprinted:\n{out.stdout}{out.stderr}"
+        if wrong := mismatch(shown, out.stdout, out.stderr):
+            return f"$ {command}\n{wrong}\nprinted:\n{out.stdout}{out.stderr}"
     return None
 
 

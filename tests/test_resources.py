@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import glob
+import mmap
 import time
 from types import SimpleNamespace
 
@@ -86,3 +88,33 @@ def test_shared_memory_trouble_falls_back_to_gloo_on_every_rank(trouble, launche
         assert torch.equal(out["troubled"][0], out["normal"][0]), "gloo and shared memory sum two ranks alike"
         assert_matches_hf(out["troubled"][0], reference)
     assert not leaked_segments(launched.before)
+
+
+def resident_pages(t: torch.Tensor) -> int:
+    """How many of the pages under ``t`` are in memory (mincore(2))."""
+    page = mmap.PAGESIZE
+    lo, hi = t.data_ptr() // page * page, t.data_ptr() + t.nbytes
+    pages = (hi - lo + page - 1) // page
+    vec = (ctypes.c_ubyte * pages)()
+    assert ctypes.CDLL(None).mincore(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), vec) == 0
+    return sum(v & 1 for v in vec)
+
+
+def test_an_arena_populated_behind_its_reader_keeps_what_was_written_and_is_resident_after():
+    """The loader's lazily mapped arena: what the reader writes while the thread faults pages in stays written, the
+    rest reads as zeros, and every page is in memory once the block is left (as MAP_POPULATE would leave it)."""
+    from shardwise.providers.weights import arena, can_populate_behind, populated_behind
+
+    if not can_populate_behind():
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE: the loader populates its arena up front instead")
+    sizes = [(9 << 20) + 3, 1 << 20, 17]  # odd sizes: buffers that do not end on page boundaries
+    buffers = arena(sizes, [torch.uint8, torch.float32, torch.int64], torch.device("cpu"), populate=False)
+    assert resident_pages(buffers[0]) < buffers[0].nbytes // mmap.PAGESIZE, "the arena was populated up front"
+    with populated_behind(buffers):
+        buffers[0][:: 1 << 16] = 7  # one byte every 64 KiB, racing the thread
+        buffers[2].fill_(-1)
+    page = mmap.PAGESIZE
+    for b in buffers:  # before anything reads them: a read alone would map pages too
+        assert resident_pages(b) == (b.data_ptr() % page + b.nbytes + page - 1) // page, "a page was left unpopulated"
+    assert int(buffers[0].sum()) == 7 * len(buffers[0][:: 1 << 16]) and buffers[0][:: 1 << 16].eq(7).all()
+    assert int(buffers[1].abs().sum()) == 0 and buffers[2].eq(-1).all()

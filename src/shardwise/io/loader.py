@@ -27,7 +27,15 @@ from ..progress import progress_bar
 from ..providers.base import Provider
 from ..providers.resident import Resident
 from ..providers.series import series_provider
-from ..providers.weights import Weights, allocate, buffer_dtype, pinned, populated_behind, resolve_device
+from ..providers.weights import (
+    Weights,
+    allocate,
+    buffer_dtype,
+    can_populate_behind,
+    pinned,
+    populated_behind,
+    resolve_device,
+)
 from ..providers.zero3 import Zero3
 from .prompt_table import load_tables
 from .reader import MANIFEST, Checkpoint
@@ -61,7 +69,7 @@ def load_weights(path: str | Path, layout: Layout | None = None, dtype: torch.dt
                              f"provider {provider!r}")
         source_dtypes = {name: source.source_dtype(name) for name in spec.tensors()}
         dtypes = [dtype or buffer_dtype(b, plan, source_dtypes) for b in plan.buffers]
-        flats, tensors = allocate(plan, dtypes, resolve_device(device), populate=False)
+        flats, tensors = allocate(plan, dtypes, resolve_device(device), populate=not can_populate_behind())
         weights = Weights(plan, tensors, source_dtypes, Path(path), flats)
         unique = weights.unique()
         reads = sorted(((name, box) for name in unique if name not in int8 for box in plan.tensors[name].boxes),

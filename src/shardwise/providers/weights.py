@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import mmap
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,37 +97,60 @@ MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14 on;
 POPULATE_STEP = 4 << 20
 
 
+def _madvise(start: int, length: int, advice: int) -> bool:
+    """madvise(2) on a raw address range; ctypes lets go of the GIL during the call."""
+    return ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0
+
+
+@functools.cache
+def can_populate_behind() -> bool:
+    """Whether this kernel faults pages in on request (MADV_POPULATE_WRITE: Linux 5.14 on), tried once on a page.
+    Where it cannot, an arena to be filled is populated up front instead (MAP_POPULATE), never left to fault page by
+    page on first touch."""
+    if not sys.platform.startswith("linux"):
+        return False
+    probe = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        return _madvise(torch.frombuffer(probe, dtype=torch.uint8).data_ptr(), mmap.PAGESIZE, MADV_POPULATE_WRITE)
+    finally:
+        probe.close()
+
+
 @contextlib.contextmanager
 def populated_behind(buffers: list[torch.Tensor]) -> Iterator[None]:
-    """Fault in the pages of one lazily mapped arena's buffers on a thread, while the caller fills them.
+    """Fault in the pages of one lazily mapped arena's buffers (``allocate(..., populate=False)``) on a thread, while
+    the caller fills them.
 
     A cold load waits on the disk; populating every page before the first read, as MAP_POPULATE
     does, adds the kernel's zeroing of them to the reads' time (0.15-0.2 s of a 0.8 s load of
     349 MB per rank on the benchmark VM), where on a thread it runs while the reads wait. It goes
     in 4 MiB steps, so the address-space lock the kernel holds while populating is let go often
     and the reader's own faults and mappings pass; a page the reader touched first is left as it
-    is. Leaving waits for the thread, so every page is present afterwards, as with MAP_POPULATE.
-    A kernel without MADV_POPULATE_WRITE refuses the first step, and first touch faults the rest.
+    is. Leaving waits for the thread, so every page is present afterwards, as with MAP_POPULATE;
+    leaving by an exception stops it at its next step instead.
     """
     cpu = [b for b in buffers if b.device.type == "cpu" and b.nbytes]
-    if not cpu:
+    if not cpu or not can_populate_behind():
         yield
         return
+    if len({b.untyped_storage().data_ptr() for b in cpu}) != 1:
+        raise ValueError("populated_behind: the buffers are not views of one arena")
     start = min(b.data_ptr() for b in cpu)
-    total = max(b.data_ptr() + b.nbytes for b in cpu) - start
+    end = max(b.data_ptr() + b.nbytes for b in cpu)
+    stop = threading.Event()
 
     def populate() -> None:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise  # ctypes lets go of the GIL during the call
-        for at in range(0, total, POPULATE_STEP):
-            lo = (start + at) // mmap.PAGESIZE * mmap.PAGESIZE
-            if madvise(ctypes.c_void_p(lo), ctypes.c_size_t(min(POPULATE_STEP, start + total - lo)),
-                       MADV_POPULATE_WRITE):
+        for at in range(start // mmap.PAGESIZE * mmap.PAGESIZE, end, POPULATE_STEP):
+            if stop.is_set() or not _madvise(at, min(POPULATE_STEP, end - at), MADV_POPULATE_WRITE):
                 return
 
     worker = threading.Thread(target=populate, name="shardwise-populate")
     worker.start()
     try:
         yield
+    except BaseException:
+        stop.set()
+        raise
     finally:
         worker.join()
 
@@ -141,7 +165,7 @@ def release_pages(t: torch.Tensor) -> None:
     page = mmap.PAGESIZE
     lo, hi = round_up(t.data_ptr(), page), (t.data_ptr() + t.nbytes) // page * page
     if hi > lo:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+        _madvise(lo, hi - lo, mmap.MADV_DONTNEED)
 
 
 def buffer_dtype(buffer: Buffer, plan: RankPlan, source_dtypes: dict[str, torch.dtype]) -> torch.dtype:
