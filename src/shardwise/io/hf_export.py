@@ -30,7 +30,7 @@ from ..providers.weights import Weights
 from .collective_write import write_checkpoint
 from .publish import copy_side_files
 from .reader import INDEX_FILE, Checkpoint, Entry, is_row_run, mapped_box
-from .writer import Placement, plan_file, tensor_bytes
+from .writer import Placement, plan_file, start_writeback, tensor_bytes
 
 DEFAULT_FILE_BYTES = 5 * 2**30
 
@@ -76,8 +76,9 @@ def header_digest(files: list[OutFile]) -> str:
 
 
 def _write_box(path: Path, fd: int, place: Placement, box: Box, data: torch.Tensor) -> None:
+    """Write a box's bytes into its place in the file, then have the kernel start writing its rows' span to disk."""
+    row = math.prod(place.shape[1:]) * place.dtype.itemsize
     if is_row_run(box, place.shape):
-        row = math.prod(place.shape[1:]) * place.dtype.itemsize
         buf, offset = memoryview(tensor_bytes(data)), place.offset + box.start[0] * row
         while buf:
             n = os.pwrite(fd, buf, offset)
@@ -86,6 +87,7 @@ def _write_box(path: Path, fd: int, place: Placement, box: Box, data: torch.Tens
         entry = Entry(path, place.name, place.dtype, place.shape, place.offset, place.offset + place.nbytes)
         with mapped_box(entry, box, write=True) as view:
             view.copy_(data)
+    start_writeback(fd, place.offset + box.start[0] * row, (box.stop[0] - box.start[0]) * row)
 
 
 def _verify(tmp: Path, files: list[OutFile], mine: list[tuple[torch.Tensor, Box]],

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +47,29 @@ def plan_file(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata:
     places = [Placement(name, dtype, tuple(shape), start + header[name]["data_offsets"][0])
               for name, dtype, shape in tensors]
     return head, places
+
+
+SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
+
+
+@functools.cache
+def _sync_file_range() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    call = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    if call is not None:
+        call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return call
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a just-written byte range to the disk now (Linux's ``sync_file_range`` with
+    ``SYNC_FILE_RANGE_WRITE``), not when the closing fsync asks for every byte at once: the disk then works while
+    the rest is still being copied into the page cache (an HF export from TP 2 of 697 MB: 0.73-0.81 s against
+    0.87-0.97 s). It makes nothing durable by itself, so the fsync stays; elsewhere it does nothing."""
+    call = _sync_file_range()
+    if call is not None:
+        call(fd, offset, length, SYNC_FILE_RANGE_WRITE)  # only a hint: an error leaves the work to the fsync
 
 
 def tensor_bytes(t: torch.Tensor):
