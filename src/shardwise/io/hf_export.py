@@ -28,7 +28,7 @@ from ..plan.spec import ModelSpec, naming_dtype
 from ..progress import progress_bar
 from ..providers.weights import Weights
 from .collective_write import write_checkpoint
-from .publish import copy_side_files
+from .publish import copy_side_files, fsync_path
 from .reader import INDEX_FILE, Checkpoint, Entry, is_row_run, mapped_box
 from .writer import Placement, plan_file, start_writeback, tensor_bytes
 
@@ -101,15 +101,6 @@ def _verify(tmp: Path, files: list[OutFile], mine: list[tuple[torch.Tensor, Box]
                 raise OSError(f"{tmp}: tensor {box.source!r} rows {box.start}..{box.stop} read back differently")
 
 
-def _fsync_all(paths: list[Path]) -> None:
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def raw_bytes(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes as the widest integers that fit: comparing int64 words is ~6x faster than bytes."""
     flat = t.contiguous().reshape(-1).view(torch.uint8)
@@ -158,7 +149,7 @@ def export(source: Model | Weights, out_dir: str | Path, max_file_bytes: int = D
         read-back is served from the page cache and the fsync waits on the disk, so the two overlap. Once every
         rank has written, no byte changes any more, so what is read back is what is synced."""
         with ThreadPoolExecutor(1) as pool:
-            synced = pool.submit(_fsync_all, [tmp / f.name for f in files])
+            synced = pool.submit(lambda: [fsync_path(tmp / f.name) for f in files])
             _verify(tmp, files, mine, dtypes)
             synced.result()
 

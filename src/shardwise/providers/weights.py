@@ -97,9 +97,14 @@ MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14 on;
 POPULATE_STEP = 4 << 20
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _madvise(start: int, length: int, advice: int) -> bool:
     """madvise(2) on a raw address range; ctypes lets go of the GIL during the call."""
-    return ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0
+    return _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0
 
 
 @functools.cache
